@@ -1,0 +1,196 @@
+"""Run configuration: one frozen dataclass of plain data, validated as a whole.
+
+Configs in ``configs/*.py`` define ``get_config() -> Config``; the CLI applies
+``--set key=value`` overrides with :func:`override`, which parses each value
+against the field's type. Every field is checked in ``__post_init__`` before
+any work starts, and every error is one line that names the field.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import typing
+from pathlib import Path
+
+NUM_UNITS = 9  # unit 1 = stem, units 2..9 = the eight BasicBlocks (PAPER.md)
+
+DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
+STRATEGIES = ("averaging", "sequential")
+MODES = ("auto", "loop", "vmap", "debug")
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message is one line naming the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Every knob of a run. ``[choice]`` fields are PAPER.md's project choices."""
+  name: str = "default"
+  # data
+  dataset: str = "cifar10"
+  data_dir: str = ""            # "" -> $HSEE_DATA_DIR, then <repo>/../shared/data
+  train_subset: int = 0         # 0 = whole train set; else a seeded random subset
+  test_subset: int = 0          # 0 = whole test set
+  synthetic_shape: tuple = (32, 32, 10, 512, 256)  # H, W, classes, train, test
+  partition: str = "iid"        # iid | dirichlet
+  dirichlet_alpha: float = 0.5
+  augment: bool = True          # random crop (pad 4) + horizontal flip, on device
+  # model
+  width: float = 1.0            # channel multiplier; 1.0 = the paper's ResNet-18
+  exit_head: str = "linear"     # linear | conv  ([choice] pool+linear, or conv-BN-ReLU first)
+  # clients: one cut layer per client; l in 1..8 (PAPER.md)
+  cuts: tuple = (3, 5, 7)
+  # training
+  strategy: str = "averaging"   # averaging | sequential
+  rounds: int = 10
+  local_steps: int = 0          # 0 -> about one pass over an average partition
+  batch_size: int = 32          # per client and step
+  optimizer: str = "sgd"        # sgd | adam
+  lr: float = 0.05
+  momentum: float = 0.9
+  nesterov: bool = False
+  weight_decay: float = 5e-4
+  schedule: str = "cosine"      # cosine | step | constant
+  step_milestones: tuple = (0.5, 0.75)  # fractions of training, for schedule=step
+  step_gamma: float = 0.1
+  aggregate_every: int = 1      # rounds between cross-layer aggregations
+  server_grad_to_client: bool = False   # True = classical split learning baseline
+  client_aggregation: str = "none"      # sequential only: none | cross_layer
+  mode: str = "auto"            # auto | loop | vmap | debug
+  # evaluation
+  eval_every: int = 1
+  eval_batch_size: int = 500
+  exit_thresholds: tuple = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+  # runs
+  seed: int = 0
+  checkpoint_every: int = 5     # rounds; 0 = only at the end
+  keep_checkpoints: int = 3
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      _check_type(f.name, getattr(self, f.name), _field_types()[f.name])
+    _one_of("dataset", self.dataset, DATASETS)
+    _one_of("strategy", self.strategy, STRATEGIES)
+    _one_of("mode", self.mode, MODES)
+    _one_of("partition", self.partition, ("iid", "dirichlet"))
+    _one_of("exit_head", self.exit_head, ("linear", "conv"))
+    _one_of("optimizer", self.optimizer, ("sgd", "adam"))
+    _one_of("schedule", self.schedule, ("cosine", "step", "constant"))
+    _one_of("client_aggregation", self.client_aggregation, ("none", "cross_layer"))
+    if not self.cuts:
+      raise ConfigError("cuts: need at least one client (one cut layer per client)")
+    for c in self.cuts:
+      if not isinstance(c, int) or not 1 <= c <= NUM_UNITS - 1:
+        raise ConfigError(
+            f"cuts: cut layer {c!r} out of range; a cut is an int in 1..{NUM_UNITS - 1} "
+            f"(unit 1 = stem, units 2..{NUM_UNITS} = BasicBlocks; the server keeps >= 1 unit)")
+    if self.dirichlet_alpha <= 0:
+      raise ConfigError(f"dirichlet_alpha: must be > 0, got {self.dirichlet_alpha}")
+    if not 0 < self.width <= 4:
+      raise ConfigError(f"width: must be in (0, 4], got {self.width}")
+    for name in ("rounds", "batch_size", "aggregate_every", "eval_every",
+                 "eval_batch_size", "keep_checkpoints"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+    for name in ("local_steps", "train_subset", "test_subset", "checkpoint_every"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+    if self.lr <= 0:
+      raise ConfigError(f"lr: must be > 0, got {self.lr}")
+    if not 0 <= self.momentum < 1:
+      raise ConfigError(f"momentum: must be in [0, 1), got {self.momentum}")
+    if any(not 0.0 <= t <= 1.0 for t in self.exit_thresholds):
+      raise ConfigError("exit_thresholds: each threshold is a normalised entropy in [0, 1]")
+    if any(not 0.0 < m < 1.0 for m in self.step_milestones):
+      raise ConfigError("step_milestones: fractions of training in (0, 1)")
+    if len(self.synthetic_shape) != 5 or any(
+        not isinstance(v, int) or v < 1 for v in self.synthetic_shape):
+      raise ConfigError("synthetic_shape: (height, width, classes, n_train, n_test), positive ints")
+    if self.client_aggregation != "none" and self.strategy != "sequential":
+      raise ConfigError("client_aggregation: only for strategy=sequential "
+                        "(averaging always aggregates across layers)")
+
+  @property
+  def num_clients(self) -> int:
+    return len(self.cuts)
+
+  def to_dict(self) -> dict:
+    return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _jsonable(v):
+  return list(v) if isinstance(v, tuple) else v
+
+
+def _field_types():
+  return typing.get_type_hints(Config)
+
+
+def _one_of(name, value, allowed):
+  if value not in allowed:
+    raise ConfigError(f"{name}: unknown value {value!r}; expected one of {', '.join(allowed)}")
+
+
+def _check_type(name, value, typ):
+  if typ is float and isinstance(value, int) and not isinstance(value, bool):
+    return  # ints are fine where floats are expected
+  if typ is tuple:
+    if not isinstance(value, tuple):
+      raise ConfigError(f"{name}: expected a tuple, got {type(value).__name__} {value!r}")
+    return
+  if typ is int and isinstance(value, bool):
+    raise ConfigError(f"{name}: expected int, got bool {value!r}")
+  if not isinstance(value, typ):
+    raise ConfigError(f"{name}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+
+
+def from_dict(d: dict) -> Config:
+  """Config from a plain dict (e.g. a saved ``config.json``); unknown keys are errors."""
+  known = {f.name for f in dataclasses.fields(Config)}
+  unknown = sorted(set(d) - known)
+  if unknown:
+    raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+  return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def override(cfg: Config, assignments: list[str]) -> Config:
+  """Apply ``key=value`` strings; values are Python literals or bare strings."""
+  types = _field_types()
+  changes = {}
+  for a in assignments:
+    if "=" not in a:
+      raise ConfigError(f"--set {a!r}: expected key=value")
+    key, raw = a.split("=", 1)
+    key = key.strip()
+    if key not in types:
+      raise ConfigError(f"unknown config key {key!r} in --set {a!r}")
+    typ = types[key]
+    if typ is str:
+      value = raw
+    else:
+      try:
+        value = ast.literal_eval(raw)
+      except (ValueError, SyntaxError):
+        raise ConfigError(f"--set {a!r}: {raw!r} is not a valid {typ.__name__}") from None
+      if typ is tuple and isinstance(value, (list, int, float)):
+        value = tuple(value) if isinstance(value, list) else (value,)
+    changes[key] = value
+  return dataclasses.replace(cfg, **changes)
+
+
+def load(path: str | Path, assignments: list[str] | None = None) -> Config:
+  """Load ``get_config()`` from a config file and apply overrides."""
+  path = Path(path)
+  if not path.is_file():
+    raise ConfigError(f"config file not found: {path}")
+  spec = importlib.util.spec_from_file_location(f"hsee_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path} defines no get_config()")
+  cfg = module.get_config()
+  if not isinstance(cfg, Config):
+    raise ConfigError(f"{path}: get_config() must return hsee_jax.config.Config")
+  return override(cfg, assignments or [])

@@ -1,0 +1,94 @@
+"""Test-set evaluation: exit-head and full-path accuracy, entropy early exit.
+
+For every client: the accuracy of its exit head alone, of its full path
+(client part, then the server part its activations go to), and, for each
+threshold tau, the accuracy when a sample stops at the exit head if the
+normalised entropy of its softmax is below tau and goes to the server
+otherwise, with the share of samples answered on the client. tau = 0 is
+"always server", tau = 1 "always client" (PAPER.md, [choice]).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hsee_jax import data as data_lib
+from hsee_jax import models
+
+
+def normalized_entropy(logits: np.ndarray) -> np.ndarray:
+  """Entropy of softmax(logits) / log(num_classes), in [0, 1]."""
+  z = logits - logits.max(-1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  ent = -(np.exp(logp) * logp).sum(-1)
+  return np.clip(ent / np.log(logits.shape[-1]), 0.0, 1.0)
+
+
+def early_exit_table(exit_logits, server_logits, labels, thresholds) -> list[dict]:
+  """Accuracy and client share for each threshold (tau >= 1 exits every sample)."""
+  ent = normalized_entropy(np.asarray(exit_logits, np.float64))
+  exit_ok = np.argmax(exit_logits, -1) == labels
+  server_ok = np.argmax(server_logits, -1) == labels
+  rows = []
+  for tau in thresholds:
+    stop = (ent < tau) | (tau >= 1.0)
+    rows.append({"threshold": float(tau),
+                 "accuracy": float(np.mean(np.where(stop, exit_ok, server_ok))),
+                 "client_fraction": float(np.mean(stop))})
+  return rows
+
+
+@functools.lru_cache(maxsize=None)
+def _logits_fn(net: models.SplitResNet18, cut: int):
+  @jax.jit
+  def fn(client, server, images, mean, std):
+    x = data_lib.normalize(images, mean, std)
+    h, exit_logits, _ = net.apply_span(client.params, client.batch_stats, x,
+                                       *models.client_span(cut), train=False)
+    _, logits, _ = net.apply_span(server.params, server.batch_stats, h,
+                                  *models.server_span(cut), train=False)
+    return exit_logits, logits
+  return fn
+
+
+def client_logits(net, cut, client, server, images, mean, std, batch_size):
+  """(exit logits, server logits) over ``images`` in fixed-size batches (the
+  last one padded, so one compilation serves every batch)."""
+  fn = _logits_fn(net, cut)
+  n = len(images)
+  outs_e, outs_s = [], []
+  for start in range(0, n, batch_size):
+    chunk = images[start:start + batch_size]
+    pad = batch_size - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+    e, s = fn(client, server, jnp.asarray(chunk), mean, std)
+    outs_e.append(np.asarray(e)[:batch_size - pad])
+    outs_s.append(np.asarray(s)[:batch_size - pad])
+  return np.concatenate(outs_e), np.concatenate(outs_s)
+
+
+def evaluate(strategy, state, dataset: data_lib.Dataset, thresholds, batch_size: int) -> dict:
+  """Per-client test metrics and their mean over clients."""
+  labels = dataset.test_labels
+  mean, std = jnp.asarray(dataset.mean), jnp.asarray(dataset.std)
+  batch_size = min(batch_size, len(labels))
+  clients = []
+  for i, cut in enumerate(strategy.cfg.cuts):
+    c, s = strategy.client_and_server(state, i)
+    e_logits, s_logits = client_logits(strategy.net, cut, c, s, dataset.test_images, mean, std,
+                                       batch_size)
+    clients.append({
+        "client": i, "cut": cut,
+        "exit_acc": float(np.mean(np.argmax(e_logits, -1) == labels)),
+        "server_acc": float(np.mean(np.argmax(s_logits, -1) == labels)),
+        "early_exit": early_exit_table(e_logits, s_logits, labels, thresholds),
+    })
+  return {
+      "clients": clients,
+      "mean_exit_acc": float(np.mean([c["exit_acc"] for c in clients])),
+      "mean_server_acc": float(np.mean([c["server_acc"] for c in clients])),
+  }

@@ -1,0 +1,74 @@
+"""optax optimisers and learning-rate schedules, kept per named subtree.
+
+The update direction comes from an optax transformation (SGD with momentum
+and weight decay, or Adam); the learning rate is applied by the train step
+from the schedule, evaluated at the *global* step (round * local_steps + s).
+Optimiser state is a dict keyed like the parameters (``unit_<k>``,
+``exit_head``, ``classifier``): the Sequential server can then update only the
+units a client's activations pass through, and leave the others untouched,
+momentum included.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import optax
+
+from hsee_jax.config import Config
+
+
+@flax.struct.dataclass
+class PartState:
+  """One client part or server part: parameters, batch statistics, optimiser
+  state, each a dict keyed by unit/head name. May carry a leading client axis."""
+  params: dict
+  batch_stats: dict
+  opt_state: dict
+
+  def subset(self, names) -> "PartState":
+    names = [n for n in names if n in self.params]
+    return PartState(params={n: self.params[n] for n in names},
+                     batch_stats={n: self.batch_stats[n] for n in names if n in self.batch_stats},
+                     opt_state={n: self.opt_state[n] for n in names})
+
+  def merge(self, other: "PartState") -> "PartState":
+    """This state with ``other``'s subtrees written over it."""
+    return PartState(params={**self.params, **other.params},
+                     batch_stats={**self.batch_stats, **other.batch_stats},
+                     opt_state={**self.opt_state, **other.opt_state})
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+  """Update direction; the step multiplies it by -lr (PyTorch SGD semantics:
+  buf = m * buf + (g + wd * p); p -= lr * buf)."""
+  if cfg.optimizer == "sgd":
+    return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                       optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov))
+  return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(cfg.weight_decay))
+
+
+def make_schedule(cfg: Config, total_steps: int) -> optax.Schedule:
+  total_steps = max(1, total_steps)
+  if cfg.schedule == "cosine":
+    return optax.cosine_decay_schedule(cfg.lr, decay_steps=total_steps)
+  if cfg.schedule == "step":
+    bounds = {int(m * total_steps): cfg.step_gamma for m in cfg.step_milestones}
+    return optax.piecewise_constant_schedule(cfg.lr, bounds)
+  return optax.constant_schedule(cfg.lr)
+
+
+def init_part(tx: optax.GradientTransformation, params: dict, batch_stats: dict) -> PartState:
+  return PartState(params=params, batch_stats=batch_stats,
+                   opt_state={n: tx.init(p) for n, p in params.items()})
+
+
+def apply_gradients(tx: optax.GradientTransformation, part: PartState, grads: dict,
+                    lr: Any, batch_stats: dict) -> PartState:
+  """One optimiser step on every subtree of ``part``."""
+  params, opt_state = {}, {}
+  for n, p in part.params.items():
+    updates, opt_state[n] = tx.update(grads[n], part.opt_state[n], p)
+    params[n] = optax.apply_updates(p, jax.tree.map(lambda u: -lr * u, updates))
+  return PartState(params=params, batch_stats=batch_stats, opt_state=opt_state)
