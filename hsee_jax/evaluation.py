@@ -92,3 +92,18 @@ def evaluate(strategy, state, dataset: data_lib.Dataset, thresholds, batch_size:
       "mean_exit_acc": float(np.mean([c["exit_acc"] for c in clients])),
       "mean_server_acc": float(np.mean([c["server_acc"] for c in clients])),
   }
+
+
+def format_table(test: dict) -> str:
+  """Per-client accuracies and the early-exit table as aligned text."""
+  lines = ["client cut  exit_acc server_acc"]
+  for c in test["clients"]:
+    lines.append(f"{c['client']:>6} {c['cut']:>3}  {c['exit_acc']:8.4f} {c['server_acc']:10.4f}")
+  lines.append("early exit (per client: accuracy / share answered at the client)")
+  taus = [r["threshold"] for r in test["clients"][0]["early_exit"]]
+  lines.append("   tau " + " ".join(f"{'client ' + str(c['client']):>14}" for c in test["clients"]))
+  for j, tau in enumerate(taus):
+    cells = [f"{c['early_exit'][j]['accuracy']:.3f} / {c['early_exit'][j]['client_fraction']:.2f}"
+             for c in test["clients"]]
+    lines.append(f"{tau:6.2f} " + " ".join(f"{x:>14}" for x in cells))
+  return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -12,7 +13,10 @@ import jax
 import numpy as np
 
 from hsee_jax import data as data_lib
+from hsee_jax import config as config_lib
 from hsee_jax import evaluation, models, optim
+from hsee_jax.checkpoint import (CheckpointError, Checkpointer, config_differences,
+                                 key_from_json, meta_for)
 from hsee_jax.config import Config
 from hsee_jax.strategies import METRIC_NAMES, Strategy
 
@@ -52,27 +56,71 @@ def _check_finite(metrics: np.ndarray, rnd: int, cuts) -> None:
                    f"({metrics[client, col]}) on client {client} (cut {cuts[client]})")
 
 
-def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False,
-          log: Callable[[str], None] = print, dataset: data_lib.Dataset | None = None) -> dict:
-  out = Path(out_dir)
-  if (out / "metrics.jsonl").exists() and not overwrite:
-    raise RunError(f"output directory {out} already holds a run; pass --overwrite to replace it")
+def _read_records(path: Path) -> list[dict]:
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _prepare_out_dir(out: Path, cfg: Config, overwrite: bool, resume: bool) -> None:
+  ckpt_dir = out / "checkpoints"
+  if resume:
+    if not ckpt_dir.is_dir():
+      raise RunError(f"--resume: no checkpoints in {out} (expected {ckpt_dir})")
+    return
+  if (out / "metrics.jsonl").exists() or ckpt_dir.exists():
+    if not overwrite:
+      raise RunError(f"output directory {out} already holds a run; pass --resume to continue "
+                     f"it or --overwrite to replace it")
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "metrics.jsonl").unlink(missing_ok=True)
   (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
+
+def restore_state(strategy: Strategy, ckpt: Checkpointer, cfg: Config, step: int | None = None):
+  """(state, meta) from a checkpoint, refused if it came from another config."""
+  abstract = jax.eval_shape(strategy.init_state, jax.random.PRNGKey(0))
+  try:
+    state, meta = ckpt.restore(abstract, step)
+  except CheckpointError as e:
+    raise RunError(str(e)) from None
+  diff = config_differences(meta["config"], cfg)
+  if diff:
+    raise RunError(f"checkpoint in {ckpt.directory} is from a different config: "
+                   + "; ".join(diff))
+  return state, meta
+
+
+def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False, resume: bool = False,
+          log: Callable[[str], None] = print, dataset: data_lib.Dataset | None = None) -> dict:
+  """Train ``cfg`` into ``out_dir``; with ``resume`` continue from its newest checkpoint."""
+  out = Path(out_dir)
+  _prepare_out_dir(out, cfg, overwrite, resume)
   t_start = time.time()
   dataset, strategy = build(cfg, dataset)
+  init_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
+  ckpt = Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints)
+  start, records = 0, []
+  if resume:
+    state, meta = restore_state(strategy, ckpt, cfg)
+    start, train_key = int(meta["round"]), key_from_json(meta["train_key"])
+    # rounds after the checkpoint are recomputed: drop their records
+    records = [r for r in _read_records(out / "metrics.jsonl") if r["round"] < start]
+    log(f"[hsee] resuming {out} from checkpoint after round {start}")
+  else:
+    state = strategy.init_state(init_key)
   log(f"[hsee] {cfg.name}: {cfg.strategy}, {cfg.num_clients} clients, cuts {list(cfg.cuts)}, "
       f"{dataset.name} {len(dataset.train_labels)} train / {len(dataset.test_labels)} test, "
       f"width {cfg.width}, {strategy.local_steps} local steps x batch {cfg.batch_size}, "
       f"mode {strategy.runners[cfg.cuts[0]].mode}, backend {jax.default_backend()}")
-  init_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
-  state = strategy.init_state(init_key)
   images_per_round = cfg.num_clients * strategy.local_steps * cfg.batch_size
-  test = None
-  with open(out / "metrics.jsonl", "a") as mfile:
-    for rnd in range(cfg.rounds):
+  test = next((r["test"] for r in reversed(records) if "test" in r), None)
+  with ckpt, open(out / "metrics.jsonl", "w") as mfile:
+    for r in records:
+      mfile.write(json.dumps(r) + "\n")
+    for rnd in range(start, cfg.rounds):
       t0 = time.time()
       state, metrics = strategy.run_round(state, rnd, train_key)
       jax.block_until_ready(state)
@@ -81,24 +129,54 @@ def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False,
         _check_finite(metrics, rnd, cfg.cuts)
       except RunError as e:
         mfile.write(json.dumps({"round": rnd, "event": "stopped", "error": str(e)}) + "\n")
-        raise
+        last = ckpt.latest_step()
+        raise RunError(f"{e}; last good checkpoint: "
+                       f"{'after round ' + str(last) if last else 'none'}") from None
       rec = {"round": rnd, "seconds": seconds, "images_per_s": images_per_round / seconds,
              "train": dict(zip(METRIC_NAMES, map(float, metrics.mean(0)))),
              "train_per_client": [dict(zip(METRIC_NAMES, map(float, m))) for m in metrics]}
-      if (rnd + 1) % cfg.eval_every == 0 or rnd + 1 == cfg.rounds:
+      last_round = rnd + 1 == cfg.rounds
+      if (rnd + 1) % cfg.eval_every == 0 or last_round:
         test = evaluation.evaluate(strategy, state, dataset, cfg.exit_thresholds,
                                    cfg.eval_batch_size)
         rec["test"] = test
       mfile.write(json.dumps(rec) + "\n")
       mfile.flush()
       log(_format_round(rec, cfg.rounds))
+      if last_round or (cfg.checkpoint_every and (rnd + 1) % cfg.checkpoint_every == 0):
+        ckpt.save(rnd + 1, state, meta_for(cfg, rnd + 1, train_key))
 
   summary = {"config": cfg.to_dict(), "rounds": cfg.rounds, "local_steps": strategy.local_steps,
              "wall_seconds": time.time() - t_start, "backend": jax.default_backend(),
-             "test": test}
+             "resumed_from_round": start if resume else None, "test": test}
   (out / "summary.json").write_text(json.dumps(summary, indent=2))
-  for c in test["clients"]:
+  for c in (test or {}).get("clients", []):
     log(f"[hsee] client {c['client']} (cut {c['cut']}): exit acc {c['exit_acc']:.4f}, "
         f"server acc {c['server_acc']:.4f}")
   log(f"[hsee] done in {summary['wall_seconds']:.1f}s; results in {out}")
   return summary
+
+
+def evaluate_run(run_dir: str | Path, step: int | None = None,
+                 log: Callable[[str], None] = print) -> dict:
+  """Test metrics of a run's newest (or a named) checkpoint, without training."""
+  run = Path(run_dir)
+  if not (run / "config.json").exists():
+    raise RunError(f"{run} holds no run (no config.json)")
+  cfg = config_lib.from_dict(json.loads((run / "config.json").read_text()))
+  dataset, strategy = build(cfg)
+  try:
+    ckpt = Checkpointer(run / "checkpoints", keep=cfg.keep_checkpoints, create=False)
+  except CheckpointError as e:
+    raise RunError(str(e)) from None
+  with ckpt:
+    state, meta = restore_state(strategy, ckpt, cfg, step)
+  result = {"run": str(run), "checkpoint_round": meta["round"],
+            "test": evaluation.evaluate(strategy, state, dataset, cfg.exit_thresholds,
+                                        cfg.eval_batch_size)}
+  path = run / f"eval_round{meta['round']}.json"
+  path.write_text(json.dumps(result, indent=2))
+  log(f"[hsee] {run}: checkpoint after round {meta['round']}")
+  log(evaluation.format_table(result["test"]))
+  log(f"[hsee] written {path}")
+  return result

@@ -1,0 +1,46 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cifar10_dir() -> Path:
+  root = os.environ.get("HSEE_DATA_DIR")
+  return (Path(root) if root else REPO.parent / "shared" / "data") / "cifar10"
+
+
+@pytest.fixture(scope="session")
+def cifar10_small():
+  """A small, seeded subset of the shipped CIFAR-10 (decoded once, cached)."""
+  from hsee_jax.config import Config
+  from hsee_jax.data import load_dataset
+  return load_dataset(Config(dataset="cifar10", train_subset=600, test_subset=300))
+
+
+def write_image_zip(path: Path, classes, per_class: int, size=(8, 8), seed=0, fmt="PNG"):
+  """A <class>/<file> image archive like ../shared/data/cifar10, made by the test."""
+  import io
+  import zipfile
+
+  from PIL import Image
+  rng = np.random.default_rng(seed)
+  with zipfile.ZipFile(path, "w") as zf:
+    for c_i, c in enumerate(classes):
+      for j in range(per_class):
+        arr = (rng.integers(0, 64, size + (3,)) + 48 * c_i).clip(0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format=fmt)
+        zf.writestr(f"{c}/{j:04d}.png", buf.getvalue())
+  return path
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+  folder = tmp_path / "imgs"
+  folder.mkdir()
+  write_image_zip(folder / "train.zip", ["cat", "ant", "bee"], 12, seed=1)
+  write_image_zip(folder / "test.zip", ["cat", "ant", "bee"], 4, seed=2)
+  return folder

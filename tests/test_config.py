@@ -1,0 +1,59 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from hsee_jax import config as config_lib
+from hsee_jax.config import Config, ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("cuts", [(0, 3), (3, 9), (3, -1)])
+def test_cut_out_of_range(cuts):
+  with pytest.raises(ConfigError, match="cut layer .* out of range"):
+    Config(cuts=cuts)
+
+
+def test_unknown_values_and_types_are_one_line_errors():
+  for kwargs, pattern in [({"dataset": "mnist"}, "dataset: unknown value 'mnist'"),
+                          ({"strategy": "fedavg"}, "strategy: unknown value"),
+                          ({"rounds": "10"}, "rounds: expected int"),
+                          ({"augment": 1}, "augment: expected bool"),
+                          ({"dirichlet_alpha": 0.0}, "dirichlet_alpha: must be > 0"),
+                          ({"cuts": ()}, "cuts: need at least one client"),
+                          ({"client_aggregation": "cross_layer"}, "only for strategy=sequential")]:
+    with pytest.raises(ConfigError, match=pattern) as e:
+      Config(**kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_override_parses_against_field_types():
+  cfg = config_lib.override(Config(), ["rounds=4", "cuts=(2,4)", "dataset=synthetic", "lr=0.1",
+                                       "augment=False"])
+  assert (cfg.rounds, cfg.cuts, cfg.dataset, cfg.lr, cfg.augment) == (4, (2, 4), "synthetic", 0.1, False)
+  with pytest.raises(ConfigError, match="unknown config key 'roundz'"):
+    config_lib.override(Config(), ["roundz=3"])
+  with pytest.raises(ConfigError, match="rounds: expected int"):
+    config_lib.override(Config(), ["rounds=2.5"])
+  with pytest.raises(ConfigError, match="expected key=value"):
+    config_lib.override(Config(), ["rounds"])
+
+
+def test_from_dict_round_trip_and_unknown_keys():
+  cfg = Config(cuts=(1, 8), name="x")
+  assert config_lib.from_dict(cfg.to_dict()) == cfg
+  with pytest.raises(ConfigError, match="unknown config key"):
+    config_lib.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+@pytest.mark.parametrize("name", ["smoke", "averaging", "sequential"])
+def test_shipped_configs_load(name):
+  cfg = config_lib.load(REPO / "configs" / f"{name}.py")
+  assert isinstance(cfg, Config) and cfg.name == name
+  assert len(set(cfg.cuts)) > 1  # heterogeneous cuts
+
+
+def test_missing_config_file():
+  with pytest.raises(ConfigError, match="config file not found"):
+    config_lib.load("configs/nope.py")

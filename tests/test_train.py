@@ -1,0 +1,94 @@
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from hsee_jax import cli
+from hsee_jax import train as train_lib
+from hsee_jax.config import Config
+
+SYNTH = Config(dataset="synthetic", synthetic_shape=(16, 16, 4, 96, 40), width=0.125,
+               cuts=(2, 6), batch_size=8, local_steps=2, rounds=2, eval_batch_size=16,
+               exit_thresholds=(0.0, 0.5, 1.0))
+
+
+@pytest.mark.parametrize("strategy", ["averaging", "sequential"])
+def test_training_lowers_loss_on_real_cifar10(cifar10_small, tmp_path, strategy):
+  cfg = Config(dataset="cifar10", width=0.125, cuts=(2, 5, 7), strategy=strategy, rounds=5,
+               batch_size=32, lr=0.05, augment=False, schedule="constant",
+               exit_thresholds=(0.0, 0.5, 1.0))
+  summary = train_lib.train(cfg, tmp_path, dataset=cifar10_small, log=lambda s: None)
+  recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["round"] for r in recs] == list(range(5))
+  first, last = recs[0]["train"], recs[-1]["train"]
+  assert last["loss_client"] < first["loss_client"] - 0.1
+  assert last["loss_server"] < first["loss_server"] - 0.1
+  assert summary["test"]["mean_server_acc"] > 0.15  # chance is 0.10
+  assert len(summary["test"]["clients"]) == 3
+
+
+def test_cli_writes_metrics_and_summary(tmp_path, capsys):
+  cfg_file = tmp_path / "cfg.py"
+  cfg_file.write_text("from hsee_jax.config import Config\n"
+                      f"def get_config():\n  return Config(**{SYNTH.to_dict()!r})\n"
+                      .replace("[", "(").replace("]", ")"))
+  out = tmp_path / "run"
+  assert cli.main(["train", "--config", str(cfg_file), "--out", str(out),
+                   "--set", "strategy=sequential", "--set", "rounds=3"]) == 0
+  printed = capsys.readouterr().out
+  assert "round   3/3" in printed and "img/s" in printed
+  lines = (out / "metrics.jsonl").read_text().splitlines()
+  assert len(lines) == 3
+  rec = json.loads(lines[-1])
+  assert set(rec["train"]) == {"loss_client", "loss_server", "acc_client", "acc_server"}
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["config"]["strategy"] == "sequential" and summary["rounds"] == 3
+  clients = summary["test"]["clients"]
+  assert [c["cut"] for c in clients] == [2, 6]
+  for c in clients:
+    assert 0.0 <= c["exit_acc"] <= 1.0 and 0.0 <= c["server_acc"] <= 1.0
+    table = {r["threshold"]: r for r in c["early_exit"]}
+    assert table[0.0]["client_fraction"] == 0.0 and table[0.0]["accuracy"] == c["server_acc"]
+    assert table[1.0]["client_fraction"] == 1.0 and table[1.0]["accuracy"] == c["exit_acc"]
+  # a second run into the same directory is refused with one line
+  assert cli.main(["train", "--config", str(cfg_file), "--out", str(out)]) == 2
+  err = capsys.readouterr().err
+  assert "already holds a run" in err and err.count("\n") == 1
+
+
+def test_cli_bad_inputs_are_one_line_errors(tmp_path, capsys):
+  cfg_file = tmp_path / "cfg.py"
+  cfg_file.write_text("from hsee_jax.config import Config\ndef get_config():\n  return Config()\n")
+  for args, pattern in [(["--set", "cuts=(3,9)"], "cut layer 9 out of range"),
+                        (["--set", "dataset=mnist"], "unknown value 'mnist'"),
+                        (["--set", "data_dir=/nonexistent/c10"], "data folder /nonexistent/c10 not found"),
+                        (["--set", "nope=1"], "unknown config key 'nope'")]:
+    assert cli.main(["train", "--config", str(cfg_file), "--out", str(tmp_path / "o")] + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hsee: error:") and pattern in err and "\n" not in err
+
+
+def test_more_clients_than_samples(tmp_path):
+  cfg = dataclasses.replace(SYNTH, synthetic_shape=(16, 16, 4, 3, 4), cuts=(1, 2, 3, 4))
+  with pytest.raises(Exception, match="more clients \\(4\\) than training samples \\(3\\)"):
+    train_lib.train(cfg, tmp_path, log=lambda s: None)
+
+
+def test_non_finite_loss_stops_with_round_and_client(tmp_path):
+  cfg = dataclasses.replace(SYNTH, lr=1e30, optimizer="sgd", momentum=0.0, rounds=3)
+  with pytest.raises(train_lib.RunError, match=r"round \d: non-finite loss_\w+ \(.*\) on client \d \(cut \d\)"):
+    train_lib.train(cfg, tmp_path, log=lambda s: None)
+  last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+  assert last["event"] == "stopped" and "non-finite" in last["error"]
+
+
+def test_same_seed_same_metrics(tmp_path):
+  a = train_lib.train(SYNTH, tmp_path / "a", log=lambda s: None)
+  b = train_lib.train(SYNTH, tmp_path / "b", log=lambda s: None)
+  strip = lambda p: [{k: v for k, v in json.loads(l).items() if k not in ("seconds", "images_per_s")}
+                     for l in (p / "metrics.jsonl").read_text().splitlines()]
+  assert strip(tmp_path / "a") == strip(tmp_path / "b")
+  assert a["test"] == b["test"]
+  c = train_lib.train(dataclasses.replace(SYNTH, seed=1), tmp_path / "c", log=lambda s: None)
+  assert strip(tmp_path / "c") != strip(tmp_path / "a")
