@@ -67,15 +67,24 @@ class Checkpointer:
     if os.environ.get(_KILL_DURING_SAVE) == str(step):
       os.kill(os.getpid(), signal.SIGKILL)
 
-  def restore(self, abstract_state, step: int | None = None):
-    """(state, meta) of ``step`` (default: the newest complete one)."""
+  def _check_step(self, step: int | None) -> int:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no complete checkpoint in {self.directory}")
     if step not in self.steps():
       raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
                             f"have {self.steps()}")
-    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return step
+
+  def restore_meta(self, step: int | None = None) -> tuple[int, dict]:
+    """(step, meta) of ``step`` (default: the newest complete one)."""
+    step = self._check_step(step)
+    return step, self.manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore_state(self, abstract_state, step: int):
+    """The state pytree of ``step``, shaped like ``abstract_state``."""
+    step = self._check_step(step)
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     try:
       restored = self.manager.restore(
@@ -84,7 +93,7 @@ class Checkpointer:
       first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise CheckpointError(f"checkpoint step {step} in {self.directory} does not fit this "
                             f"model: {first[:300]}") from None
-    return restored["state"], meta
+    return restored["state"]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

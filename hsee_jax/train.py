@@ -81,16 +81,16 @@ def _prepare_out_dir(out: Path, cfg: Config, overwrite: bool, resume: bool) -> N
 
 def restore_state(strategy: Strategy, ckpt: Checkpointer, cfg: Config, step: int | None = None):
   """(state, meta) from a checkpoint, refused if it came from another config."""
-  abstract = jax.eval_shape(strategy.init_state, jax.random.PRNGKey(0))
   try:
-    state, meta = ckpt.restore(abstract, step)
+    step, meta = ckpt.restore_meta(step)
+    diff = config_differences(meta["config"], cfg)
+    if diff:
+      raise RunError(f"checkpoint in {ckpt.directory} is from a different config: "
+                     + "; ".join(diff))
+    abstract = jax.eval_shape(strategy.init_state, jax.random.PRNGKey(0))
+    return ckpt.restore_state(abstract, step), meta
   except CheckpointError as e:
     raise RunError(str(e)) from None
-  diff = config_differences(meta["config"], cfg)
-  if diff:
-    raise RunError(f"checkpoint in {ckpt.directory} is from a different config: "
-                   + "; ".join(diff))
-  return state, meta
 
 
 def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False, resume: bool = False,
@@ -100,8 +100,19 @@ def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False, resume: 
   _prepare_out_dir(out, cfg, overwrite, resume)
   t_start = time.time()
   dataset, strategy = build(cfg, dataset)
+  with Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints) as ckpt:
+    summary = _train_loop(cfg, out, ckpt, dataset, strategy, resume, log)
+  summary["wall_seconds"] = time.time() - t_start
+  (out / "summary.json").write_text(json.dumps(summary, indent=2))
+  for c in (summary["test"] or {}).get("clients", []):
+    log(f"[hsee] client {c['client']} (cut {c['cut']}): exit acc {c['exit_acc']:.4f}, "
+        f"server acc {c['server_acc']:.4f}")
+  log(f"[hsee] done in {summary['wall_seconds']:.1f}s; results in {out}")
+  return summary
+
+
+def _train_loop(cfg, out, ckpt, dataset, strategy, resume, log) -> dict:
   init_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
-  ckpt = Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints)
   start, records = 0, []
   if resume:
     state, meta = restore_state(strategy, ckpt, cfg)
@@ -117,7 +128,7 @@ def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False, resume: 
       f"mode {strategy.runners[cfg.cuts[0]].mode}, backend {jax.default_backend()}")
   images_per_round = cfg.num_clients * strategy.local_steps * cfg.batch_size
   test = next((r["test"] for r in reversed(records) if "test" in r), None)
-  with ckpt, open(out / "metrics.jsonl", "w") as mfile:
+  with open(out / "metrics.jsonl", "w") as mfile:
     for r in records:
       mfile.write(json.dumps(r) + "\n")
     for rnd in range(start, cfg.rounds):
@@ -146,15 +157,9 @@ def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False, resume: 
       if last_round or (cfg.checkpoint_every and (rnd + 1) % cfg.checkpoint_every == 0):
         ckpt.save(rnd + 1, state, meta_for(cfg, rnd + 1, train_key))
 
-  summary = {"config": cfg.to_dict(), "rounds": cfg.rounds, "local_steps": strategy.local_steps,
-             "wall_seconds": time.time() - t_start, "backend": jax.default_backend(),
-             "resumed_from_round": start if resume else None, "test": test}
-  (out / "summary.json").write_text(json.dumps(summary, indent=2))
-  for c in (test or {}).get("clients", []):
-    log(f"[hsee] client {c['client']} (cut {c['cut']}): exit acc {c['exit_acc']:.4f}, "
-        f"server acc {c['server_acc']:.4f}")
-  log(f"[hsee] done in {summary['wall_seconds']:.1f}s; results in {out}")
-  return summary
+  return {"config": cfg.to_dict(), "rounds": cfg.rounds, "local_steps": strategy.local_steps,
+          "backend": jax.default_backend(), "resumed_from_round": start if resume else None,
+          "test": test}
 
 
 def evaluate_run(run_dir: str | Path, step: int | None = None,
