@@ -47,7 +47,7 @@ def test_from_dict_round_trip_and_unknown_keys():
     config_lib.from_dict({**cfg.to_dict(), "bogus": 1})
 
 
-@pytest.mark.parametrize("name", ["smoke", "averaging", "sequential"])
+@pytest.mark.parametrize("name", ["smoke", "cpu", "averaging", "sequential"])
 def test_shipped_configs_load(name):
   cfg = config_lib.load(REPO / "configs" / f"{name}.py")
   assert isinstance(cfg, Config) and cfg.name == name
