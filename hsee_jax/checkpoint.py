@@ -23,7 +23,8 @@ from hsee_jax.config import Config
 # Fields that may change between a checkpoint and its resume: they manage the
 # run, not what it computes.
 RUN_FIELDS = frozenset({"name", "eval_every", "eval_batch_size", "checkpoint_every",
-                        "keep_checkpoints", "exit_thresholds", "mode"})
+                        "keep_checkpoints", "exit_thresholds", "mode",
+                        "shard_clients"})
 
 # Fault injection for tests: SIGKILL this process right after the save of this
 # step is dispatched (while the asynchronous write is under way).

@@ -17,7 +17,7 @@ NUM_UNITS = 9  # unit 1 = stem, units 2..9 = the eight BasicBlocks (PAPER.md)
 
 DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
 STRATEGIES = ("averaging", "sequential")
-MODES = ("auto", "loop", "vmap", "debug")
+MODES = ("auto", "loop", "vmap", "unrolled", "debug")
 
 
 class ConfigError(ValueError):
@@ -58,7 +58,8 @@ class Config:
   aggregate_every: int = 1      # rounds between cross-layer aggregations
   server_grad_to_client: bool = False   # True = classical split learning baseline
   client_aggregation: str = "none"      # sequential only: none | cross_layer
-  mode: str = "auto"            # auto | loop | vmap | debug
+  mode: str = "auto"            # auto | loop | vmap | unrolled | debug
+  shard_clients: bool = False   # lay the client axis over jax.devices() (averaging; vmap/unrolled)
   # evaluation
   eval_every: int = 1
   eval_batch_size: int = 500

@@ -14,6 +14,9 @@ device, normalisation constants); ``states`` and ``xs`` carry the client axis.
 Backends:
 
 * ``vmap``:  one ``jit(vmap(...))`` over the whole stack;
+* ``unrolled``: one jitted computation holding every client's step side by
+  side (a Python loop over the client axis inside ``jit``, no ``vmap``): each
+  client keeps ordinary convolutions, and XLA sees all of them at once;
 * ``loop``:  a Python loop over clients calling one jitted single-client update;
 * ``debug``: the same loop with no jit at all (step through it in a debugger).
 
@@ -36,6 +39,17 @@ class ClientUpdate:
   init: Callable[[Any, Any], Any]
   step: Callable[[Any, Any, Any], Any]
   final: Callable[[Any, Any], Any]
+
+
+MODES = ("vmap", "unrolled", "loop", "debug")
+
+
+def _unrolled(f):
+  """``f`` over a leading client axis by a Python loop inside the trace."""
+  def g(shared, *args):
+    k = jax.tree.leaves(args[0])[0].shape[0]
+    return tree_stack([f(shared, *[tree_slice(a, i) for a in args]) for i in range(k)])
+  return g
 
 
 def resolve_mode(mode: str) -> str:
@@ -71,16 +85,17 @@ class ClientRunner:
   def __init__(self, update: ClientUpdate, mode: str, scan_steps: bool | None = None):
     self.update = update
     self.mode = resolve_mode(mode)
-    if self.mode not in ("vmap", "loop", "debug"):
-      raise ValueError(f"unknown execution mode {mode!r}; expected auto, vmap, loop or debug")
+    if self.mode not in MODES:
+      raise ValueError(f"unknown execution mode {mode!r}; expected auto or one of {MODES}")
     self.scan_steps = (jax.default_backend() != "cpu") if scan_steps is None else scan_steps
     self.num_traces = 0
     if self.mode == "debug":
       self._init, self._step, self._final = update.init, update.step, update.final
       self._whole = self._scanned
     else:
-      client_axis = (lambda f, n: jax.vmap(f, in_axes=(None,) + (0,) * n)) if self.mode == "vmap" \
-          else (lambda f, n: f)
+      client_axis = {"vmap": lambda f, n: jax.vmap(f, in_axes=(None,) + (0,) * n),
+                     "unrolled": lambda f, n: _unrolled(f),
+                     "loop": lambda f, n: f}[self.mode]
       self._init = jax.jit(client_axis(update.init, 1))
       self._step = jax.jit(client_axis(self._counted_step, 2))
       self._final = jax.jit(client_axis(update.final, 1))
@@ -106,16 +121,21 @@ class ClientRunner:
       carry = self._step(shared, carry, jax.tree.map(lambda a: a[(slice(None),) * step_axis + (s,)], xs))
     return self._final(shared, carry)
 
+  @property
+  def stacked(self) -> bool:
+    """Whether one compiled call serves the whole client stack."""
+    return self.mode in ("vmap", "unrolled")
+
   def one(self, shared, state, xs):
     """A single client (no client axis on ``state`` or ``xs``)."""
-    if self.mode == "vmap":
+    if self.stacked:
       add = lambda t: jax.tree.map(lambda a: a[None], t)
       return tree_slice(self._run(shared, add(state), add(xs), 1), 0)
     return self._run(shared, state, xs, 0)
 
   def __call__(self, shared, states, xs):
     """Every client of the stack (leading client axis on ``states`` and ``xs``)."""
-    if self.mode == "vmap":
+    if self.stacked:
       return self._run(shared, states, xs, 1)
     k = jax.tree.leaves(xs)[0].shape[0]
     return tree_stack([self._run(shared, tree_slice(states, i), tree_slice(xs, i), 0)

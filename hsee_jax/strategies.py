@@ -27,10 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from hsee_jax import data as data_lib
 from hsee_jax import models
-from hsee_jax.config import NUM_UNITS, Config
+from hsee_jax.config import NUM_UNITS, Config, ConfigError
 from hsee_jax.engine import ClientRunner, ClientUpdate, tree_set, tree_slice
 from hsee_jax.optim import PartState, apply_gradients, init_part
 
@@ -236,9 +238,35 @@ class Strategy:
     sizes = np.array([len(p) for p in partitions], np.float32)
     self.weights = {group_key(c): jnp.asarray(sizes[m]) for c, m in self.layout.groups.items()}
     self._aggregate = jax.jit(aggregate, static_argnums=2)
+    self.mesh = None
+    if cfg.shard_clients:
+      if cfg.strategy != "averaging" or not self.runners[cfg.cuts[0]].stacked:
+        raise ConfigError("shard_clients: needs strategy=averaging and mode=vmap or unrolled")
+      self.mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("clients",))
+
+  def client_sharding(self, k: int):
+    """Stacks of ``k`` clients are laid over the mesh's client axis when ``k``
+    divides evenly; otherwise they stay replicated."""
+    spec = P("clients") if k % self.mesh.devices.size == 0 else P()
+    return NamedSharding(self.mesh, spec)
+
+  def place(self, state: HSEEState) -> HSEEState:
+    """Put each group's stack on the device mesh (no-op without shard_clients)."""
+    if self.mesh is None:
+      return state
+    put = lambda tree: jax.tree.map(
+        lambda a: jax.device_put(a, self.client_sharding(a.shape[0])), tree)
+    return HSEEState(clients=put(state.clients), servers=put(state.servers))
 
   def init_state(self, key) -> HSEEState:
+    return self.place(self._init_unplaced(key))
+
+  def _init_unplaced(self, key) -> HSEEState:
     return init_state(self.cfg, self.net, self.tx, key, self.shared.images.shape[1:])
+
+  def abstract_state(self) -> HSEEState:
+    """Shapes and dtypes of the state (for restoring checkpoints)."""
+    return jax.eval_shape(self._init_unplaced, jax.random.PRNGKey(0))
 
   def client_inputs(self, rnd: int, client: int, base_key):
     """Per-step inputs (indices [S, B], lr [S]) and the PRNG key of one client in one round."""
@@ -257,6 +285,7 @@ class Strategy:
       state, metrics = self._averaging_round(state, rnd, base_key)
       if self.aggregation_due(rnd):
         state = self._aggregate(state, self.weights, True)
+      state = self.place(state)  # keep the client axis on the mesh (no-op unsharded)
     else:
       state, metrics = self._sequential_round(state, rnd, base_key)
       if self.cfg.client_aggregation == "cross_layer" and self.aggregation_due(rnd):
@@ -272,6 +301,8 @@ class Strategy:
       inputs = [self.client_inputs(rnd, i, base_key) for i in members]
       xs = jax.tree.map(lambda *a: jnp.stack(a), *[x for x, _ in inputs])
       keys = jnp.stack([k for _, k in inputs])
+      if self.mesh is not None:
+        xs, keys = jax.device_put((xs, keys), self.client_sharding(len(members)))
       (clients[g], servers[g]), m = self.runners[cut](self.shared, (clients[g], servers[g], keys), xs)
       metrics[members] = np.asarray(m)
     return HSEEState(clients=clients, servers=servers), metrics

@@ -87,8 +87,7 @@ def restore_state(strategy: Strategy, ckpt: Checkpointer, cfg: Config, step: int
     if diff:
       raise RunError(f"checkpoint in {ckpt.directory} is from a different config: "
                      + "; ".join(diff))
-    abstract = jax.eval_shape(strategy.init_state, jax.random.PRNGKey(0))
-    return ckpt.restore_state(abstract, step), meta
+    return strategy.place(ckpt.restore_state(strategy.abstract_state(), step)), meta
   except CheckpointError as e:
     raise RunError(str(e)) from None
 

@@ -32,7 +32,7 @@ def reference():
 
 
 @pytest.mark.parametrize("mode,scan_steps", [("loop", False), ("loop", True), ("vmap", False),
-                                             ("vmap", True)])
+                                             ("vmap", True), ("unrolled", False)])
 def test_backends_agree_with_debug(reference, mode, scan_steps):
   client, server, metrics, start = _run(mode, scan_steps)
   r_client, r_server, r_metrics, _ = reference

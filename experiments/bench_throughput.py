@@ -1,0 +1,198 @@
+"""Throughput of one Averaging round: hsee_jax executions against a PyTorch loop.
+
+    python experiments/bench_throughput.py --out runs/bench            # this CPU: width 0.25
+    python experiments/bench_throughput.py --width 1.0 --ks 8,16 --batch 32 --out runs/bench_gpu
+
+For K clients (cuts spread over 3, 5, 7) and each execution:
+  vmap      hsee_jax, clients stacked per cut, one jit(vmap(step))
+  unrolled  hsee_jax, one jitted computation with every client's step side by side
+  loop      hsee_jax, Python loop over clients calling one jitted single-client step
+  torch     PyTorch eager reference (experiments/torch_reference.py), loop over clients
+Rounds of the executions are interleaved (the order rotates each repetition) so
+machine noise falls on all alike. Reported per (execution, K): median seconds
+per round and images/s after warm-up, the first round's extra time (compile),
+peak host RSS during a round (VmHWM after resetting it; the whole process, so
+it includes every execution's resident state), device memory where the
+backend reports it, FLOPs per training image and, on a GPU, MFU.
+Writes bench.json, bench.csv and bench.png into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hsee_jax import costs, models  # noqa: E402
+from hsee_jax import train as train_lib  # noqa: E402
+from hsee_jax.config import Config  # noqa: E402
+
+CUT_CYCLE = (3, 5, 7)
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16/tf32-class peaks
+
+
+def _rss_reset():
+  try:
+    Path("/proc/self/clear_refs").write_text("5")
+  except OSError:
+    pass
+
+
+def _rss_peak_mb() -> float:
+  for line in Path("/proc/self/status").read_text().splitlines():
+    if line.startswith("VmHWM:"):
+      return int(line.split()[1]) / 1024
+  return float("nan")
+
+
+def _device_mem_mb() -> float | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 2**20
+
+
+class JaxExecution:
+  def __init__(self, mode, k, args):
+    n = max(args.batch * 4, 256)
+    cfg = Config(dataset="synthetic", synthetic_shape=(32, 32, 10, n, 16), width=args.width,
+                 cuts=tuple(CUT_CYCLE[i % 3] for i in range(k)), batch_size=args.batch,
+                 local_steps=args.steps, rounds=1000, augment=False, mode=mode,
+                 schedule="constant")
+    _, self.strategy = train_lib.build(cfg)
+    self.state = self.strategy.init_state(jax.random.PRNGKey(0))
+    self.key = jax.random.PRNGKey(1)
+    self.rnd = 0
+
+  def round(self):
+    self.state, m = self.strategy.run_round(self.state, self.rnd, self.key)
+    jax.block_until_ready(self.state)
+    self.rnd += 1
+    return m
+
+
+class TorchExecution:
+  def __init__(self, k, args):
+    import torch
+    import torch_reference as ref
+    torch.manual_seed(0)
+    self.torch, self.ref, self.args = torch, ref, args
+    self.clients = [ref.Client(CUT_CYCLE[i % 3], args.width, 10) for i in range(k)]
+    n = max(args.batch * 4, 256)
+    self.images = torch.randn(n, 3, 32, 32)
+    self.labels = torch.randint(0, 10, (n,))
+    self.gen = torch.Generator().manual_seed(0)
+
+  def round(self):
+    self.ref.run_round(self.clients, self.images, self.labels, self.args.steps, self.args.batch,
+                       self.gen)
+
+
+def flops_per_image(width):
+  net = models.SplitResNet18(10, width)
+  per_cut = {c: costs.cut_costs(net, c, (32, 32, 3)) for c in CUT_CYCLE}
+  return {c: v["client_train_flops"] + v["server_train_flops"] for c, v in per_cut.items()}, per_cut
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--ks", default="1,2,4,8,16")
+  p.add_argument("--width", type=float, default=0.25)
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--steps", type=int, default=3, help="local steps per client per round")
+  p.add_argument("--reps", type=int, default=3, help="timed rounds per execution")
+  p.add_argument("--executions", default="vmap,unrolled,loop,torch")
+  p.add_argument("--out", required=True)
+  args = p.parse_args()
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  execs = args.executions.split(",")
+  if "torch" in execs:
+    try:
+      import torch
+      torch.set_num_threads(os.cpu_count() or 1)
+    except ImportError:
+      print("[bench] torch not installed (pip install -e '.[bench]'): skipping the PyTorch reference")
+      execs.remove("torch")
+
+  device = jax.devices()[0]
+  flops, per_cut = flops_per_image(args.width)
+  peak = next((v for k, v in PEAK_FLOPS.items() if k in getattr(device, "device_kind", "")), None)
+  rows = []
+  for k in map(int, args.ks.split(",")):
+    cuts = [CUT_CYCLE[i % 3] for i in range(k)]
+    images = k * args.steps * args.batch
+    flops_round = sum(flops[c] for c in cuts) * args.steps * args.batch
+    runners, first = {}, {}
+    for e in execs:
+      t0 = time.perf_counter()
+      runners[e] = TorchExecution(k, args) if e == "torch" else JaxExecution(e, k, args)
+      runners[e].round()
+      first[e] = time.perf_counter() - t0
+      print(f"[bench] K={k:>2} {e:>8}: set-up + first round {first[e]:.1f}s", flush=True)
+    times = {e: [] for e in execs}
+    rss = {e: 0.0 for e in execs}
+    for rep in range(args.reps):
+      order = execs[rep % len(execs):] + execs[:rep % len(execs)]
+      for e in order:
+        _rss_reset()
+        t0 = time.perf_counter()
+        runners[e].round()
+        times[e].append(time.perf_counter() - t0)
+        rss[e] = max(rss[e], _rss_peak_mb())
+    for e in execs:
+      med = statistics.median(times[e])
+      row = {"execution": e, "clients": k, "width": args.width, "batch": args.batch,
+             "steps": args.steps, "seconds_per_round": med, "images_per_s": images / med,
+             "compile_seconds": max(0.0, first[e] - med), "peak_rss_mb": rss[e],
+             "device_peak_mb": None if e == "torch" else _device_mem_mb(),
+             "round_times": times[e], "flops_per_round": flops_round,
+             "achieved_tflops": flops_round / med / 1e12,
+             "mfu": (flops_round / med / peak) if (peak and e != "torch") else None}
+      rows.append(row)
+      print(f"[bench] K={k:>2} {e:>8}: {row['images_per_s']:8.1f} img/s  "
+            f"{med:7.3f} s/round  compile {row['compile_seconds']:.1f}s  "
+            f"rss {rss[e]:.0f} MB", flush=True)
+    del runners
+
+  result = {"device": str(device), "device_kind": getattr(device, "device_kind", ""),
+            "backend": jax.default_backend(), "jax": jax.__version__, "args": vars(args),
+            "flops_per_training_image": {str(c): f for c, f in flops.items()},
+            "cut_costs": {str(c): v for c, v in per_cut.items()}, "rows": rows}
+  (out / "bench.json").write_text(json.dumps(result, indent=2))
+  with open(out / "bench.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "round_times"])
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: v for k, v in r.items() if k != "round_times"})
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for e in execs:
+      rs = [r for r in rows if r["execution"] == e]
+      ax.plot([r["clients"] for r in rs], [r["images_per_s"] for r in rs], marker="o", label=e)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("clients K")
+    ax.set_ylabel("images/s (all clients)")
+    ax.set_title(f"Averaging round, width {args.width}, batch {args.batch}, {jax.default_backend()}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "bench.png", dpi=120)
+  except ImportError:
+    print("[bench] matplotlib not installed: no plot")
+  print(f"[bench] wrote {out}/bench.json, bench.csv, bench.png")
+
+
+if __name__ == "__main__":
+  main()
