@@ -57,6 +57,8 @@ class Config:
   step_gamma: float = 0.1
   aggregate_every: int = 1      # rounds between cross-layer aggregations
   server_grad_to_client: bool = False   # True = classical split learning baseline
+  exit_loss_weight: float = 1.0         # 0 with server_grad_to_client: the uncut network's
+                                        # training (central / classical baselines)
   client_aggregation: str = "none"      # sequential only: none | cross_layer
   mode: str = "auto"            # auto | loop | vmap | unrolled | debug
   shard_clients: bool = False   # lay the client axis over jax.devices() (averaging; vmap/unrolled)
@@ -64,6 +66,14 @@ class Config:
   eval_every: int = 1
   eval_batch_size: int = 500
   exit_thresholds: tuple = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+  # device budgets -> cuts (experiments/reproduce.py, costs.choose_cuts): one
+  # (client FLOPs per training step, client memory bytes) pair per client, 0 = no
+  # limit; when given, each client's cut is the deepest that fits (cuts is ignored)
+  client_budgets: tuple = ()
+  # simulated wall clock (costs.simulated_round_seconds)
+  client_flops_per_s: tuple = ()  # one per client; () = 1e10 each
+  server_flops_per_s: float = 1e13
+  link_bytes_per_s: float = 1.25e6  # 10 Mbit/s
   # runs
   seed: int = 0
   checkpoint_every: int = 5     # rounds; 0 = only at the end
@@ -109,6 +119,20 @@ class Config:
     if len(self.synthetic_shape) != 5 or any(
         not isinstance(v, int) or v < 1 for v in self.synthetic_shape):
       raise ConfigError("synthetic_shape: (height, width, classes, n_train, n_test), positive ints")
+    if self.exit_loss_weight < 0:
+      raise ConfigError(f"exit_loss_weight: must be >= 0, got {self.exit_loss_weight}")
+    if self.exit_loss_weight == 0 and not self.server_grad_to_client:
+      raise ConfigError("exit_loss_weight: 0 leaves the client part untrained unless "
+                        "server_grad_to_client=True")
+    n_clients = len(self.client_budgets) or len(self.cuts)
+    if self.client_flops_per_s and len(self.client_flops_per_s) != n_clients:
+      raise ConfigError(f"client_flops_per_s: one entry per client ({n_clients}), "
+                        f"got {len(self.client_flops_per_s)}")
+    for b in self.client_budgets:
+      if (not isinstance(b, tuple) or len(b) != 2
+          or any(not isinstance(x, (int, float)) or x < 0 for x in b)):
+        raise ConfigError("client_budgets: each entry is (flops_per_step, memory_bytes), "
+                          "numbers >= 0 (0 = no limit)")
     if self.client_aggregation != "none" and self.strategy != "sequential":
       raise ConfigError("client_aggregation: only for strategy=sequential "
                         "(averaging always aggregates across layers)")

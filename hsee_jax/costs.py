@@ -73,39 +73,69 @@ def cost_table(net: models.SplitResNet18, image_shape: tuple,
           for c in range(1, NUM_UNITS)]
 
 
-def choose_cuts(net: models.SplitResNet18, image_shape: tuple, budgets: list[dict],
-                batch_size: int = 1) -> list[dict]:
+def client_memory_bytes(row: dict, batch_size: int) -> float:
+  """Parameters, gradients and momentum (12 bytes a parameter) plus peak activations."""
+  return 12 * row["client_params"] + row["client_peak_activation_bytes"] * batch_size
+
+
+def choose_cuts(net: models.SplitResNet18, image_shape: tuple, budgets, batch_size: int) -> list[dict]:
   """Deepest cut that fits each client's budget.
 
-  A budget may give ``flops_per_step`` (client training FLOPs for one step of
-  ``batch_size`` images), ``memory_bytes`` (parameters, gradients and momentum, 12 bytes a parameter, +
-  peak activations of the client part) or both. Returns, per client, the cut
+  ``budgets``: one ``(flops_per_step, memory_bytes)`` pair per client, 0 for
+  no limit: client training FLOPs for one step of ``batch_size`` images, and
+  client memory (:func:`client_memory_bytes`). Returns, per client, the cut
   and the reason; raises ``ValueError`` when not even cut 1 fits.
   """
   table = cost_table(net, tuple(image_shape))
   out = []
-  for i, budget in enumerate(budgets):
-    unknown = set(budget) - {"flops_per_step", "memory_bytes", "name"}
-    if unknown:
-      raise ValueError(f"client {i}: unknown budget key(s) {sorted(unknown)}; "
-                       f"use flops_per_step and/or memory_bytes")
-    chosen, why = None, ""
-    for row in table:
-      flops = row["client_train_flops"] * batch_size
-      memory = 12 * row["client_params"] + row["client_peak_activation_bytes"] * batch_size
-      fits = (flops <= budget.get("flops_per_step", math.inf)
-              and memory <= budget.get("memory_bytes", math.inf))
-      if fits:
-        chosen = row["cut"]
-        why = (f"cut {row['cut']}: {flops:.3g} FLOPs/step, {memory / 2**20:.1f} MiB "
-               f"within the budget")
-    if chosen is None:
-      raise ValueError(f"client {i}: no cut fits its budget {budget} "
-                       f"(cut 1 needs {table[0]['client_train_flops'] * batch_size:.3g} FLOPs/step)")
-    if chosen < NUM_UNITS - 1:
-      nxt = table[chosen]
-      why += (f"; cut {chosen + 1} would need {nxt['client_train_flops'] * batch_size:.3g} "
-              f"FLOPs/step, {(8 * nxt['client_params'] + nxt['client_peak_activation_bytes'] * batch_size) / 2**20:.1f} MiB")
-    out.append({"client": i, "name": budget.get("name", f"client {i}"), "cut": chosen,
-                "reason": why})
+  for i, (flops_budget, mem_budget) in enumerate(budgets):
+    flops_budget = flops_budget or math.inf
+    mem_budget = mem_budget or math.inf
+    need = lambda row: (row["client_train_flops"] * batch_size, client_memory_bytes(row, batch_size))
+    fitting = [row for row in table if need(row)[0] <= flops_budget and need(row)[1] <= mem_budget]
+    if not fitting:
+      f, m = need(table[0])
+      raise ValueError(f"client {i}: no cut fits its budget ({flops_budget:.3g} FLOPs/step, "
+                       f"{mem_budget / 2**20:.1f} MiB); cut 1 needs {f:.3g} FLOPs/step, "
+                       f"{m / 2**20:.1f} MiB")
+    row = fitting[-1]
+    f, m = need(row)
+    why = f"cut {row['cut']} needs {f:.3g} FLOPs/step and {m / 2**20:.1f} MiB"
+    if row["cut"] < NUM_UNITS - 1:
+      f2, m2 = need(table[row["cut"]])
+      over = [w for w, bad in ((f"{f2:.3g} FLOPs/step", f2 > flops_budget),
+                               (f"{m2 / 2**20:.1f} MiB", m2 > mem_budget)) if bad]
+      why += f"; cut {row['cut'] + 1} would need {' and '.join(over)}, over the budget"
+    out.append({"client": i, "cut": row["cut"], "reason": why})
   return out
+
+
+def simulated_round_seconds(strategy: str, cuts, table: dict, steps: int, batch_size: int,
+                            client_flops_per_s, server_flops_per_s: float,
+                            link_bytes_per_s: float, aggregate: bool = True) -> float:
+  """Simulated wall time of one round (a simple pipeline model).
+
+  Per client i and round: client compute ``c_i = S*B*client_flops / F_i``,
+  upload ``u_i = S*B*activation_bytes / bandwidth`` (+ the gradient back when
+  the table says so), server work ``s_i = S*B*server_flops / F_server``.
+
+  * Sequential: clients wait their turn for the one server; within a turn the
+    client and server pipeline, so a turn takes ``max(c_i + u_i, s_i)`` and the
+    round is their sum.
+  * Averaging: clients run in parallel and the one server machine does every
+    client's server work: ``max(max_i(c_i + u_i), sum_i s_i)``, plus, when
+    aggregating, every client sending and receiving its client part
+    (``max_i 2 * 4 * params_i / bandwidth``).
+  """
+  n = steps * batch_size
+  c, u, s, agg = [], [], [], []
+  for i, cut in enumerate(cuts):
+    row = table[cut]
+    c.append(n * row["client_train_flops"] / client_flops_per_s[i])
+    u.append(n * (row["bytes_client_to_server"] + row["bytes_server_to_client"]) / link_bytes_per_s)
+    s.append(n * row["server_train_flops"] / server_flops_per_s)
+    agg.append(2 * 4 * row["client_params"] / link_bytes_per_s)
+  if strategy == "sequential":
+    return float(sum(max(ci + ui, si) for ci, ui, si in zip(c, u, s)))
+  t = max(max(ci + ui for ci, ui in zip(c, u)), sum(s))
+  return float(t + (max(agg) if aggregate else 0.0))

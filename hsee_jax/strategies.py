@@ -6,7 +6,7 @@ The split update (PAPER.md, "Training"): per minibatch,
 * server: ``loss_s = CE(server_part(stop_gradient(h)), y)``, ``h = client_part(x)``,
   updates server part + classifier.
 
-Both come from one ``value_and_grad`` of ``loss_c + loss_s`` over (client,
+Both come from one ``value_and_grad`` of ``w * loss_c + loss_s`` (w = exit_loss_weight) over (client,
 server) parameters: ``loss_c`` does not touch the server, and the
 ``stop_gradient`` keeps ``loss_s`` out of the client unless
 ``server_grad_to_client`` (classical split learning) is set.
@@ -127,7 +127,7 @@ def split_update(net: models.SplitResNet18, tx: optax.GradientTransformation, cf
       loss_s = _cross_entropy(logits, labels)
       metrics = jnp.stack([loss_c, loss_s, _accuracy(exit_logits, labels),
                            _accuracy(logits, labels)])
-      return loss_c + loss_s, (metrics, c_stats, s_stats)
+      return cfg.exit_loss_weight * loss_c + loss_s, (metrics, c_stats, s_stats)
 
     (_, (metrics, c_stats, s_stats)), (g_client, g_server) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(client.params, server.params)

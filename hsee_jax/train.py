@@ -2,6 +2,7 @@
 evaluate, and write ``config.json``, ``metrics.jsonl`` and ``summary.json``."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -14,7 +15,7 @@ import numpy as np
 
 from hsee_jax import data as data_lib
 from hsee_jax import config as config_lib
-from hsee_jax import evaluation, models, optim
+from hsee_jax import costs, evaluation, models, optim
 from hsee_jax.checkpoint import (CheckpointError, Checkpointer, config_differences,
                                  key_from_json, meta_for)
 from hsee_jax.config import Config
@@ -28,6 +29,7 @@ class RunError(RuntimeError):
 def build(cfg: Config, dataset: data_lib.Dataset | None = None) -> tuple[data_lib.Dataset, Strategy]:
   """Dataset, partitions, network, optimiser and strategy for a config."""
   dataset = dataset if dataset is not None else data_lib.load_dataset(cfg)
+  cfg = resolve_cuts(cfg, dataset)
   partitions = data_lib.partition(dataset.train_labels, cfg.num_clients, cfg.partition,
                                   cfg.dirichlet_alpha, cfg.seed)
   steps = cfg.local_steps or max(1, math.ceil(np.mean([len(p) for p in partitions]) / cfg.batch_size))
@@ -35,6 +37,20 @@ def build(cfg: Config, dataset: data_lib.Dataset | None = None) -> tuple[data_li
   tx = optim.make_optimizer(cfg)
   schedule = optim.make_schedule(cfg, cfg.rounds * steps)
   return dataset, Strategy(cfg, net, tx, dataset, partitions, steps, schedule)
+
+
+def resolve_cuts(cfg: Config, dataset: data_lib.Dataset, log: Callable[[str], None] | None = None) -> Config:
+  """With ``client_budgets``, each client's cut is the deepest one that fits."""
+  if not cfg.client_budgets:
+    return cfg
+  net = models.SplitResNet18(dataset.num_classes, cfg.width, cfg.exit_head)
+  try:
+    choices = costs.choose_cuts(net, dataset.image_shape, cfg.client_budgets, cfg.batch_size)
+  except ValueError as e:
+    raise RunError(f"client_budgets: {e}") from None
+  for c in choices:
+    (log or (lambda s: None))(f"[hsee] client {c['client']}: {c['reason']}")
+  return dataclasses.replace(cfg, cuts=tuple(c["cut"] for c in choices))
 
 
 def _format_round(rec: dict, rounds: int) -> str:
@@ -99,6 +115,7 @@ def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False, resume: 
   _prepare_out_dir(out, cfg, overwrite, resume)
   t_start = time.time()
   dataset, strategy = build(cfg, dataset)
+  resolve_cuts(cfg, dataset, log)  # says which cut each budget got, and why
   with Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints) as ckpt:
     summary = _train_loop(cfg, out, ckpt, dataset, strategy, resume, log)
   summary["wall_seconds"] = time.time() - t_start
@@ -121,11 +138,11 @@ def _train_loop(cfg, out, ckpt, dataset, strategy, resume, log) -> dict:
     log(f"[hsee] resuming {out} from checkpoint after round {start}")
   else:
     state = strategy.init_state(init_key)
-  log(f"[hsee] {cfg.name}: {cfg.strategy}, {cfg.num_clients} clients, cuts {list(cfg.cuts)}, "
+  log(f"[hsee] {cfg.name}: {cfg.strategy}, {strategy.cfg.num_clients} clients, cuts {list(strategy.cfg.cuts)}, "
       f"{dataset.name} {len(dataset.train_labels)} train / {len(dataset.test_labels)} test, "
       f"width {cfg.width}, {strategy.local_steps} local steps x batch {cfg.batch_size}, "
-      f"mode {strategy.runners[cfg.cuts[0]].mode}, backend {jax.default_backend()}")
-  images_per_round = cfg.num_clients * strategy.local_steps * cfg.batch_size
+      f"mode {strategy.runners[strategy.cfg.cuts[0]].mode}, backend {jax.default_backend()}")
+  images_per_round = strategy.cfg.num_clients * strategy.local_steps * cfg.batch_size
   test = next((r["test"] for r in reversed(records) if "test" in r), None)
   with open(out / "metrics.jsonl", "w") as mfile:
     for r in records:
@@ -136,7 +153,7 @@ def _train_loop(cfg, out, ckpt, dataset, strategy, resume, log) -> dict:
       jax.block_until_ready(state)
       seconds = time.time() - t0
       try:
-        _check_finite(metrics, rnd, cfg.cuts)
+        _check_finite(metrics, rnd, strategy.cfg.cuts)
       except RunError as e:
         mfile.write(json.dumps({"round": rnd, "event": "stopped", "error": str(e)}) + "\n")
         last = ckpt.latest_step()
@@ -158,7 +175,7 @@ def _train_loop(cfg, out, ckpt, dataset, strategy, resume, log) -> dict:
 
   return {"config": cfg.to_dict(), "rounds": cfg.rounds, "local_steps": strategy.local_steps,
           "backend": jax.default_backend(), "resumed_from_round": start if resume else None,
-          "test": test}
+          "cuts": list(strategy.cfg.cuts), "test": test}
 
 
 def evaluate_run(run_dir: str | Path, step: int | None = None,

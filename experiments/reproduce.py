@@ -1,0 +1,320 @@
+"""Reproduce the paper's experiments: the grid, the baselines, tables and plots.
+
+    python experiments/reproduce.py --scale cpu --out runs/reproduce           # this machine
+    python experiments/reproduce.py --scale paper --out runs/paper             # an accelerator
+    python experiments/reproduce.py --datasets imagefolder --data-dir imagefolder=/my/data ...
+
+Per dataset, every run of the grid (PAPER.md):
+  hsee-averaging    Hetero-SplitEE, Averaging, heterogeneous cuts l = 3, 5, 7
+  hsee-sequential   Hetero-SplitEE, Sequential, the same cuts
+  homogeneous       split learning with every client at the same cut (l = 5), Averaging
+  alone             each client on its own data with its exit head, no aggregation
+  classical-split   the server gradient goes back to the client (no exit loss), cuts 3, 5, 7
+  central           the uncut ResNet-18 trained on all the data
+Outputs in --out: results.csv, results.md, plots (PNG), and each run's directory.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hsee_jax import config as config_lib  # noqa: E402
+from hsee_jax import costs, models  # noqa: E402
+from hsee_jax import train as train_lib  # noqa: E402
+from hsee_jax.config import Config  # noqa: E402
+from hsee_jax.data import DataError, load_dataset  # noqa: E402
+
+HETERO_CUTS = (3, 5, 7)
+# Three device tiers for the heterogeneous clients (weak, middle, strong), the
+# server, and the link; used by the simulated wall clock.
+TIERS = {"client_flops_per_s": (2e9, 1e10, 5e10), "server_flops_per_s": 1e13,
+         "link_bytes_per_s": 1.25e6}
+# Budgets (client FLOPs for one training step, client memory) of the same
+# three tiers, for the "device budgets -> cuts" table.
+BUDGETS = ((3e9, 0), (1.5e10, 0), (6e10, 0))
+
+SCALES = {
+    # whole CIFAR-10 grid in well under an hour on 2 CPU cores
+    "cpu": dict(width=0.125, train_subset=10000, test_subset=0, rounds=8, batch_size=32,
+                lr=0.05, eval_every=1, checkpoint_every=0),
+    # the paper's setting (for an accelerator)
+    "paper": dict(width=1.0, train_subset=0, test_subset=0, rounds=200, batch_size=128,
+                  lr=0.1, eval_every=5, checkpoint_every=10),
+}
+RUNS = {
+    "hsee-averaging": dict(strategy="averaging", cuts=HETERO_CUTS),
+    "hsee-sequential": dict(strategy="sequential", cuts=HETERO_CUTS),
+    "homogeneous": dict(strategy="averaging", cuts=(5, 5, 5)),
+    "alone": dict(strategy="averaging", cuts=HETERO_CUTS, aggregate_every=10**9),
+    "classical-split": dict(strategy="averaging", cuts=HETERO_CUTS, server_grad_to_client=True,
+                            exit_loss_weight=0.0),
+    "central": dict(strategy="averaging", cuts=(1,), server_grad_to_client=True,
+                    exit_loss_weight=0.0),
+}
+
+
+def grid(dataset: str, scale: str, overrides: list[str], data_dir: str = "") -> list[tuple[str, Config]]:
+  out = []
+  for name, fields in RUNS.items():
+    tiers = dict(TIERS)
+    n = len(fields["cuts"])
+    tiers["client_flops_per_s"] = tuple(TIERS["client_flops_per_s"][i % 3] for i in range(n))
+    cfg = Config(name=f"{dataset}/{name}", dataset=dataset, data_dir=data_dir,
+                 **SCALES[scale], **tiers, **fields)
+    out.append((name, config_lib.override(cfg, overrides)))
+  return out
+
+
+def shrink_note(scale: str) -> str:
+  if scale == "paper":
+    return "paper scale: width 1.0, the whole train and test sets, 200 rounds, batch 128"
+  s = SCALES["cpu"]
+  return (f"cpu scale shrinks the paper's setting: width {s['width']} (of 1.0), "
+          f"{s['train_subset']} training images (of all), {s['rounds']} rounds (of 200), "
+          f"batch {s['batch_size']} (of 128); the whole test set")
+
+
+def _records(run_dir: Path) -> list[dict]:
+  return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
+def run_grid(datasets, scale, out: Path, overrides=(), data_dirs=None, log=print) -> dict:
+  out.mkdir(parents=True, exist_ok=True)
+  data_dirs = data_dirs or {}
+  log(f"[reproduce] {shrink_note(scale)}")
+  if overrides:
+    log(f"[reproduce] overrides for every run: {' '.join(overrides)}")
+  results = {"scale": scale, "note": shrink_note(scale), "overrides": list(overrides),
+             "datasets": {}, "skipped": {}}
+  for ds_name in datasets:
+    runs = grid(ds_name, scale, list(overrides), data_dirs.get(ds_name, ""))
+    try:
+      dataset = load_dataset(runs[0][1])
+    except DataError as e:
+      log(f"[reproduce] skipping {ds_name}: {e}")
+      results["skipped"][ds_name] = str(e)
+      continue
+    ds_res = results["datasets"][ds_name] = {"runs": {}}
+    for name, cfg in runs:
+      run_dir = out / ds_name / name
+      log(f"[reproduce] {ds_name} / {name}: cuts {list(cfg.cuts)}, {cfg.strategy}")
+      t0 = time.time()
+      summary = train_lib.train(cfg, run_dir, overwrite=True, dataset=dataset,
+                                log=lambda s: log("    " + s))
+      ds_res["runs"][name] = {"config": cfg.to_dict(), "summary": summary,
+                              "wall_seconds": time.time() - t0, "records": _records(run_dir)}
+    net = models.SplitResNet18(dataset.num_classes, runs[0][1].width, runs[0][1].exit_head)
+    table = {r["cut"]: r for r in costs.cost_table(net, dataset.image_shape)}
+    ds_res["costs"] = list(table.values())
+    ds_res["budgets"] = costs.choose_cuts(net, dataset.image_shape, BUDGETS, runs[0][1].batch_size)
+    ds_res["simulated"] = _simulate(ds_res["runs"], table)
+  write_outputs(results, out, log)
+  return results
+
+
+def _simulate(runs: dict, table: dict) -> dict:
+  sim = {}
+  for name, r in runs.items():
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in r["config"].items()})
+    cuts = r["summary"]["cuts"]
+    steps = r["summary"]["local_steps"]
+    per_round = []
+    for rec in r["records"]:
+      if "round" not in rec or "train" not in rec:
+        continue
+      agg = (cfg.strategy == "averaging" and (rec["round"] + 1) % cfg.aggregate_every == 0) or \
+            (cfg.strategy == "sequential" and cfg.client_aggregation != "none")
+      cut_table = table
+      if cfg.server_grad_to_client:
+        cut_table = {c: {**row, "bytes_server_to_client": row["bytes_client_to_server"]}
+                     for c, row in table.items()}
+      per_round.append(costs.simulated_round_seconds(
+          cfg.strategy, cuts, cut_table, steps, cfg.batch_size, cfg.client_flops_per_s,
+          cfg.server_flops_per_s, cfg.link_bytes_per_s, aggregate=agg))
+    sim[name] = per_round
+  return sim
+
+
+# -- outputs ---------------------------------------------------------------------------------
+def write_outputs(results: dict, out: Path, log=print) -> None:
+  rows = []
+  for ds_name, ds in results["datasets"].items():
+    for name, r in ds["runs"].items():
+      for c in r["summary"]["test"]["clients"]:
+        rows.append({"dataset": ds_name, "run": name, "strategy": r["config"]["strategy"],
+                     "client": c["client"], "cut": c["cut"],
+                     "exit_accuracy": round(c["exit_acc"], 4),
+                     "full_path_accuracy": round(c["server_acc"], 4),
+                     "rounds": r["summary"]["rounds"],
+                     "wall_seconds": round(r["wall_seconds"], 1),
+                     "simulated_seconds": round(sum(ds["simulated"][name]), 1)})
+  if rows:
+    with open(out / "results.csv", "w", newline="") as f:
+      w = csv.DictWriter(f, fieldnames=list(rows[0]))
+      w.writeheader()
+      w.writerows(rows)
+  (out / "results.md").write_text(_markdown(results, rows))
+  (out / "results.json").write_text(json.dumps(
+      {k: v for k, v in results.items() if k != "datasets"} | {"rows": rows}, indent=2))
+  _plots(results, out, log)
+  log(f"[reproduce] wrote {out}/results.csv, results.md and plots")
+
+
+def _markdown(results: dict, rows: list[dict]) -> str:
+  md = [f"# Hetero-SplitEE results ({results['scale']} scale)", "", results["note"] + ".", ""]
+  if results["overrides"]:
+    md += [f"Overrides for every run: `{' '.join(results['overrides'])}`.", ""]
+  for ds_name, why in results["skipped"].items():
+    md += [f"- {ds_name} skipped: {why}"]
+  for ds_name, ds in results["datasets"].items():
+    md += [f"## {ds_name}", "", "### Test accuracy per client", "",
+           "Exit = the client's early-exit head alone; full = client part then server part.", "",
+           "| run | strategy | cuts | exit acc per client | full-path acc per client | mean exit | mean full | wall s | simulated s |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in ds["runs"]:
+      rs = [r for r in rows if r["dataset"] == ds_name and r["run"] == name]
+      ex = [r["exit_accuracy"] for r in rs]
+      fu = [r["full_path_accuracy"] for r in rs]
+      md.append(f"| {name} | {rs[0]['strategy']} | {', '.join(str(r['cut']) for r in rs)} | "
+                f"{' / '.join(f'{x:.3f}' for x in ex)} | {' / '.join(f'{x:.3f}' for x in fu)} | "
+                f"{sum(ex) / len(ex):.3f} | {sum(fu) / len(fu):.3f} | {rs[0]['wall_seconds']} | "
+                f"{rs[0]['simulated_seconds']} |")
+    md += ["", "`central` has one client holding the whole network (its 'full' is the uncut "
+           "ResNet-18); `classical-split` and `central` train no exit head (exit_loss_weight 0), "
+           "so their exit accuracies are not meaningful.", ""]
+    hsee = [n for n in ("hsee-averaging", "hsee-sequential") if n in ds["runs"]]
+    if hsee:
+      taus = [r["threshold"] for r in ds["runs"][hsee[0]]["summary"]["test"]["clients"][0]["early_exit"]]
+      md += ["### Entropy early exit (Hetero-SplitEE runs)", "",
+             "Accuracy / share of samples answered at the client, per threshold tau.", "",
+             "| run | client (cut) | " + " | ".join(f"tau {t:g}" for t in taus) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in taus) + " |"]
+      for name in hsee:
+        for c in ds["runs"][name]["summary"]["test"]["clients"]:
+          md.append(f"| {name} | {c['client']} ({c['cut']}) | " + " | ".join(
+              f"{r['accuracy']:.3f} / {r['client_fraction']:.2f}" for r in c["early_exit"]) + " |")
+    md += ["", "### Cost per cut layer (per training image, computed from the model)", "",
+           "| cut | client params | server params | client train GFLOPs | server train GFLOPs | "
+           "bytes client→server | bytes server→client (classical) | client peak activations (KiB) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in ds["costs"]:
+      md.append(f"| {r['cut']} | {r['client_params']:,} | {r['server_params']:,} | "
+                f"{r['client_train_flops'] / 1e9:.4f} | {r['server_train_flops'] / 1e9:.4f} | "
+                f"{r['bytes_client_to_server']:,} | {r['bytes_client_to_server']:,} | "
+                f"{r['client_peak_activation_bytes'] / 1024:.1f} |")
+    md += ["", "The Hetero-SplitEE update sends no gradient back (server→client bytes 0); "
+           "the classical-split baseline sends the activation gradient, the same size as "
+           "the activations.", "",
+           "### Simulated wall clock", "",
+           f"Device tiers: clients {', '.join(f'{f:.0e}' for f in TIERS['client_flops_per_s'])} "
+           f"FLOP/s (cut 3, 5, 7), server {TIERS['server_flops_per_s']:.0e} FLOP/s, link "
+           f"{TIERS['link_bytes_per_s'] * 8 / 1e6:g} Mbit/s (model: `costs.simulated_round_seconds`).", "",
+           "| run | simulated s per round (mean) | simulated s in all |", "| --- | --- | --- |"]
+    for name, per in ds["simulated"].items():
+      md.append(f"| {name} | {sum(per) / max(1, len(per)):.1f} | {sum(per):.1f} |")
+    md += ["", "### Device budgets → cuts", "",
+           "Deepest cut whose client cost fits each budget (`costs.choose_cuts`, batch "
+           f"{ds['runs'][next(iter(ds['runs']))]['config']['batch_size']}):", "",
+           "| client | budget (FLOPs/step) | cut | why |", "| --- | --- | --- | --- |"]
+    for b, c in zip(BUDGETS, ds["budgets"]):
+      md.append(f"| {c['client']} | {b[0]:.1e} | {c['cut']} | {c['reason']} |")
+    md.append("")
+  return "\n".join(md)
+
+
+def _plots(results: dict, out: Path, log=print) -> None:
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    log("[reproduce] matplotlib not installed (pip install -e '.[plot]'): no plots")
+    return
+  for ds_name, ds in results["datasets"].items():
+    runs = ds["runs"]
+    # accuracy per client exit for each run
+    fig, ax = plt.subplots(figsize=(9, 4))
+    x = 0
+    ticks, labels = [], []
+    for name, r in runs.items():
+      for c in r["summary"]["test"]["clients"]:
+        ax.bar(x - 0.2, c["exit_acc"], 0.4, color="tab:blue")
+        ax.bar(x + 0.2, c["server_acc"], 0.4, color="tab:orange")
+        ticks.append(x)
+        labels.append(f"{name}\nc{c['client']} l={c['cut']}")
+        x += 1
+      x += 0.5
+    ax.set_xticks(ticks, labels, rotation=90, fontsize=7)
+    ax.set_ylabel("test accuracy")
+    ax.legend(["exit head", "full path"], fontsize=8)
+    ax.set_title(f"{ds_name}: accuracy per client exit")
+    fig.tight_layout()
+    fig.savefig(out / f"{ds_name}_exit_accuracy.png", dpi=110)
+    plt.close(fig)
+    # test accuracy against round, and against simulated time
+    for kind in ("round", "simulated"):
+      fig, ax = plt.subplots(figsize=(6, 4))
+      for name, r in runs.items():
+        recs = [rec for rec in r["records"] if "test" in rec]
+        if kind == "simulated" and name not in ("hsee-averaging", "hsee-sequential"):
+          continue
+        if kind == "round":
+          xs = [rec["round"] + 1 for rec in recs]
+        else:
+          cum = [sum(ds["simulated"][name][:i + 1]) for i in range(len(ds["simulated"][name]))]
+          xs = [cum[rec["round"]] for rec in recs]
+        ax.plot(xs, [rec["test"]["mean_server_acc"] for rec in recs], marker="o", label=f"{name} full")
+        ax.plot(xs, [rec["test"]["mean_exit_acc"] for rec in recs], ls="--", label=f"{name} exit")
+      ax.set_xlabel("round" if kind == "round" else "simulated seconds")
+      ax.set_ylabel("mean test accuracy over clients")
+      ax.legend(fontsize=6)
+      ax.set_title(f"{ds_name}: test accuracy against {'round' if kind == 'round' else 'simulated time'}")
+      fig.tight_layout()
+      fig.savefig(out / f"{ds_name}_accuracy_vs_{kind}.png", dpi=110)
+      plt.close(fig)
+    # entropy early-exit curves
+    names = [n for n in ("hsee-averaging", "hsee-sequential") if n in runs]
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+      for c in runs[name]["summary"]["test"]["clients"]:
+        ee = c["early_exit"]
+        ax.plot([r["client_fraction"] for r in ee], [r["accuracy"] for r in ee], marker=".",
+                label=f"client {c['client']} (cut {c['cut']})")
+      ax.set_xlabel("share of samples answered at the client")
+      ax.set_ylabel("accuracy")
+      ax.set_title(f"{ds_name} {name}: entropy early exit")
+      ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"{ds_name}_early_exit.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+  p.add_argument("--out", required=True)
+  p.add_argument("--datasets", default="cifar10",
+                 help="comma list of cifar10, cifar100, stl10, imagefolder; missing data is skipped")
+  p.add_argument("--data-dir", action="append", default=[], metavar="DATASET=PATH",
+                 help="folder with train.zip/test.zip for a dataset (repeatable)")
+  p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config field in every run (repeatable)")
+  args = p.parse_args(argv)
+  data_dirs = dict(d.split("=", 1) for d in args.data_dir)
+  try:
+    run_grid(args.datasets.split(","), args.scale, Path(args.out), args.overrides, data_dirs)
+  except (config_lib.ConfigError, DataError, train_lib.RunError) as e:
+    print(f"reproduce: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
