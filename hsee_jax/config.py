@@ -133,6 +133,9 @@ class Config:
           or any(not isinstance(x, (int, float)) or x < 0 for x in b)):
         raise ConfigError("client_budgets: each entry is (flops_per_step, memory_bytes), "
                           "numbers >= 0 (0 = no limit)")
+    if self.strategy == "sequential" and self.mode in ("vmap", "unrolled"):
+      raise ConfigError(f"mode: {self.mode} stacks clients, but sequential trains them one at a "
+                        f"time with the shared server; use mode=loop, debug or auto")
     if self.client_aggregation != "none" and self.strategy != "sequential":
       raise ConfigError("client_aggregation: only for strategy=sequential "
                         "(averaging always aggregates across layers)")

@@ -2,10 +2,11 @@
 
 For a cut ``l``: parameters of the client part (+ exit head) and of the server
 part (+ classifier); FLOPs per training image on each side (XLA's cost
-analysis of the compiled forward+backward at batch 1); bytes sent client ->
-server per image (the activations ``h``) and server -> client (their gradient,
-only with ``server_grad_to_client``); and the client's peak activation memory
-per image (XLA's temporary buffer size of the compiled client step, batch 1).
+analysis of each unit's lowered forward+backward at batch 1, summed over the
+part's units); bytes sent client -> server per image (the activations ``h``)
+and server -> client (their gradient, only with ``server_grad_to_client``);
+and the client's peak activation memory per image (the activations the
+client's backward pass keeps: the vjp residuals less the weights).
 
 ``choose_cuts`` turns per-client budgets into cut layers: the deepest cut
 whose client-side cost fits.
@@ -18,7 +19,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from hsee_jax import models
 from hsee_jax.config import NUM_UNITS
@@ -28,42 +28,79 @@ def _count(tree) -> int:
   return int(sum(np.prod(a.shape) for a in jax.tree.leaves(tree)))
 
 
-def _train_cost(net, span, image_or_h_shape, params, stats):
-  first, last, head = span
-  x = jnp.zeros((1,) + tuple(image_or_h_shape), jnp.float32)
-  y = jnp.zeros((1,), jnp.int32)
+def _nbytes(tree) -> int:
+  return int(sum(np.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(tree)))
 
-  def loss(p, x):
-    _, logits, _ = net.apply_span(p, stats, x, first, last, head, train=True)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-  compiled = jax.jit(jax.grad(loss)).lower(params, x).compile()
-  analysis = compiled.cost_analysis()
+
+def _module_cost(module, params, stats, in_shape, input_grad: bool) -> dict:
+  """FLOPs of one training forward+backward of ``module`` on one image (XLA's
+  cost analysis of the lowered gradient; a loss-free sum stands in for the
+  rest of the network), and the bytes of activations it keeps for backward."""
+  x = jnp.zeros((1,) + tuple(in_shape), jnp.float32)
+  variables = lambda p: {"params": p, **({"batch_stats": stats} if stats else {})}
+
+  def f(p, x):
+    out = module.apply(variables(p), x, train=True, mutable=["batch_stats"] if stats else False)
+    y = out[0] if stats else out
+    return jnp.sum(y * y)
+  argnums = (0, 1) if input_grad else 0
+  analysis = jax.jit(jax.grad(f, argnums=argnums)).lower(params, x).cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-  mem = compiled.memory_analysis()
-  return float(analysis.get("flops", float("nan"))), int(getattr(mem, "temp_size_in_bytes", 0))
+  residuals = jax.eval_shape(lambda p, x: jax.vjp(f, p, x)[1], params, x)
+  return {"flops": float(analysis.get("flops", float("nan"))),
+          "activation_bytes": max(0, _nbytes(residuals) - _nbytes(params)),
+          "params": _count(params)}
+
+
+@functools.lru_cache(maxsize=None)
+def _pieces(net: models.SplitResNet18, image_shape: tuple) -> dict:
+  """Cost of every unit (with and without the gradient of its input) and head."""
+  key = jax.random.PRNGKey(0)
+  out = {}
+  for k in range(1, NUM_UNITS + 1):
+    p, s = net.init_unit(key, k, image_shape)
+    for input_grad in (False, True):
+      out[(models.unit_name(k), input_grad)] = _module_cost(
+          net.unit(k), p, s, net.input_shape(k, image_shape), input_grad)
+  for cut in range(1, NUM_UNITS):
+    shape = net.unit_output_shape(cut, image_shape)
+    p, s = net.init_head(key, models.EXIT_HEAD, shape)
+    out[(models.EXIT_HEAD, cut)] = _module_cost(net.head(models.EXIT_HEAD), p, s, shape, True)
+  shape = net.unit_output_shape(NUM_UNITS, image_shape)
+  p, s = net.init_head(key, models.CLASSIFIER, shape)
+  out[models.CLASSIFIER] = _module_cost(net.head(models.CLASSIFIER), p, s, shape, True)
+  return out
+
+
+def _part(pieces: list[dict]) -> dict:
+  return {k: sum(p[k] for p in pieces) for k in ("flops", "activation_bytes", "params")}
 
 
 @functools.lru_cache(maxsize=None)
 def cut_costs(net: models.SplitResNet18, cut: int, image_shape: tuple,
               server_grad_to_client: bool = False) -> dict:
-  """Costs of splitting ``net`` at ``cut`` for one training image."""
-  key = jax.random.PRNGKey(0)
-  cp, cs = net.init_span(key, *models.client_span(cut), image_shape)
-  sp, ss = net.init_span(key, *models.server_span(cut), image_shape)
+  """Costs of splitting ``net`` at ``cut`` for one training image.
+
+  The first unit of each part needs no input gradient (the image; the
+  stop-gradient activations), except the server's with ``server_grad_to_client``.
+  """
+  pieces = _pieces(net, tuple(image_shape))
+  unit = lambda k, first: pieces[(models.unit_name(k), not first)]
+  client = _part([unit(k, k == 1) for k in range(1, cut + 1)] + [pieces[(models.EXIT_HEAD, cut)]])
+  server = _part([unit(k, k == cut + 1 and not server_grad_to_client)
+                  for k in range(cut + 1, NUM_UNITS + 1)] + [pieces[models.CLASSIFIER]])
   h_shape = net.unit_output_shape(cut, image_shape)
-  client_flops, client_temp = _train_cost(net, models.client_span(cut), image_shape, cp, cs)
-  server_flops, _ = _train_cost(net, models.server_span(cut), h_shape, sp, ss)
   h_bytes = 4 * math.prod(h_shape)
   return {
       "cut": cut,
-      "client_params": _count(cp),
-      "server_params": _count(sp),
-      "client_train_flops": client_flops,
-      "server_train_flops": server_flops,
+      "client_params": client["params"],
+      "server_params": server["params"],
+      "client_train_flops": client["flops"],
+      "server_train_flops": server["flops"],
       "activation_shape": list(h_shape),
       "bytes_client_to_server": h_bytes,
       "bytes_server_to_client": h_bytes if server_grad_to_client else 0,
-      "client_peak_activation_bytes": client_temp,
+      "client_peak_activation_bytes": client["activation_bytes"],
   }
 
 

@@ -232,7 +232,8 @@ class Strategy:
     self.schedule = schedule
     self.shared = Shared(jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels),
                          jnp.asarray(dataset.mean), jnp.asarray(dataset.std))
-    mode = "loop" if cfg.strategy == "sequential" and cfg.mode != "debug" else cfg.mode
+    # Sequential runs one client at a time (the server is shared): never stacked
+    mode = "loop" if cfg.strategy == "sequential" and cfg.mode == "auto" else cfg.mode
     self.runners = {cut: ClientRunner(split_update(net, tx, cfg, cut), mode)
                     for cut in self.layout.groups}
     sizes = np.array([len(p) for p in partitions], np.float32)

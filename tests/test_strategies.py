@@ -83,3 +83,25 @@ def test_server_gradient_reaches_client_only_when_asked():
                               outs[True].servers["cut_3"].params["classifier"], rtol=1e-5)
   assert not np.allclose(outs[False].clients["cut_3"].params["unit_1"]["Conv_0"]["kernel"],
                          outs[True].clients["cut_3"].params["unit_1"]["Conv_0"]["kernel"])
+
+
+def test_sequential_cross_layer_option_averages_client_parts_only():
+  cfg = dataclasses.replace(CFG, strategy="sequential", cuts=(3, 7, 3),
+                            client_aggregation="cross_layer")
+  _, st = train_lib.build(cfg)
+  state, _ = st.run_round(st.init_state(jax.random.PRNGKey(0)), 0, jax.random.PRNGKey(1))
+  u3 = state.clients[group_key(3)].params["unit_2"]["Conv_0"]["kernel"]
+  u7 = state.clients[group_key(7)].params["unit_2"]["Conv_0"]["kernel"]
+  np.testing.assert_allclose(u3[0], u3[1], rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(u3[0], u7[0], rtol=1e-6, atol=1e-7)
+  # client 1 (cut 7) is the only client holding units 4..7; the shared server's
+  # copy of unit 4 is not pulled into the client average
+  assert not np.allclose(state.clients[group_key(7)].params["unit_4"]["Conv_0"]["kernel"][0],
+                         state.servers[SHARED_SERVER].params["unit_4"]["Conv_0"]["kernel"])
+
+
+def test_sequential_refuses_stacked_modes():
+  import pytest
+  from hsee_jax.config import ConfigError
+  with pytest.raises(ConfigError, match="sequential trains them one at a time"):
+    dataclasses.replace(CFG, strategy="sequential", mode="vmap")
