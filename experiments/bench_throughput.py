@@ -98,8 +98,9 @@ class TorchExecution:
 
 
 def flops_per_image(width):
+  """Training FLOPs per image (client + server part) at each cut, and the cost table."""
   net = models.SplitResNet18(10, width)
-  per_cut = {c: costs.cut_costs(net, c, (32, 32, 3)) for c in CUT_CYCLE}
+  per_cut = {row["cut"]: row for row in costs.cost_table(net, (32, 32, 3))}
   return {c: v["client_train_flops"] + v["server_train_flops"] for c, v in per_cut.items()}, per_cut
 
 

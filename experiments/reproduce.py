@@ -20,7 +20,6 @@ import csv
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,9 +35,10 @@ HETERO_CUTS = (3, 5, 7)
 # server, and the link; used by the simulated wall clock.
 TIERS = {"client_flops_per_s": (2e9, 1e10, 5e10), "server_flops_per_s": 1e13,
          "link_bytes_per_s": 1.25e6}
-# Budgets (client FLOPs for one training step, client memory) of the same
-# three tiers, for the "device budgets -> cuts" table.
-BUDGETS = ((3e9, 0), (1.5e10, 0), (6e10, 0))
+# Compute budgets of the same three tiers, for the "device budgets -> cuts"
+# table: the share of the deepest client part's (cut 8) training FLOPs per step
+# each device affords; they come out at cuts 3, 5, 7 for this network.
+BUDGET_SHARES = (0.40, 0.70, 0.95)
 
 SCALES = {
     # whole CIFAR-10 grid in well under an hour on 2 CPU cores
@@ -85,7 +85,10 @@ def _records(run_dir: Path) -> list[dict]:
   return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
 
 
-def run_grid(datasets, scale, out: Path, overrides=(), data_dirs=None, log=print) -> dict:
+def run_grid(datasets, scale, out: Path, overrides=(), data_dirs=None, log=print,
+             report_only: bool = False) -> dict:
+  """Train every run of the grid (or, ``report_only``, read the finished runs in
+  ``out``) and write the tables and plots."""
   out.mkdir(parents=True, exist_ok=True)
   data_dirs = data_dirs or {}
   log(f"[reproduce] {shrink_note(scale)}")
@@ -104,19 +107,35 @@ def run_grid(datasets, scale, out: Path, overrides=(), data_dirs=None, log=print
     ds_res = results["datasets"][ds_name] = {"runs": {}}
     for name, cfg in runs:
       run_dir = out / ds_name / name
-      log(f"[reproduce] {ds_name} / {name}: cuts {list(cfg.cuts)}, {cfg.strategy}")
-      t0 = time.time()
-      summary = train_lib.train(cfg, run_dir, overwrite=True, dataset=dataset,
-                                log=lambda s: log("    " + s))
-      ds_res["runs"][name] = {"config": cfg.to_dict(), "summary": summary,
-                              "wall_seconds": time.time() - t0, "records": _records(run_dir)}
-    net = models.SplitResNet18(dataset.num_classes, runs[0][1].width, runs[0][1].exit_head)
-    table = {r["cut"]: r for r in costs.cost_table(net, dataset.image_shape)}
-    ds_res["costs"] = list(table.values())
-    ds_res["budgets"] = costs.choose_cuts(net, dataset.image_shape, BUDGETS, runs[0][1].batch_size)
-    ds_res["simulated"] = _simulate(ds_res["runs"], table)
+      if not report_only:
+        log(f"[reproduce] {ds_name} / {name}: cuts {list(cfg.cuts)}, {cfg.strategy}")
+        train_lib.train(cfg, run_dir, overwrite=True, dataset=dataset,
+                        log=lambda s: log("    " + s))
+      ds_res["runs"][name] = _load_run(run_dir)
+    _account(ds_res, dataset, runs[0][1])
   write_outputs(results, out, log)
   return results
+
+
+def _load_run(run_dir: Path) -> dict:
+  if not (run_dir / "summary.json").exists():
+    raise train_lib.RunError(f"{run_dir} holds no finished run (no summary.json)")
+  summary = json.loads((run_dir / "summary.json").read_text())
+  return {"config": summary["config"], "summary": summary,
+          "wall_seconds": summary["wall_seconds"], "records": _records(run_dir)}
+
+
+def _account(ds_res: dict, dataset, cfg: Config) -> None:
+  """Cost table, budgets -> cuts and simulated time for one dataset's runs."""
+  net = models.SplitResNet18(dataset.num_classes, cfg.width, cfg.exit_head)
+  table = {r["cut"]: r for r in costs.cost_table(net, dataset.image_shape)}
+  ds_res["costs"] = list(table.values())
+  deepest = table[max(table)]["client_train_flops"] * cfg.batch_size
+  budgets = [(share * deepest, 0) for share in BUDGET_SHARES]
+  ds_res["budgets"] = [dict(c, budget_flops_per_step=b[0], share=share) for c, b, share in
+                       zip(costs.choose_cuts(net, dataset.image_shape, budgets, cfg.batch_size),
+                           budgets, BUDGET_SHARES)]
+  ds_res["simulated"] = _simulate(ds_res["runs"], table)
 
 
 def _simulate(runs: dict, table: dict) -> dict:
@@ -222,9 +241,13 @@ def _markdown(results: dict, rows: list[dict]) -> str:
     md += ["", "### Device budgets → cuts", "",
            "Deepest cut whose client cost fits each budget (`costs.choose_cuts`, batch "
            f"{ds['runs'][next(iter(ds['runs']))]['config']['batch_size']}):", "",
-           "| client | budget (FLOPs/step) | cut | why |", "| --- | --- | --- | --- |"]
-    for b, c in zip(BUDGETS, ds["budgets"]):
-      md.append(f"| {c['client']} | {b[0]:.1e} | {c['cut']} | {c['reason']} |")
+           "Budgets: the share of the deepest client part's (cut 8) training FLOPs per step "
+           "that each device tier affords.", "",
+           "| client | budget (FLOPs/step) | share of cut 8 | cut | why |",
+           "| --- | --- | --- | --- | --- |"]
+    for c in ds["budgets"]:
+      md.append(f"| {c['client']} | {c['budget_flops_per_step']:.3g} | {c['share']:.2f} | "
+                f"{c['cut']} | {c['reason']} |")
     md.append("")
   return "\n".join(md)
 
@@ -306,10 +329,13 @@ def main(argv=None):
                  help="folder with train.zip/test.zip for a dataset (repeatable)")
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config field in every run (repeatable)")
+  p.add_argument("--report-only", action="store_true",
+                 help="no training: rebuild the tables and plots from the finished runs in --out")
   args = p.parse_args(argv)
   data_dirs = dict(d.split("=", 1) for d in args.data_dir)
   try:
-    run_grid(args.datasets.split(","), args.scale, Path(args.out), args.overrides, data_dirs)
+    run_grid(args.datasets.split(","), args.scale, Path(args.out), args.overrides, data_dirs,
+             report_only=args.report_only)
   except (config_lib.ConfigError, DataError, train_lib.RunError) as e:
     print(f"reproduce: error: {e}", file=sys.stderr)
     return 2

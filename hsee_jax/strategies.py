@@ -218,6 +218,18 @@ def aggregate(state: HSEEState, weights: dict[str, Any], include_servers: bool) 
   return HSEEState(clients=clients, servers=servers)
 
 
+@jax.jit
+def _finite_flags(state: HSEEState) -> dict:
+  """Per part (and per client of a stack): are all its arrays finite?"""
+  def flag(part: PartState, stacked: bool):
+    leaves = jax.tree.leaves((part.params, part.batch_stats))
+    if stacked:  # one flag per client of the stack
+      return jnp.all(jnp.stack([jnp.isfinite(a.reshape(a.shape[0], -1)).all(1) for a in leaves]), 0)
+    return jnp.all(jnp.stack([jnp.isfinite(a).all() for a in leaves]))
+  return {"clients": {g: flag(p, True) for g, p in state.clients.items()},
+          "servers": {g: flag(p, g != SHARED_SERVER) for g, p in state.servers.items()}}
+
+
 # -- rounds -------------------------------------------------------------------------------
 class Strategy:
   """Static parts of a run (network, optimiser, layout, compiled runners) and
@@ -325,6 +337,23 @@ class Strategy:
       server = server.merge(sub)
       metrics[i] = np.asarray(m)
     return HSEEState(clients=clients, servers={SHARED_SERVER: server}), metrics
+
+  def nonfinite_parts(self, state: HSEEState) -> list[str]:
+    """Names of the parts holding a NaN or Inf parameter or batch statistic,
+    e.g. ``client 2 (cut 7) client part`` or ``shared server part``."""
+    flags = _finite_flags(state)
+    bad = []
+    for side, parts in (("client part", flags["clients"]), ("server part", flags["servers"])):
+      for g, ok in parts.items():
+        if g == SHARED_SERVER:
+          if not bool(ok):
+            bad.append("shared server part")
+          continue
+        cut = int(g.split("_")[1])
+        for j, client in enumerate(self.layout.groups[cut]):
+          if not bool(np.asarray(ok)[j]):
+            bad.append(f"client {client} (cut {cut}) {side}")
+    return bad
 
   # -- views used by evaluation ---------------------------------------------------------
   def client_and_server(self, state: HSEEState, client: int) -> tuple[PartState, PartState]:

@@ -154,6 +154,9 @@ def _train_loop(cfg, out, ckpt, dataset, strategy, resume, log) -> dict:
       seconds = time.time() - t0
       try:
         _check_finite(metrics, rnd, strategy.cfg.cuts)
+        bad = strategy.nonfinite_parts(state)
+        if bad:
+          raise RunError(f"round {rnd + 1}: non-finite parameters in {', '.join(bad)}")
       except RunError as e:
         mfile.write(json.dumps({"round": rnd, "event": "stopped", "error": str(e)}) + "\n")
         last = ckpt.latest_step()

@@ -105,3 +105,18 @@ def test_sequential_refuses_stacked_modes():
   from hsee_jax.config import ConfigError
   with pytest.raises(ConfigError, match="sequential trains them one at a time"):
     dataclasses.replace(CFG, strategy="sequential", mode="vmap")
+
+
+def test_nonfinite_parts_names_the_client_and_part():
+  cfg = dataclasses.replace(CFG, cuts=(3, 7, 3))
+  _, st = train_lib.build(cfg)
+  state = st.init_state(jax.random.PRNGKey(0))
+  assert st.nonfinite_parts(state) == []
+  g = group_key(3)
+  k = state.servers[g].params["unit_9"]["Conv_0"]["kernel"]
+  servers = dict(state.servers)
+  servers[g] = servers[g].replace(params={**servers[g].params,
+                                          "unit_9": {**servers[g].params["unit_9"],
+                                                     "Conv_0": {"kernel": k.at[1, 0].set(np.nan)}}})
+  bad = st.nonfinite_parts(state.replace(servers=servers))
+  assert bad == ["client 2 (cut 3) server part"]
