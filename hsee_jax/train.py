@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -144,9 +145,11 @@ def _train_loop(cfg, out, ckpt, dataset, strategy, resume, log) -> dict:
       f"mode {strategy.runners[strategy.cfg.cuts[0]].mode}, backend {jax.default_backend()}")
   images_per_round = strategy.cfg.num_clients * strategy.local_steps * cfg.batch_size
   test = next((r["test"] for r in reversed(records) if "test" in r), None)
-  with open(out / "metrics.jsonl", "w") as mfile:
-    for r in records:
-      mfile.write(json.dumps(r) + "\n")
+  # the kept history goes back in one atomic replace, then new rounds are appended
+  tmp = out / "metrics.jsonl.tmp"
+  tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+  os.replace(tmp, out / "metrics.jsonl")
+  with open(out / "metrics.jsonl", "a") as mfile:
     for rnd in range(start, cfg.rounds):
       t0 = time.time()
       state, metrics = strategy.run_round(state, rnd, train_key)
