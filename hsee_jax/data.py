@@ -16,6 +16,7 @@ else ``<repo>/../shared/data/<dataset>``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import os
@@ -53,11 +54,11 @@ class Dataset:
   def image_shape(self) -> tuple:
     return tuple(self.train_images.shape[1:])
 
-  @property
+  @functools.cached_property
   def mean(self) -> np.ndarray:
     return self.train_images.reshape(-1, 3).mean(0, dtype=np.float64).astype(np.float32) / 255.0
 
-  @property
+  @functools.cached_property
   def std(self) -> np.ndarray:
     x = self.train_images.reshape(-1, 3)
     return (x.std(0, dtype=np.float64) / 255.0).astype(np.float32) + 1e-6

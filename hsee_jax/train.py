@@ -27,10 +27,11 @@ class RunError(RuntimeError):
   """A run that cannot go on; the message is one line naming the problem."""
 
 
-def build(cfg: Config, dataset: data_lib.Dataset | None = None) -> tuple[data_lib.Dataset, Strategy]:
+def build(cfg: Config, dataset: data_lib.Dataset | None = None,
+          log: Callable[[str], None] | None = None) -> tuple[data_lib.Dataset, Strategy]:
   """Dataset, partitions, network, optimiser and strategy for a config."""
   dataset = dataset if dataset is not None else data_lib.load_dataset(cfg)
-  cfg = resolve_cuts(cfg, dataset)
+  cfg = resolve_cuts(cfg, dataset, log)
   partitions = data_lib.partition(dataset.train_labels, cfg.num_clients, cfg.partition,
                                   cfg.dirichlet_alpha, cfg.seed)
   steps = cfg.local_steps or max(1, math.ceil(np.mean([len(p) for p in partitions]) / cfg.batch_size))
@@ -115,8 +116,7 @@ def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False, resume: 
   out = Path(out_dir)
   _prepare_out_dir(out, cfg, overwrite, resume)
   t_start = time.time()
-  dataset, strategy = build(cfg, dataset)
-  resolve_cuts(cfg, dataset, log)  # says which cut each budget got, and why
+  dataset, strategy = build(cfg, dataset, log)
   with Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints) as ckpt:
     summary = _train_loop(cfg, out, ckpt, dataset, strategy, resume, log)
   summary["wall_seconds"] = time.time() - t_start
