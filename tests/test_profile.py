@@ -1,0 +1,49 @@
+"""experiments/profile_step.py: the HLO classifier, and one tiny profile end to end."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+import profile_step  # noqa: E402
+
+
+def test_classify_tells_the_three_convolutions_apart():
+  dn = ("NHWC", "HWIO", "NHWC")
+
+  def loss(x, w1, w2):
+    h = jax.nn.relu(lax.conv_general_dilated(x, w1, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn))
+    y = lax.conv_general_dilated(h, w2, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+    return jnp.mean(y ** 2) + jnp.sum(h)
+
+  args = (jnp.ones((4, 8, 8, 3)), jnp.ones((3, 3, 3, 8)), jnp.ones((3, 3, 8, 8)))
+  text = jax.jit(jax.grad(loss, (1, 2))).lower(*args).compile().as_text()
+  kinds = profile_step.classify(text)
+  assert kinds and set(kinds.values()) <= set(profile_step.CATEGORIES)
+  counts = {c: list(kinds.values()).count(c) for c in profile_step.CATEGORIES}
+  # two layers: two forward convolutions, two kernel gradients, one input
+  # gradient (the first layer's input needs none)
+  assert counts["conv forward"] == 2, kinds
+  assert counts["conv kernel-grad"] == 2, kinds
+  assert counts["conv input-grad"] == 1, kinds
+  assert counts["elementwise"] >= 1  # the ReLU mask
+
+
+def test_profile_step_end_to_end(tmp_path):
+  out = tmp_path / "prof"
+  r = subprocess.run([sys.executable, str(REPO / "experiments" / "profile_step.py"), "--width", "0.125",
+                      "--batch", "8", "--cut", "3", "--steps", "2", "--no-torch", "--out", str(out)],
+                     capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert r.returncode == 0, r.stderr[-2000:]
+  prof = json.loads((out / "profile.json").read_text())["hsee_jax"]
+  cats = prof["categories_ms"]
+  assert set(cats) == set(profile_step.CATEGORIES)
+  assert prof["wall_ms_per_step"] > 0 and prof["traced_ms_per_step"] > 0
+  assert abs(sum(cats.values()) - prof["traced_ms_per_step"]) < 1e-6 * max(1.0, prof["traced_ms_per_step"])
+  assert cats["conv forward"] > 0 and cats["conv kernel-grad"] > 0
+  assert (out / "profile.csv").read_text().startswith("implementation,category,ms_per_step")
