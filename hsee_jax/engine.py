@@ -65,15 +65,24 @@ def resolve_mode(mode: str) -> str:
   return "unrolled" if jax.default_backend() == "cpu" else "vmap"
 
 
+# The tree helpers are jitted: one dispatch for the whole tree instead of one
+# per leaf (a client state has ~170 leaves; eagerly, slicing one client out
+# took 14 ms and stacking 8 clients 20 ms on this CPU, jitted 0.7 ms and 7 ms).
+@jax.jit
 def tree_slice(tree, i):
+  """Client ``i`` of a stacked tree."""
   return jax.tree.map(lambda a: a[i], tree)
 
 
+@jax.jit
 def tree_stack(trees):
+  """A list of trees stacked on a new leading client axis."""
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
+@jax.jit
 def tree_set(tree, i, value):
+  """``tree`` with client ``i`` replaced by ``value``."""
   return jax.tree.map(lambda a, v: a.at[i].set(v), tree, value)
 
 
