@@ -48,12 +48,12 @@ class Head(nn.Module):
 class Client:
   """Client part + exit head and (Averaging) its own server part + classifier."""
 
-  def __init__(self, cut: int, width: float, classes: int, lr=0.05):
+  def __init__(self, cut: int, width: float, classes: int, lr=0.05, device="cpu"):
     self.cut = cut
-    self.units = {k: make_unit(k, width) for k in range(1, 10)}
+    self.units = {k: make_unit(k, width).to(device) for k in range(1, 10)}
     ch = lambda k: self.units[k].b2.num_features if k > 1 else self.units[1][1].num_features
-    self.exit_head = Head(ch(cut), classes)
-    self.classifier = Head(ch(9), classes)
+    self.exit_head = Head(ch(cut), classes).to(device)
+    self.classifier = Head(ch(9), classes).to(device)
     self.client = nn.Sequential(*[self.units[k] for k in range(1, cut + 1)])
     self.server = nn.Sequential(*[self.units[k] for k in range(cut + 1, 10)])
     opt = lambda ps: torch.optim.SGD(ps, lr=lr, momentum=0.9, weight_decay=5e-4)
@@ -87,8 +87,11 @@ def cross_layer_average(clients: list[Client]):
 
 
 def run_round(clients, images, labels, steps: int, batch: int, generator):
+  """One Averaging round; ``images``/``labels`` on the clients' device."""
   for c in clients:
     for _ in range(steps):
-      idx = torch.randint(0, len(labels), (batch,), generator=generator)
+      idx = torch.randint(0, len(labels), (batch,), generator=generator).to(images.device)
       c.step(images[idx], labels[idx])
   cross_layer_average(clients)
+  if images.is_cuda:
+    torch.cuda.synchronize()

@@ -55,10 +55,10 @@ def _unrolled(f):
 def resolve_mode(mode: str) -> str:
   """``auto``: what experiments/bench_throughput.py measured fastest.
 
-  CPU: ``unrolled`` (on 2 cores, width 0.25, batch 32: 407 images/s at 16
-  clients against 325 for ``loop`` and 83 for ``vmap``, whose per-client
-  weights become grouped convolutions). Accelerators: ``vmap`` (the design
-  choice; not yet measured here, see README).
+  CPU: ``unrolled`` (on 2 cores, width 0.25, batch 32: 360 images/s at 16
+  clients against 331 for ``loop`` and 73 for ``vmap``, whose per-client
+  weights become grouped convolutions; README, Throughput). Accelerators:
+  ``vmap`` (the design choice; not yet measured here, see README).
   """
   if mode != "auto":
     return mode

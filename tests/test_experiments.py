@@ -1,4 +1,4 @@
-"""experiments/profile_step.py: the HLO classifier, and one tiny profile end to end."""
+"""The benchmark and the step profiler in experiments/, run tiny end to end."""
 import json
 import subprocess
 import sys
@@ -47,3 +47,21 @@ def test_profile_step_end_to_end(tmp_path):
   assert abs(sum(cats.values()) - prof["traced_ms_per_step"]) < 1e-6 * max(1.0, prof["traced_ms_per_step"])
   assert cats["conv forward"] > 0 and cats["conv kernel-grad"] > 0
   assert (out / "profile.csv").read_text().startswith("implementation,category,ms_per_step")
+
+
+def test_bench_throughput_writes_its_tables(tmp_path):
+  out = tmp_path / "bench"
+  r = subprocess.run([sys.executable, str(REPO / "experiments" / "bench_throughput.py"), "--ks", "1,2",
+                      "--width", "0.125", "--batch", "4", "--steps", "1", "--reps", "1",
+                      "--executions", "loop,unrolled", "--out", str(out)],
+                     capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert r.returncode == 0, r.stderr[-2000:]
+  bench = json.loads((out / "bench.json").read_text())
+  rows = bench["rows"]
+  assert {(row["execution"], row["clients"]) for row in rows} == {
+      ("loop", 1), ("unrolled", 1), ("loop", 2), ("unrolled", 2)}
+  for row in rows:
+    assert row["images_per_s"] > 0 and row["seconds_per_round"] > 0
+    assert row["flops_per_round"] > 0 and row["mfu"] is None  # no known peak on a CPU
+  assert set(bench["flops_per_training_image"]) >= {"3", "5", "7"}
+  assert (out / "bench.csv").read_text().startswith("execution,clients")
