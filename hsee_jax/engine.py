@@ -55,8 +55,8 @@ def _unrolled(f):
 def resolve_mode(mode: str) -> str:
   """``auto``: what experiments/bench_throughput.py measured fastest.
 
-  CPU: ``unrolled`` (on 2 cores, width 0.25, batch 32: 360 images/s at 16
-  clients against 331 for ``loop`` and 73 for ``vmap``, whose per-client
+  CPU: ``unrolled`` (on 2 cores, width 0.25, batch 32: 432 images/s at 16
+  clients against 389 for ``loop`` and 78 for ``vmap``, whose per-client
   weights become grouped convolutions; README, Throughput). Accelerators:
   ``vmap`` (the design choice; not yet measured here, see README).
   """

@@ -309,6 +309,7 @@ class Strategy:
     """All clients train in parallel, each with its own server part."""
     clients, servers = dict(state.clients), dict(state.servers)
     metrics = np.zeros((len(self.cfg.cuts), len(METRIC_NAMES)), np.float32)
+    group_metrics = []  # read back after every group is dispatched, not between groups
     for cut, members in self.layout.groups.items():
       g = group_key(cut)
       inputs = [self.client_inputs(rnd, i, base_key) for i in members]
@@ -317,6 +318,8 @@ class Strategy:
       if self.mesh is not None:
         xs, keys = jax.device_put((xs, keys), self.client_sharding(len(members)))
       (clients[g], servers[g]), m = self.runners[cut](self.shared, (clients[g], servers[g], keys), xs)
+      group_metrics.append((members, m))
+    for members, m in group_metrics:
       metrics[members] = np.asarray(m)
     return HSEEState(clients=clients, servers=servers), metrics
 
