@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from hsee_jax import data as data_lib
 from hsee_jax import models
 from hsee_jax.config import NUM_UNITS, Config, ConfigError
-from hsee_jax.engine import ClientRunner, ClientUpdate, tree_set, tree_slice
+from hsee_jax.engine import ClientRunner, ClientUpdate, tree_set, tree_slice, tree_stack
 from hsee_jax.optim import PartState, apply_gradients, init_part
 
 SHARED_SERVER = "shared"
@@ -313,7 +313,7 @@ class Strategy:
     for cut, members in self.layout.groups.items():
       g = group_key(cut)
       inputs = [self.client_inputs(rnd, i, base_key) for i in members]
-      xs = jax.tree.map(lambda *a: jnp.stack(a), *[x for x, _ in inputs])
+      xs = tree_stack([x for x, _ in inputs])
       keys = jnp.stack([k for _, k in inputs])
       if self.mesh is not None:
         xs, keys = jax.device_put((xs, keys), self.client_sharding(len(members)))

@@ -65,3 +65,20 @@ def test_bench_throughput_writes_its_tables(tmp_path):
     assert row["flops_per_round"] > 0 and row["mfu"] is None  # no known peak on a CPU
   assert set(bench["flops_per_training_image"]) >= {"3", "5", "7"}
   assert (out / "bench.csv").read_text().startswith("execution,clients")
+
+
+def test_ab_cpu_speedups_compares_like_with_like(tmp_path):
+  import ab_cpu_speedups
+  from hsee_jax import models
+  real = models.materialize
+  ab_cpu_speedups.main(["--k", "2", "--width", "0.125", "--batch", "4", "--steps", "1",
+                        "--reps", "2", "--modes", "loop", "--out", str(tmp_path)])
+  assert models.materialize is real  # restored after the A/B
+  ab = json.loads((tmp_path / "ab.json").read_text())
+  t = ab["tree_helpers"]
+  assert t["leaves"] > 0 and t["slice_eager_ms"] > 0 and t["slice_jit_ms"] > 0
+  (m,) = ab["materialize"]
+  assert m["mode"] == "loop" and len(m["round_seconds_with"]) == len(m["round_seconds_without"]) == 2
+  assert m["images_per_s_with"] > 0 and m["images_per_s_without"] > 0
+  # the two runs train the same network: at most float rounding apart
+  assert m["states_max_abs_difference"] < 1e-4
