@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_throughput import JaxExecution  # noqa: E402
-from hsee_jax import engine, models  # noqa: E402
+from hsee_jax import engine, models, strategies  # noqa: E402
 
 
 def _ms(fn, reps=20):
@@ -40,10 +40,10 @@ def _ms(fn, reps=20):
 
 
 def tree_helpers(args) -> dict:
-  stack = JaxExecution("loop", args.k, args).state
-  group = next(iter(stack.clients))
-  part = (stack.clients[group], stack.servers[group])
-  k = jax.tree.leaves(part)[0].shape[0]
+  run = JaxExecution("loop", args.k, args)
+  cut = min(run.strategy.fleet.groups)
+  k = len(run.strategy.fleet.groups[cut])
+  part = strategies._stack_copies(strategies.client_server_parts(run.state, cut, run.strategy.ctx.tx), k)
   parts = [engine.tree_slice(part, i) for i in range(k)]
   return {"leaves": len(jax.tree.leaves(part)), "clients": k,
           "slice_eager_ms": _ms(lambda: engine.tree_slice.__wrapped__(part, 1)),

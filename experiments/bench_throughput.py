@@ -71,14 +71,14 @@ class JaxExecution:
     cfg = Config(dataset="synthetic", synthetic_shape=(32, 32, 10, n, 16), width=args.width,
                  cuts=tuple(CUT_CYCLE[i % 3] for i in range(k)), batch_size=args.batch,
                  local_steps=args.steps, rounds=1000, augment=False, mode=mode,
-                 schedule="constant")
+                 schedule="constant", client_chunk=k)  # each cut's clients in one call
     _, self.strategy = train_lib.build(cfg)
     self.state = self.strategy.init_state(jax.random.PRNGKey(0))
     self.key = jax.random.PRNGKey(1)
     self.rnd = 0
 
   def round(self):
-    self.state, m = self.strategy.run_round(self.state, self.rnd, self.key)
+    self.state, m, _ = self.strategy.run_round(self.state, self.rnd, self.key)
     jax.block_until_ready(self.state)
     self.rnd += 1
     return m

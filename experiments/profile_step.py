@@ -73,7 +73,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hsee_jax import strategies  # noqa: E402
 from hsee_jax import train as train_lib  # noqa: E402
 from hsee_jax.config import Config  # noqa: E402
-from hsee_jax.engine import tree_slice  # noqa: E402
 
 CATEGORIES = ("conv forward", "conv input-grad", "conv kernel-grad", "layout copy/transpose",
               "reduce", "dot", "elementwise")
@@ -167,34 +166,33 @@ def profile_jax(args) -> dict:
                augment=False, mode="loop", schedule="constant")
   _, strategy = train_lib.build(cfg)
   state = strategy.init_state(jax.random.PRNGKey(0))
-  group = strategies.group_key(args.cut)
-  update = strategies.split_update(strategy.net, strategy.tx, cfg, args.cut)
+  update = strategies.split_update(strategy.net, strategy.ctx.tx, cfg, args.cut)
 
   def split_step(shared, carry, x):
     return update.step(shared, carry, x)
 
   step = jax.jit(split_step, donate_argnums=1)
-  carry = update.init(strategy.shared, (tree_slice(state.clients[group], 0),
-                                       tree_slice(state.servers[group], 0), jax.random.PRNGKey(1)))
-  n = strategy.shared.labels.shape[0]
+  client, server = strategies.client_server_parts(state, args.cut, strategy.ctx.tx)
+  carry = update.init(strategy.ctx.shared, (client, server, jax.random.PRNGKey(1)))
+  n = strategy.ctx.shared.labels.shape[0]
   xs = [(jnp.asarray((jnp.arange(args.batch) * 7 + s * args.batch) % n), jnp.float32(0.05))
         for s in range(args.steps + 3)]
   for x in xs[:3]:
-    carry = step(strategy.shared, carry, x)
+    carry = step(strategy.ctx.shared, carry, x)
   jax.block_until_ready(carry)
   state_box = [carry]
 
   def run(n):  # untraced steps, for the wall time (the profiler adds overhead)
     c = state_box[0]
     for i in range(n):
-      c = step(strategy.shared, c, xs[3 + i % args.steps])
+      c = step(strategy.ctx.shared, c, xs[3 + i % args.steps])
     state_box[0] = jax.block_until_ready(c)
 
   carry = state_box[0]
   trace_dir = tempfile.mkdtemp(prefix="hsee_trace_")
   jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
   for x in xs[3:]:
-    carry = step(strategy.shared, carry, x)
+    carry = step(strategy.ctx.shared, carry, x)
   state_box[0] = jax.block_until_ready(carry)
   jax.profiler.stop_trace()
 

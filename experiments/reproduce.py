@@ -162,11 +162,19 @@ def _simulate(runs: dict, table: dict) -> dict:
 
 
 # -- outputs ---------------------------------------------------------------------------------
+def _cut_rows(test: dict) -> list[dict]:
+  """One row per cut: mean accuracies over the cut's clients (all of them share
+  one model after an Averaging aggregation) and the mean early-exit table."""
+  return [{"client": f"{c['clients']} client{'s' if c['clients'] > 1 else ''}", "cut": c["cut"],
+           "exit_acc": c["exit_acc"]["mean"], "server_acc": c["server_acc"]["mean"],
+           "early_exit": c["early_exit"]} for c in test["cuts"]]
+
+
 def write_outputs(results: dict, out: Path, log=print) -> None:
   rows = []
   for ds_name, ds in results["datasets"].items():
     for name, r in ds["runs"].items():
-      for c in r["summary"]["test"]["clients"]:
+      for c in _cut_rows(r["summary"]["test"]):
         rows.append({"dataset": ds_name, "run": name, "strategy": r["config"]["strategy"],
                      "client": c["client"], "cut": c["cut"],
                      "exit_accuracy": round(c["exit_acc"], 4),
@@ -193,9 +201,9 @@ def _markdown(results: dict, rows: list[dict]) -> str:
   for ds_name, why in results["skipped"].items():
     md += [f"- {ds_name} skipped: {why}"]
   for ds_name, ds in results["datasets"].items():
-    md += [f"## {ds_name}", "", "### Test accuracy per client", "",
+    md += [f"## {ds_name}", "", "### Test accuracy per cut", "",
            "Exit = the client's early-exit head alone; full = client part then server part.", "",
-           "| run | strategy | cuts | exit acc per client | full-path acc per client | mean exit | mean full | wall s | simulated s |",
+           "| run | strategy | cuts | exit acc per cut | full-path acc per cut | mean exit | mean full | wall s | simulated s |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in ds["runs"]:
       rs = [r for r in rows if r["dataset"] == ds_name and r["run"] == name]
@@ -210,13 +218,13 @@ def _markdown(results: dict, rows: list[dict]) -> str:
            "so their exit accuracies are not meaningful.", ""]
     hsee = [n for n in ("hsee-averaging", "hsee-sequential") if n in ds["runs"]]
     if hsee:
-      taus = [r["threshold"] for r in ds["runs"][hsee[0]]["summary"]["test"]["clients"][0]["early_exit"]]
+      taus = [r["threshold"] for r in _cut_rows(ds["runs"][hsee[0]]["summary"]["test"])[0]["early_exit"]]
       md += ["### Entropy early exit (Hetero-SplitEE runs)", "",
              "Accuracy / share of samples answered at the client, per threshold tau.", "",
-             "| run | client (cut) | " + " | ".join(f"tau {t:g}" for t in taus) + " |",
+             "| run | clients (cut) | " + " | ".join(f"tau {t:g}" for t in taus) + " |",
              "| --- | --- | " + " | ".join("---" for _ in taus) + " |"]
       for name in hsee:
-        for c in ds["runs"][name]["summary"]["test"]["clients"]:
+        for c in _cut_rows(ds["runs"][name]["summary"]["test"]):
           md.append(f"| {name} | {c['client']} ({c['cut']}) | " + " | ".join(
               f"{r['accuracy']:.3f} / {r['client_fraction']:.2f}" for r in c["early_exit"]) + " |")
     md += ["", "### Cost per cut layer (per training image, computed from the model)", "",
@@ -267,11 +275,11 @@ def _plots(results: dict, out: Path, log=print) -> None:
     x = 0
     ticks, labels = [], []
     for name, r in runs.items():
-      for c in r["summary"]["test"]["clients"]:
+      for c in _cut_rows(r["summary"]["test"]):
         ax.bar(x - 0.2, c["exit_acc"], 0.4, color="tab:blue")
         ax.bar(x + 0.2, c["server_acc"], 0.4, color="tab:orange")
         ticks.append(x)
-        labels.append(f"{name}\nc{c['client']} l={c['cut']}")
+        labels.append(f"{name}\nl={c['cut']}")
         x += 1
       x += 0.5
     ax.set_xticks(ticks, labels, rotation=90, fontsize=7)
@@ -306,10 +314,10 @@ def _plots(results: dict, out: Path, log=print) -> None:
     names = [n for n in ("hsee-averaging", "hsee-sequential") if n in runs]
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names):
-      for c in runs[name]["summary"]["test"]["clients"]:
+      for c in _cut_rows(runs[name]["summary"]["test"]):
         ee = c["early_exit"]
         ax.plot([r["client_fraction"] for r in ee], [r["accuracy"] for r in ee], marker=".",
-                label=f"client {c['client']} (cut {c['cut']})")
+                label=f"cut {c['cut']} ({c['client']})")
       ax.set_xlabel("share of samples answered at the client")
       ax.set_ylabel("accuracy")
       ax.set_title(f"{ds_name} {name}: entropy early exit")

@@ -24,7 +24,7 @@ from hsee_jax.config import Config
 # run, not what it computes.
 RUN_FIELDS = frozenset({"name", "eval_every", "eval_batch_size", "checkpoint_every",
                         "keep_checkpoints", "exit_thresholds", "mode",
-                        "shard_clients"})
+                        "shard_clients", "client_chunk", "eval_clients"})
 
 # Fault injection for tests: SIGKILL this process right after the save of this
 # step is dispatched (while the asynchronous write is under way).

@@ -40,8 +40,20 @@ class Config:
   # model
   width: float = 1.0            # channel multiplier; 1.0 = the paper's ResNet-18
   exit_head: str = "linear"     # linear | conv  ([choice] pool+linear, or conv-BN-ReLU first)
-  # clients: one cut layer per client; l in 1..8 (PAPER.md)
+  # the fleet: which clients exist and where each one cuts (l in 1..8, PAPER.md).
+  # One of: `cuts`, one cut layer per client (the default); `cut_tiers`, device
+  # tiers ((cut, share of the fleet), ...) over `num_clients` clients, assigned
+  # by a seeded draw; `budget_tiers`, tiers of ((flops_per_step, memory_bytes),
+  # share) whose cut is the deepest that fits; `client_budgets` (below), one
+  # budget per client. `cuts` is ignored when tiers or budgets are given.
   cuts: tuple = (3, 5, 7)
+  num_clients: int = 0          # 0 -> len(cuts) (or len(client_budgets)); needed with tiers
+  cut_tiers: tuple = ()
+  budget_tiers: tuple = ()
+  clients_per_round: int = -1   # the cohort C sampled each round; -1 = every client
+  client_state: str = "keep"    # keep | reset: client optimiser state across rounds
+                                # (reset = the federated-learning convention)
+  client_chunk: int = 0         # clients per compiled call (vmap/unrolled); 0 = auto per backend
   # training
   strategy: str = "averaging"   # averaging | sequential
   rounds: int = 10
@@ -65,13 +77,14 @@ class Config:
   # evaluation
   eval_every: int = 1
   eval_batch_size: int = 500
+  eval_clients: int = 0         # where clients differ: clients evaluated per cut (seeded); 0 = all
   exit_thresholds: tuple = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
   # device budgets -> cuts (experiments/reproduce.py, costs.choose_cuts): one
   # (client FLOPs per training step, client memory bytes) pair per client, 0 = no
   # limit; when given, each client's cut is the deepest that fits (cuts is ignored)
   client_budgets: tuple = ()
   # simulated wall clock (costs.simulated_round_seconds)
-  client_flops_per_s: tuple = ()  # one per client; () = 1e10 each
+  client_flops_per_s: tuple = ()  # one per client, or one per tier; () = 1e10 each
   server_flops_per_s: float = 1e13
   link_bytes_per_s: float = 1.25e6  # 10 Mbit/s
   # runs
@@ -90,13 +103,12 @@ class Config:
     _one_of("optimizer", self.optimizer, ("sgd", "adam"))
     _one_of("schedule", self.schedule, ("cosine", "step", "constant"))
     _one_of("client_aggregation", self.client_aggregation, ("none", "cross_layer"))
+    _one_of("client_state", self.client_state, ("keep", "reset"))
     if not self.cuts:
       raise ConfigError("cuts: need at least one client (one cut layer per client)")
     for c in self.cuts:
-      if not isinstance(c, int) or not 1 <= c <= NUM_UNITS - 1:
-        raise ConfigError(
-            f"cuts: cut layer {c!r} out of range; a cut is an int in 1..{NUM_UNITS - 1} "
-            f"(unit 1 = stem, units 2..{NUM_UNITS} = BasicBlocks; the server keeps >= 1 unit)")
+      _check_cut("cuts", c)
+    self._check_fleet()
     if self.dirichlet_alpha <= 0:
       raise ConfigError(f"dirichlet_alpha: must be > 0, got {self.dirichlet_alpha}")
     if not 0 < self.width <= 4:
@@ -105,7 +117,8 @@ class Config:
                  "eval_batch_size", "keep_checkpoints"):
       if getattr(self, name) < 1:
         raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-    for name in ("local_steps", "train_subset", "test_subset", "checkpoint_every"):
+    for name in ("local_steps", "train_subset", "test_subset", "checkpoint_every",
+                 "client_chunk", "eval_clients"):
       if getattr(self, name) < 0:
         raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
     if self.lr <= 0:
@@ -124,15 +137,14 @@ class Config:
     if self.exit_loss_weight == 0 and not self.server_grad_to_client:
       raise ConfigError("exit_loss_weight: 0 leaves the client part untrained unless "
                         "server_grad_to_client=True")
-    n_clients = len(self.client_budgets) or len(self.cuts)
-    if self.client_flops_per_s and len(self.client_flops_per_s) != n_clients:
-      raise ConfigError(f"client_flops_per_s: one entry per client ({n_clients}), "
+    n_tiers = len(self.cut_tiers or self.budget_tiers)
+    if self.client_flops_per_s and len(self.client_flops_per_s) not in (self.fleet_size, n_tiers):
+      want = f"{self.fleet_size} clients" + (f" or {n_tiers} tiers" if n_tiers else "")
+      raise ConfigError(f"client_flops_per_s: one entry per client or tier ({want}), "
                         f"got {len(self.client_flops_per_s)}")
-    for b in self.client_budgets:
-      if (not isinstance(b, tuple) or len(b) != 2
-          or any(not isinstance(x, (int, float)) or x < 0 for x in b)):
-        raise ConfigError("client_budgets: each entry is (flops_per_step, memory_bytes), "
-                          "numbers >= 0 (0 = no limit)")
+    if any(not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0
+           for v in self.client_flops_per_s):
+      raise ConfigError("client_flops_per_s: each entry is a number > 0 (FLOP/s)")
     if self.strategy == "sequential" and self.mode in ("vmap", "unrolled"):
       raise ConfigError(f"mode: {self.mode} stacks clients, but sequential trains them one at a "
                         f"time with the shared server; use mode=loop, debug or auto")
@@ -140,16 +152,89 @@ class Config:
       raise ConfigError("client_aggregation: only for strategy=sequential "
                         "(averaging always aggregates across layers)")
 
+  def _check_fleet(self):
+    if self.num_clients < 0:
+      raise ConfigError(f"num_clients: must be >= 0, got {self.num_clients}")
+    if sum(bool(x) for x in (self.cut_tiers, self.budget_tiers, self.client_budgets)) > 1:
+      raise ConfigError("cut_tiers, budget_tiers and client_budgets each define the fleet's "
+                        "cuts; give only one")
+    if self.cut_tiers or self.budget_tiers:
+      name = "cut_tiers" if self.cut_tiers else "budget_tiers"
+      tiers = self.cut_tiers or self.budget_tiers
+      if self.num_clients < 1:
+        raise ConfigError(f"num_clients: {name} needs the fleet size (num_clients >= 1)")
+      for t in tiers:
+        if not isinstance(t, tuple) or len(t) != 2:
+          raise ConfigError(f"{name}: each tier is ({'cut' if self.cut_tiers else 'budget'}, "
+                            f"share of the fleet), got {t!r}")
+        if self.cut_tiers:
+          _check_cut(name, t[0])
+        else:
+          _check_budget(name, t[0])
+        if not isinstance(t[1], (int, float)) or isinstance(t[1], bool) or not 0 < t[1] <= 1:
+          raise ConfigError(f"{name}: share {t[1]!r} of tier {t[0]!r} must be in (0, 1]")
+      total = sum(t[1] for t in tiers)
+      if abs(total - 1.0) > 1e-6:
+        raise ConfigError(f"{name}: shares must sum to 1, got {total:g}")
+      if self.cut_tiers and len({t[0] for t in tiers}) != len(tiers):
+        raise ConfigError("cut_tiers: each cut at most once (merge the shares of equal cuts)")
+    else:
+      given = len(self.client_budgets) or len(self.cuts)
+      what = "client_budgets" if self.client_budgets else "cuts"
+      if self.num_clients not in (0, given):
+        raise ConfigError(f"num_clients: {self.num_clients}, but {what} gives {given} clients; "
+                          f"give one entry per client, or use cut_tiers for a fleet")
+    for b in self.client_budgets:
+      _check_budget("client_budgets", b)
+    n, c = self.fleet_size, self.clients_per_round
+    if c == 0 or c < -1:
+      raise ConfigError(f"clients_per_round: must be >= 1 (or -1 for every client), got {c}")
+    if c > n:
+      raise ConfigError(f"clients_per_round: {c} is more than the fleet's {n} clients")
+    if self.samples_clients and self.aggregate_every > 1:
+      raise ConfigError("aggregate_every > 1 with clients_per_round < num_clients is not "
+                        "defined (sampled clients would train models that the next "
+                        "aggregation may not see); use aggregate_every=1 or every client")
+    if self.samples_clients and self.client_aggregation != "none":
+      raise ConfigError("client_aggregation=cross_layer with clients_per_round < num_clients is "
+                        "not defined; use every client or client_aggregation=none")
+
   @property
-  def num_clients(self) -> int:
-    return len(self.cuts)
+  def fleet_size(self) -> int:
+    """N: the number of clients in the fleet."""
+    if self.num_clients:
+      return self.num_clients
+    return len(self.client_budgets) or len(self.cuts)
+
+  @property
+  def cohort_size(self) -> int:
+    """C: clients per round."""
+    return self.fleet_size if self.clients_per_round == -1 else self.clients_per_round
+
+  @property
+  def samples_clients(self) -> bool:
+    return self.cohort_size < self.fleet_size
 
   def to_dict(self) -> dict:
     return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 def _jsonable(v):
-  return list(v) if isinstance(v, tuple) else v
+  return [_jsonable(x) for x in v] if isinstance(v, tuple) else v
+
+
+def _check_cut(name, c):
+  if not isinstance(c, int) or isinstance(c, bool) or not 1 <= c <= NUM_UNITS - 1:
+    raise ConfigError(
+        f"{name}: cut layer {c!r} out of range; a cut is an int in 1..{NUM_UNITS - 1} "
+        f"(unit 1 = stem, units 2..{NUM_UNITS} = BasicBlocks; the server keeps >= 1 unit)")
+
+
+def _check_budget(name, b):
+  if (not isinstance(b, tuple) or len(b) != 2
+      or any(not isinstance(x, (int, float)) or isinstance(x, bool) or x < 0 for x in b)):
+    raise ConfigError(f"{name}: each budget is (flops_per_step, memory_bytes), "
+                      f"numbers >= 0 (0 = no limit), got {b!r}")
 
 
 def _field_types():
@@ -180,7 +265,11 @@ def from_dict(d: dict) -> Config:
   unknown = sorted(set(d) - known)
   if unknown:
     raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
-  return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+  return Config(**{k: _tuples(v) for k, v in d.items()})
+
+
+def _tuples(v):
+  return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
 
 
 def override(cfg: Config, assignments: list[str]) -> Config:
@@ -203,7 +292,7 @@ def override(cfg: Config, assignments: list[str]) -> Config:
       except (ValueError, SyntaxError):
         raise ConfigError(f"--set {a!r}: {raw!r} is not a valid {typ.__name__}") from None
       if typ is tuple and isinstance(value, (list, int, float)):
-        value = tuple(value) if isinstance(value, list) else (value,)
+        value = _tuples(value) if isinstance(value, list) else (value,)
     changes[key] = value
   return dataclasses.replace(cfg, **changes)
 

@@ -65,6 +65,22 @@ def resolve_mode(mode: str) -> str:
   return "unrolled" if jax.default_backend() == "cpu" else "vmap"
 
 
+# Clients per compiled call when ``client_chunk = 0``. CPU: unrolled programs
+# grow with the chunk (compile time too) while images/s is flat from 4 clients
+# on (README, Throughput; experiments/bench_fleet.py). Accelerators: a wide
+# vmap keeps the device busy (not measured here: no accelerator was lent).
+AUTO_CHUNK = {"cpu": 4}
+AUTO_CHUNK_ACCELERATOR = 32
+
+
+def resolve_chunk(chunk: int) -> int:
+  """Clients per chunk: ``chunk``, or the backend's default for 0. A chunk is
+  one compiled call in ``vmap``/``unrolled``, one call per client in ``loop``."""
+  if chunk:
+    return chunk
+  return AUTO_CHUNK.get(jax.default_backend(), AUTO_CHUNK_ACCELERATOR)
+
+
 # The tree helpers are jitted: one dispatch for the whole tree instead of one
 # per leaf (a client state has ~170 leaves; slicing one client out took 14 ms
 # eagerly and 0.75 ms jitted on this CPU: experiments/ab_cpu_speedups.py).
@@ -78,12 +94,6 @@ def tree_slice(tree, i):
 def tree_stack(trees):
   """A list of trees stacked on a new leading client axis."""
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
-@jax.jit
-def tree_set(tree, i, value):
-  """``tree`` with client ``i`` replaced by ``value``."""
-  return jax.tree.map(lambda a, v: a.at[i].set(v), tree, value)
 
 
 class ClientRunner:

@@ -71,39 +71,78 @@ def client_logits(net, cut, client, server, images, mean, std, batch_size):
   return np.concatenate(outs_e), np.concatenate(outs_s)
 
 
-def evaluate(strategy, state, dataset: data_lib.Dataset, thresholds, batch_size: int) -> dict:
-  """Per-client test metrics and their mean over clients."""
+def evaluate(sim, state, dataset: data_lib.Dataset, thresholds, batch_size: int) -> dict:
+  """Test metrics of the fleet.
+
+  Runs every model the strategy names (``Algorithm.eval_models``): after an
+  Averaging aggregation all clients of a cut share one model, which is
+  evaluated once per cut; where clients differ (Sequential client parts,
+  Averaging between aggregations) a seeded sample of ``eval_clients`` clients
+  per cut (all by default). Returns per-cut summaries (``cuts``: mean, min and
+  max over the evaluated clients, the mean early-exit table), per-client rows
+  for clients evaluated one by one (``clients``), and the means over all
+  clients of the fleet (a client not evaluated counts as its cut's mean).
+  """
   labels = dataset.test_labels
   mean, std = jnp.asarray(dataset.mean), jnp.asarray(dataset.std)
   batch_size = min(batch_size, len(labels))
-  clients = []
-  for i, cut in enumerate(strategy.cfg.cuts):
-    c, s = strategy.client_and_server(state, i)
-    e_logits, s_logits = client_logits(strategy.net, cut, c, s, dataset.test_images, mean, std,
-                                       batch_size)
-    clients.append({
-        "client": i, "cut": cut,
+  rows = []
+  for m in sim.algorithm.eval_models(state):
+    e_logits, s_logits = client_logits(sim.net, m.cut, m.client, m.server, dataset.test_images,
+                                       mean, std, batch_size)
+    rows.append((m, {
+        "client": None if m.shared else m.clients[0], "cut": m.cut,
         "exit_acc": float(np.mean(np.argmax(e_logits, -1) == labels)),
         "server_acc": float(np.mean(np.argmax(s_logits, -1) == labels)),
         "early_exit": early_exit_table(e_logits, s_logits, labels, thresholds),
-    })
+    }))
+  fleet = sim.fleet
+  per_client = {"exit_acc": np.full(fleet.size, np.nan), "server_acc": np.full(fleet.size, np.nan)}
+  cuts = []
+  for cut, ids in fleet.groups.items():
+    mine = [(m, r) for m, r in rows if m.cut == cut]
+    shared = any(m.shared for m, _ in mine)
+    summary = {"cut": cut, "clients": int(len(ids)),
+               "evaluated": "one model shared by every client of the cut" if shared
+               else len(mine)}
+    for metric in ("exit_acc", "server_acc"):
+      vals = np.array([r[metric] for _, r in mine])
+      summary[metric] = {"mean": float(np.mean(vals)), "min": float(np.min(vals)),
+                         "max": float(np.max(vals))}
+      per_client[metric][ids] = np.mean(vals)
+      for m, r in mine:
+        per_client[metric][list(m.clients)] = r[metric]
+    summary["early_exit"] = [
+        {"threshold": t["threshold"],
+         "accuracy": float(np.mean([r["early_exit"][j]["accuracy"] for _, r in mine])),
+         "client_fraction": float(np.mean([r["early_exit"][j]["client_fraction"] for _, r in mine]))}
+        for j, t in enumerate(mine[0][1]["early_exit"])]
+    cuts.append(summary)
   return {
-      "clients": clients,
-      "mean_exit_acc": float(np.mean([c["exit_acc"] for c in clients])),
-      "mean_server_acc": float(np.mean([c["server_acc"] for c in clients])),
+      "cuts": cuts,
+      "clients": [r for m, r in rows if not m.shared],
+      "mean_exit_acc": float(np.mean(per_client["exit_acc"])),
+      "mean_server_acc": float(np.mean(per_client["server_acc"])),
   }
 
 
+def format_cut(c: dict) -> str:
+  """One line per cut: how many clients, what was evaluated, the accuracies."""
+  ev = "shared model" if isinstance(c["evaluated"], str) else f"{c['evaluated']} evaluated"
+  spread = lambda d: (f"{d['mean']:.4f}" if d["min"] == d["max"]
+                      else f"{d['mean']:.4f} (min {d['min']:.4f}, max {d['max']:.4f})")
+  return (f"cut {c['cut']} ({c['clients']} clients, {ev}): exit acc {spread(c['exit_acc'])}, "
+          f"server acc {spread(c['server_acc'])}")
+
+
 def format_table(test: dict) -> str:
-  """Per-client accuracies and the early-exit table as aligned text."""
-  lines = ["client cut  exit_acc server_acc"]
-  for c in test["clients"]:
-    lines.append(f"{c['client']:>6} {c['cut']:>3}  {c['exit_acc']:8.4f} {c['server_acc']:10.4f}")
-  lines.append("early exit (per client: accuracy / share answered at the client)")
-  taus = [r["threshold"] for r in test["clients"][0]["early_exit"]]
-  lines.append("   tau " + " ".join(f"{'client ' + str(c['client']):>14}" for c in test["clients"]))
+  """Per-cut accuracies and the early-exit table as aligned text."""
+  lines = [format_cut(c) for c in test["cuts"]]
+  lines.append("early exit (per cut: accuracy / share answered at the client)")
+  taus = [r["threshold"] for r in test["cuts"][0]["early_exit"]]
+  lines.append("   tau " + " ".join(f"{'cut ' + str(c['cut']):>14}" for c in test["cuts"]))
   for j, tau in enumerate(taus):
     cells = [f"{c['early_exit'][j]['accuracy']:.3f} / {c['early_exit'][j]['client_fraction']:.2f}"
-             for c in test["clients"]]
+             for c in test["cuts"]]
     lines.append(f"{tau:6.2f} " + " ".join(f"{x:>14}" for x in cells))
   return "\n".join(lines)

@@ -157,6 +157,11 @@ class SplitResNet18:
     v = self.head(name).init(key, jnp.zeros((1,) + tuple(in_shape), jnp.float32), train=False)
     return v["params"], v.get("batch_stats", {})
 
+  def init_exit_head(self, key, cut: int, image_shape: tuple) -> tuple[Params, Params]:
+    """The exit head after unit ``cut``; its init depends on (key, cut) only."""
+    return self.init_head(jax.random.fold_in(key, 100 + cut), EXIT_HEAD,
+                          self.unit_output_shape(cut, image_shape))
+
   def init_span(self, key, first: int, last: int, head: str | None,
                 image_shape: tuple) -> tuple[Params, Params]:
     """Variables of units first..last (+ a head). Unit k's init depends only on
@@ -170,9 +175,11 @@ class SplitResNet18:
       if s:
         stats[unit_name(k)] = s
     if head is not None:
-      salt = 100 + last if head == EXIT_HEAD else 0
-      p, s = self.init_head(jax.random.fold_in(key, salt), head,
-                            self.unit_output_shape(last, image_shape))
+      if head == EXIT_HEAD:
+        p, s = self.init_exit_head(key, last, image_shape)
+      else:
+        p, s = self.init_head(jax.random.fold_in(key, 0), head,
+                              self.unit_output_shape(last, image_shape))
       params[head] = p
       if s:
         stats[head] = s

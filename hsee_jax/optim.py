@@ -31,7 +31,7 @@ class PartState:
     names = [n for n in names if n in self.params]
     return PartState(params={n: self.params[n] for n in names},
                      batch_stats={n: self.batch_stats[n] for n in names if n in self.batch_stats},
-                     opt_state={n: self.opt_state[n] for n in names})
+                     opt_state={n: self.opt_state[n] for n in names if n in self.opt_state})
 
   def merge(self, other: "PartState") -> "PartState":
     """This state with ``other``'s subtrees written over it."""

@@ -6,21 +6,37 @@ The split update (PAPER.md, "Training"): per minibatch,
 * server: ``loss_s = CE(server_part(stop_gradient(h)), y)``, ``h = client_part(x)``,
   updates server part + classifier.
 
-Both come from one ``value_and_grad`` of ``w * loss_c + loss_s`` (w = exit_loss_weight) over (client,
-server) parameters: ``loss_c`` does not touch the server, and the
-``stop_gradient`` keeps ``loss_s`` out of the client unless
-``server_grad_to_client`` (classical split learning) is set.
+Both come from one ``value_and_grad`` of ``w * loss_c + loss_s`` (w =
+exit_loss_weight) over (client, server) parameters: ``loss_c`` does not touch
+the server, and the ``stop_gradient`` keeps ``loss_s`` out of the client
+unless ``server_grad_to_client`` (classical split learning) is set.
 
-Clients that share a cut layer form a *group*, stacked on a leading client
-axis: ``state.clients["cut_3"]`` is a :class:`PartState` whose leaves are
-[K_3, ...]. Averaging keeps one server part per client, stacked the same way
-in ``state.servers["cut_3"]``; Sequential keeps one shared server part in
-``state.servers["shared"]`` holding units min(cuts)+1..9 and the classifier.
+The two strategies are values built by two functions, as FedJAX builds a
+federated algorithm: :func:`averaging` and :func:`sequential` each return an
+:class:`Algorithm` whose ``apply(state, cohort) -> (state, metrics [C, 4])``
+trains one round's cohort (:class:`hsee_jax.fleet.Cohort`) and reads nothing
+back to the host. Each has its own state type:
+
+* :class:`AveragingState`: between rounds one copy of every unit and of the
+  classifier (``model``), one exit head per cut (``exit_heads``), and per
+  client only what persists (``clients[cut]``, leaves [N_cut, ...]): the
+  optimiser state with ``client_state=keep``, the whole model when
+  aggregation is not every round. The per-client copies of client and server
+  parts exist only for the clients of the current chunk.
+* :class:`SequentialState`: every client's own client part (``clients``,
+  stacked per cut) and the one shared server part (``server``, units
+  min(cut)+1..9 and the classifier).
+
+Clients of a cut run in chunks of at most ``client_chunk`` (one compiled call
+per chunk, ``engine.ClientRunner``); the cross-layer aggregation adds each
+chunk's data-size-weighted sums into one accumulator per cut, so memory holds
+a chunk of models and one sum per cut, never the cohort.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import flax
 import jax
@@ -33,10 +49,10 @@ from jax.sharding import PartitionSpec as P
 from hsee_jax import data as data_lib
 from hsee_jax import models
 from hsee_jax.config import NUM_UNITS, Config, ConfigError
-from hsee_jax.engine import ClientRunner, ClientUpdate, tree_set, tree_slice, tree_stack
-from hsee_jax.optim import PartState, apply_gradients, init_part
+from hsee_jax.engine import ClientRunner, ClientUpdate, resolve_chunk, resolve_mode
+from hsee_jax.fleet import Cohort, Fleet, chunk_plan
+from hsee_jax.optim import PartState, apply_gradients
 
-SHARED_SERVER = "shared"
 METRIC_NAMES = ("loss_client", "loss_server", "acc_client", "acc_server")
 
 
@@ -44,10 +60,12 @@ def group_key(cut: int) -> str:
   return f"cut_{cut}"
 
 
-@flax.struct.dataclass
-class HSEEState:
-  clients: dict  # group_key(cut) -> PartState, leaves [K_cut, ...]
-  servers: dict  # averaging: group_key(cut) -> stacked PartState; sequential: {"shared": PartState}
+def client_names(cut: int) -> list[str]:
+  return [models.unit_name(k) for k in range(1, cut + 1)] + [models.EXIT_HEAD]
+
+
+def server_names(cut: int) -> list[str]:
+  return [models.unit_name(k) for k in range(cut + 1, NUM_UNITS + 1)] + [models.CLASSIFIER]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,27 +79,6 @@ class Shared:
 
 jax.tree_util.register_dataclass(Shared, data_fields=["images", "labels", "mean", "std"],
                                  meta_fields=[])
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """Which client has which cut, and where it sits in its group's stack."""
-  cuts: tuple
-
-  @property
-  def groups(self) -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for i, c in enumerate(self.cuts):
-      out.setdefault(c, []).append(i)
-    return dict(sorted(out.items()))
-
-  def position(self, client: int) -> tuple[int, int]:
-    cut = self.cuts[client]
-    return cut, self.groups[cut].index(client)
-
-
-def server_names(cut: int) -> list[str]:
-  return [models.unit_name(k) for k in range(cut + 1, NUM_UNITS + 1)] + [models.CLASSIFIER]
 
 
 def _cross_entropy(logits, labels):
@@ -143,55 +140,89 @@ def split_update(net: models.SplitResNet18, tx: optax.GradientTransformation, cf
 
 
 # -- state ----------------------------------------------------------------------
+@flax.struct.dataclass
+class AveragingState:
+  model: PartState       # one copy of units 1..9 and the classifier (no optimiser state)
+  exit_heads: dict       # group_key(cut) -> PartState of that cut's exit head
+  clients: dict          # group_key(cut) -> per-client PartState, leaves [N_cut, ...]
+
+
+@flax.struct.dataclass
+class SequentialState:
+  clients: dict          # group_key(cut) -> client parts, leaves [N_cut, ...]
+  server: PartState      # the shared server part: units min(cut)+1..9, classifier
+
+
 def _stack_copies(tree, k: int):
   return jax.tree.map(lambda a: jnp.broadcast_to(a, (k,) + a.shape), tree)
 
 
-def init_state(cfg: Config, net: models.SplitResNet18, tx, key, image_shape) -> HSEEState:
-  """All models start from the same per-unit weights (unit k's init depends on
-  (key, k) only), so every copy of unit k is equal at round 0."""
-  layout = Layout(cfg.cuts)
-  clients, servers = {}, {}
-  for cut, members in layout.groups.items():
-    p, s = net.init_span(key, *models.client_span(cut), image_shape)
-    clients[group_key(cut)] = _stack_copies(init_part(tx, p, s), len(members))
-    if cfg.strategy == "averaging":
-      p, s = net.init_span(key, *models.server_span(cut), image_shape)
-      servers[group_key(cut)] = _stack_copies(init_part(tx, p, s), len(members))
-  if cfg.strategy == "sequential":
-    p, s = net.init_span(key, *models.server_span(min(cfg.cuts)), image_shape)
-    servers[SHARED_SERVER] = init_part(tx, p, s)
-  return HSEEState(clients=clients, servers=servers)
+def _take(tree, slots):
+  return jax.tree.map(lambda a: jnp.take(a, slots, axis=0, mode="clip"), tree)
+
+
+def _put(tree, slots, values):
+  """``tree`` with rows ``slots`` set to ``values``; out-of-range slots (padding) are dropped."""
+  return jax.tree.map(lambda a, v: a.at[slots].set(v, mode="drop"), tree, values)
+
+
+def _opt_init(tx, params: dict) -> dict:
+  return {n: tx.init(p) for n, p in params.items()}
+
+
+def _variables(params, stats, names) -> PartState:
+  return PartState(params={n: params[n] for n in names},
+                   batch_stats={n: stats[n] for n in names if n in stats}, opt_state={})
+
+
+def _cut_variables(model: PartState, head: PartState, cut: int) -> PartState:
+  """The whole network of a client at ``cut`` (client part, its exit head, and
+  server part) from the shared model and that cut's exit head."""
+  params = {**model.params, models.EXIT_HEAD: head.params}
+  stats = {**model.batch_stats, **({models.EXIT_HEAD: head.batch_stats} if head.batch_stats else {})}
+  return _variables(params, stats, client_names(cut) + server_names(cut))
+
+
+def client_server_parts(state: "AveragingState", cut: int, tx) -> tuple[PartState, PartState]:
+  """A client's client part and server part at ``cut`` taken from an Averaging
+  state's shared model, with fresh optimiser state (benchmarks, profiles)."""
+  full = _cut_variables(state.model, state.exit_heads[group_key(cut)], cut)
+  full = full.replace(opt_state=_opt_init(tx, full.params))
+  return full.subset(client_names(cut)), full.subset(server_names(cut))
+
+
+def _nbytes(tree) -> int:
+  return int(sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)))
+
+
+def _weighted_sum(tree, w):
+  return jax.tree.map(lambda a: jnp.tensordot(w.astype(a.dtype), a, axes=1), tree)
 
 
 # -- cross-layer aggregation ------------------------------------------------------------
 def cross_layer_average(parts: dict[str, PartState], weights: dict[str, Any]) -> dict[str, PartState]:
-  """Average every unit over all the models that hold a copy of it.
+  """Average every unit over all the models that hold a copy of it (reference form).
 
   ``parts`` maps a name to a stacked PartState (client parts and/or server
   parts of one or more groups); ``weights[name]`` is the [K] data size of its
   clients. For each unit and the final classifier, the parameters and batch
   statistics of every copy are averaged, weighted by data size, and written
   back to every copy. Exit heads are averaged only within a part's own stack
-  (clients that share a cut); optimiser states stay local.
+  (clients that share a cut); optimiser states stay local. Training uses the
+  streaming form (:func:`chunk_sums`, :func:`combine_sums`), which computes
+  the same average from one weighted sum per cut.
   """
-  def weighted_sum(tree, w):
-    return jax.tree.map(lambda a: jnp.tensordot(w.astype(a.dtype), a, axes=1), tree)
-
   names = sorted({n for part in parts.values() for n in part.params})
   new = {k: (dict(p.params), dict(p.batch_stats)) for k, p in parts.items()}
   for name in names:
     holders = [k for k, p in parts.items() if name in p.params]
-    if name == models.EXIT_HEAD:
-      groups = [[k] for k in holders]
-    else:
-      groups = [holders]
+    groups = [[k] for k in holders] if name == models.EXIT_HEAD else [holders]
     for group in groups:
       total = sum(jnp.sum(weights[k]) for k in group)
       summed = None
       for k in group:
         leaf = (parts[k].params[name], parts[k].batch_stats.get(name, {}))
-        s = weighted_sum(leaf, weights[k])
+        s = _weighted_sum(leaf, weights[k])
         summed = s if summed is None else jax.tree.map(jnp.add, summed, s)
       avg = jax.tree.map(lambda a: a / total, summed)
       for k in group:
@@ -204,165 +235,376 @@ def cross_layer_average(parts: dict[str, PartState], weights: dict[str, Any]) ->
           for k in parts}
 
 
-def aggregate(state: HSEEState, weights: dict[str, Any], include_servers: bool) -> HSEEState:
-  """Cross-layer aggregation of a whole state (``weights``: group_key -> [K])."""
-  parts = {f"client/{k}": v for k, v in state.clients.items()}
-  w = {f"client/{k}": weights[k] for k in state.clients}
-  if include_servers:
-    parts.update({f"server/{k}": v for k, v in state.servers.items()})
-    w.update({f"server/{k}": weights[k] for k in state.servers})
-  out = cross_layer_average(parts, w)
-  clients = {k: out[f"client/{k}"] for k in state.clients}
-  servers = ({k: out[f"server/{k}"] for k in state.servers} if include_servers
-             else state.servers)
-  return HSEEState(clients=clients, servers=servers)
+def chunk_sums(part: PartState, weights, acc: dict | None) -> dict:
+  """Add a chunk's data-size-weighted sums of every subtree to ``acc``.
+
+  ``part``: parameters and batch statistics with a leading client axis [K];
+  ``weights`` [K] (0 for padding, which so drops out). ``acc`` (None for the
+  first chunk of a cut) holds ``params``, ``batch_stats`` and ``total``.
+  """
+  sums = {"params": _weighted_sum(part.params, weights),
+          "batch_stats": _weighted_sum(part.batch_stats, weights),
+          "total": jnp.sum(weights)}
+  return sums if acc is None else jax.tree.map(jnp.add, acc, sums)
 
 
-@jax.jit
-def _finite_flags(state: HSEEState) -> dict:
-  """Per part (and per client of a stack): are all its arrays finite?"""
-  def flag(part: PartState, stacked: bool):
-    leaves = jax.tree.leaves((part.params, part.batch_stats))
-    if stacked:  # one flag per client of the stack
-      return jnp.all(jnp.stack([jnp.isfinite(a.reshape(a.shape[0], -1)).all(1) for a in leaves]), 0)
-    return jnp.all(jnp.stack([jnp.isfinite(a).all() for a in leaves]))
-  return {"clients": {g: flag(p, True) for g, p in state.clients.items()},
-          "servers": {g: flag(p, g != SHARED_SERVER) for g, p in state.servers.items()}}
+def combine_sums(model: PartState, exit_heads: dict, sums: dict) -> tuple[PartState, dict]:
+  """The cross-layer average from one weighted sum per cut (``sums[cut]``).
+
+  Unit k is averaged over every client: from its client part where k <= cut,
+  else its server part; the classifier over all; an exit head over its cut.
+  The sums are added in the order :func:`cross_layer_average` adds its parts
+  (client parts by cut, then server parts by cut), so both give the same
+  floats. A name no client held (zero total) keeps its old value.
+  """
+  cuts = sorted(sums)
+
+  def average(name, holders):
+    summed, total = None, 0
+    for c in holders:
+      leaf = (sums[c]["params"][name], sums[c]["batch_stats"].get(name, {}))
+      summed = leaf if summed is None else jax.tree.map(jnp.add, summed, leaf)
+      total = total + sums[c]["total"]
+    return jax.tree.map(lambda a: a / total, summed), total
+
+  def pick(avg, total, old):
+    return jax.tree.map(lambda a, o: jnp.where(total > 0, a, o), avg, old)
+
+  params, stats = dict(model.params), dict(model.batch_stats)
+  for name in model.params:
+    k = NUM_UNITS + 1 if name == models.CLASSIFIER else int(name.split("_")[1])
+    holders = [c for c in cuts if c >= k] + [c for c in cuts if c < k]
+    (p, s), total = average(name, holders)
+    params[name] = pick(p, total, model.params[name])
+    if name in stats:
+      stats[name] = pick(s, total, model.batch_stats[name])
+  heads = dict(exit_heads)
+  for c in cuts:
+    g = group_key(c)
+    (p, s), total = average(models.EXIT_HEAD, [c])
+    old = exit_heads[g]
+    heads[g] = PartState(params=pick(p, total, old.params),
+                         batch_stats=pick(s, total, old.batch_stats) if old.batch_stats else {},
+                         opt_state={})
+  return PartState(params=params, batch_stats=stats, opt_state={}), heads
 
 
-# -- rounds -------------------------------------------------------------------------------
-class Strategy:
-  """Static parts of a run (network, optimiser, layout, compiled runners) and
-  the round function ``run_round(state, rnd) -> (state, per-client metrics)``."""
+# -- the algorithm value -----------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class EvalModel:
+  """A client part and the server part its activations go to, standing for
+  ``clients`` (every client of the cut when they share one model)."""
+  cut: int
+  clients: tuple
+  client: PartState
+  server: PartState
+  shared: bool
 
-  def __init__(self, cfg: Config, net: models.SplitResNet18, tx, dataset: data_lib.Dataset,
-               partitions: list[np.ndarray], local_steps: int, schedule):
-    self.cfg, self.net, self.tx = cfg, net, tx
-    self.layout = Layout(cfg.cuts)
-    self.partitions = partitions
-    self.local_steps = local_steps
-    self.schedule = schedule
-    self.shared = Shared(jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels),
-                         jnp.asarray(dataset.mean), jnp.asarray(dataset.std))
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+  """A strategy as a value (after FedJAX's ``FederatedAlgorithm``).
+
+  * ``init(key) -> state``;
+  * ``apply(state, cohort) -> (state, metrics [C, 4] on device)``; consumes
+    ``state`` (its per-client buffers are donated);
+  * ``eval_models(state) -> [EvalModel]``: what evaluation runs;
+  * ``nonfinite_parts(state, ids=None) -> [str]``: parts holding a NaN or
+    Inf (per-client parts: of clients ``ids`` only, when given);
+  * ``per_client_bytes``: bytes of persistent state per client, by cut.
+  """
+  name: str
+  init: Callable
+  apply: Callable
+  eval_models: Callable
+  nonfinite_parts: Callable
+  per_client_bytes: dict
+
+
+@dataclasses.dataclass
+class Context:
+  """What both strategies are built from: config, network, optimiser, fleet,
+  the train set on device, and one client runner per cut."""
+  cfg: Config
+  net: models.SplitResNet18
+  tx: optax.GradientTransformation
+  fleet: Fleet
+  shared: Shared
+  image_shape: tuple
+  mode: str = ""
+  chunk: int = 1
+  runners: dict = dataclasses.field(default_factory=dict)
+  mesh: Any = None
+  sharded_chunks: int = 0   # chunks laid over the mesh (a count for tests)
+
+  def __post_init__(self):
+    cfg = self.cfg
     # Sequential runs one client at a time (the server is shared): never stacked
     mode = "loop" if cfg.strategy == "sequential" and cfg.mode == "auto" else cfg.mode
-    self.runners = {cut: ClientRunner(split_update(net, tx, cfg, cut), mode)
-                    for cut in self.layout.groups}
-    sizes = np.array([len(p) for p in partitions], np.float32)
-    self.weights = {group_key(c): jnp.asarray(sizes[m]) for c, m in self.layout.groups.items()}
-    self._aggregate = jax.jit(aggregate, static_argnums=2)
-    self.mesh = None
+    self.mode = resolve_mode(mode)
+    self.chunk = resolve_chunk(cfg.client_chunk)
+    self.runners = {cut: ClientRunner(split_update(self.net, self.tx, cfg, cut), self.mode)
+                    for cut in self.fleet.groups}
     if cfg.shard_clients:
-      if cfg.strategy != "averaging" or not self.runners[cfg.cuts[0]].stacked:
+      if cfg.strategy != "averaging" or self.mode not in ("vmap", "unrolled"):
         raise ConfigError("shard_clients: needs strategy=averaging and mode=vmap or unrolled")
       self.mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("clients",))
 
-  def client_sharding(self, k: int):
-    """Stacks of ``k`` clients are laid over the mesh's client axis when ``k``
-    divides evenly; otherwise they stay replicated."""
-    spec = P("clients") if k % self.mesh.devices.size == 0 else P()
-    return NamedSharding(self.mesh, spec)
-
-  def place(self, state: HSEEState) -> HSEEState:
-    """Put each group's stack on the device mesh (no-op without shard_clients)."""
+  def place(self, tree, k: int):
+    """A chunk of ``k`` clients laid over the mesh's client axis when ``k``
+    divides evenly (else replicated); unchanged without ``shard_clients``."""
     if self.mesh is None:
-      return state
-    put = lambda tree: jax.tree.map(
-        lambda a: jax.device_put(a, self.client_sharding(a.shape[0])), tree)
-    return HSEEState(clients=put(state.clients), servers=put(state.servers))
+      return tree
+    spec = P("clients") if k % self.mesh.devices.size == 0 else P()
+    self.sharded_chunks += spec == P("clients")
+    return jax.device_put(tree, NamedSharding(self.mesh, spec))
 
-  def init_state(self, key) -> HSEEState:
-    return self.place(self._init_unplaced(key))
+  def eval_sample(self, cut: int) -> np.ndarray:
+    """The clients of ``cut`` evaluated where clients differ: ``eval_clients``
+    of them, seeded and fixed for the run (0 = all)."""
+    ids = self.fleet.groups[cut]
+    n = self.cfg.eval_clients
+    if not n or n >= len(ids):
+      return ids
+    return np.sort(np.random.default_rng([self.cfg.seed, 17, cut]).choice(ids, n, replace=False))
 
-  def _init_unplaced(self, key) -> HSEEState:
-    return init_state(self.cfg, self.net, self.tx, key, self.shared.images.shape[1:])
 
-  def abstract_state(self) -> HSEEState:
-    """Shapes and dtypes of the state (for restoring checkpoints)."""
-    return jax.eval_shape(self._init_unplaced, jax.random.PRNGKey(0))
+def _finite(tree) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  return jnp.all(jnp.stack([jnp.isfinite(a).all() for a in leaves])) if leaves else jnp.bool_(True)
 
-  def client_inputs(self, rnd: int, client: int, base_key):
-    """Per-step inputs (indices [S, B], lr [S]) and the PRNG key of one client in one round."""
-    idx = data_lib.client_batches(self.partitions[client], self.local_steps,
-                                  self.cfg.batch_size, self.cfg.seed, rnd, client)
-    steps = rnd * self.local_steps + np.arange(self.local_steps)
-    lrs = np.asarray([self.schedule(int(s)) for s in steps], np.float32)
-    key = jax.random.fold_in(jax.random.fold_in(base_key, rnd), client)
-    return (jnp.asarray(idx), jnp.asarray(lrs)), key
 
-  def aggregation_due(self, rnd: int) -> bool:
-    return (rnd + 1) % self.cfg.aggregate_every == 0
+@jax.jit
+def _finite_rows(tree) -> jax.Array:
+  """[N]: is every array of row i finite?"""
+  leaves = jax.tree.leaves(tree)
+  return jnp.all(jnp.stack([jnp.isfinite(a.reshape(a.shape[0], -1)).all(1) for a in leaves]), 0)
 
-  def run_round(self, state: HSEEState, rnd: int, base_key) -> tuple[HSEEState, np.ndarray]:
-    if self.cfg.strategy == "averaging":
-      state, metrics = self._averaging_round(state, rnd, base_key)
-      if self.aggregation_due(rnd):
-        state = self._aggregate(state, self.weights, True)
-      state = self.place(state)  # keep the client axis on the mesh (no-op unsharded)
+
+@jax.jit
+def _finite_rows_of(tree, slots) -> jax.Array:
+  return _finite_rows(_take(tree, slots))
+
+
+def _bad_rows(ctx: Context, stores: dict, side: str, ids=None) -> list[str]:
+  """Clients whose per-client parameters hold a NaN or Inf; only ``ids`` (the
+  clients that just trained) when given, so the check costs O(C), not O(N)."""
+  bad = []
+  for cut, members in ctx.fleet.groups.items():
+    part = stores[group_key(cut)]
+    if not jax.tree.leaves((part.params, part.batch_stats)):
+      continue
+    who = members if ids is None else np.intersect1d(members, ids)
+    if not len(who):
+      continue
+    ok = np.asarray(_finite_rows_of((part.params, part.batch_stats), ctx.fleet.slots[who]))
+    bad += [f"client {who[j]} (cut {cut}) {side}" for j in np.flatnonzero(~ok)]
+  return bad
+
+
+def _metrics_in_cohort_order(parts: list, size: int) -> jax.Array:
+  """[C, 4] from per-chunk metrics [K, 4] and their cohort positions (padding dropped)."""
+  ms = jnp.concatenate([m for m, _ in parts])
+  pos = np.concatenate([p for _, p in parts])
+  return _scatter_rows(ms, pos, size)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _scatter_rows(ms, pos, size):
+  return jnp.zeros((size, ms.shape[1]), ms.dtype).at[pos].set(ms, mode="drop")
+
+
+# -- Averaging -----------------------------------------------------------------------------
+def averaging(ctx: Context) -> Algorithm:
+  """Hetero-SplitEE Averaging: a server part per client, all in parallel,
+  cross-layer aggregation every ``aggregate_every`` rounds."""
+  cfg, net, tx, fleet = ctx.cfg, ctx.net, ctx.tx, ctx.fleet
+  keep_opt = cfg.client_state == "keep"
+  keep_models = cfg.aggregate_every > 1  # clients' models differ between aggregations
+  all_names = lambda cut: client_names(cut) + server_names(cut)
+
+  def init(key) -> AveragingState:
+    """Every unit starts from the same weights wherever it is held (unit k's
+    init depends on (key, k) only; an exit head's on (key, cut))."""
+    p, s = net.init_span(key, *models.full_span(), ctx.image_shape)
+    model = PartState(params=p, batch_stats=s, opt_state={})
+    heads, clients = {}, {}
+    for cut, ids in fleet.groups.items():
+      hp, hs = net.init_exit_head(key, cut, ctx.image_shape)
+      heads[group_key(cut)] = PartState(params=hp, batch_stats=hs, opt_state={})
+      full = _cut_variables(model, heads[group_key(cut)], cut)
+      kept = PartState(params=full.params if keep_models else {},
+                       batch_stats=full.batch_stats if keep_models else {},
+                       opt_state=_opt_init(tx, full.params) if keep_opt else {})
+      clients[group_key(cut)] = _stack_copies(kept, len(ids))
+    return AveragingState(model=model, exit_heads=heads, clients=clients)
+
+  def _prepare(cut, model, head, kept, slots):
+    """Client and server parts of a chunk of clients (leading axis [K])."""
+    k = slots.shape[0]
+    full = _cut_variables(model, head, cut)
+    if keep_models:
+      full = PartState(params=_take(kept.params, slots), batch_stats=_take(kept.batch_stats, slots),
+                       opt_state={})
     else:
-      state, metrics = self._sequential_round(state, rnd, base_key)
-      if self.cfg.client_aggregation == "cross_layer" and self.aggregation_due(rnd):
-        state = self._aggregate(state, self.weights, False)
-    return state, metrics
+      full = _stack_copies(full, k)
+    opt = (_take(kept.opt_state, slots) if keep_opt
+           else _stack_copies(_opt_init(tx, _take(full.params, 0)), k))
+    full = full.replace(opt_state=opt)
+    return full.subset(client_names(cut)), full.subset(server_names(cut))
 
-  def _averaging_round(self, state, rnd, base_key):
-    """All clients train in parallel, each with its own server part."""
-    clients, servers = dict(state.clients), dict(state.servers)
-    metrics = np.zeros((len(self.cfg.cuts), len(METRIC_NAMES)), np.float32)
-    group_metrics = []  # read back after every group is dispatched, not between groups
-    for cut, members in self.layout.groups.items():
+  def _finish(kept, acc, client, server, weights, slots, due):
+    full = client.merge(server)
+    kept = PartState(params=_put(kept.params, slots, full.params) if keep_models else {},
+                     batch_stats=_put(kept.batch_stats, slots, full.batch_stats) if keep_models else {},
+                     opt_state=_put(kept.opt_state, slots, full.opt_state) if keep_opt else {})
+    if due:
+      acc = chunk_sums(full, weights, acc)
+    return kept, acc
+
+  prepare = jax.jit(_prepare, static_argnums=0)
+  finish = jax.jit(_finish, static_argnums=6, donate_argnums=(0, 1))
+  combine = jax.jit(combine_sums)
+
+  @jax.jit
+  def _spread(kept, model, heads):
+    """After an aggregation with per-client models: every client takes the average."""
+    out = {}
+    for g, part in kept.items():
+      n = jax.tree.leaves(part.params)[0].shape[0]
+      avg = _stack_copies(_cut_variables(model, heads[g], int(g.split("_")[1])), n)
+      out[g] = PartState(params=avg.params, batch_stats=avg.batch_stats, opt_state=part.opt_state)
+    return out
+
+  def apply(state: AveragingState, cohort: Cohort):
+    due = (cohort.round + 1) % cfg.aggregate_every == 0
+    kept = dict(state.clients)
+    sums, metrics = {}, []
+    for cut in np.unique(cohort.cuts):
+      cut, g = int(cut), group_key(int(cut))
+      positions = np.flatnonzero(cohort.cuts == cut)
+      start = 0
+      for real, k in chunk_plan(len(positions), ctx.chunk, pad=cfg.samples_clients):
+        pos = positions[start:start + real]
+        start += real
+        padded = np.concatenate([pos, np.full(k - real, pos[0])])
+        slots = np.concatenate([cohort.slots[pos], np.full(k - real, len(fleet.groups[cut]))])
+        weights = np.concatenate([cohort.weights[pos], np.zeros(k - real, np.float32)])
+        xs = (cohort.indices[padded], np.broadcast_to(cohort.lrs, (k, len(cohort.lrs))))
+        client, server = prepare(cut, state.model, state.exit_heads[g], kept[g], slots)
+        (client, server), xs, keys = ctx.place(((client, server), xs, cohort.keys[padded]), k)
+        (client, server), m = ctx.runners[cut](ctx.shared, (client, server, keys), xs)
+        kept[g], sums[cut] = finish(kept[g], sums.get(cut), client, server, weights, slots, due)
+        metrics.append((m, np.concatenate([pos, np.full(k - real, cohort.size)])))
+    model, heads = state.model, state.exit_heads
+    if due:
+      model, heads = combine(model, heads, sums)
+      if keep_models:
+        kept = _spread(kept, model, heads)
+    new = AveragingState(model=model, exit_heads=heads, clients=kept)
+    return new, _metrics_in_cohort_order(metrics, cohort.size)
+
+  def eval_models(state: AveragingState) -> list[EvalModel]:
+    out = []
+    for cut, ids in fleet.groups.items():
       g = group_key(cut)
-      inputs = [self.client_inputs(rnd, i, base_key) for i in members]
-      xs = tree_stack([x for x, _ in inputs])
-      keys = jnp.stack([k for _, k in inputs])
-      if self.mesh is not None:
-        xs, keys = jax.device_put((xs, keys), self.client_sharding(len(members)))
-      (clients[g], servers[g]), m = self.runners[cut](self.shared, (clients[g], servers[g], keys), xs)
-      group_metrics.append((members, m))
-    for members, m in group_metrics:
-      metrics[members] = np.asarray(m)
-    return HSEEState(clients=clients, servers=servers), metrics
+      if keep_models:  # clients differ: a seeded sample of them
+        for i in ctx.eval_sample(cut):
+          full = _take(state.clients[g], int(fleet.slots[i]))
+          out.append(EvalModel(cut, (int(i),), full.subset(client_names(cut)),
+                               full.subset(server_names(cut)), False))
+        continue
+      full = _cut_variables(state.model, state.exit_heads[g], cut)
+      out.append(EvalModel(cut, tuple(int(i) for i in ids), full.subset(client_names(cut)),
+                           full.subset(server_names(cut)), True))
+    return out
 
-  def _sequential_round(self, state, rnd, base_key):
-    """Clients take turns with the one shared server, which continues from each
-    client's cut: only units cut+1..9 and the classifier are updated."""
-    clients = dict(state.clients)
-    server = state.servers[SHARED_SERVER]
-    metrics = np.zeros((len(self.cfg.cuts), len(METRIC_NAMES)), np.float32)
-    for i, cut in enumerate(self.cfg.cuts):
-      g = group_key(cut)
-      _, j = self.layout.position(i)
-      xs, key = self.client_inputs(rnd, i, base_key)
-      client = tree_slice(clients[g], j)
-      sub = server.subset(server_names(cut))
-      (client, sub), m = self.runners[cut].one(self.shared, (client, sub, key), xs)
-      clients[g] = tree_set(clients[g], j, client)
-      server = server.merge(sub)
-      metrics[i] = np.asarray(m)
-    return HSEEState(clients=clients, servers={SHARED_SERVER: server}), metrics
-
-  def nonfinite_parts(self, state: HSEEState) -> list[str]:
-    """Names of the parts holding a NaN or Inf parameter or batch statistic,
-    e.g. ``client 2 (cut 7) client part`` or ``shared server part``."""
-    flags = _finite_flags(state)
-    bad = []
-    for side, parts in (("client part", flags["clients"]), ("server part", flags["servers"])):
-      for g, ok in parts.items():
-        if g == SHARED_SERVER:
-          if not bool(ok):
-            bad.append("shared server part")
-          continue
-        cut = int(g.split("_")[1])
-        for j, client in enumerate(self.layout.groups[cut]):
-          if not bool(np.asarray(ok)[j]):
-            bad.append(f"client {client} (cut {cut}) {side}")
+  def nonfinite_parts(state: AveragingState, ids=None) -> list[str]:
+    bad = [f"model {n}" for n in state.model.params
+           if not bool(_finite((state.model.params[n], state.model.batch_stats.get(n, {}))))]
+    bad += [f"exit head of cut {g.split('_')[1]}" for g, h in state.exit_heads.items()
+            if not bool(_finite((h.params, h.batch_stats)))]
+    if keep_models:
+      bad += _bad_rows(ctx, state.clients, "model", ids)
     return bad
 
-  # -- views used by evaluation ---------------------------------------------------------
-  def client_and_server(self, state: HSEEState, client: int) -> tuple[PartState, PartState]:
-    """Client ``client``'s part and the server part its activations go to."""
-    cut, j = self.layout.position(client)
-    c = tree_slice(state.clients[group_key(cut)], j)
-    if self.cfg.strategy == "averaging":
-      return c, tree_slice(state.servers[group_key(cut)], j)
-    return c, state.servers[SHARED_SERVER].subset(server_names(cut))
+  shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
+  per_client = {cut: _nbytes(shapes.clients[group_key(cut)]) // len(ids)
+                for cut, ids in fleet.groups.items()}
+  return Algorithm("averaging", init, apply, eval_models, nonfinite_parts, per_client)
+
+
+# -- Sequential ----------------------------------------------------------------------------
+def sequential(ctx: Context) -> Algorithm:
+  """Hetero-SplitEE Sequential: one shared server part; the cohort's clients
+  take turns with it, and it continues from each client's cut (only units
+  cut+1..9 and the classifier are updated for that client)."""
+  cfg, net, tx, fleet = ctx.cfg, ctx.net, ctx.tx, ctx.fleet
+  keep_opt = cfg.client_state == "keep"
+  min_cut = min(fleet.groups)
+
+  def init(key) -> SequentialState:
+    clients = {}
+    for cut, ids in fleet.groups.items():
+      p, s = net.init_span(key, *models.client_span(cut), ctx.image_shape)
+      part = PartState(params=p, batch_stats=s, opt_state=_opt_init(tx, p) if keep_opt else {})
+      clients[group_key(cut)] = _stack_copies(part, len(ids))
+    p, s = net.init_span(key, *models.server_span(min_cut), ctx.image_shape)
+    return SequentialState(clients=clients,
+                           server=PartState(params=p, batch_stats=s, opt_state=_opt_init(tx, p)))
+
+  @jax.jit
+  def take(part, slot):
+    one = _take(part, slot)
+    return one if keep_opt else one.replace(opt_state=_opt_init(tx, one.params))
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def put(part, slot, one):
+    return _put(part, slot, one if keep_opt else one.replace(opt_state={}))
+
+  weights = {group_key(c): jnp.asarray(fleet.sizes[ids]) for c, ids in fleet.groups.items()}
+
+  @jax.jit
+  def average_clients(clients, weights):
+    """``client_aggregation=cross_layer``: cross-layer average of the client parts."""
+    return cross_layer_average(clients, weights)
+
+  def apply(state: SequentialState, cohort: Cohort):
+    clients, server = dict(state.clients), state.server
+    metrics = []
+    for pos in range(cohort.size):
+      cut = int(cohort.cuts[pos])
+      g, slot = group_key(cut), int(cohort.slots[pos])
+      client = take(clients[g], slot)
+      sub = server.subset(server_names(cut))
+      xs = (jnp.asarray(cohort.indices[pos]), jnp.asarray(cohort.lrs))
+      (client, sub), m = ctx.runners[cut].one(ctx.shared, (client, sub, jnp.asarray(cohort.keys[pos])), xs)
+      clients[g] = put(clients[g], slot, client)
+      server = server.merge(sub)
+      metrics.append(m)
+    if cfg.client_aggregation == "cross_layer" and (cohort.round + 1) % cfg.aggregate_every == 0:
+      clients = average_clients(clients, weights)
+    return SequentialState(clients=clients, server=server), jnp.stack(metrics)
+
+  def eval_models(state: SequentialState) -> list[EvalModel]:
+    out = []
+    for cut in fleet.groups:
+      sub = state.server.subset(server_names(cut))
+      for i in ctx.eval_sample(cut):
+        out.append(EvalModel(cut, (int(i),), _take(state.clients[group_key(cut)], int(fleet.slots[i])),
+                             sub, False))
+    return out
+
+  def nonfinite_parts(state: SequentialState, ids=None) -> list[str]:
+    bad = _bad_rows(ctx, state.clients, "client part", ids)
+    if not bool(_finite((state.server.params, state.server.batch_stats))):
+      bad.append("shared server part")
+    return bad
+
+  shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
+  per_client = {cut: _nbytes(shapes.clients[group_key(cut)]) // len(ids)
+                for cut, ids in fleet.groups.items()}
+  return Algorithm("sequential", init, apply, eval_models, nonfinite_parts, per_client)
+
+
+STRATEGIES = {"averaging": averaging, "sequential": sequential}

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import jax
@@ -90,4 +91,10 @@ def test_config_budgets_choose_the_cuts(table, tmp_path):
   summary = train_lib.train(cfg, tmp_path, log=logs.append)
   assert summary["cuts"] == [2, 6]
   assert any("client 1: cut 6 needs" in line for line in logs)
-  assert [c["cut"] for c in summary["test"]["clients"]] == [2, 6]
+  assert [c["cut"] for c in summary["test"]["cuts"]] == [2, 6]
+  # the same budgets as device tiers of a fleet
+  cfg = dataclasses.replace(cfg, client_budgets=(), num_clients=10,
+                            budget_tiers=(((need[1] * 1.01, 0), 0.7), ((need[5] * 1.01, 0), 0.3)))
+  _, sim = train_lib.build(cfg, log=logs.append)
+  assert {c: len(ids) for c, ids in sim.fleet.groups.items()} == {2: 7, 6: 3}
+  assert any("tier 1: cut 6 needs" in line for line in logs)

@@ -7,23 +7,27 @@ import pytest
 
 from hsee_jax import train as train_lib
 from hsee_jax.config import Config
-from hsee_jax.engine import ClientRunner, tree_slice
-from hsee_jax.strategies import group_key, split_update
+from hsee_jax.engine import ClientRunner
+from hsee_jax.optim import init_part
+from hsee_jax.strategies import _stack_copies, client_names, server_names, split_update
 
 CFG = Config(dataset="synthetic", synthetic_shape=(16, 16, 4, 96, 32), width=0.125,
              cuts=(4, 4), batch_size=8, local_steps=3, rounds=2, augment=True)
 
 
 def _run(mode, scan_steps):
-  _, st = train_lib.build(dataclasses.replace(CFG, mode=mode))
-  state = st.init_state(jax.random.PRNGKey(0))
-  runner = ClientRunner(split_update(st.net, st.tx, CFG, 4), mode, scan_steps=scan_steps)
-  inputs = [st.client_inputs(0, i, jax.random.PRNGKey(1)) for i in range(2)]
-  xs = jax.tree.map(lambda *a: np.stack(a), *[x for x, _ in inputs])
-  keys = jax.numpy.stack([k for _, k in inputs])
-  g = group_key(4)
-  (client, server), metrics = runner(st.shared, (state.clients[g], state.servers[g], keys), xs)
-  return client, server, metrics, state
+  _, sim = train_lib.build(dataclasses.replace(CFG, mode=mode))
+  state = sim.init_state(jax.random.PRNGKey(0))
+  params = {**state.model.params, "exit_head": state.exit_heads["cut_4"].params}
+  stats = state.model.batch_stats
+  part = lambda names: _stack_copies(init_part(sim.ctx.tx, {n: params[n] for n in names},
+                                               {n: stats[n] for n in names if n in stats}), 2)
+  runner = ClientRunner(split_update(sim.net, sim.ctx.tx, CFG, 4), mode, scan_steps=scan_steps)
+  cohort = sim.cohort(0, jax.random.PRNGKey(1))
+  xs = (cohort.indices, np.broadcast_to(cohort.lrs, (2, 3)))
+  start = part(client_names(4))
+  (client, server), metrics = runner(sim.ctx.shared, (start, part(server_names(4)), cohort.keys), xs)
+  return client, server, metrics, start
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +47,7 @@ def test_backends_agree_with_debug(reference, mode, scan_steps):
   np.testing.assert_allclose(metrics, r_metrics, rtol=1e-4, atol=1e-5)
   # and training moved the parameters (the comparison is not vacuous)
   assert not np.allclose(client.params["unit_1"]["Conv_0"]["kernel"],
-                         start.clients["cut_4"].params["unit_1"]["Conv_0"]["kernel"])
+                         start.params["unit_1"]["Conv_0"]["kernel"])
   # the two clients saw different data, so they differ
   assert not np.allclose(client.params["exit_head"]["Dense_0"]["kernel"][0],
                          client.params["exit_head"]["Dense_0"]["kernel"][1])
@@ -53,13 +57,32 @@ def test_backends_agree_with_debug(reference, mode, scan_steps):
                                            ("sequential", "loop")])
 def test_one_compilation_per_cut_and_none_after_first_round(strategy, mode):
   cfg = dataclasses.replace(CFG, cuts=(2, 5, 5, 7, 2), strategy=strategy, mode=mode, rounds=3)
-  _, st = train_lib.build(cfg)
-  state = st.init_state(jax.random.PRNGKey(0))
+  _, sim = train_lib.build(cfg)
+  state = sim.init_state(jax.random.PRNGKey(0))
   key = jax.random.PRNGKey(1)
-  state, _ = st.run_round(state, 0, key)
-  after_first = {c: r.num_traces for c, r in st.runners.items()}
-  assert sorted(st.runners) == [2, 5, 7]          # one runner per distinct cut, not per client
+  state, _, _ = sim.run_round(state, 0, key)
+  after_first = {c: r.num_traces for c, r in sim.runners.items()}
+  assert sorted(sim.runners) == [2, 5, 7]          # one runner per distinct cut, not per client
   assert all(n == 1 for n in after_first.values()), after_first
   for rnd in (1, 2):
-    state, _ = st.run_round(state, rnd, key)
-  assert {c: r.num_traces for c, r in st.runners.items()} == after_first
+    state, _, _ = sim.run_round(state, rnd, key)
+  assert {c: r.num_traces for c, r in sim.runners.items()} == after_first
+
+
+def test_sampled_cohorts_compile_once_per_cut_and_chunk_size():
+  """Group sizes change every round with sampling; the last chunk of a cut is
+  padded to a power of two, so compilations stay bounded by (cut, size)."""
+  cfg = dataclasses.replace(CFG, num_clients=24, cut_tiers=((2, 0.5), (6, 0.5)),
+                            clients_per_round=7, client_chunk=4, mode="vmap",
+                            local_steps=1, synthetic_shape=(16, 16, 4, 200, 32))
+  _, sim = train_lib.build(cfg)
+  state = sim.init_state(jax.random.PRNGKey(0))
+  for rnd in range(4):
+    state, metrics, cohort = sim.run_round(state, rnd, jax.random.PRNGKey(1))
+    assert metrics.shape == (7, 4) and np.isfinite(metrics).all()
+  # one compiled step per chunk size (1, 2 or 4) at most, per cut
+  compiled = {c: r._step._cache_size() for c, r in sim.runners.items()}
+  assert all(1 <= n <= 3 for n in compiled.values()), compiled
+  for rnd in range(4, 6):
+    state, _, _ = sim.run_round(state, rnd, jax.random.PRNGKey(1))
+  assert all(n <= 3 for n in (r._step._cache_size() for r in sim.runners.values()))

@@ -82,3 +82,23 @@ def test_ab_cpu_speedups_compares_like_with_like(tmp_path):
   assert m["images_per_s_with"] > 0 and m["images_per_s_without"] > 0
   # the two runs train the same network: at most float rounding apart
   assert m["states_max_abs_difference"] < 1e-4
+
+
+def test_bench_fleet_end_to_end(tmp_path):
+  out = tmp_path / "fleet"
+  r = subprocess.run([sys.executable, str(REPO / "experiments" / "bench_fleet.py"), "--out", str(out),
+                      "--strategies", "averaging", "--widths", "0.0625", "--ns", "6,40",
+                      "--fixed-c", "3", "--cs", "", "--rounds", "1", "--mode", "loop",
+                      "--steps", "1", "--batch", "4", "--no-torch"],
+                     capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+  rows = json.loads((out / "bench_fleet.json").read_text())["rows"]
+  assert {(row["strategy"], row["num_clients"], row["clients_per_round"]) for row in rows} == {
+      ("averaging", 6, 3), ("averaging", 40, 3)}
+  for row in rows:
+    assert row["round_s"] > 0 and row["checkpoint_mb"] > 0 and row["peak_rss_mb"] > 0
+  # Averaging with reset client state holds nothing per client: the state does
+  # not grow from 6 to 40 clients
+  avg = {row["num_clients"]: row["state_mb"] for row in rows}
+  assert avg[6] == avg[40]
+  assert (out / "bench_fleet.csv").exists() and (out / "bench_fleet.png").exists()

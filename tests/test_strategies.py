@@ -2,121 +2,180 @@ import dataclasses
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from hsee_jax import models
 from hsee_jax import train as train_lib
-from hsee_jax.config import Config
-from hsee_jax.engine import tree_slice
-from hsee_jax.strategies import SHARED_SERVER, group_key
+from hsee_jax.config import Config, ConfigError
+from hsee_jax.optim import PartState
+from hsee_jax.strategies import (chunk_sums, combine_sums, cross_layer_average, group_key,
+                                 server_names)
 
 CFG = Config(dataset="synthetic", synthetic_shape=(16, 16, 4, 96, 32), width=0.125,
              cuts=(3, 7), batch_size=8, local_steps=2, rounds=2, augment=False)
+KERNEL = lambda tree, k: tree[models.unit_name(k)]["Conv_0"]["kernel"]
 
 
 def test_sequential_server_continues_from_each_clients_cut():
   cfg = dataclasses.replace(CFG, strategy="sequential", cuts=(7, 3))
-  _, st = train_lib.build(cfg)
-  state = st.init_state(jax.random.PRNGKey(0))
-  server = state.servers[SHARED_SERVER]
+  _, sim = train_lib.build(cfg)
+  state = sim.init_state(jax.random.PRNGKey(0))
+  server = state.server
   # the shared server holds units min(cuts)+1..9 and the classifier
   assert set(server.params) == {models.unit_name(k) for k in range(4, 10)} | {models.CLASSIFIER}
   # client 0 (cut 7) trains first: server units 4..7 must not move, momentum included
-  xs, key = st.client_inputs(0, 0, jax.random.PRNGKey(1))
-  client = tree_slice(state.clients[group_key(7)], 0)
-  sub = server.subset([models.unit_name(k) for k in (8, 9)] + [models.CLASSIFIER])
-  (_, sub), _ = st.runners[7].one(st.shared, (client, sub, key), xs)
+  cohort = sim.cohort(0, jax.random.PRNGKey(1))
+  client = jax.tree.map(lambda a: a[0], state.clients[group_key(7)])
+  sub = server.subset(server_names(7))
+  xs = (cohort.indices[0], cohort.lrs)
+  (_, sub), _ = sim.runners[7].one(sim.ctx.shared, (client, sub, cohort.keys[0]), xs)
   after = server.merge(sub)
   for k in (4, 5, 6, 7):
     chex.assert_trees_all_equal(after.params[models.unit_name(k)], server.params[models.unit_name(k)])
     chex.assert_trees_all_equal(after.opt_state[models.unit_name(k)], server.opt_state[models.unit_name(k)])
   for k in (8, 9):
-    assert not np.allclose(after.params[models.unit_name(k)]["Conv_0"]["kernel"],
-                           server.params[models.unit_name(k)]["Conv_0"]["kernel"])
+    assert not np.allclose(KERNEL(after.params, k), KERNEL(server.params, k))
   # a whole round: then client 1 (cut 3) has also trained units 4..7 on the server
-  new, metrics = st.run_round(state, 0, jax.random.PRNGKey(1))
+  before = np.asarray(KERNEL(server.params, 4))
+  new, metrics, _ = sim.run_round(state, 0, jax.random.PRNGKey(1))
   assert metrics.shape == (2, 4) and np.isfinite(metrics).all()
-  assert not np.allclose(new.servers[SHARED_SERVER].params["unit_4"]["Conv_0"]["kernel"],
-                         server.params["unit_4"]["Conv_0"]["kernel"])
+  assert not np.allclose(KERNEL(new.server.params, 4), before)
 
 
-def test_averaging_makes_every_copy_of_a_unit_equal():
-  cfg = dataclasses.replace(CFG, cuts=(3, 7, 3), partition="dirichlet", dirichlet_alpha=0.5)
-  _, st = train_lib.build(cfg)
-  state, _ = st.run_round(st.init_state(jax.random.PRNGKey(0)), 0, jax.random.PRNGKey(1))
-  copies = {}
-  for part in list(state.clients.values()) + list(state.servers.values()):
-    for name in part.params:
-      if name != models.EXIT_HEAD:
-        for j in range(jax.tree.leaves(part.params[name])[0].shape[0]):
-          copies.setdefault(name, []).append(tree_slice(part.params[name], j))
-  assert len(copies["unit_1"]) == 3 and len(copies["unit_5"]) == 3 and len(copies["classifier"]) == 3
-  for name, trees in copies.items():
-    for t in trees[1:]:
-      chex.assert_trees_all_close(t, trees[0], rtol=1e-6, atol=1e-7)
+def _random_part(rng, names, k):
+  shape = {n: (k, 3) for n in names}
+  return PartState(params={n: {"w": jnp.asarray(rng.normal(size=s), jnp.float32)}
+                           for n, s in shape.items()},
+                   batch_stats={n: {"m": jnp.asarray(rng.normal(size=s), jnp.float32)}
+                                for n, s in shape.items() if n.startswith("unit")},
+                   opt_state={})
 
 
-def test_aggregate_every_skips_rounds():
-  cfg = dataclasses.replace(CFG, aggregate_every=2)
-  _, st = train_lib.build(cfg)
-  state, _ = st.run_round(st.init_state(jax.random.PRNGKey(0)), 0, jax.random.PRNGKey(1))
-  # after round 1 of 2: no aggregation yet, so unit 5 of client 0's server part differs
-  # from unit 5 of client 1's client part
-  a = state.servers[group_key(3)].params["unit_5"]["Conv_0"]["kernel"][0]
-  b = state.clients[group_key(7)].params["unit_5"]["Conv_0"]["kernel"][0]
-  assert not np.allclose(a, b)
-  state, _ = st.run_round(state, 1, jax.random.PRNGKey(1))
-  a = state.servers[group_key(3)].params["unit_5"]["Conv_0"]["kernel"][0]
-  b = state.clients[group_key(7)].params["unit_5"]["Conv_0"]["kernel"][0]
-  np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+@pytest.mark.parametrize("chunk", [1, 2, 8, None])
+def test_streaming_aggregation_equals_cross_layer_average(chunk):
+  """Chunk-by-chunk weighted sums (padding at weight 0) combined per cut give
+  the reference ``cross_layer_average``, to float32 rounding (rtol 1e-6): the
+  same sums in the same order, but compiled as other programs, where XLA
+  fuses (and so rounds) the multiply-adds differently. None: each cut's
+  clients as one unpadded chunk."""
+  rng = np.random.default_rng(0)
+  units = lambda a, b: [models.unit_name(k) for k in range(a, b + 1)]
+  groups = {2: 3, 5: 4, 8: 1}  # cut -> clients
+  client = {c: _random_part(rng, units(1, c) + [models.EXIT_HEAD], n) for c, n in groups.items()}
+  server = {c: _random_part(rng, units(c + 1, 9) + [models.CLASSIFIER], n) for c, n in groups.items()}
+  weights = {c: jnp.asarray(rng.integers(1, 50, n), jnp.float32) for c, n in groups.items()}
+  ref = jax.jit(cross_layer_average)({**{f"client/{c}": p for c, p in client.items()},
+                             **{f"server/{c}": p for c, p in server.items()}},
+                            {**{f"client/{c}": w for c, w in weights.items()},
+                             **{f"server/{c}": w for c, w in weights.items()}})
+  full = {c: client[c].merge(server[c]) for c in groups}
+  sums = {}
+  for c, n in groups.items():
+    size = chunk or n
+    for start in range(0, n, size):
+      idx = np.arange(start, start + size)
+      w = jnp.where(idx < n, weights[c][np.minimum(idx, n - 1)], 0.0)  # padded at weight 0
+      part = jax.tree.map(lambda a: a[np.minimum(idx, n - 1)], full[c])
+      sums[c] = jax.jit(chunk_sums)(part, w, sums.get(c))
+  model0 = jax.tree.map(lambda a: a[0], PartState(
+      params={n: full[2].params[n] for n in units(1, 9) + [models.CLASSIFIER]},
+      batch_stats={n: full[2].batch_stats[n] for n in units(1, 9)}, opt_state={}))
+  heads0 = {group_key(c): jax.tree.map(lambda a: a[0], PartState(
+      params=client[c].params[models.EXIT_HEAD], batch_stats={}, opt_state={}))
+      for c in groups}
+  model, heads = jax.jit(combine_sums)(model0, heads0, sums)
+  check = lambda a, b: chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-6)
+  for c in groups:
+    got = model
+    for side, names in (("client", units(1, c)), ("server", units(c + 1, 9) + [models.CLASSIFIER])):
+      want = ref[f"{side}/{c}"]
+      for n in names:
+        check(got.params[n], jax.tree.map(lambda a: a[0], want.params[n]))
+        if n in want.batch_stats:
+          check(got.batch_stats[n], jax.tree.map(lambda a: a[0], want.batch_stats[n]))
+    check(heads[group_key(c)].params,
+          jax.tree.map(lambda a: a[0], ref[f"client/{c}"].params[models.EXIT_HEAD]))
+
+
+def test_zero_total_keeps_old_values():
+  part = PartState(params={"unit_1": {"w": jnp.ones((2, 3))}, models.EXIT_HEAD: {"w": jnp.ones((2, 3))}},
+                   batch_stats={}, opt_state={})
+  sums = {1: chunk_sums(part, jnp.zeros(2), None)}
+  model = PartState(params={"unit_1": {"w": jnp.full(3, 5.0)}}, batch_stats={}, opt_state={})
+  heads = {"cut_1": PartState(params={"w": jnp.full(3, 7.0)}, batch_stats={}, opt_state={})}
+  model, heads = combine_sums(model, heads, sums)
+  np.testing.assert_array_equal(model.params["unit_1"]["w"], 5.0)
+  np.testing.assert_array_equal(heads["cut_1"].params["w"], 7.0)
+
+
+def test_aggregate_every_keeps_client_models_between_aggregations():
+  cfg = dataclasses.replace(CFG, cuts=(3, 7, 3), aggregate_every=2)
+  _, sim = train_lib.build(cfg)
+  state, _, _ = sim.run_round(sim.init_state(jax.random.PRNGKey(0)), 0, jax.random.PRNGKey(1))
+  # after round 1 of 2: no aggregation yet; each client holds its own models
+  k3, k7 = state.clients[group_key(3)].params, state.clients[group_key(7)].params
+  assert not np.allclose(KERNEL(k3, 5)[0], KERNEL(k7, 5)[0])
+  assert not np.allclose(KERNEL(k3, 1)[0], KERNEL(k3, 1)[1])
+  state, _, _ = sim.run_round(state, 1, jax.random.PRNGKey(1))
+  k3, k7 = state.clients[group_key(3)].params, state.clients[group_key(7)].params
+  for k in (1, 5, 9):  # client part of one, server part of another: one average
+    np.testing.assert_array_equal(KERNEL(k3, k)[0], KERNEL(k7, k)[0])
+    np.testing.assert_array_equal(KERNEL(k3, k)[1], KERNEL(state.model.params, k))
 
 
 def test_server_gradient_reaches_client_only_when_asked():
   outs = {}
   for flag in (False, True):
     cfg = dataclasses.replace(CFG, cuts=(3,), server_grad_to_client=flag, local_steps=1)
-    _, st = train_lib.build(cfg)
-    state, _ = st.run_round(st.init_state(jax.random.PRNGKey(0)), 0, jax.random.PRNGKey(1))
-    outs[flag] = state
+    _, sim = train_lib.build(cfg)
+    outs[flag], _, _ = sim.run_round(sim.init_state(jax.random.PRNGKey(0)), 0, jax.random.PRNGKey(1))
   # after one step the server update is the same either way (same input h); the client differs
-  chex.assert_trees_all_close(outs[False].servers["cut_3"].params["classifier"],
-                              outs[True].servers["cut_3"].params["classifier"], rtol=1e-5)
-  assert not np.allclose(outs[False].clients["cut_3"].params["unit_1"]["Conv_0"]["kernel"],
-                         outs[True].clients["cut_3"].params["unit_1"]["Conv_0"]["kernel"])
+  chex.assert_trees_all_close(outs[False].model.params["classifier"],
+                              outs[True].model.params["classifier"], rtol=1e-5)
+  assert not np.allclose(KERNEL(outs[False].model.params, 1), KERNEL(outs[True].model.params, 1))
 
 
 def test_sequential_cross_layer_option_averages_client_parts_only():
   cfg = dataclasses.replace(CFG, strategy="sequential", cuts=(3, 7, 3),
                             client_aggregation="cross_layer")
-  _, st = train_lib.build(cfg)
-  state, _ = st.run_round(st.init_state(jax.random.PRNGKey(0)), 0, jax.random.PRNGKey(1))
-  u3 = state.clients[group_key(3)].params["unit_2"]["Conv_0"]["kernel"]
-  u7 = state.clients[group_key(7)].params["unit_2"]["Conv_0"]["kernel"]
+  _, sim = train_lib.build(cfg)
+  state, _, _ = sim.run_round(sim.init_state(jax.random.PRNGKey(0)), 0, jax.random.PRNGKey(1))
+  u3 = KERNEL(state.clients[group_key(3)].params, 2)
+  u7 = KERNEL(state.clients[group_key(7)].params, 2)
   np.testing.assert_allclose(u3[0], u3[1], rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(u3[0], u7[0], rtol=1e-6, atol=1e-7)
   # client 1 (cut 7) is the only client holding units 4..7; the shared server's
   # copy of unit 4 is not pulled into the client average
-  assert not np.allclose(state.clients[group_key(7)].params["unit_4"]["Conv_0"]["kernel"][0],
-                         state.servers[SHARED_SERVER].params["unit_4"]["Conv_0"]["kernel"])
+  assert not np.allclose(KERNEL(state.clients[group_key(7)].params, 4)[0],
+                         KERNEL(state.server.params, 4))
 
 
 def test_sequential_refuses_stacked_modes():
-  import pytest
-  from hsee_jax.config import ConfigError
   with pytest.raises(ConfigError, match="sequential trains them one at a time"):
     dataclasses.replace(CFG, strategy="sequential", mode="vmap")
 
 
 def test_nonfinite_parts_names_the_client_and_part():
-  cfg = dataclasses.replace(CFG, cuts=(3, 7, 3))
-  _, st = train_lib.build(cfg)
-  state = st.init_state(jax.random.PRNGKey(0))
-  assert st.nonfinite_parts(state) == []
+  cfg = dataclasses.replace(CFG, cuts=(3, 7, 3), strategy="sequential")
+  _, sim = train_lib.build(cfg)
+  state = sim.init_state(jax.random.PRNGKey(0))
+  assert sim.algorithm.nonfinite_parts(state) == []
   g = group_key(3)
-  k = state.servers[g].params["unit_9"]["Conv_0"]["kernel"]
-  servers = dict(state.servers)
-  servers[g] = servers[g].replace(params={**servers[g].params,
-                                          "unit_9": {**servers[g].params["unit_9"],
-                                                     "Conv_0": {"kernel": k.at[1, 0].set(np.nan)}}})
-  bad = st.nonfinite_parts(state.replace(servers=servers))
-  assert bad == ["client 2 (cut 3) server part"]
+  k = KERNEL(state.clients[g].params, 2)
+  part = state.clients[g]
+  bad_part = part.replace(params={**part.params, "unit_2": {**part.params["unit_2"],
+                                                            "Conv_0": {"kernel": k.at[1, 0].set(np.nan)}}})
+  bad_state = state.replace(clients={**state.clients, g: bad_part})
+  assert sim.algorithm.nonfinite_parts(bad_state) == ["client 2 (cut 3) client part"]
+  # restricted to the clients that trained this round
+  assert sim.algorithm.nonfinite_parts(bad_state, np.array([0, 1])) == []
+  assert sim.algorithm.nonfinite_parts(bad_state, np.array([2])) == ["client 2 (cut 3) client part"]
+  _, sim = train_lib.build(dataclasses.replace(cfg, strategy="averaging"))
+  state = sim.init_state(jax.random.PRNGKey(0))
+  model = state.model
+  k = KERNEL(model.params, 9)
+  model = model.replace(params={**model.params, "unit_9": {**model.params["unit_9"],
+                                                           "Conv_0": {"kernel": k.at[0].set(np.inf)}}})
+  assert sim.algorithm.nonfinite_parts(state.replace(model=model)) == ["model unit_9"]

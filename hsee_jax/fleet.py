@@ -1,0 +1,192 @@
+"""The fleet of clients, the cohort sampled each round, and a round's inputs.
+
+A *fleet* is N clients, each with a cut layer, a data partition and a compute
+speed (for the simulated clock). The cuts come from the config: one per client
+(``cuts``, or ``client_budgets`` turned into cuts), or device tiers
+(``cut_tiers`` / ``budget_tiers``: a cut or a budget and a share of the fleet)
+assigned to clients by a seeded draw.
+
+Each round a *cohort* of C clients trains. Like FedJAX's
+``UniformGetClientSampler``, it is drawn uniformly without replacement as a
+pure function of (seed, round), so a resumed run samples exactly what the
+straight run sampled; with C = N every client trains every round, in id order.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import jax
+import numpy as np
+
+from hsee_jax import costs
+from hsee_jax import data as data_lib
+from hsee_jax import models
+from hsee_jax.config import Config
+
+
+class FleetError(ValueError):
+  """A fleet that cannot be built; one line naming the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Fleet:
+  """N clients: cut layer, data partition and FLOP/s of each (index = client id)."""
+  cuts: np.ndarray               # int [N]
+  partitions: tuple              # N index arrays into the training set
+  flops_per_s: np.ndarray        # float [N] (simulated clock)
+  reasons: tuple = ()            # budget -> cut explanations, one per tier or client
+
+  @property
+  def size(self) -> int:
+    return len(self.cuts)
+
+  @functools.cached_property
+  def sizes(self) -> np.ndarray:
+    """Data size of every client: the weight of its models in every average."""
+    return np.array([len(p) for p in self.partitions], np.float32)
+
+  @functools.cached_property
+  def groups(self) -> dict[int, np.ndarray]:
+    """Distinct cut -> the ids of the clients at that cut, ascending."""
+    return {int(c): np.flatnonzero(self.cuts == c) for c in np.unique(self.cuts)}
+
+  @functools.cached_property
+  def slots(self) -> np.ndarray:
+    """Each client's row in its cut group's per-client state."""
+    out = np.zeros(self.size, np.int64)
+    for ids in self.groups.values():
+      out[ids] = np.arange(len(ids))
+    return out
+
+  def describe(self) -> dict:
+    """What ``fleet.json`` holds: every client's cut and data size, and the tiers."""
+    return {"num_clients": self.size,
+            "clients_per_cut": {str(c): int(len(i)) for c, i in self.groups.items()},
+            "cuts": self.cuts.tolist(), "data_sizes": self.sizes.astype(int).tolist(),
+            "reasons": list(self.reasons)}
+
+
+def tier_counts(shares, n: int) -> np.ndarray:
+  """Clients per tier: ``n * share`` rounded by largest remainder (sums to ``n``)."""
+  raw = np.asarray(shares, np.float64) * n
+  counts = np.floor(raw).astype(int)
+  order = np.argsort(-(raw - counts), kind="stable")
+  counts[order[:n - counts.sum()]] += 1
+  return counts
+
+
+def assign_tiers(shares, n: int, seed: int) -> np.ndarray:
+  """Tier index of each of ``n`` clients: exact counts, seeded order."""
+  tiers = np.repeat(np.arange(len(shares)), tier_counts(shares, n))
+  return np.random.default_rng([seed, 5]).permutation(tiers)
+
+
+def build_fleet(cfg: Config, dataset: data_lib.Dataset,
+                log: Callable[[str], None] | None = None) -> Fleet:
+  """The config's fleet on ``dataset``: cuts, partitions and speeds."""
+  n = cfg.fleet_size
+  reasons: list[str] = []
+  tier = None
+  if cfg.cut_tiers or cfg.budget_tiers:
+    tiers = cfg.cut_tiers or cfg.budget_tiers
+    tier = assign_tiers([t[1] for t in tiers], n, cfg.seed)
+    tier_cuts = [t[0] for t in tiers]
+    if cfg.budget_tiers:
+      tier_cuts = _budget_cuts(cfg, dataset, [t[0] for t in tiers], "tier", reasons)
+    cuts = np.asarray(tier_cuts, np.int64)[tier]
+  elif cfg.client_budgets:
+    cuts = np.asarray(_budget_cuts(cfg, dataset, cfg.client_budgets, "client", reasons), np.int64)
+  else:
+    cuts = np.asarray(cfg.cuts, np.int64)
+  for r in reasons:
+    (log or (lambda s: None))(f"[hsee] {r}")
+  try:
+    partitions = data_lib.partition(dataset.train_labels, n, cfg.partition,
+                                    cfg.dirichlet_alpha, cfg.seed)
+  except data_lib.DataError as e:
+    raise FleetError(str(e)) from None
+  speeds = np.full(n, 1e10)
+  if cfg.client_flops_per_s:
+    given = np.asarray(cfg.client_flops_per_s, np.float64)
+    speeds = given if len(given) == n and tier is None else given[tier]
+  return Fleet(cuts, tuple(partitions), speeds, tuple(reasons))
+
+
+def _budget_cuts(cfg, dataset, budgets, what: str, reasons: list) -> list[int]:
+  net = models.SplitResNet18(dataset.num_classes, cfg.width, cfg.exit_head)
+  try:
+    choices = costs.choose_cuts(net, dataset.image_shape, budgets, cfg.batch_size)
+  except ValueError as e:
+    raise FleetError(f"{'budget_tiers' if what == 'tier' else 'client_budgets'}: "
+                     f"{str(e).replace('client', what)}") from None
+  reasons.extend(f"{what} {c['client']}: {c['reason']}" for c in choices)
+  return [c["cut"] for c in choices]
+
+
+def sample_cohort(seed: int, rnd: int, num_clients: int, cohort_size: int) -> np.ndarray:
+  """Client ids of round ``rnd``'s cohort, ascending: uniform without
+  replacement, a pure function of (seed, round); everyone when C = N."""
+  if cohort_size >= num_clients:
+    return np.arange(num_clients)
+  rng = np.random.default_rng([seed, 13, rnd])
+  return np.sort(rng.choice(num_clients, cohort_size, replace=False))
+
+
+@dataclasses.dataclass(frozen=True)
+class Cohort:
+  """One round's clients and their inputs (host arrays; positions = cohort order).
+
+  ``ids`` [C] client ids, ascending; ``cuts`` [C]; ``slots`` [C] each client's
+  row in its cut group's per-client state; ``indices`` [C, S, B] the training
+  images of every local step; ``lrs`` [S] the learning rate of every step;
+  ``weights`` [C] data sizes; ``keys`` [C, 2] PRNG keys (uint32).
+  """
+  round: int
+  ids: np.ndarray
+  cuts: np.ndarray
+  slots: np.ndarray
+  indices: np.ndarray
+  lrs: np.ndarray
+  weights: np.ndarray
+  keys: np.ndarray
+
+  @property
+  def size(self) -> int:
+    return len(self.ids)
+
+
+@jax.jit
+def _client_keys(base_key, rnd, ids):
+  return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(base_key, rnd), ids)
+
+
+def make_cohort(fleet: Fleet, cfg: Config, rnd: int, local_steps: int, schedule,
+                base_key) -> Cohort:
+  """Round ``rnd``'s cohort: who trains, on which images, at which rates, with
+  which keys. Data order and keys are pure functions of (seed, round, client)."""
+  ids = sample_cohort(cfg.seed, rnd, fleet.size, cfg.cohort_size)
+  indices = np.stack([data_lib.client_batches(fleet.partitions[i], local_steps, cfg.batch_size,
+                                              cfg.seed, rnd, int(i)) for i in ids])
+  steps = rnd * local_steps + np.arange(local_steps)
+  lrs = np.asarray([schedule(int(s)) for s in steps], np.float32)
+  keys = np.asarray(_client_keys(base_key, rnd, ids.astype(np.int32)))
+  return Cohort(round=rnd, ids=ids, cuts=fleet.cuts[ids], slots=fleet.slots[ids],
+                indices=indices, lrs=lrs, weights=fleet.sizes[ids], keys=keys)
+
+
+def chunk_plan(n: int, chunk: int, pad: bool) -> list[tuple[int, int]]:
+  """Split ``n`` clients into calls of at most ``chunk``: (real, size) pairs.
+
+  Full chunks, then the rest. With ``pad`` (sampled cohorts, whose group
+  sizes change from round to round) the rest is padded up to the next power
+  of two, so one compilation per (cut, size) serves every round; without it
+  (the same clients every round) the rest runs unpadded.
+  """
+  out = [(chunk, chunk)] * (n // chunk)
+  rest = n % chunk
+  if rest:
+    out.append((rest, min(chunk, 1 << math.ceil(math.log2(rest))) if pad else rest))
+  return out
