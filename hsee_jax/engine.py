@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,5 +160,13 @@ class ClientRunner:
     if self.stacked:
       return self._run(shared, states, xs, 1)
     k = jax.tree.leaves(xs)[0].shape[0]
-    return tree_stack([self._run(shared, tree_slice(states, i), tree_slice(xs, i), 0)
+    return tree_stack([self._run(shared, tree_slice(states, i), _host_or_device_slice(xs, i), 0)
                        for i in range(k)])
+
+
+def _host_or_device_slice(tree, i):
+  """Client ``i``: host (numpy) inputs are sliced on the host, for free; device
+  arrays by one jitted call."""
+  if all(isinstance(a, np.ndarray) for a in jax.tree.leaves(tree)):
+    return jax.tree.map(lambda a: a[i], tree)
+  return tree_slice(tree, i)

@@ -402,16 +402,11 @@ def _bad_rows(ctx: Context, stores: dict, side: str, ids=None) -> list[str]:
   return bad
 
 
-def _metrics_in_cohort_order(parts: list, size: int) -> jax.Array:
-  """[C, 4] from per-chunk metrics [K, 4] and their cohort positions (padding dropped)."""
-  ms = jnp.concatenate([m for m, _ in parts])
-  pos = np.concatenate([p for _, p in parts])
-  return _scatter_rows(ms, pos, size)
-
-
-@functools.partial(jax.jit, static_argnums=2)
-def _scatter_rows(ms, pos, size):
-  return jnp.zeros((size, ms.shape[1]), ms.dtype).at[pos].set(ms, mode="drop")
+@functools.partial(jax.jit, donate_argnums=0)
+def _scatter_rows(buf, ms, pos):
+  """``buf`` [C, 4] with a chunk's metrics [K, 4] written at its cohort
+  positions (padding, at position C, dropped); one compilation per K."""
+  return buf.at[pos].set(ms, mode="drop")
 
 
 # -- Averaging -----------------------------------------------------------------------------
@@ -479,7 +474,8 @@ def averaging(ctx: Context) -> Algorithm:
   def apply(state: AveragingState, cohort: Cohort):
     due = (cohort.round + 1) % cfg.aggregate_every == 0
     kept = dict(state.clients)
-    sums, metrics = {}, []
+    sums = {}
+    metrics = jnp.zeros((cohort.size, len(METRIC_NAMES)), jnp.float32)
     for cut in np.unique(cohort.cuts):
       cut, g = int(cut), group_key(int(cut))
       positions = np.flatnonzero(cohort.cuts == cut)
@@ -495,14 +491,14 @@ def averaging(ctx: Context) -> Algorithm:
         (client, server), xs, keys = ctx.place(((client, server), xs, cohort.keys[padded]), k)
         (client, server), m = ctx.runners[cut](ctx.shared, (client, server, keys), xs)
         kept[g], sums[cut] = finish(kept[g], sums.get(cut), client, server, weights, slots, due)
-        metrics.append((m, np.concatenate([pos, np.full(k - real, cohort.size)])))
+        metrics = _scatter_rows(metrics, m, np.concatenate([pos, np.full(k - real, cohort.size)]))
     model, heads = state.model, state.exit_heads
     if due:
       model, heads = combine(model, heads, sums)
       if keep_models:
         kept = _spread(kept, model, heads)
     new = AveragingState(model=model, exit_heads=heads, clients=kept)
-    return new, _metrics_in_cohort_order(metrics, cohort.size)
+    return new, metrics
 
   def eval_models(state: AveragingState) -> list[EvalModel]:
     out = []
@@ -577,8 +573,8 @@ def sequential(ctx: Context) -> Algorithm:
       g, slot = group_key(cut), int(cohort.slots[pos])
       client = take(clients[g], slot)
       sub = server.subset(server_names(cut))
-      xs = (jnp.asarray(cohort.indices[pos]), jnp.asarray(cohort.lrs))
-      (client, sub), m = ctx.runners[cut].one(ctx.shared, (client, sub, jnp.asarray(cohort.keys[pos])), xs)
+      xs = (cohort.indices[pos], cohort.lrs)  # host arrays: sliced per step for free
+      (client, sub), m = ctx.runners[cut].one(ctx.shared, (client, sub, cohort.keys[pos]), xs)
       clients[g] = put(clients[g], slot, client)
       server = server.merge(sub)
       metrics.append(m)
