@@ -149,13 +149,17 @@ def test_cohort_of_everyone_matches_the_reference_round():
       chex.assert_trees_all_close(jax.tree.map(lambda a: a[0], p), mine, rtol=1e-5, atol=1e-6)
 
 
+# two tiers: fewer compilations for the tests that train several times
+FLEET2 = dataclasses.replace(FLEET, cut_tiers=((2, 0.6), (6, 0.4)))
+
+
 def test_chunked_equals_unchunked_with_sampling():
   """Chunks of 2 against one chunk per cut (16; padded to a power of two with
   zero-weight clients): the same training; the sums are formed in another
   order, so to float32 rounding."""
   outs = {}
   for chunk in (2, 16):
-    _, sim = train_lib.build(dataclasses.replace(FLEET, client_chunk=chunk, mode="loop"))
+    _, sim = train_lib.build(dataclasses.replace(FLEET2, client_chunk=chunk, mode="loop"))
     state = sim.init_state(jax.random.PRNGKey(0))
     for rnd in range(2):
       state, metrics, cohort = sim.run_round(state, rnd, jax.random.PRNGKey(1))
@@ -202,7 +206,7 @@ def test_averaging_evaluates_once_per_cut_and_sequential_a_seeded_sample():
 
 @pytest.mark.parametrize("strategy", ["averaging", "sequential"])
 def test_fleet_run_resumes_exactly_with_sampling(tmp_path, strategy):
-  cfg = dataclasses.replace(FLEET, strategy=strategy, checkpoint_every=1, eval_clients=2,
+  cfg = dataclasses.replace(FLEET2, strategy=strategy, checkpoint_every=1, eval_clients=2,
                             mode="loop", client_state="keep")
   straight = _train(cfg, tmp_path / "straight")
   part = tmp_path / "part"
@@ -214,7 +218,7 @@ def test_fleet_run_resumes_exactly_with_sampling(tmp_path, strategy):
   assert [_strip(r) for r in _records(tmp_path / "straight")] == [_strip(r) for r in _records(part)]
   assert straight["test"] == resumed["test"]
   test = straight["test"]
-  assert [c["cut"] for c in test["cuts"]] == [2, 4, 6]
+  assert [c["cut"] for c in test["cuts"]] == [2, 6]
   for c in test["cuts"]:
     assert c["exit_acc"]["min"] <= c["exit_acc"]["mean"] <= c["exit_acc"]["max"]
   # every round trained 6 distinct clients of the 20
@@ -222,4 +226,4 @@ def test_fleet_run_resumes_exactly_with_sampling(tmp_path, strategy):
     ids = [c["client"] for c in r["train_per_client"]]
     assert len(set(ids)) == 6 and max(ids) < 20
   fleet = json.loads((part / "fleet.json").read_text())
-  assert fleet["clients_per_cut"] == {"2": 10, "4": 6, "6": 4}
+  assert fleet["clients_per_cut"] == {"2": 12, "6": 8}
