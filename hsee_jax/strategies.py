@@ -369,9 +369,20 @@ class Context:
     return np.sort(np.random.default_rng([self.cfg.seed, 17, cut]).choice(ids, n, replace=False))
 
 
-def _finite(tree) -> jax.Array:
-  leaves = jax.tree.leaves(tree)
-  return jnp.all(jnp.stack([jnp.isfinite(a).all() for a in leaves])) if leaves else jnp.bool_(True)
+@jax.jit
+def _finite(trees: dict) -> dict:
+  """Name -> is every array of that subtree finite? (one compiled call per check)"""
+  def ok(tree):
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.stack([jnp.isfinite(a).all() for a in leaves])) if leaves else jnp.bool_(True)
+  return {name: ok(tree) for name, tree in trees.items()}
+
+
+def _per_client_bytes(init, fleet: Fleet) -> dict:
+  """Bytes of persistent per-client state of one client, by cut (from the state's shapes)."""
+  shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
+  return {cut: _nbytes(shapes.clients[group_key(cut)]) // len(ids)
+          for cut, ids in fleet.groups.items()}
 
 
 @jax.jit
@@ -516,18 +527,17 @@ def averaging(ctx: Context) -> Algorithm:
     return out
 
   def nonfinite_parts(state: AveragingState, ids=None) -> list[str]:
-    bad = [f"model {n}" for n in state.model.params
-           if not bool(_finite((state.model.params[n], state.model.batch_stats.get(n, {}))))]
-    bad += [f"exit head of cut {g.split('_')[1]}" for g, h in state.exit_heads.items()
-            if not bool(_finite((h.params, h.batch_stats)))]
+    flags = jax.device_get(_finite({
+        **{f"model {n}": (p, state.model.batch_stats.get(n, {})) for n, p in state.model.params.items()},
+        **{f"exit head of cut {g.split('_')[1]}": (h.params, h.batch_stats)
+           for g, h in state.exit_heads.items()}}))
+    bad = [name for name, ok in flags.items() if not ok]
     if keep_models:
       bad += _bad_rows(ctx, state.clients, "model", ids)
     return bad
 
-  shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
-  per_client = {cut: _nbytes(shapes.clients[group_key(cut)]) // len(ids)
-                for cut, ids in fleet.groups.items()}
-  return Algorithm("averaging", init, apply, eval_models, nonfinite_parts, per_client)
+  return Algorithm("averaging", init, apply, eval_models, nonfinite_parts,
+                   _per_client_bytes(init, fleet))
 
 
 # -- Sequential ----------------------------------------------------------------------------
@@ -593,14 +603,12 @@ def sequential(ctx: Context) -> Algorithm:
 
   def nonfinite_parts(state: SequentialState, ids=None) -> list[str]:
     bad = _bad_rows(ctx, state.clients, "client part", ids)
-    if not bool(_finite((state.server.params, state.server.batch_stats))):
+    if not _finite({"server": (state.server.params, state.server.batch_stats)})["server"]:
       bad.append("shared server part")
     return bad
 
-  shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
-  per_client = {cut: _nbytes(shapes.clients[group_key(cut)]) // len(ids)
-                for cut, ids in fleet.groups.items()}
-  return Algorithm("sequential", init, apply, eval_models, nonfinite_parts, per_client)
+  return Algorithm("sequential", init, apply, eval_models, nonfinite_parts,
+                   _per_client_bytes(init, fleet))
 
 
 STRATEGIES = {"averaging": averaging, "sequential": sequential}
