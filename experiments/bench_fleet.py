@@ -6,19 +6,26 @@ fleet size N and cohort size C, with the PyTorch loop on the same cohort.
         --strategies averaging,sequential --ns 16,128,1024,10000 --cs 4,16,64
 
 (a) C fixed (``--fixed-c``), N in ``--ns``; (b) N fixed (``--fixed-n``), C in
-``--cs``. Every point runs in its own process (so peak RSS and compilation are
+``--cs``; (c) with ``--chunks``, Averaging at N = ``--fixed-n`` and the
+largest C of ``--cs`` for each client chunk and each mode of
+``--chunk-modes`` (what ``client_chunk = 0`` and ``mode = auto`` are set
+from). Every point runs in its own process (so memory and compilation are
 its own): synthetic 32x32 data (2 images per client, at least 4,096), cuts in
 three tiers (3, 5, 7 on 50/30/20% of the fleet), IID partitions, client
-optimiser state reset each round, the default execution (``mode=auto``, the
-default chunk). Measured: seconds per round, the median of ``--rounds``
-rounds that compiled nothing new (sampled cohorts meet new chunk sizes, so
-new compilations, in their first rounds); compilation, the time of all rounds
-run less that median per round; images/s, peak RSS of the process, the
-persistent state and the bytes of one orbax checkpoint of it. (c) With torch
-installed, the PyTorch reference loop (experiments/torch_reference.py) trains
-the same number of clients per round, at the same cuts, steps and batch, in
-the same job: the yardstick. Writes bench_fleet.json, bench_fleet.csv and
-bench_fleet.png to --out.
+optimiser state reset each round, no augmentation (the PyTorch reference does
+none; ``--augment`` turns it on for hsee_jax), the default execution
+(``mode=auto``, the default chunk) unless a sweep sets them. Measured:
+seconds per round, the median of ``--rounds`` rounds that compiled nothing
+new (sampled cohorts meet new chunk sizes, so new compilations, in their
+first rounds); compilation, the time of all rounds run less that median per
+round; images/s; ``peak_rss_mb``, the process's peak RSS including the
+compiler's, and ``train_rss_mb``, the peak RSS during the rounds that
+compiled nothing (VmHWM reset at the start of each round): the memory
+training itself needs; the persistent state and the bytes of one orbax
+checkpoint of it. (d) With torch installed, the PyTorch reference loop
+(experiments/torch_reference.py) trains the same number of clients per
+round, at the same cuts, steps and batch, in the same job: the yardstick.
+Writes bench_fleet.json, bench_fleet.csv and bench_fleet.png to --out.
 """
 from __future__ import annotations
 
@@ -43,8 +50,25 @@ def _rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _hwm_reset() -> None:
+  try:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
+  except OSError:
+    pass
+
+
+def _hwm_mb() -> float:
+  try:
+    for line in Path("/proc/self/status").read_text().splitlines():
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024
+  except OSError:
+    pass
+  return float("nan")
+
+
 def point(strategy: str, width: float, n: int, c: int, rounds: int, steps: int, batch: int,
-          mode: str = "auto") -> dict:
+          mode: str = "auto", chunk: int = 0, augment: bool = False) -> dict:
   """One (strategy, width, N, C) point, in this process."""
   import jax
 
@@ -54,7 +78,8 @@ def point(strategy: str, width: float, n: int, c: int, rounds: int, steps: int, 
   cfg = Config(dataset="synthetic", synthetic_shape=(32, 32, 10, max(4096, 2 * n), 16),
                width=width, num_clients=n, cut_tiers=TIERS, clients_per_round=c,
                client_state="reset", strategy=strategy, local_steps=steps, batch_size=batch,
-               rounds=1000, augment=True, schedule="constant", mode=mode)
+               rounds=1000, augment=augment, schedule="constant", mode=mode,
+               client_chunk=chunk)
   _, sim = train_lib.build(cfg)
   key = jax.random.PRNGKey(1)
   state = jax.block_until_ready(sim.init_state(jax.random.PRNGKey(0)))
@@ -63,16 +88,18 @@ def point(strategy: str, width: float, n: int, c: int, rounds: int, steps: int, 
   # the rest of the time.
   compiled = lambda: sum(r._step._cache_size() + r._init._cache_size() + r._final._cache_size()
                          for r in sim.runners.values())
-  times, clean = [], []
+  times, clean, clean_rss = [], [], []
   rnd = 0
   while len(clean) < rounds and rnd < 40:
     before = compiled()
+    _hwm_reset()
     t0 = time.perf_counter()
     state, metrics, _ = sim.run_round(state, rnd, key)
     jax.block_until_ready(state)
     times.append(time.perf_counter() - t0)
     if rnd > 0 and compiled() == before:
       clean.append(times[-1])
+      clean_rss.append(_hwm_mb())
     rnd += 1
   state_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(state))
   with tempfile.TemporaryDirectory() as d:
@@ -86,12 +113,13 @@ def point(strategy: str, width: float, n: int, c: int, rounds: int, steps: int, 
           "first_round_s": times[0], "round_s": later,
           "compile_s": sum(times) - later * len(times), "rounds_run": len(times),
           "images_per_s": c * steps * batch / later, "peak_rss_mb": _rss_mb(),
+          "train_rss_mb": max(clean_rss), "augment": augment,
           "state_mb": state_bytes / 2**20, "checkpoint_mb": ckpt_bytes / 2**20,
           "per_client_state_bytes": {str(k): v for k, v in sim.algorithm.per_client_bytes.items()},
           "round_times_s": times}
 
 
-def torch_point(width: float, c: int, rounds: int, steps: int, batch: int, mode: str = "") -> dict:
+def torch_point(width: float, c: int, rounds: int, steps: int, batch: int) -> dict:
   """The PyTorch loop on a cohort of ``c`` clients (cuts in the same tiers)."""
   import numpy as np
   import torch
@@ -106,22 +134,23 @@ def torch_point(width: float, c: int, rounds: int, steps: int, batch: int, mode:
   images = torch.randn(4096, 3, 32, 32)
   labels = torch.randint(0, 10, (4096,))
   gen = torch.Generator().manual_seed(0)
-  times = []
+  times, rss = [], []
   for _ in range(rounds + 1):
+    _hwm_reset()
     t0 = time.perf_counter()
     ref.run_round(clients, images, labels, steps, batch, gen)
     times.append(time.perf_counter() - t0)
+    rss.append(_hwm_mb())
   later = statistics.median(times[1:])
   return {"system": "pytorch", "strategy": "averaging", "width": width, "num_clients": c,
           "clients_per_round": c, "first_round_s": times[0], "round_s": later,
           "images_per_s": c * steps * batch / later, "peak_rss_mb": _rss_mb(),
-          "round_times_s": times}
+          "train_rss_mb": max(rss[1:]), "round_times_s": times}
 
 
 def _child(args, spec: dict) -> dict:
   cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--rounds", str(args.rounds),
-         "--steps", str(args.steps), "--batch", str(args.batch), "--mode", args.mode,
-         "--out", args.out]
+         "--steps", str(args.steps), "--batch", str(args.batch), "--out", args.out]
   r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
   if r.returncode != 0:
     raise RuntimeError(f"bench point {spec} failed:\n{r.stderr[-3000:]}")
@@ -141,14 +170,16 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=2)
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--mode", default="auto", help="execution mode of hsee_jax (default: auto)")
+  p.add_argument("--chunks", default="", help="(c): client chunks to sweep, e.g. 1,2,4,8")
+  p.add_argument("--chunk-modes", default="unrolled,loop", help="(c): modes to sweep")
+  p.add_argument("--augment", action="store_true", help="augment in hsee_jax (torch does not)")
   p.add_argument("--no-torch", action="store_true")
   p.add_argument("--child", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.child:
     spec = json.loads(args.child)
     fn = torch_point if spec.pop("torch", False) else point
-    print(json.dumps(fn(**spec, rounds=args.rounds, steps=args.steps, batch=args.batch,
-                        mode=args.mode)))
+    print(json.dumps(fn(**spec, rounds=args.rounds, steps=args.steps, batch=args.batch)))
     return
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -162,16 +193,22 @@ def main(argv=None):
   rows = []
   for width in map(float, args.widths.split(",")):
     for strategy in args.strategies.split(","):
-      points = [("a", n, args.fixed_c) for n in map(int, args.ns.split(","))]
-      points += [("b", args.fixed_n, int(c)) for c in args.cs.split(",") if c]
-      for sweep, n, c in points:
-        row = _child(args, dict(strategy=strategy, width=width, n=n, c=c))
+      base = dict(strategy=strategy, width=width, mode=args.mode, augment=args.augment)
+      points = [("a", dict(base, n=n, c=args.fixed_c)) for n in map(int, args.ns.split(",") if args.ns else [])]
+      points += [("b", dict(base, n=args.fixed_n, c=int(c))) for c in args.cs.split(",") if c]
+      if args.chunks and strategy == "averaging":  # Sequential runs one client at a time
+        c_max = max([int(c) for c in args.cs.split(",") if c] or [args.fixed_c])
+        points += [("c", dict(base, n=args.fixed_n, c=c_max, mode=m, chunk=int(k)))
+                   for m in args.chunk_modes.split(",") for k in args.chunks.split(",")]
+      for sweep, spec in points:
+        row = _child(args, spec)
         row["sweep"] = sweep
         rows.append(row)
-        print(f"[bench_fleet] {strategy} w={width} N={n:>5} C={c:>3}: {row['round_s']:.2f} s/round "
+        print(f"[bench_fleet] {strategy} w={width} N={spec['n']:>5} C={spec['c']:>3} "
+              f"{row['mode']}/{row['chunk']}: {row['round_s']:.2f} s/round "
               f"({row['images_per_s']:.0f} img/s), compile {row['compile_s']:.1f} s, "
-              f"RSS {row['peak_rss_mb']:.0f} MB, state {row['state_mb']:.1f} MB, "
-              f"checkpoint {row['checkpoint_mb']:.1f} MB", flush=True)
+              f"RSS {row['peak_rss_mb']:.0f} MB (training {row['train_rss_mb']:.0f} MB), "
+              f"state {row['state_mb']:.1f} MB, checkpoint {row['checkpoint_mb']:.1f} MB", flush=True)
     if have_torch:
       for c in sorted({args.fixed_c, *(int(c) for c in args.cs.split(",") if c)}):
         row = _child(args, dict(torch=True, width=width, c=c))
@@ -181,8 +218,8 @@ def main(argv=None):
               f"({row['images_per_s']:.0f} img/s)", flush=True)
   (out / "bench_fleet.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
   keys = ["system", "strategy", "width", "sweep", "num_clients", "clients_per_round", "mode",
-          "chunk", "first_round_s", "compile_s", "round_s", "images_per_s", "peak_rss_mb",
-          "state_mb", "checkpoint_mb"]
+          "chunk", "augment", "first_round_s", "compile_s", "round_s", "images_per_s",
+          "peak_rss_mb", "train_rss_mb", "state_mb", "checkpoint_mb"]
   with open(out / "bench_fleet.csv", "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
     w.writeheader()
@@ -198,7 +235,7 @@ def _plot(rows, out: Path) -> None:
     import matplotlib.pyplot as plt
   except ImportError:
     return
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  fig, axes = plt.subplots(1, 4, figsize=(20, 4))
   for key in sorted({(r["strategy"], r["width"]) for r in rows if r["system"] == "hsee_jax"}):
     a = [r for r in rows if r["system"] == "hsee_jax" and (r["strategy"], r["width"]) == key
          and r["sweep"] == "a"]
@@ -207,6 +244,8 @@ def _plot(rows, out: Path) -> None:
     label = f"{key[0]} w={key[1]}"
     axes[0].plot([r["num_clients"] for r in a], [r["round_s"] for r in a], marker="o", label=label)
     axes[1].plot([r["num_clients"] for r in a], [r["peak_rss_mb"] for r in a], marker="o", label=label)
+    axes[1].plot([r["num_clients"] for r in a], [r["train_rss_mb"] for r in a], marker=".", ls=":",
+                 label=label + " (training rounds)")
     axes[2].plot([r["clients_per_round"] for r in b], [r["images_per_s"] for r in b], marker="o",
                  label=label)
   for w in sorted({r["width"] for r in rows if r["system"] == "pytorch"}):
@@ -214,9 +253,15 @@ def _plot(rows, out: Path) -> None:
                key=lambda r: r["clients_per_round"])
     axes[2].plot([r["clients_per_round"] for r in t], [r["images_per_s"] for r in t], ls="--",
                  marker="x", label=f"pytorch w={w}")
+  for key in sorted({(r["mode"], r["width"]) for r in rows if r.get("sweep") == "c"}):
+    c = sorted((r for r in rows if r.get("sweep") == "c" and (r["mode"], r["width"]) == key),
+               key=lambda r: r["chunk"])
+    axes[3].plot([r["chunk"] for r in c], [r["images_per_s"] for r in c], marker="o",
+                 label=f"averaging {key[0]} w={key[1]}")
   for ax, (x, y) in zip(axes, [("fleet size N", "seconds per round (after compilation)"),
                                ("fleet size N", "peak RSS (MB)"),
-                               ("clients per round C", "images/s")]):
+                               ("clients per round C", "images/s"),
+                               ("client chunk", "images/s")]):
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.set_xscale("log")

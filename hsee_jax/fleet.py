@@ -177,16 +177,26 @@ def make_cohort(fleet: Fleet, cfg: Config, rnd: int, local_steps: int, schedule,
                 indices=indices, lrs=lrs, weights=fleet.sizes[ids], keys=keys)
 
 
+# Chunk sizes up to this run exactly; a larger rest is padded to a power of two.
+EXACT_CHUNK_SIZES = 4
+
+
 def chunk_plan(n: int, chunk: int, pad: bool) -> list[tuple[int, int]]:
   """Split ``n`` clients into calls of at most ``chunk``: (real, size) pairs.
 
-  Full chunks, then the rest. With ``pad`` (sampled cohorts, whose group
-  sizes change from round to round) the rest is padded up to the next power
-  of two, so one compilation per (cut, size) serves every round; without it
-  (the same clients every round) the rest runs unpadded.
+  Full chunks, then the rest. With ``pad`` (sampled cohorts in a stacked
+  mode, whose group sizes change from round to round) a rest above
+  ``EXACT_CHUNK_SIZES`` is padded with zero-weight clients up to the next
+  power of two, so at most ``EXACT_CHUNK_SIZES + log2(chunk / 4)`` sizes
+  compile per cut and serve every round; a rest of 1..4 runs as it is (no
+  wasted clients at the CPU default chunk of 4). Without ``pad`` (the same
+  clients every round, or one call per client) the rest runs unpadded.
   """
   out = [(chunk, chunk)] * (n // chunk)
   rest = n % chunk
   if rest:
-    out.append((rest, min(chunk, 1 << math.ceil(math.log2(rest))) if pad else rest))
+    size = rest
+    if pad and rest > EXACT_CHUNK_SIZES:
+      size = min(chunk, 1 << math.ceil(math.log2(rest)))
+    out.append((rest, size))
   return out

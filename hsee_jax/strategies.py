@@ -491,7 +491,8 @@ def averaging(ctx: Context) -> Algorithm:
       cut, g = int(cut), group_key(int(cut))
       positions = np.flatnonzero(cohort.cuts == cut)
       start = 0
-      for real, k in chunk_plan(len(positions), ctx.chunk, pad=cfg.samples_clients):
+      pad = cfg.samples_clients and ctx.runners[cut].stacked
+      for real, k in chunk_plan(len(positions), ctx.chunk, pad):
         pos = positions[start:start + real]
         start += real
         padded = np.concatenate([pos, np.full(k - real, pos[0])])

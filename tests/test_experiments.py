@@ -89,16 +89,19 @@ def test_bench_fleet_end_to_end(tmp_path):
   r = subprocess.run([sys.executable, str(REPO / "experiments" / "bench_fleet.py"), "--out", str(out),
                       "--strategies", "averaging", "--widths", "0.0625", "--ns", "6,40",
                       "--fixed-c", "3", "--cs", "", "--rounds", "1", "--mode", "loop",
-                      "--steps", "1", "--batch", "4", "--no-torch"],
+                      "--steps", "1", "--batch", "4", "--no-torch", "--fixed-n", "40",
+                      "--chunks", "2", "--chunk-modes", "unrolled"],
                      capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
   rows = json.loads((out / "bench_fleet.json").read_text())["rows"]
-  assert {(row["strategy"], row["num_clients"], row["clients_per_round"]) for row in rows} == {
-      ("averaging", 6, 3), ("averaging", 40, 3)}
+  assert [(row["sweep"], row["num_clients"], row["clients_per_round"], row["mode"], row["chunk"])
+          for row in rows] == [("a", 6, 3, "loop", 4), ("a", 40, 3, "loop", 4),
+                               ("c", 40, 3, "unrolled", 2)]
   for row in rows:
-    assert row["round_s"] > 0 and row["checkpoint_mb"] > 0 and row["peak_rss_mb"] > 0
+    assert row["round_s"] > 0 and row["checkpoint_mb"] > 0
+    assert 0 < row["train_rss_mb"] <= row["peak_rss_mb"]
   # Averaging with reset client state holds nothing per client: the state does
   # not grow from 6 to 40 clients
-  avg = {row["num_clients"]: row["state_mb"] for row in rows}
+  avg = {row["num_clients"]: row["state_mb"] for row in rows if row["sweep"] == "a"}
   assert avg[6] == avg[40]
   assert (out / "bench_fleet.csv").exists() and (out / "bench_fleet.png").exists()

@@ -48,11 +48,16 @@ def test_tiers_give_exact_counts_in_a_seeded_order():
   assert not np.array_equal(t, assign_tiers((0.5, 0.3, 0.2), 1000, seed=2))
 
 
-def test_chunk_plan_pads_only_sampled_groups_to_powers_of_two():
+def test_chunk_plan_pads_only_large_sampled_rests_to_powers_of_two():
   assert chunk_plan(10, 4, pad=False) == [(4, 4), (4, 4), (2, 2)]
-  assert chunk_plan(11, 4, pad=True) == [(4, 4), (4, 4), (3, 4)]
+  assert chunk_plan(11, 4, pad=True) == [(4, 4), (4, 4), (3, 3)]   # 1..4 run exactly
+  assert chunk_plan(3, 8, pad=True) == [(3, 3)]
   assert chunk_plan(5, 8, pad=True) == [(5, 8)]
-  assert chunk_plan(3, 8, pad=True) == [(3, 4)]
+  assert chunk_plan(21, 32, pad=True) == [(21, 32)]
+  assert chunk_plan(37, 32, pad=True) == [(32, 32), (5, 8)]
+  assert chunk_plan(21, 32, pad=False) == [(21, 21)]
+  # every rest of a chunk of 32 lands on one of 7 sizes
+  assert {chunk_plan(n, 32, pad=True)[-1][1] for n in range(1, 33)} == {1, 2, 3, 4, 8, 16, 32}
 
 
 @pytest.mark.parametrize("kw,msg", [
@@ -154,16 +159,21 @@ FLEET2 = dataclasses.replace(FLEET, cut_tiers=((2, 0.6), (6, 0.4)))
 
 
 def test_chunked_equals_unchunked_with_sampling():
-  """Chunks of 2 against one chunk per cut (16; padded to a power of two with
-  zero-weight clients): the same training; the sums are formed in another
-  order, so to float32 rounding."""
+  """Chunks of 2 against one chunk per cut (16, whose rests of 5..8 clients
+  are padded to 8 with zero-weight clients): the same training; the sums are
+  formed in another order, so to float32 rounding."""
+  cfg = dataclasses.replace(FLEET2, clients_per_round=12, mode="vmap")
   outs = {}
   for chunk in (2, 16):
-    _, sim = train_lib.build(dataclasses.replace(FLEET2, client_chunk=chunk, mode="loop"))
+    _, sim = train_lib.build(dataclasses.replace(cfg, client_chunk=chunk))
     state = sim.init_state(jax.random.PRNGKey(0))
+    padded = 0
     for rnd in range(2):
       state, metrics, cohort = sim.run_round(state, rnd, jax.random.PRNGKey(1))
-    outs[chunk] = (state, metrics)
+      padded += sum(k - real for c in np.unique(cohort.cuts)
+                    for real, k in chunk_plan(int((cohort.cuts == c).sum()), chunk, pad=True))
+    outs[chunk] = (state, metrics, padded)
+  assert outs[2][2] == 0 and outs[16][2] > 0   # the one-chunk run did train padding clients
   chex.assert_trees_all_close(outs[2][0], outs[16][0], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(outs[2][1], outs[16][1], rtol=1e-5, atol=1e-6)
 
