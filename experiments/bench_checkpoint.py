@@ -38,7 +38,7 @@ def measure(k: int, width: float, workdir: Path) -> dict:
     t0 = time.perf_counter()
     ck.save(1, state, meta_for(cfg, 1, jax.random.PRNGKey(1)))
     blocked = time.perf_counter() - t0
-    ck.wait()
+    ck.finish(1)
     total = time.perf_counter() - t0
     t0 = time.perf_counter()
     restored = train_lib.restore_state(strategy, ck, cfg)[0]

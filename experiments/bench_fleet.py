@@ -105,7 +105,7 @@ def point(strategy: str, width: float, n: int, c: int, rounds: int, steps: int, 
   with tempfile.TemporaryDirectory() as d:
     with Checkpointer(Path(d) / "ck", keep=1) as ck:
       ck.save(1, state, meta_for(cfg, 1, key))
-      ck.wait()
+      ck.finish(1)
     ckpt_bytes = sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
   later = statistics.median(clean)
   return {"system": "hsee_jax", "strategy": strategy, "width": width, "num_clients": n,

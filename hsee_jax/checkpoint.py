@@ -6,11 +6,19 @@ and as JSON the round number, the training PRNG key, the data-order position
 (data order is a pure function of seed, round and client, so the round is the
 position) and the config. orbax writes each step into a temporary directory
 and renames it when complete, so a crash mid-save leaves the previous step as
-the newest usable one; ``max_to_keep`` keeps the last k.
+the newest usable one.
+
+A save is checked (:meth:`Checkpointer.finish`): a failed write (a full disk,
+say) is reported with its cause, and older checkpoints are removed (beyond
+``keep``) only after the new one is complete, so a failed save never costs
+the previous checkpoint.
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -31,15 +39,53 @@ RUN_FIELDS = frozenset({"name", "eval_every", "eval_batch_size", "checkpoint_eve
 _KILL_DURING_SAVE = "HSEE_FAULT_KILL_DURING_SAVE"
 
 
+# Fault injection for tests where no small filesystem can be mounted: the
+# save of this step fails as a full disk would.
+_FAIL_SAVE = "HSEE_FAULT_FAIL_SAVE"
+
+
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be used; one line naming the problem."""
 
 
-def config_differences(saved: dict, cfg: Config) -> list[str]:
+def config_differences(saved: dict, cfg: Config, allowed=()) -> list[str]:
   now = cfg.to_dict()
-  keys = sorted((set(saved) | set(now)) - RUN_FIELDS)
+  keys = sorted((set(saved) | set(now)) - RUN_FIELDS - set(allowed))
   return [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
           for k in keys if saved.get(k) != now.get(k)]
+
+
+# Operating-system failures a save or restore can meet, named in their own
+# words when a library buries them in a long message.
+_OS_ERRORS = tuple(os.strerror(n) for n in (errno.ENOSPC, errno.EDQUOT, errno.EROFS,
+                                           errno.EACCES, errno.EIO, errno.ENOENT))
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+  """An exception as one short line: the operating-system error it carries,
+  if any, then its type and the start of its first line."""
+  text = str(e).strip()
+  line = text.splitlines()[0] if text else ""
+  short = f"{type(e).__name__}: {line[:limit]}" if line else type(e).__name__
+  found = next((m for m in _OS_ERRORS if m in text), None)
+  if found and not line.startswith(f"[Errno {errno.ENOSPC}]") and found not in line[:limit]:
+    return f"{found} ({short[:120]}...)"
+  return short
+
+
+class _OrbaxErrors(logging.Handler):
+  """Keeps the last error orbax logged: orbax logs, and does not raise, some
+  failures of its background save thread."""
+
+  def __init__(self):
+    super().__init__(logging.ERROR)
+    self.last: str | None = None
+
+  def emit(self, record):
+    if record.exc_info and record.exc_info[1] is not None:
+      self.last = first_line(record.exc_info[1])
+    else:
+      self.last = record.getMessage().splitlines()[0][:300]
 
 
 class Checkpointer:
@@ -48,11 +94,16 @@ class Checkpointer:
   def __init__(self, directory: str | Path, keep: int = 3, asynchronous: bool = True,
                create: bool = True):
     self.directory = Path(directory).resolve()
+    self.keep = keep
     if not create and not self.directory.is_dir():
       raise CheckpointError(f"no checkpoint directory at {self.directory}")
+    self._errors = _OrbaxErrors()
+    logging.getLogger("absl").addHandler(self._errors)
+    # retention is ours (``finish``): orbax would delete old steps even after
+    # a failed save
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+        options=ocp.CheckpointManagerOptions(max_to_keep=None, create=create,
                                              enable_async_checkpointing=asynchronous,
                                              cleanup_tmp_directories=True))
 
@@ -63,25 +114,79 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, meta: dict) -> None:
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)))
+    """Start saving ``step`` (asynchronously); :meth:`finish` checks it."""
+    self._errors.last = None
+    try:
+      if os.environ.get(_FAIL_SAVE) == str(step):
+        raise OSError(28, "No space left on device (fault injected by " + _FAIL_SAVE + ")")
+      if step in self.steps():
+        raise FileExistsError(f"a checkpoint after round {step} already exists")
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:  # noqa: BLE001  (orbax and the filesystem raise many types)
+      self._discard(step)
+      raise CheckpointError(f"saving the checkpoint after round {step} failed: "
+                            f"{first_line(e)}") from None
     if os.environ.get(_KILL_DURING_SAVE) == str(step):
       os.kill(os.getpid(), signal.SIGKILL)
+
+  def finish(self, step: int) -> None:
+    """Wait for the save of ``step`` and check it is complete on disk; then
+    drop checkpoints beyond the newest ``keep``. A failed save raises
+    :class:`CheckpointError` with its cause; older checkpoints stay."""
+    cause = None
+    try:
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except Exception as e:  # noqa: BLE001
+      cause = first_line(e)
+    self.manager.reload()
+    if cause is None and step not in self.steps():
+      cause = self._errors.last or "orbax did not complete it"
+    if cause is not None:
+      self._discard(step)
+      raise CheckpointError(f"saving the checkpoint after round {step} failed: {cause}")
+    for old in self.steps()[:-self.keep]:
+      self.manager.delete(old)
+
+  def set_aside(self, step: int) -> Path:
+    """Rename checkpoint ``step`` (a damaged one) out of orbax's sight, kept
+    for inspection: ``<step>.damaged``."""
+    src = self.directory / str(step)
+    dst = self.directory / f"{step}.damaged"
+    n = 1
+    while dst.exists():
+      n += 1
+      dst = self.directory / f"{step}.damaged{n}"
+    src.rename(dst)
+    self.manager.reload()
+    return dst
+
+  def _discard(self, step: int) -> None:
+    """Remove what a failed save of ``step`` left (its temporary directory)."""
+    for p in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+      shutil.rmtree(p, ignore_errors=True)
 
   def _check_step(self, step: int | None) -> int:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no complete checkpoint in {self.directory}")
     if step not in self.steps():
-      raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
-                            f"have {self.steps()}")
+      raise CheckpointError(f"no checkpoint after round {step} in {self.directory}; "
+                            f"have rounds {self.steps()}")
     return step
 
   def restore_meta(self, step: int | None = None) -> tuple[int, dict]:
     """(step, meta) of ``step`` (default: the newest complete one)."""
     step = self._check_step(step)
-    return step, self.manager.restore(
-        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      if not isinstance(meta, dict) or not {"round", "train_key", "config"} <= set(meta):
+        raise ValueError("its metadata lacks round, train_key or config")
+    except Exception as e:  # noqa: BLE001  (a damaged file: JSON, orbax or OS errors)
+      raise CheckpointError(f"checkpoint after round {step} is damaged: its metadata cannot be "
+                            f"read ({first_line(e)})") from None
+    return step, meta
 
   def restore_state(self, abstract_state, step: int):
     """The state pytree of ``step``, shaped like ``abstract_state``."""
@@ -90,23 +195,26 @@ class Checkpointer:
     try:
       restored = self.manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    except Exception as e:  # noqa: BLE001  (orbax raises many types for a mismatch)
-      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise CheckpointError(f"checkpoint step {step} in {self.directory} does not fit this "
-                            f"model: {first[:300]}") from None
+    except Exception as e:  # noqa: BLE001  (orbax and TensorStore raise many types)
+      raise CheckpointError(f"checkpoint after round {step} could not be restored: orbax "
+                            f"says {first_line(e)}") from None
     return restored["state"]
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
   def close(self) -> None:
-    self.manager.close()
+    try:
+      self.manager.close()
+    finally:
+      logging.getLogger("absl").removeHandler(self._errors)
 
   def __enter__(self):
     return self
 
   def __exit__(self, *exc):
-    self.close()  # waits for a save in flight: a finished checkpoint is never lost
+    try:
+      self.close()  # waits for a save in flight: a finished checkpoint is never lost
+    except Exception:  # noqa: BLE001
+      if exc[0] is None:
+        raise  # else the error already on its way up is the one to report
 
 
 def key_to_json(key) -> list[int]:

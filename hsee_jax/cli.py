@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import signal
 import sys
 from pathlib import Path
 
@@ -39,21 +39,29 @@ def _train_config(args) -> tuple[config_lib.Config, Path]:
       raise config_lib.ConfigError("--resume DIR and --out name different directories")
     if args.config:
       return config_lib.load(args.config, args.overrides), out
-    saved = out / "config.json"
-    if not saved.exists():
+    if not (out / "config.json").exists():
       raise config_lib.ConfigError(f"--resume: {out} holds no run (no config.json)")
-    cfg = config_lib.from_dict(json.loads(saved.read_text()))
-    return config_lib.override(cfg, args.overrides), out
+    return config_lib.override(config_lib.load_run_config(out), args.overrides), out
   if not args.config or not args.out:
     raise config_lib.ConfigError("train needs --config and --out (or --resume DIR)")
   return config_lib.load(args.config, args.overrides), Path(args.out)
 
 
+def _last_checkpoint(out: Path) -> str:
+  ckpts = out / "checkpoints"
+  steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.is_dir() else []
+  return f"after round {max(steps)}" if steps else "none"
+
+
 def main(argv: list[str] | None = None) -> int:
+  """The ``hsee`` command. Exit codes: 0 done; 2 a user error (one line on
+  stderr); 128 + signal number after SIGINT (130) or SIGTERM (143)."""
   args = _parser().parse_args(argv)
   # Imported late so that --help and config errors answer without loading JAX.
+  from hsee_jax import rundir
   from hsee_jax.data import DataError
   from hsee_jax.train import RunError, evaluate_run, train
+  _quiet_library_logs()
   try:
     if args.command == "train":
       cfg, out = _train_config(args)
@@ -63,7 +71,49 @@ def main(argv: list[str] | None = None) -> int:
   except (config_lib.ConfigError, DataError, RunError) as e:
     print(f"hsee: error: {e}", file=sys.stderr)
     return 2
+  except rundir.Stopped as e:
+    print(f"hsee: {e}", file=sys.stderr)
+    return 128 + e.signum
+  except (rundir.Abandoned, KeyboardInterrupt) as e:
+    signum = getattr(e, "signum", signal.SIGINT)
+    out = getattr(e, "out", None)
+    where = (f"; last checkpoint: {_last_checkpoint(out)}; resume with: hsee train --resume {out}"
+             if out is not None and _last_checkpoint(out) != "none" else "")
+    print(f"hsee: {signal.Signals(signum).name}: stopped at once, the round in flight is "
+          f"lost{where}", file=sys.stderr)
+    return 128 + signum
   return 0
+
+
+def _quiet_library_logs() -> None:
+  """orbax logs its failures with whole tracebacks (thousands of lines on a
+  full disk); hsee reports them in one line, so library logs below CRITICAL
+  stay off the terminal."""
+  import logging
+  for name in ("absl", "asyncio"):  # absl: orbax's logger
+    logger = logging.getLogger(name)
+    logger.propagate = False           # hsee's handlers on it still see every record
+    logger.addHandler(logging.NullHandler())
+  # After a failed save or restore, orbax's abandoned coroutines and
+  # TensorStore's posts to orbax's closed event loop surface as "unraisable"
+  # exceptions when collected (hundreds of tracebacks on a full disk); the
+  # failure itself is reported in one line.
+  default = sys.unraisablehook
+
+  def from_orbax(unraisable) -> bool:
+    if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+      return True
+    tb = unraisable.exc_traceback
+    while tb is not None:
+      if "/orbax/" in tb.tb_frame.f_code.co_filename:
+        return True
+      tb = tb.tb_next
+    return False
+
+  def hook(unraisable):
+    if not from_orbax(unraisable):
+      default(unraisable)
+  sys.unraisablehook = hook
 
 
 if __name__ == "__main__":

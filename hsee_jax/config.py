@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import json
 import typing
 from pathlib import Path
 
@@ -121,6 +122,8 @@ class Config:
                  "client_chunk", "eval_clients"):
       if getattr(self, name) < 0:
         raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+    if not 0 <= self.seed < 2**31:
+      raise ConfigError(f"seed: must be an int in 0..{2**31 - 1}, got {self.seed}")
     if self.lr <= 0:
       raise ConfigError(f"lr: must be > 0, got {self.lr}")
     if not 0 <= self.momentum < 1:
@@ -304,10 +307,38 @@ def load(path: str | Path, assignments: list[str] | None = None) -> Config:
     raise ConfigError(f"config file not found: {path}")
   spec = importlib.util.spec_from_file_location(f"hsee_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"config file {path}: syntax error at line {e.lineno}: {e.msg}") from None
+  except ConfigError as e:
+    raise ConfigError(f"config file {path}: {e}") from None
+  except Exception as e:  # noqa: BLE001  (the file is the user's code)
+    raise ConfigError(f"config file {path}: {type(e).__name__}: {e}") from None
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path} defines no get_config()")
-  cfg = module.get_config()
+  try:
+    cfg = module.get_config()
+  except ConfigError as e:
+    raise ConfigError(f"config file {path}: {e}") from None
+  except Exception as e:  # noqa: BLE001
+    raise ConfigError(f"config file {path}: get_config() raised {type(e).__name__}: {e}") from None
   if not isinstance(cfg, Config):
     raise ConfigError(f"{path}: get_config() must return hsee_jax.config.Config")
   return override(cfg, assignments or [])
+
+
+def load_run_config(run: str | Path) -> Config:
+  """The config a run directory was trained with (its ``config.json``)."""
+  path = Path(run) / "config.json"
+  if not path.is_file():
+    raise ConfigError(f"{run} holds no run (no config.json)")
+  try:
+    data = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path} is damaged: not JSON ({e.msg} at line {e.lineno})") from None
+  except OSError as e:
+    raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+  if not isinstance(data, dict):
+    raise ConfigError(f"{path} is damaged: not a JSON object")
+  return from_dict(data)

@@ -127,8 +127,9 @@ def load_image_folder(folder: Path, name: str = "imagefolder") -> Dataset:
   folder = Path(folder)
   if not folder.is_dir():
     raise DataError(
-        f"dataset {name}: data folder {folder} not found; set data_dir in the config "
-        f"or HSEE_DATA_DIR to a folder holding {name}/train.zip and {name}/test.zip")
+        f"dataset {name}: data folder {folder} not found; set data_dir in the config to a "
+        f"folder holding train.zip and test.zip (or HSEE_DATA_DIR to a folder holding "
+        f"{name}/train.zip and {name}/test.zip)")
   expected = _expected_sums(folder)
   splits = {}
   for split in ("train", "test"):
@@ -143,8 +144,14 @@ def load_image_folder(folder: Path, name: str = "imagefolder") -> Dataset:
     splits[split] = _cached_decode(path, digest, name)
   train_names, test_names = splits["train"][2], splits["test"][2]
   if train_names != test_names:
+    only_train = sorted(set(train_names) - set(test_names))
+    only_test = sorted(set(test_names) - set(train_names))
     raise DataError(f"dataset {name}: train.zip and test.zip hold different classes "
-                    f"({len(train_names)} vs {len(test_names)})")
+                    f"(only in train: {', '.join(only_train) or 'none'}; "
+                    f"only in test: {', '.join(only_test) or 'none'})")
+  if len(train_names) < 2:
+    raise DataError(f"dataset {name}: {len(train_names)} class ({', '.join(train_names)}); "
+                    f"classification needs at least 2 <class> folders")
   if splits["train"][0].shape[1:] != splits["test"][0].shape[1:]:
     raise DataError(f"dataset {name}: train and test images differ in size "
                     f"({splits['train'][0].shape[1:]} vs {splits['test'][0].shape[1:]})")

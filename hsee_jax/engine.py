@@ -66,11 +66,14 @@ def resolve_mode(mode: str) -> str:
   return "unrolled" if jax.default_backend() == "cpu" else "vmap"
 
 
-# Clients per compiled call when ``client_chunk = 0``. CPU: unrolled programs
-# grow with the chunk (compile time too) while images/s is flat from 4 clients
-# on (README, Throughput; experiments/bench_fleet.py). Accelerators: a wide
-# vmap keeps the device busy (not measured here: no accelerator was lent).
-AUTO_CHUNK = {"cpu": 4}
+# Clients per compiled call when ``client_chunk = 0``. CPU: the chunk sweep of
+# experiments/bench_fleet.py (Averaging, width 0.125, N = 1,024, C = 64,
+# ``unrolled``) gave 894 images/s at chunks of 2 against 845-921 at 4 and 834
+# at 8, with compilation 31 / 84-90 / 108 s and peak RSS 1.35 / 2.2 / 2.7 GB:
+# an unrolled program grows with its chunk, and each chunk size met compiles
+# once per cut (README, Fleet benchmark). Accelerators: a wide vmap keeps the
+# device busy (not measured here: no accelerator was lent).
+AUTO_CHUNK = {"cpu": 2}
 AUTO_CHUNK_ACCELERATOR = 32
 
 

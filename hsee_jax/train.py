@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Callable
@@ -17,16 +16,13 @@ import numpy as np
 
 from hsee_jax import data as data_lib
 from hsee_jax import config as config_lib
-from hsee_jax import evaluation, models, optim, strategies
+from hsee_jax import evaluation, models, optim, rundir, strategies
 from hsee_jax import fleet as fleet_lib
 from hsee_jax.checkpoint import (CheckpointError, Checkpointer, config_differences,
                                  key_from_json, meta_for)
 from hsee_jax.config import Config
+from hsee_jax.rundir import RunError
 from hsee_jax.strategies import METRIC_NAMES
-
-
-class RunError(RuntimeError):
-  """A run that cannot go on; the message is one line naming the problem."""
 
 
 @dataclasses.dataclass
@@ -105,68 +101,113 @@ def _check_finite(metrics: np.ndarray, rnd: int, cohort: fleet_lib.Cohort) -> No
                    f"({metrics[pos, col]}) on client {cohort.ids[pos]} (cut {cohort.cuts[pos]})")
 
 
-def _read_records(path: Path) -> list[dict]:
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def restore_state(sim: Simulation, ckpt: Checkpointer, cfg: Config, step: int | None = None,
+                  log: Callable[[str], None] = print, allowed=()):
+  """(state, meta) from the newest intact checkpoint, or from ``step``.
 
-
-def _prepare_out_dir(out: Path, cfg: Config, overwrite: bool, resume: bool) -> None:
-  ckpt_dir = out / "checkpoints"
-  if resume:
-    if not ckpt_dir.is_dir():
-      raise RunError(f"--resume: no checkpoints in {out} (expected {ckpt_dir})")
-    return
-  if (out / "metrics.jsonl").exists() or ckpt_dir.exists():
-    if not overwrite:
-      raise RunError(f"output directory {out} already holds a run; pass --resume to continue "
-                     f"it or --overwrite to replace it")
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    (out / "summary.json").unlink(missing_ok=True)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-
-
-def restore_state(sim: Simulation, ckpt: Checkpointer, cfg: Config, step: int | None = None):
-  """(state, meta) from a checkpoint, refused if it came from another config."""
-  try:
-    step, meta = ckpt.restore_meta(step)
-    diff = config_differences(meta["config"], cfg)
-    if diff:
-      raise RunError(f"checkpoint in {ckpt.directory} is from a different config: "
-                     + "; ".join(diff))
-    return ckpt.restore_state(sim.abstract_state(), step), meta
-  except CheckpointError as e:
-    raise RunError(str(e)) from None
+  A checkpoint from another config is refused (fields in ``allowed`` may
+  differ). Without ``step``, a damaged checkpoint is skipped with a note
+  saying which and why, and the next older one is tried."""
+  steps = ckpt.steps()
+  if not steps:
+    raise RunError(f"no complete checkpoint in {ckpt.directory}")
+  if step is not None and step not in steps:
+    raise RunError(f"no checkpoint after round {step} in {ckpt.directory}; have rounds {steps}")
+  damaged = []
+  for s in ([step] if step is not None else steps[::-1]):
+    try:
+      _, meta = ckpt.restore_meta(s)
+      diff = config_differences(meta["config"], cfg, allowed)
+      if diff:
+        raise RunError(f"checkpoint in {ckpt.directory} is from a different config: "
+                       + "; ".join(diff))
+      state = ckpt.restore_state(sim.abstract_state(), s)
+    except CheckpointError as e:
+      if step is not None:
+        others = [o for o in steps if o != s]
+        raise RunError(f"{e}" + (f"; other checkpoints: after rounds {others}" if others else ""))
+      log(f"[hsee] skipping: {e}")
+      damaged.append(s)
+      continue
+    if damaged:
+      log(f"[hsee] using the newest intact checkpoint, after round {s}")
+    return state, meta
+  raise RunError(f"no intact checkpoint in {ckpt.directory} (damaged: after rounds "
+                 f"{sorted(damaged)})")
 
 
 def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False, resume: bool = False,
           log: Callable[[str], None] = print, dataset: data_lib.Dataset | None = None) -> dict:
-  """Train ``cfg`` into ``out_dir``; with ``resume`` continue from its newest checkpoint."""
+  """Train ``cfg`` into ``out_dir``; with ``resume`` continue from its newest
+  intact checkpoint (with ``rounds`` raised, extend a finished run).
+
+  The directory is locked while this process trains in it. SIGINT / SIGTERM
+  stop the run after the round in flight, with a checkpoint
+  (:class:`rundir.Stopped`); a second signal abandons the round
+  (:class:`rundir.Abandoned`)."""
   out = Path(out_dir)
-  _prepare_out_dir(out, cfg, overwrite, resume)
-  t_start = time.time()
-  dataset, sim = build(cfg, dataset, log)
-  (out / "fleet.json").write_text(json.dumps(sim.fleet.describe()))
-  with Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints) as ckpt:
-    summary = _train_loop(cfg, out, ckpt, dataset, sim, resume, log)
-  summary["wall_seconds"] = time.time() - t_start
-  (out / "summary.json").write_text(json.dumps(summary, indent=2))
+  rundir.make_dir(out)
+  with rundir.RunLock(out).acquire(log), rundir.StopSignals(log) as stop:
+    rundir.prepare(out, json.dumps(cfg.to_dict(), indent=2), overwrite, resume)
+    t_start = time.time()
+    dataset, sim = build(cfg, dataset, log)
+    rundir.write_atomic(out / "fleet.json", json.dumps(sim.fleet.describe()))
+    try:
+      with Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints) as ckpt:
+        summary = _train_loop(cfg, out, ckpt, dataset, sim, resume, stop, log)
+    except rundir.Abandoned as e:
+      e.out = out
+      raise
+    if summary is None:  # a finished run, resumed with nothing left to train
+      try:
+        return json.loads((out / "summary.json").read_text())
+      except (OSError, json.JSONDecodeError) as e:
+        raise RunError(f"{out / 'summary.json'} is damaged ({e}); the run's checkpoints are "
+                       f"intact: hsee eval --run {out}") from None
+    summary["wall_seconds"] = time.time() - t_start
+    rundir.write_atomic(out / "summary.json", json.dumps(summary, indent=2))
   for c in (summary["test"] or {}).get("cuts", []):
     log(f"[hsee] {evaluation.format_cut(c)}")
   log(f"[hsee] done in {summary['wall_seconds']:.1f}s; results in {out}")
   return summary
 
 
-def _train_loop(cfg, out, ckpt, dataset, sim: Simulation, resume, log) -> dict:
+def _resume(cfg, out, ckpt, sim: Simulation, log):
+  """State, first round and training key of a resumed run; ``rounds`` may be
+  raised to extend it (said plainly: the schedule changes)."""
+  state, meta = restore_state(sim, ckpt, cfg, log=log, allowed=("rounds",))
+  start, old_rounds = int(meta["round"]), int(meta["config"]["rounds"])
+  for later in [s for s in ckpt.steps() if s > start]:   # damaged ones, skipped above
+    log(f"[hsee] moved the damaged checkpoint after round {later} to {ckpt.set_aside(later)}")
+  if start > cfg.rounds:
+    raise RunError(f"rounds: {cfg.rounds}, but the checkpoint in {out} is after round {start}; "
+                   f"give rounds >= {start}")
+  if cfg.rounds != old_rounds:
+    steps = sim.local_steps
+    lr = float(sim.schedule(start * steps))
+    how = ("the learning rate is constant, so this is exactly a run of "
+           f"{cfg.rounds} rounds" if cfg.schedule == "constant" else
+           f"the {cfg.schedule} schedule now spans {cfg.rounds} rounds and goes on from its "
+           f"value at round {start + 1} (lr {lr:.4g}); rounds 1-{start} ran under the "
+           f"{old_rounds}-round schedule, so this is not a {cfg.rounds}-round run from scratch "
+           f"(with schedule=constant it would be)")
+    log(f"[hsee] extending {out} from {old_rounds} to {cfg.rounds} rounds: {how}")
+    rundir.write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+  return state, start, key_from_json(meta["train_key"])
+
+
+def _train_loop(cfg, out, ckpt, dataset, sim: Simulation, resume, stop, log) -> dict | None:
+  """Train rounds; the summary, or None for a finished run with nothing to train."""
   init_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
   start, records = 0, []
   if resume:
-    state, meta = restore_state(sim, ckpt, cfg)
-    start, train_key = int(meta["round"]), key_from_json(meta["train_key"])
+    state, start, train_key = _resume(cfg, out, ckpt, sim, log)
+    if start == cfg.rounds and (out / "summary.json").exists():
+      log(f"[hsee] {out} is finished ({start} rounds); nothing to train. To train longer: "
+          f"hsee train --resume {out} --set rounds=N (N > {start})")
+      return None
     # rounds after the checkpoint are recomputed: drop their records
-    records = [r for r in _read_records(out / "metrics.jsonl") if r["round"] < start]
+    records = [r for r in rundir.read_records(out / "metrics.jsonl", log) if r["round"] < start]
     log(f"[hsee] resuming {out} from checkpoint after round {start}")
   else:
     state = sim.init_state(init_key)
@@ -182,11 +223,23 @@ def _train_loop(cfg, out, ckpt, dataset, sim: Simulation, resume, log) -> dict:
   images_per_round = cfg.cohort_size * sim.local_steps * cfg.batch_size
   test = next((r["test"] for r in reversed(records) if "test" in r), None)
   # the kept history goes back in one atomic replace, then new rounds are appended
-  tmp = out / "metrics.jsonl.tmp"
-  tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-  os.replace(tmp, out / "metrics.jsonl")
+  rundir.write_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+
+  def write(mfile, record):
+    try:
+      mfile.write(json.dumps(record) + "\n")
+      mfile.flush()
+    except OSError as e:
+      last = ckpt.latest_step()
+      raise RunError(f"cannot write {out / 'metrics.jsonl'}: {e.strerror or e}; newest "
+                     f"checkpoint: {'none' if last is None else 'after round ' + str(last)}") from None
+
+  def stop_line(mfile, rnd, error):
+    write(mfile, {"round": rnd, "event": "stopped", "error": error})
+
   with open(out / "metrics.jsonl", "a") as mfile:
-    for rnd in range(start, cfg.rounds):
+    rnd = start
+    while rnd < cfg.rounds and stop.requested is None:
       t0 = time.time()
       state, metrics, cohort = sim.run_round(state, rnd, train_key)
       jax.block_until_ready(state)
@@ -197,24 +250,43 @@ def _train_loop(cfg, out, ckpt, dataset, sim: Simulation, resume, log) -> dict:
         if bad:
           raise RunError(f"round {rnd + 1}: non-finite parameters in {', '.join(bad)}")
       except RunError as e:
-        mfile.write(json.dumps({"round": rnd, "event": "stopped", "error": str(e)}) + "\n")
+        stop_line(mfile, rnd, str(e))
         last = ckpt.latest_step()
         raise RunError(f"{e}; last good checkpoint: "
-                       f"{'after round ' + str(last) if last else 'none'}") from None
+                       f"{'none' if last is None else 'after round ' + str(last)}") from None
       rec = {"round": rnd, "seconds": seconds, "images_per_s": images_per_round / seconds,
              "train": dict(zip(METRIC_NAMES, map(float, metrics.mean(0)))),
              "train_per_client": [{"client": int(i), "cut": int(c),
                                    **dict(zip(METRIC_NAMES, map(float, m)))}
                                   for i, c, m in zip(cohort.ids, cohort.cuts, metrics)]}
       last_round = rnd + 1 == cfg.rounds
-      if (rnd + 1) % cfg.eval_every == 0 or last_round:
-        test = evaluation.evaluate(sim, state, dataset, cfg.exit_thresholds, cfg.eval_batch_size)
-        rec["test"] = test
-      mfile.write(json.dumps(rec) + "\n")
-      mfile.flush()
+      # the save is written while the round is evaluated, and checked before it ends
+      saving = last_round or (cfg.checkpoint_every and (rnd + 1) % cfg.checkpoint_every == 0)
+      try:
+        if saving:
+          ckpt.save(rnd + 1, state, meta_for(cfg, rnd + 1, train_key))
+        if (rnd + 1) % cfg.eval_every == 0 or last_round:
+          test = evaluation.evaluate(sim, state, dataset, cfg.exit_thresholds, cfg.eval_batch_size)
+          rec["test"] = test
+        if saving:
+          ckpt.finish(rnd + 1)
+      except CheckpointError as e:
+        stop_line(mfile, rnd, str(e))
+        last = ckpt.latest_step()
+        raise RunError(f"round {rnd + 1}: {e}; the checkpoint before it is intact: "
+                       f"{'none' if last is None else 'after round ' + str(last)}") from None
+      write(mfile, rec)
       log(_format_round(rec, cfg.rounds))
-      if last_round or (cfg.checkpoint_every and (rnd + 1) % cfg.checkpoint_every == 0):
-        ckpt.save(rnd + 1, state, meta_for(cfg, rnd + 1, train_key))
+      rnd += 1
+    if rnd < cfg.rounds:  # a stop signal: save what was trained, then stop
+      if ckpt.latest_step() != rnd:
+        try:
+          ckpt.save(rnd, state, meta_for(cfg, rnd, train_key))
+          ckpt.finish(rnd)
+        except CheckpointError as e:
+          raise RunError(f"stopping after round {rnd}: {e}") from None
+      stop_line(mfile, rnd, f"{signal.Signals(stop.requested).name} after round {rnd}")
+      raise rundir.Stopped(stop.requested, rnd, out)
 
   return {"config": cfg.to_dict(), "rounds": cfg.rounds, "local_steps": sim.local_steps,
           "backend": jax.default_backend(), "resumed_from_round": start if resume else None,
@@ -233,21 +305,19 @@ def evaluate_run(run_dir: str | Path, step: int | None = None,
                  log: Callable[[str], None] = print) -> dict:
   """Test metrics of a run's newest (or a named) checkpoint, without training."""
   run = Path(run_dir)
-  if not (run / "config.json").exists():
-    raise RunError(f"{run} holds no run (no config.json)")
-  cfg = config_lib.from_dict(json.loads((run / "config.json").read_text()))
+  cfg = config_lib.load_run_config(run)
   dataset, sim = build(cfg)
   try:
     ckpt = Checkpointer(run / "checkpoints", keep=cfg.keep_checkpoints, create=False)
   except CheckpointError as e:
     raise RunError(str(e)) from None
   with ckpt:
-    state, meta = restore_state(sim, ckpt, cfg, step)
+    state, meta = restore_state(sim, ckpt, cfg, step, log)
   result = {"run": str(run), "checkpoint_round": meta["round"],
             "test": evaluation.evaluate(sim, state, dataset, cfg.exit_thresholds,
                                         cfg.eval_batch_size)}
   path = run / f"eval_round{meta['round']}.json"
-  path.write_text(json.dumps(result, indent=2))
+  rundir.write_atomic(path, json.dumps(result, indent=2))
   log(f"[hsee] {run}: checkpoint after round {meta['round']}")
   log(evaluation.format_table(result["test"]))
   log(f"[hsee] written {path}")

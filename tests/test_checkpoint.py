@@ -138,7 +138,7 @@ def test_eval_from_checkpoint(straight):
   assert result["test"] == recorded["test"]
   assert "early exit" in out
   code, out = _cli("eval", "--run", str(straight), "--round", "9")
-  assert code == 2 and "no checkpoint for step 9" in out
+  assert code == 2 and "no checkpoint after round 9" in out
 
 
 def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path):

@@ -1,0 +1,357 @@
+"""Long runs never lose or mix a result: the run-directory lock, failed saves,
+damaged checkpoints and metrics, stop signals, extending a finished run, and
+one-line errors (exit code 2) for what a user gets wrong."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chex
+import pytest
+
+from hsee_jax import cli, rundir
+from hsee_jax import config as config_lib
+from hsee_jax import train as train_lib
+from hsee_jax.checkpoint import Checkpointer
+from hsee_jax.config import Config, ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+CFG = Config(dataset="synthetic", synthetic_shape=(16, 16, 4, 96, 40), width=0.125,
+             cuts=(2, 6), batch_size=8, local_steps=2, rounds=3, eval_batch_size=20,
+             exit_thresholds=(0.0, 0.5, 1.0), checkpoint_every=1, keep_checkpoints=5,
+             schedule="constant")
+QUIET = dict(log=lambda s: None)
+
+
+def _config_file(tmp_path, cfg, name="cfg.py"):
+  path = tmp_path / name
+  fields = ", ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items()).replace("[", "(").replace("]", ")")
+  path.write_text(f"from hsee_jax.config import Config\ndef get_config():\n  return Config({fields})\n")
+  return path
+
+
+def _run(*args, env_extra=None, timeout=600):
+  env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+  r = subprocess.run([sys.executable, "-m", "hsee_jax", *args], cwd=REPO, env=env,
+                     capture_output=True, text=True, timeout=timeout)
+  return r.returncode, r.stdout, r.stderr
+
+
+def _records(run):
+  return [{k: v for k, v in json.loads(l).items() if k not in ("seconds", "images_per_s")}
+          for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _state(run, cfg, step=None):
+  _, sim = train_lib.build(cfg)
+  with Checkpointer(run / "checkpoints", create=False) as ck:
+    return train_lib.restore_state(sim, ck, cfg, step, **QUIET)[0]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """CFG trained for 3 rounds, a checkpoint after each."""
+  run = tmp_path_factory.mktemp("straight") / "run"
+  train_lib.train(CFG, run, **QUIET)
+  return run
+
+
+def _copy(run, tmp_path):
+  dst = tmp_path / "copy"
+  shutil.copytree(run, dst, ignore=shutil.ignore_patterns(rundir.LOCK_NAME))
+  return dst
+
+
+# -- the lock ---------------------------------------------------------------------------------
+def test_second_process_into_a_busy_run_directory_is_refused(tmp_path):
+  """The issue's case: a second ``hsee train`` into the ``--out`` of a running
+  one. Before, both exited 0 with their files mixed."""
+  run = tmp_path / "run"
+  slow = config_lib.override(CFG, ["rounds=40", "checkpoint_every=0"])
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  first = subprocess.Popen([sys.executable, "-m", "hsee_jax", "train", "--config",
+                            str(_config_file(tmp_path, slow)), "--out", str(run)], cwd=REPO,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    t0 = time.time()
+    while not (run / "metrics.jsonl").exists():
+      assert first.poll() is None and time.time() - t0 < 300, first.stdout.read()
+      time.sleep(0.1)
+    other = _config_file(tmp_path, config_lib.override(CFG, ["lr=0.01"]), "other.py")
+    for extra in ([], ["--overwrite"]):
+      code, out, err = _run("train", "--config", str(other), "--out", str(run), *extra)
+      assert code == 2, out + err
+      assert err.count("\n") == 1 and f"is in use by hsee process {first.pid} on" in err, err
+    assert json.loads((run / "config.json").read_text())["lr"] == CFG.lr   # untouched
+  finally:
+    first.kill()
+    first.wait()
+  # the holder died without releasing: its lock file is taken over, and said so
+  lines = []
+  with rundir.RunLock(run).acquire(lines.append):
+    assert f"hsee process {os.getpid()} on" in (run / rundir.LOCK_NAME).read_text()
+  assert any(f"taking over the lock left by hsee process {first.pid}" in l for l in lines), lines
+  assert (run / rundir.LOCK_NAME).read_text() == ""   # released
+
+
+# -- failed saves -----------------------------------------------------------------------------
+def _unshare_works() -> bool:
+  try:
+    return subprocess.run(["unshare", "-m", "true"], capture_output=True, timeout=30).returncode == 0
+  except (OSError, subprocess.SubprocessError):
+    return False
+
+
+def test_failed_save_stops_the_run_in_one_line_and_keeps_the_previous_checkpoint(straight, tmp_path):
+  """A save that fails is caught by the end of its round; the run stops with
+  one line naming the cause and the previous checkpoint intact (even with
+  keep_checkpoints=1, where orbax itself would have deleted it). With a real
+  full filesystem where one can be mounted (a tmpfs in a private mount
+  namespace; needs root), else by fault injection."""
+  cfg = config_lib.override(CFG, ["rounds=3", "keep_checkpoints=1"])
+  cfg_file = _config_file(tmp_path, cfg)
+  if _unshare_works():
+    # size the filesystem to hold one checkpoint and the run's files, not two
+    # checkpoints (the straight run trained the same network)
+    used = lambda fs: sum(f.stat().st_blocks * 512 for f in fs)   # pages, as tmpfs counts
+    ckpt = used((straight / "checkpoints" / "1").rglob("*"))
+    files = used(f for f in straight.iterdir() if f.is_file())
+    size_kb = (files * 3 + int(ckpt * 1.5)) // 1024 + 64
+    mnt, report = tmp_path / "small", tmp_path / "report"
+    mnt.mkdir()
+    report.mkdir()
+    script = (f"mount -t tmpfs -o size={size_kb}k tmpfs {mnt} && "
+              f"{sys.executable} -m hsee_jax train --config {cfg_file} --out {mnt}/run "
+              f"> {report}/out 2> {report}/err; echo $? > {report}/code; "
+              f"cp -r {mnt}/run {report}/run")
+    subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO, timeout=600,
+                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    code, err, run = int((report / "code").read_text()), (report / "err").read_text(), report / "run"
+    cause = "No space left on device"
+  else:
+    run = tmp_path / "run"
+    code, _, err = _run("train", "--config", str(cfg_file), "--out", str(run),
+                        env_extra={"HSEE_FAULT_FAIL_SAVE": "2"})
+    cause = "No space left on device (fault injected"
+  assert code == 2, err
+  assert err.count("\n") == 1, err
+  assert err.startswith("hsee: error: round 2: saving the checkpoint after round 2 failed: ")
+  assert cause in err and err.strip().endswith("the checkpoint before it is intact: after round 1")
+  with Checkpointer(run / "checkpoints", create=False) as ck:
+    assert ck.steps() == [1]
+  _state(run, cfg)  # restores
+  last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+  assert last["event"] == "stopped" and "saving the checkpoint after round 2 failed" in last["error"]
+
+
+# -- damaged checkpoints and metrics ----------------------------------------------------------
+def _largest_file(folder: Path) -> Path:
+  return max((f for f in folder.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+
+
+def test_damaged_checkpoints_are_skipped_by_resume_and_eval(straight, tmp_path):
+  """The newest checkpoint has a truncated array file, the one before it a
+  truncated metadata file: eval and resume say so and use the newest intact
+  one; naming a damaged one gives one line with the reader's own reason."""
+  run = _copy(straight, tmp_path)
+  f = _largest_file(run / "checkpoints" / "3" / "state")
+  f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  (run / "checkpoints" / "2" / "meta" / "metadata").write_text('{"round": 2, "train_k')
+  code, out, err = _run("eval", "--run", str(run))
+  assert code == 0, out + err
+  assert "skipping: checkpoint after round 3 could not be restored: orbax says" in out
+  assert "skipping: checkpoint after round 2 is damaged: its metadata cannot be read" in out
+  assert "using the newest intact checkpoint, after round 1" in out
+  assert (run / "eval_round1.json").exists()
+  code, out, err = _run("eval", "--run", str(run), "--round", "3")
+  assert code == 2 and err.count("\n") == 1, err   # orbax's noise kept off the terminal
+  assert "checkpoint after round 3 could not be restored: orbax says" in err
+  assert "other checkpoints: after rounds [1, 2]" in err and "does not fit" not in err
+  with pytest.raises(train_lib.RunError, match=r"after round 2 is damaged: its metadata cannot "
+                     r"be read \(JSONDecodeError: .*\); other checkpoints: after rounds \[1, 3\]"):
+    train_lib.evaluate_run(run, 2, **QUIET)
+  # resume trains rounds 2-3 again from checkpoint 1, sets the damaged ones
+  # aside, and ends where the straight run ended
+  lines = []
+  train_lib.train(CFG, run, resume=True, log=lines.append)
+  assert sum("moved the damaged checkpoint" in l for l in lines) == 2
+  assert (run / "checkpoints" / "3.damaged").is_dir()
+  assert _records(run) == _records(straight)
+  chex.assert_trees_all_equal(_state(run, CFG), _state(straight, CFG))
+
+
+def test_half_written_last_metrics_line_is_dropped_with_a_note(straight, tmp_path, capsys):
+  run = _copy(straight, tmp_path)
+  shutil.rmtree(run / "checkpoints" / "3")
+  lines = (run / "metrics.jsonl").read_text().splitlines()
+  (run / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:40])  # a crash mid-write
+  assert cli.main(["train", "--resume", str(run)]) == 0
+  assert "dropped a half-written last line (line 3" in capsys.readouterr().out
+  assert _records(run) == _records(straight)
+  # a damaged line before the last is an error, not a silent loss
+  shutil.rmtree(run / "checkpoints" / "3")
+  (run / "metrics.jsonl").write_text(lines[0] + "\n{oops\n" + lines[2] + "\n")
+  assert cli.main(["train", "--resume", str(run)]) == 2
+  err = capsys.readouterr().err
+  assert "metrics.jsonl: line 2 is not JSON" in err and err.count("\n") == 1
+
+
+# -- stop signals -----------------------------------------------------------------------------
+def test_sigint_between_rounds_saves_and_resumes_exactly(straight, tmp_path):
+  """SIGINT after round 1 (checkpoints only at the end): the run saves round
+  1 and stops; a resume ends bit for bit where the straight run ends."""
+  cfg = config_lib.override(CFG, ["checkpoint_every=0"])
+  run = tmp_path / "run"
+  before = signal.getsignal(signal.SIGINT)
+
+  def log(line):
+    if line.startswith("round   1/"):
+      os.kill(os.getpid(), signal.SIGINT)
+
+  with pytest.raises(rundir.Stopped) as stopped:
+    train_lib.train(cfg, run, log=log)
+  assert stopped.value.signum == signal.SIGINT and stopped.value.rounds_done == 1
+  assert str(stopped.value) == f"SIGINT: stopped after round 1; resume with: hsee train --resume {run}"
+  with Checkpointer(run / "checkpoints", create=False) as ck:
+    assert ck.steps() == [1]
+  assert signal.getsignal(signal.SIGINT) is before  # handlers restored
+  train_lib.train(cfg, run, resume=True, **QUIET)
+  assert _records(run) == _records(straight)
+  chex.assert_trees_all_equal(_state(run, cfg), _state(straight, CFG))
+
+
+def test_second_signal_abandons_at_once(tmp_path, capsys, monkeypatch):
+  run = tmp_path / "run"
+
+  def log(line):
+    if line.startswith("round   1/"):
+      os.kill(os.getpid(), signal.SIGTERM)
+      os.kill(os.getpid(), signal.SIGTERM)   # the second raises here
+
+  with pytest.raises(rundir.Abandoned) as abandoned:
+    train_lib.train(CFG, run, log=log)
+  assert abandoned.value.signum == signal.SIGTERM and abandoned.value.out == run
+  with Checkpointer(run / "checkpoints", create=False) as ck:
+    assert ck.steps() == [1]   # round 1's periodic checkpoint; nothing more was saved
+  # what the command prints for it: one line, exit code 143
+  def abandon(*a, **k):
+    raise abandoned.value
+  monkeypatch.setattr(train_lib, "train", abandon)
+  assert cli.main(["train", "--resume", str(run)]) == 143
+  err = capsys.readouterr().err
+  assert err == (f"hsee: SIGTERM: stopped at once, the round in flight is lost; last checkpoint: "
+                 f"after round 1; resume with: hsee train --resume {run}\n")
+
+
+def test_sigterm_to_a_training_process_saves_and_exits_with_one_line(tmp_path, capsys, monkeypatch):
+  """A real process pre-empted (SIGTERM) in its first round, before any
+  periodic checkpoint: it saves what it trained, prints one line and exits
+  with 143 (a Ctrl-C, with 130: before, 34-70 lines of traceback and nothing
+  to resume)."""
+  run = tmp_path / "run"
+  cfg_file = _config_file(tmp_path, config_lib.override(CFG, ["rounds=5", "checkpoint_every=0"]))
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  p = subprocess.Popen([sys.executable, "-m", "hsee_jax", "train", "--config", str(cfg_file),
+                        "--out", str(run)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
+  t0 = time.time()
+  while not (run / "metrics.jsonl").exists():   # written just before round 1 starts
+    assert p.poll() is None and time.time() - t0 < 300
+    time.sleep(0.02)
+  p.send_signal(signal.SIGTERM)
+  out, err = p.communicate(timeout=300)
+  assert p.returncode == 143, out + err
+  assert "Traceback" not in out + err
+  done = int(err.split("stopped after round ")[1].split(";")[0])
+  assert done in (0, 1)   # round 1 finished, or the signal came before it started
+  assert err == f"hsee: SIGTERM: stopped after round {done}; resume with: hsee train --resume {run}\n"
+  with Checkpointer(run / "checkpoints", create=False) as ck:
+    assert ck.steps() == [done]   # resumable (the in-process test resumes exactly)
+  # the same line and 130 for Ctrl-C
+  def stopped(*a, **k):
+    raise rundir.Stopped(signal.SIGINT, 3, run)
+  monkeypatch.setattr(train_lib, "train", stopped)
+  assert cli.main(["train", "--resume", str(run)]) == 130
+  assert capsys.readouterr().err == (f"hsee: SIGINT: stopped after round 3; resume with: "
+                                     f"hsee train --resume {run}\n")
+
+
+# -- extending and finished runs --------------------------------------------------------------
+def test_extending_a_finished_run(straight, tmp_path, capsys):
+  """rounds raised on --resume continues; with a constant learning rate that
+  is exactly the longer run (said so); a finished run is left as it is."""
+  run = _copy(straight, tmp_path)
+  summary = (run / "summary.json").read_bytes()
+  assert cli.main(["train", "--resume", str(run)]) == 0
+  assert "is finished (3 rounds); nothing to train" in capsys.readouterr().out
+  assert (run / "summary.json").read_bytes() == summary
+  assert cli.main(["train", "--resume", str(run), "--set", "rounds=2"]) == 2
+  assert "rounds: 2, but the checkpoint" in capsys.readouterr().err
+  assert cli.main(["train", "--resume", str(run), "--set", "rounds=4"]) == 0
+  said = capsys.readouterr().out
+  assert "extending" in said and "exactly a run of 4 rounds" in said, said
+  longer = config_lib.override(CFG, ["rounds=4"])
+  ref = tmp_path / "ref"
+  train_lib.train(longer, ref, **QUIET)
+  assert _records(run) == _records(ref)
+  chex.assert_trees_all_equal(_state(run, longer), _state(ref, longer))
+  assert json.loads((run / "config.json").read_text())["rounds"] == 4
+  # a decaying schedule: continues, and says plainly it is not the longer run
+  cosine = config_lib.override(CFG, ["schedule=cosine", "rounds=1", "local_steps=1"])
+  lines = []
+  train_lib.train(cosine, tmp_path / "cos", **QUIET)
+  train_lib.train(config_lib.override(cosine, ["rounds=2"]), tmp_path / "cos", resume=True,
+                  log=lines.append)
+  said = " ".join(lines)
+  assert "extending" in said and "is not a 2-round run from scratch" in said
+
+
+def test_overwrite_removes_everything_the_old_run_wrote(straight, tmp_path):
+  run = _copy(straight, tmp_path)
+  (run / "eval_round2.json").write_text("{}")
+  rundir.prepare(run, "{}", overwrite=True, resume=False)
+  assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+  assert (run / "config.json").read_text() == "{}"
+
+
+# -- one-line errors --------------------------------------------------------------------------
+def _one_line(capsys, argv, pattern):
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("hsee: error:") and err.count("\n") == 1 and pattern in err, err
+
+
+def test_user_errors_are_one_line_with_exit_code_2(straight, tmp_path, capsys):
+  cfg_file = _config_file(tmp_path, CFG)
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  _one_line(capsys, ["train", "--config", str(cfg_file), "--out", str(a_file)], "it is a file")
+  _one_line(capsys, ["train", "--config", str(cfg_file), "--out", str(a_file / "run")],
+            "cannot use")
+  _one_line(capsys, ["train", "--config", str(cfg_file), "--out", "/proc/hsee/run"], "cannot use")
+  for value, pattern in [("seed=-1", "seed: must be an int in 0..2147483647, got -1"),
+                         ("cuts=(True,)", "cut layer True out of range")]:
+    _one_line(capsys, ["train", "--config", str(cfg_file), "--out", str(tmp_path / "o"),
+                       "--set", value], pattern)
+  bad = tmp_path / "bad.py"
+  bad.write_text("def get_config(:\n")
+  _one_line(capsys, ["train", "--config", str(bad), "--out", str(tmp_path / "o")],
+            "bad.py: syntax error at line 1")
+  bad.write_text("def get_config():\n  raise ValueError('no such preset')\n")
+  _one_line(capsys, ["train", "--config", str(bad), "--out", str(tmp_path / "o")],
+            "get_config() raised ValueError: no such preset")
+  run = _copy(straight, tmp_path)
+  (run / "config.json").write_text('{"name": ')
+  _one_line(capsys, ["train", "--resume", str(run)], "config.json is damaged: not JSON")
+  _one_line(capsys, ["eval", "--run", str(run)], "config.json is damaged: not JSON")
+
+
+def test_seed_must_be_a_non_negative_int():
+  with pytest.raises(ConfigError, match="seed"):
+    Config(seed=-1)
+  with pytest.raises(ConfigError, match="seed"):
+    Config(seed=2**40)
