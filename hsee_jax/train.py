@@ -177,8 +177,6 @@ def _resume(cfg, out, ckpt, sim: Simulation, log):
   raised to extend it (said plainly: the schedule changes)."""
   state, meta = restore_state(sim, ckpt, cfg, log=log, allowed=("rounds",))
   start, old_rounds = int(meta["round"]), int(meta["config"]["rounds"])
-  for later in [s for s in ckpt.steps() if s > start]:   # damaged ones, skipped above
-    log(f"[hsee] moved the damaged checkpoint after round {later} to {ckpt.set_aside(later)}")
   if start > cfg.rounds:
     raise RunError(f"rounds: {cfg.rounds}, but the checkpoint in {out} is after round {start}; "
                    f"give rounds >= {start}")
@@ -208,6 +206,8 @@ def _train_loop(cfg, out, ckpt, dataset, sim: Simulation, resume, stop, log) -> 
       return None
     # rounds after the checkpoint are recomputed: drop their records
     records = [r for r in rundir.read_records(out / "metrics.jsonl", log) if r["round"] < start]
+    for later in [s for s in ckpt.steps() if s > start]:   # damaged ones, skipped by _resume
+      log(f"[hsee] moved the damaged checkpoint after round {later} to {ckpt.set_aside(later)}")
     log(f"[hsee] resuming {out} from checkpoint after round {start}")
   else:
     state = sim.init_state(init_key)
