@@ -49,6 +49,25 @@ def test_missing_archive(tmp_path):
     data_lib.load_dataset(Config(dataset="imagefolder", data_dir=str(tmp_path / "none")))
 
 
+def test_class_problems_are_named(tmp_path, monkeypatch):
+  monkeypatch.setenv("HSEE_CACHE_DIR", str(tmp_path / "cache"))
+  folder = tmp_path / "mismatch"
+  folder.mkdir()
+  write_image_zip(folder / "train.zip", ["ant", "bee", "cat"], 2, seed=1)
+  write_image_zip(folder / "test.zip", ["ant", "bee", "dog"], 2, seed=2)
+  with pytest.raises(DataError, match="only in train: cat; only in test: dog"):
+    data_lib.load_dataset(Config(dataset="imagefolder", data_dir=str(folder)))
+  one = tmp_path / "one"   # one class would give NaN entropies (normalised by log 1)
+  one.mkdir()
+  write_image_zip(one / "train.zip", ["ant"], 3, seed=1)
+  write_image_zip(one / "test.zip", ["ant"], 2, seed=2)
+  with pytest.raises(DataError, match="1 class \\(ant\\); classification needs at least 2"):
+    data_lib.load_dataset(Config(dataset="imagefolder", data_dir=str(one)))
+  with pytest.raises(DataError, match="set data_dir in the config to a folder holding "
+                     "train.zip and test.zip"):
+    data_lib.load_dataset(Config(dataset="imagefolder", data_dir=str(tmp_path / "none")))
+
+
 def test_truncated_archive(image_folder, tmp_path, monkeypatch):
   monkeypatch.setenv("HSEE_CACHE_DIR", str(tmp_path / "cache"))
   blob = (image_folder / "train.zip").read_bytes()

@@ -124,14 +124,23 @@ def test_failed_save_stops_the_run_in_one_line_and_keeps_the_previous_checkpoint
     mnt, report = tmp_path / "small", tmp_path / "report"
     mnt.mkdir()
     report.mkdir()
+    ro = tmp_path / "ro"
+    ro.mkdir()
     script = (f"mount -t tmpfs -o size={size_kb}k tmpfs {mnt} && "
               f"{sys.executable} -m hsee_jax train --config {cfg_file} --out {mnt}/run "
               f"> {report}/out 2> {report}/err; echo $? > {report}/code; "
-              f"cp -r {mnt}/run {report}/run")
+              f"cp -r {mnt}/run {report}/run; "
+              # and an --out on a read-only filesystem: one line, before any work
+              f"mount -t tmpfs -o ro,size=64k tmpfs {ro} && "
+              f"{sys.executable} -m hsee_jax train --config {cfg_file} --out {ro}/run "
+              f"2> {report}/ro_err; echo $? > {report}/ro_code")
     subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO, timeout=600,
                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
     code, err, run = int((report / "code").read_text()), (report / "err").read_text(), report / "run"
     cause = "No space left on device"
+    ro_err = (report / "ro_err").read_text()
+    assert int((report / "ro_code").read_text()) == 2 and ro_err.count("\n") == 1, ro_err
+    assert f"cannot use {ro}/run as a run directory: Read-only file system" in ro_err
   else:
     run = tmp_path / "run"
     code, _, err = _run("train", "--config", str(cfg_file), "--out", str(run),
