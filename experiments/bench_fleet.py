@@ -43,6 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
 TIERS = ((3, 0.5), (5, 0.3), (7, 0.2))
 
 
@@ -50,28 +51,12 @@ def _rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _hwm_reset() -> None:
-  try:
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
-  except OSError:
-    pass
-
-
-def _hwm_mb() -> float:
-  try:
-    for line in Path("/proc/self/status").read_text().splitlines():
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) / 1024
-  except OSError:
-    pass
-  return float("nan")
-
-
 def point(strategy: str, width: float, n: int, c: int, rounds: int, steps: int, batch: int,
           mode: str = "auto", chunk: int = 0, augment: bool = False) -> dict:
   """One (strategy, width, N, C) point, in this process."""
   import jax
 
+  from bench_throughput import _rss_peak_mb, _rss_reset
   from hsee_jax import train as train_lib
   from hsee_jax.checkpoint import Checkpointer, meta_for
   from hsee_jax.config import Config
@@ -92,14 +77,14 @@ def point(strategy: str, width: float, n: int, c: int, rounds: int, steps: int, 
   rnd = 0
   while len(clean) < rounds and rnd < 40:
     before = compiled()
-    _hwm_reset()
+    _rss_reset()
     t0 = time.perf_counter()
     state, metrics, _ = sim.run_round(state, rnd, key)
     jax.block_until_ready(state)
     times.append(time.perf_counter() - t0)
     if rnd > 0 and compiled() == before:
       clean.append(times[-1])
-      clean_rss.append(_hwm_mb())
+      clean_rss.append(_rss_peak_mb())
     rnd += 1
   state_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(state))
   with tempfile.TemporaryDirectory() as d:
@@ -124,8 +109,8 @@ def torch_point(width: float, c: int, rounds: int, steps: int, batch: int) -> di
   import numpy as np
   import torch
 
-  sys.path.insert(0, str(ROOT / "experiments"))
   import torch_reference as ref
+  from bench_throughput import _rss_peak_mb, _rss_reset
   from hsee_jax.fleet import assign_tiers
   torch.manual_seed(0)
   torch.set_num_threads(os.cpu_count() or 1)
@@ -136,11 +121,11 @@ def torch_point(width: float, c: int, rounds: int, steps: int, batch: int) -> di
   gen = torch.Generator().manual_seed(0)
   times, rss = [], []
   for _ in range(rounds + 1):
-    _hwm_reset()
+    _rss_reset()
     t0 = time.perf_counter()
     ref.run_round(clients, images, labels, steps, batch, gen)
     times.append(time.perf_counter() - t0)
-    rss.append(_hwm_mb())
+    rss.append(_rss_peak_mb())
   later = statistics.median(times[1:])
   return {"system": "pytorch", "strategy": "averaging", "width": width, "num_clients": c,
           "clients_per_round": c, "first_round_s": times[0], "round_s": later,

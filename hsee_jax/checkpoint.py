@@ -68,7 +68,7 @@ def first_line(e: BaseException, limit: int = 300) -> str:
   line = text.splitlines()[0] if text else ""
   short = f"{type(e).__name__}: {line[:limit]}" if line else type(e).__name__
   found = next((m for m in _OS_ERRORS if m in text), None)
-  if found and not line.startswith(f"[Errno {errno.ENOSPC}]") and found not in line[:limit]:
+  if found and found not in line[:limit]:
     return f"{found} ({short[:120]}...)"
   return short
 
