@@ -334,7 +334,9 @@ def main(argv=None):
   p.add_argument("--datasets", default="cifar10",
                  help="comma list of cifar10, cifar100, stl10, imagefolder; missing data is skipped")
   p.add_argument("--data-dir", action="append", default=[], metavar="DATASET=PATH",
-                 help="folder with train.zip/test.zip for a dataset (repeatable)")
+                 help="a dataset's folder: its publisher archive (cifar-10-python.tar.gz, "
+                      "cifar-100-python.tar.gz, stl10_binary.tar.gz) or unpacked folder, or "
+                      "train.zip/test.zip (repeatable)")
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config field in every run (repeatable)")
   p.add_argument("--report-only", action="store_true",

@@ -37,7 +37,9 @@ class Config:
   synthetic_shape: tuple = (32, 32, 10, 512, 256)  # H, W, classes, train, test
   partition: str = "iid"        # iid | dirichlet
   dirichlet_alpha: float = 0.5
-  augment: bool = True          # random crop (pad 4) + horizontal flip, on device
+  augment: bool = True          # random crop of the padded image + horizontal flip, on device
+  augment_pad: float = 0.125    # crop padding as a share of the image side (4 px at 32, 12 at 96)
+  label_mode: str = "fine"      # cifar100: fine (100 classes) | coarse (20 superclasses)
   # model
   width: float = 1.0            # channel multiplier; 1.0 = the paper's ResNet-18
   exit_head: str = "linear"     # linear | conv  ([choice] pool+linear, or conv-BN-ReLU first)
@@ -105,6 +107,11 @@ class Config:
     _one_of("schedule", self.schedule, ("cosine", "step", "constant"))
     _one_of("client_aggregation", self.client_aggregation, ("none", "cross_layer"))
     _one_of("client_state", self.client_state, ("keep", "reset"))
+    _one_of("label_mode", self.label_mode, ("fine", "coarse"))
+    if self.label_mode == "coarse" and self.dataset != "cifar100":
+      raise ConfigError(f"label_mode: coarse labels exist only for cifar100, not {self.dataset}")
+    if not 0 <= self.augment_pad < 1:
+      raise ConfigError(f"augment_pad: a share of the image side in [0, 1), got {self.augment_pad}")
     if not self.cuts:
       raise ConfigError("cuts: need at least one client (one cut layer per client)")
     for c in self.cuts:

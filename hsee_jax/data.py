@@ -1,15 +1,20 @@
 """Datasets, client partitions and on-device augmentation.
 
-* ``cifar10`` and ``imagefolder``: a ``train.zip`` and a ``test.zip`` holding
+* ``cifar10``, ``cifar100``, ``stl10``: the publisher's archive
+  (``cifar-10-python.tar.gz``, ``cifar-100-python.tar.gz``,
+  ``stl10_binary.tar.gz``) or the folder it unpacks to, read by
+  :mod:`hsee_jax.archives`; or a ``train.zip`` and ``test.zip`` of
+  ``<class>/<image>`` files (the layout of the shipped CIFAR-10 JPEG copy,
+  used first when present); else (CIFAR-100, STL-10) ``tensorflow_datasets``
+  (the ``[tfds]`` extra, with a network or a prepared ``TFDS_DATA_DIR``).
+* ``imagefolder``: a ``train.zip`` and a ``test.zip`` holding
   ``<class>/<file>`` images that Pillow reads, all of one size; labels are the
   sorted class names. Archives are checked against ``SHA256SUMS`` when the
-  folder has one, decoded once and cached as uint8 arrays.
-* ``cifar100``, ``stl10``: a local folder in the same layout if there is one,
-  otherwise ``tensorflow_datasets`` (needs the ``[tfds]`` extra and a network
-  or a prepared ``TFDS_DATA_DIR``).
+  folder has one.
 * ``synthetic``: seeded random images with a per-class pattern, for
   benchmarks and tests that need no files.
 
+Archives are decoded once and cached as uint8 arrays, keyed by their digest.
 Where the data lives: ``Config.data_dir`` if set, else ``$HSEE_DATA_DIR/<dataset>``,
 else ``<repo>/../shared/data/<dataset>``.
 """
@@ -27,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hsee_jax import archives
 from hsee_jax.config import Config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -83,10 +89,14 @@ def load_dataset(cfg: Config) -> Dataset:
     ds = synthetic_dataset(cfg.synthetic_shape, cfg.seed)
   else:
     folder = data_folder(cfg)
-    if cfg.dataset in ("cifar10", "imagefolder") or (folder / "train.zip").exists():
+    publisher = (archives.locate(cfg.dataset, folder) if cfg.dataset in archives.FORMATS
+                 and not (folder / "train.zip").exists() else None)
+    if publisher is not None:
+      ds = load_publisher(cfg.dataset, publisher, cfg.label_mode)
+    elif cfg.dataset in ("cifar10", "imagefolder") or (folder / "train.zip").exists():
       ds = load_image_folder(folder, cfg.dataset)
     else:
-      ds = _load_tfds(cfg.dataset, folder)
+      ds = _load_tfds(cfg.dataset, folder, cfg.label_mode)
   return _subset(ds, cfg.train_subset, cfg.test_subset, cfg.seed)
 
 
@@ -126,16 +136,20 @@ def _expected_sums(folder: Path) -> dict[str, str]:
 def load_image_folder(folder: Path, name: str = "imagefolder") -> Dataset:
   folder = Path(folder)
   if not folder.is_dir():
+    also = f" or {archives.FORMATS[name].archive}" if name in archives.FORMATS else ""
     raise DataError(
         f"dataset {name}: data folder {folder} not found; set data_dir in the config to a "
-        f"folder holding train.zip and test.zip (or HSEE_DATA_DIR to a folder holding "
+        f"folder holding train.zip and test.zip{also} (or HSEE_DATA_DIR to a folder holding "
         f"{name}/train.zip and {name}/test.zip)")
   expected = _expected_sums(folder)
   splits = {}
   for split in ("train", "test"):
     path = folder / f"{split}.zip"
     if not path.is_file():
-      raise DataError(f"dataset {name}: archive {path} not found (need train.zip and test.zip)")
+      also = (f", or the publisher's {archives.FORMATS[name].archive} or its folder "
+              f"{archives.FORMATS[name].folder}/" if name in archives.FORMATS else "")
+      raise DataError(f"dataset {name}: archive {path} not found (need train.zip and test.zip"
+                      f"{also})")
     digest = _sha256(path)
     want = expected.get(path.name)
     if want is not None and want != digest:
@@ -159,23 +173,58 @@ def load_image_folder(folder: Path, name: str = "imagefolder") -> Dataset:
                  splits["test"][1], train_names)
 
 
-def _cached_decode(path: Path, digest: str, name: str):
-  cache = cache_dir() / f"{path.stem}-{digest[:20]}.npz"
+def _cached(key: str, build) -> dict:
+  """``build()`` (a dict of arrays), cached in ``cache_dir()/<key>.npz``."""
+  cache = cache_dir() / f"{key}.npz"
   if cache.exists():
     try:
       with np.load(cache, allow_pickle=False) as z:
-        return z["images"], z["labels"], tuple(str(c) for c in z["classes"])
+        return {k: z[k] for k in z.files}
     except Exception:  # a broken cache file is rebuilt, never trusted
       pass
-  images, labels, classes = decode_archive(path, name)
+  arrays = build()
   try:
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, images=images, labels=labels, classes=np.array(classes))
+    np.savez(tmp, **arrays)
     os.replace(tmp, cache)
   except OSError:
     pass  # no writable cache: decode again next time
-  return images, labels, classes
+  return arrays
+
+
+def _cached_decode(path: Path, digest: str, name: str):
+  def build():
+    images, labels, classes = decode_archive(path, name)
+    return {"images": images, "labels": labels, "classes": np.array(classes)}
+  z = _cached(f"{path.stem}-{digest[:20]}", build)
+  return z["images"], z["labels"], tuple(str(c) for c in z["classes"])
+
+
+# -- publisher archives ------------------------------------------------------------
+def load_publisher(name: str, path: Path, label_mode: str = "fine") -> Dataset:
+  """``name`` from its publisher archive or unpacked folder (:mod:`hsee_jax.archives`).
+  An archive is cached by its MD5 once it matched the publisher's; a folder
+  is read each time (a second or two)."""
+  def build():
+    splits, classes = archives.load(name, path, label_mode)
+    return {"train_images": splits["train"][0], "train_labels": splits["train"][1],
+            "test_images": splits["test"][0], "test_labels": splits["test"][1],
+            "classes": np.array(classes)}
+  try:
+    if path.is_file():
+      digest = archives.file_md5(path)
+      known = digest == archives.PUBLISHED_MD5.get(name)
+      z = _cached(f"{name}-{label_mode}-{digest[:20]}", build) if known else build()
+    else:
+      z = build()
+  except (archives.ArchiveError, OSError) as e:
+    raise DataError(f"dataset {name}: {e}") from None
+  classes = tuple(str(c) for c in z["classes"])
+  if z["train_images"].shape[1:] != z["test_images"].shape[1:]:
+    raise DataError(f"dataset {name}: train and test images differ in size")
+  return Dataset(name, z["train_images"], z["train_labels"], z["test_images"], z["test_labels"],
+                 classes)
 
 
 def decode_archive(path: Path, name: str = "imagefolder"):
@@ -211,24 +260,41 @@ def decode_archive(path: Path, name: str = "imagefolder"):
   return np.stack(images), np.asarray(labels, np.int32), classes
 
 
-def _load_tfds(name: str, folder: Path) -> Dataset:
-  hint = (f"pip install 'hsee_jax[tfds]' with a network (or a prepared TFDS_DATA_DIR), "
-          f"or put train.zip and test.zip (<class>/<image> layout) in {folder}")
+def _load_tfds(name: str, folder: Path, label_mode: str = "fine") -> Dataset:
+  """``name`` through tensorflow-datasets (``[tfds]`` extra): each split read
+  in batches of 1,024 and stacked here. ``tfds.load(..., batch_size=-1)`` is
+  not used: it batches a split by the example count in the dataset's split
+  metadata, and where that is missing (as under ``tfds.testing.mock_data``)
+  by ``sys.maxsize``, which aborts the process inside tf.data
+  (``std::length_error: vector::reserve``), past any Python error handling."""
+  fmt = archives.FORMATS.get(name)
+  local = (f"{fmt.archive}, its folder {fmt.folder}/, or train.zip and test.zip "
+           f"(<class>/<image> layout)" if fmt else "train.zip and test.zip (<class>/<image> layout)")
+  hint = (f"put {local} in {folder}, or pip install 'hsee_jax[tfds]' with a network "
+          f"(or a prepared TFDS_DATA_DIR)")
   try:
     import tensorflow_datasets as tfds
   except ImportError:
-    raise DataError(f"dataset {name}: tensorflow-datasets is not installed; {hint}") from None
+    raise DataError(f"dataset {name}: no files found and tensorflow-datasets is not "
+                    f"installed; {hint}") from None
+  label_key = "coarse_label" if label_mode == "coarse" else "label"
   try:
-    train, test = tfds.as_numpy(tfds.load(name, split=["train", "test"], batch_size=-1,
-                                          as_supervised=True))
-    info = tfds.builder(name).info
+    builder = tfds.builder(name)
+    builder.download_and_prepare()
+    splits = {}
+    for split in ("train", "test"):
+      images, labels = [], []
+      for ex in tfds.as_numpy(builder.as_dataset(split=split, batch_size=1024)):
+        images.append(ex["image"])
+        labels.append(ex[label_key])
+      splits[split] = (np.concatenate(images).astype(np.uint8),
+                       np.concatenate(labels).astype(np.int32))
+    classes = tuple(builder.info.features[label_key].names)
   except Exception as e:  # noqa: BLE001
     msg = str(e).splitlines()[0] if str(e) else ""
     raise DataError(f"dataset {name}: tensorflow-datasets could not load it "
                     f"({type(e).__name__}: {msg}); {hint}") from None
-  classes = tuple(info.features["label"].names)
-  return Dataset(name, np.asarray(train[0], np.uint8), np.asarray(train[1], np.int32),
-                 np.asarray(test[0], np.uint8), np.asarray(test[1], np.int32), classes)
+  return Dataset(name, *splits["train"], *splits["test"], classes)
 
 
 def synthetic_dataset(shape: tuple, seed: int) -> Dataset:
@@ -290,12 +356,14 @@ def client_batches(part: np.ndarray, steps: int, batch_size: int, seed: int, rnd
 
 
 # -- on-device preprocessing ---------------------------------------------------------
-def augment(key, images):
-  """Random crop with 4-pixel zero padding and random horizontal flip; [B, H, W, C]."""
+def augment(key, images, pad_share: float = 0.125):
+  """Random crop of the image zero-padded by ``pad_share`` of its side on each
+  edge (4 pixels at 32x32, 12 at 96x96), and a random horizontal flip; [B, H, W, C]."""
   b, h, w, _ = images.shape
+  pad = int(round(pad_share * h))
   kc, kf = jax.random.split(key)
-  padded = jnp.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
-  offsets = jax.random.randint(kc, (b, 2), 0, 9)
+  padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  offsets = jax.random.randint(kc, (b, 2), 0, 2 * pad + 1)
   crop = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1])))
   out = crop(padded, offsets)
   flip = jax.random.bernoulli(kf, 0.5, (b,))

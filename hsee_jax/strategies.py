@@ -111,7 +111,7 @@ def split_update(net: models.SplitResNet18, tx: optax.GradientTransformation, cf
     images = shared.images[idx]
     labels = shared.labels[idx]
     if cfg.augment:
-      images = data_lib.augment(aug_key, images)
+      images = data_lib.augment(aug_key, images, cfg.augment_pad)
     images = data_lib.normalize(images, shared.mean, shared.std)
 
     def loss_fn(client_params, server_params):

@@ -1,4 +1,5 @@
 import hashlib
+import sys
 import zipfile
 
 import jax
@@ -103,8 +104,11 @@ def test_unreadable_image_and_mixed_sizes(tmp_path, monkeypatch):
     data_lib.load_dataset(Config(dataset="imagefolder", data_dir=str(folder)))
 
 
-def test_tfds_datasets_without_data_give_a_clear_error(tmp_path):
-  with pytest.raises(DataError, match="dataset cifar100: .*train.zip and test.zip") as e:
+def test_tfds_datasets_without_data_give_a_clear_error(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as without the [tfds] extra
+  with pytest.raises(DataError, match="dataset cifar100: no files found and tensorflow-datasets "
+                     "is not installed; put cifar-100-python.tar.gz, its folder "
+                     "cifar-100-python/, or train.zip and test.zip") as e:
     data_lib.load_dataset(Config(dataset="cifar100", data_dir=str(tmp_path / "c100")))
   assert "\n" not in str(e.value)
 

@@ -14,14 +14,19 @@ import reproduce  # noqa: E402
 
 def test_grid_runner_on_tiny_image_folder(tmp_path, monkeypatch):
   monkeypatch.setenv("HSEE_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # cifar100: no files, no tfds
   data = tmp_path / "tiny"
   data.mkdir()
   write_image_zip(data / "train.zip", ["a", "b", "c"], 16, size=(16, 16), seed=1)
   write_image_zip(data / "test.zip", ["a", "b", "c"], 4, size=(16, 16), seed=2)
   out = tmp_path / "out"
-  code = reproduce.main(["--scale", "cpu", "--out", str(out), "--datasets", "imagefolder,cifar100",
-                         "--data-dir", f"imagefolder={data}", "--data-dir",
-                         f"cifar100={tmp_path / 'none'}",
+  broken = tmp_path / "stl10"   # present but truncated: skipped, and why
+  broken.mkdir()
+  (broken / "stl10_binary.tar.gz").write_bytes(b"\x1f\x8b\x08\x00 not a whole archive")
+  code = reproduce.main(["--scale", "cpu", "--out", str(out), "--datasets",
+                         "imagefolder,cifar100,stl10", "--data-dir", f"imagefolder={data}",
+                         "--data-dir", f"cifar100={tmp_path / 'none'}", "--data-dir",
+                         f"stl10={broken}",
                          "--set", "rounds=2", "--set", "batch_size=8", "--set", "local_steps=1",
                          "--set", "train_subset=0", "--set", "eval_batch_size=12"])
   assert code == 0
@@ -36,7 +41,9 @@ def test_grid_runner_on_tiny_image_folder(tmp_path, monkeypatch):
   seq = [r for r in rows if r["run"] == "hsee-sequential"]
   assert [int(r["cut"]) for r in seq] == [3, 5, 7]
   md = (out / "results.md").read_text()
-  assert "cifar100 skipped" in md and "### Cost per cut layer" in md
+  assert "cifar100 skipped: dataset cifar100: no files found" in md
+  assert "stl10 skipped: dataset stl10: " in md and "is truncated or damaged" in md
+  assert "### Cost per cut layer" in md
   assert "### Device budgets → cuts" in md and "### Simulated wall clock" in md
   for png in ("exit_accuracy", "accuracy_vs_round", "accuracy_vs_simulated", "early_exit"):
     assert (out / f"imagefolder_{png}.png").stat().st_size > 1000
