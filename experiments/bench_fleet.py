@@ -56,7 +56,8 @@ def _rss_mb() -> float:
 
 
 def point(strategy: str, width: float, n: int, c: int, rounds: int, steps: int, batch: int,
-          mode: str = "auto", chunk: int = 0, augment: bool = False) -> dict:
+          mode: str = "auto", chunk: int = 0, augment: bool = False,
+          train_images: int = TRAIN_IMAGES, max_rounds: int = 40) -> dict:
   """One (strategy, width, N, C) point, in this process."""
   import jax
 
@@ -64,7 +65,7 @@ def point(strategy: str, width: float, n: int, c: int, rounds: int, steps: int, 
   from hsee_jax import train as train_lib
   from hsee_jax.checkpoint import Checkpointer, meta_for
   from hsee_jax.config import Config
-  cfg = Config(dataset="synthetic", synthetic_shape=(32, 32, 10, max(TRAIN_IMAGES, 2 * n), 16),
+  cfg = Config(dataset="synthetic", synthetic_shape=(32, 32, 10, max(train_images, 2 * n), 16),
                width=width, num_clients=n, cut_tiers=TIERS, clients_per_round=c,
                client_state="reset", strategy=strategy, local_steps=steps, batch_size=batch,
                rounds=1000, augment=augment, schedule="constant", mode=mode,
@@ -80,18 +81,19 @@ def point(strategy: str, width: float, n: int, c: int, rounds: int, steps: int, 
   jax.monitoring.register_event_duration_secs_listener(
       lambda event, secs, **kw: compiles.append(secs) if event == BACKEND_COMPILE_EVENT else None)
   compiled = lambda: len(compiles)
-  times, clean, clean_rss = [], [], []
+  times, clean, clean_rss, round_rss = [], [], [], []
   rnd = 0
-  while len(clean) < rounds and rnd < 40:
+  while len(clean) < rounds and rnd < max_rounds:
     before = compiled()
     _rss_reset()
     t0 = time.perf_counter()
     state, metrics, _ = sim.run_round(state, rnd, key)
     jax.block_until_ready(state)
     times.append(time.perf_counter() - t0)
+    round_rss.append(_rss_peak_mb())
     if rnd > 0 and compiled() == before:
       clean.append(times[-1])
-      clean_rss.append(_rss_peak_mb())
+      clean_rss.append(round_rss[-1])
     rnd += 1
   state_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(state))
   with tempfile.TemporaryDirectory() as d:
@@ -99,13 +101,14 @@ def point(strategy: str, width: float, n: int, c: int, rounds: int, steps: int, 
       ck.save(1, state, meta_for(cfg, 1, key))
       ck.finish(1)
     ckpt_bytes = sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
-  later = statistics.median(clean)
+  later = statistics.median(clean or times[-1:])  # (no clean round: the last one, flagged)
   return {"system": "hsee_jax", "strategy": strategy, "width": width, "num_clients": n,
           "clients_per_round": c, "mode": sim.ctx.mode, "chunk": sim.ctx.chunk,
           "first_round_s": times[0], "round_s": later,
           "compile_s": sum(times) - later * len(times), "rounds_run": len(times),
+          "clean_rounds": len(clean),
           "images_per_s": c * steps * batch / later, "peak_rss_mb": _rss_mb(),
-          "train_rss_mb": max(clean_rss), "augment": augment,
+          "train_rss_mb": max(clean_rss or round_rss[-1:]), "augment": augment,
           "state_mb": state_bytes / 2**20, "checkpoint_mb": ckpt_bytes / 2**20,
           "per_client_state_bytes": {str(k): v for k, v in sim.algorithm.per_client_bytes.items()},
           "round_times_s": times}
@@ -141,6 +144,8 @@ def torch_point(width: float, c: int, rounds: int, steps: int, batch: int) -> di
 
 
 def _child(args, spec: dict) -> dict:
+  if not spec.get("torch"):
+    spec = dict(spec, train_images=args.train_images, max_rounds=args.max_rounds)
   cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--rounds", str(args.rounds),
          "--steps", str(args.steps), "--batch", str(args.batch), "--out", args.out]
   r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -159,6 +164,10 @@ def main(argv=None):
   p.add_argument("--cs", default="4,16,64", help="cohort sizes at N = --fixed-n")
   p.add_argument("--fixed-n", type=int, default=1024)
   p.add_argument("--rounds", type=int, default=3, help="timed rounds after the first")
+  p.add_argument("--max-rounds", type=int, default=40,
+                 help="rounds at most, looking for --rounds rounds that compile nothing")
+  p.add_argument("--train-images", type=int, default=TRAIN_IMAGES,
+                 help="synthetic train set size, the same for every N (2 per client beyond it)")
   p.add_argument("--steps", type=int, default=2)
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--mode", default="auto", help="execution mode of hsee_jax (default: auto)")

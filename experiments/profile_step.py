@@ -175,7 +175,8 @@ def profile_jax(args) -> dict:
   client, server = strategies.client_server_parts(state, args.cut, strategy.ctx.tx)
   carry = update.init(strategy.ctx.shared, (client, server, jax.random.PRNGKey(1)))
   n = strategy.ctx.shared.labels.shape[0]
-  xs = [(jnp.asarray((jnp.arange(args.batch) * 7 + s * args.batch) % n), jnp.float32(0.05))
+  xs = [(jnp.asarray((jnp.arange(args.batch) * 7 + s * args.batch) % n),
+         jnp.asarray([0.05, cfg.momentum, cfg.weight_decay, cfg.exit_loss_weight], jnp.float32))
         for s in range(args.steps + 3)]
   for x in xs[:3]:
     carry = step(strategy.ctx.shared, carry, x)

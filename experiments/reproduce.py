@@ -2,6 +2,7 @@
 
     python experiments/reproduce.py --scale cpu --out runs/reproduce           # this machine
     python experiments/reproduce.py --scale paper --out runs/paper             # an accelerator
+    python experiments/reproduce.py --datasets cifar10,cifar100,stl10 --seeds 0,1,2 ...
     python experiments/reproduce.py --datasets imagefolder --data-dir imagefolder=/my/data ...
 
 Per dataset, every run of the grid (PAPER.md):
@@ -11,7 +12,12 @@ Per dataset, every run of the grid (PAPER.md):
   alone             each client on its own data with its exit head, no aggregation
   classical-split   the server gradient goes back to the client (no exit loss), cuts 3, 5, 7
   central           the uncut ResNet-18 trained on all the data
-Outputs in --out: results.csv, results.md, plots (PNG), and each run's directory.
+Every run of the grid is trained for each of ``--seeds`` (default 0,1,2) through
+the sweep machinery (``hsee_jax.sweep``: the seeds of a run, and runs that
+differ only in program inputs, share their compiled programs); the tables and
+plots give the mean ± sample standard deviation over seeds.
+Outputs in --out: results.csv, results.md, plots (PNG), and each run's
+directory, ``<dataset>/<run>/seed<s>``.
 """
 from __future__ import annotations
 
@@ -22,9 +28,12 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hsee_jax import config as config_lib  # noqa: E402
+from hsee_jax import sweep  # noqa: E402
 from hsee_jax import costs, models  # noqa: E402
 from hsee_jax import train as train_lib  # noqa: E402
 from hsee_jax.config import Config  # noqa: E402
@@ -66,7 +75,7 @@ def grid(dataset: str, scale: str, overrides: list[str], data_dir: str = "") -> 
     tiers = dict(TIERS)
     n = len(fields["cuts"])
     tiers["client_flops_per_s"] = tuple(TIERS["client_flops_per_s"][i % 3] for i in range(n))
-    cfg = Config(name=f"{dataset}/{name}", dataset=dataset, data_dir=data_dir,
+    cfg = Config(name=dataset, dataset=dataset, data_dir=data_dir,
                  **SCALES[scale], **tiers, **fields)
     out.append((name, config_lib.override(cfg, overrides)))
   return out
@@ -86,16 +95,17 @@ def _records(run_dir: Path) -> list[dict]:
 
 
 def run_grid(datasets, scale, out: Path, overrides=(), data_dirs=None, log=print,
-             report_only: bool = False) -> dict:
-  """Train every run of the grid (or, ``report_only``, read the finished runs in
-  ``out``) and write the tables and plots."""
+             report_only: bool = False, seeds=(0, 1, 2)) -> dict:
+  """Train every run of the grid for every seed (or, ``report_only``, read the
+  finished runs in ``out``) and write the tables and plots."""
   out.mkdir(parents=True, exist_ok=True)
   data_dirs = data_dirs or {}
-  log(f"[reproduce] {shrink_note(scale)}")
+  seeds = list(seeds)
+  log(f"[reproduce] {shrink_note(scale)}; seeds {', '.join(map(str, seeds))}")
   if overrides:
     log(f"[reproduce] overrides for every run: {' '.join(overrides)}")
   results = {"scale": scale, "note": shrink_note(scale), "overrides": list(overrides),
-             "datasets": {}, "skipped": {}}
+             "seeds": seeds, "datasets": {}, "skipped": {}}
   for ds_name in datasets:
     runs = grid(ds_name, scale, list(overrides), data_dirs.get(ds_name, ""))
     try:
@@ -104,14 +114,12 @@ def run_grid(datasets, scale, out: Path, overrides=(), data_dirs=None, log=print
       log(f"[reproduce] skipping {ds_name}: {e}")
       results["skipped"][ds_name] = str(e)
       continue
+    planned = sweep.plan_points([(name, {"run": name}, cfg) for name, cfg in runs], seeds)
+    if not report_only:
+      sweep.train_runs(planned, out / ds_name, dataset=dataset, log=lambda s: log("    " + s))
     ds_res = results["datasets"][ds_name] = {"runs": {}}
-    for name, cfg in runs:
-      run_dir = out / ds_name / name
-      if not report_only:
-        log(f"[reproduce] {ds_name} / {name}: cuts {list(cfg.cuts)}, {cfg.strategy}")
-        train_lib.train(cfg, run_dir, overwrite=True, dataset=dataset,
-                        log=lambda s: log("    " + s))
-      ds_res["runs"][name] = _load_run(run_dir)
+    for name, _ in runs:
+      ds_res["runs"][name] = [_load_run(out / ds_name / name / f"seed{s}") for s in seeds]
     _account(ds_res, dataset, runs[0][1])
   write_outputs(results, out, log)
   return results
@@ -140,7 +148,8 @@ def _account(ds_res: dict, dataset, cfg: Config) -> None:
 
 def _simulate(runs: dict, table: dict) -> dict:
   sim = {}
-  for name, r in runs.items():
+  for name, per_seed in runs.items():
+    r = per_seed[0]   # the simulated clock depends on the config, not on the seed
     cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in r["config"].items()})
     cuts = r["summary"]["cuts"]
     steps = r["summary"]["local_steps"]
@@ -162,25 +171,52 @@ def _simulate(runs: dict, table: dict) -> dict:
 
 
 # -- outputs ---------------------------------------------------------------------------------
-def _cut_rows(test: dict) -> list[dict]:
-  """One row per cut: mean accuracies over the cut's clients (all of them share
-  one model after an Averaging aggregation) and the mean early-exit table."""
-  return [{"client": f"{c['clients']} client{'s' if c['clients'] > 1 else ''}", "cut": c["cut"],
-           "exit_acc": c["exit_acc"]["mean"], "server_acc": c["server_acc"]["mean"],
-           "early_exit": c["early_exit"]} for c in test["cuts"]]
+def _pm(ms, digits: int = 3) -> str:
+  mean, std = ms
+  return f"{mean:.{digits}f} ± {std:.{digits}f}" if np.isfinite(std) else f"{mean:.{digits}f}"
+
+
+def _cut_rows(per_seed: list[dict]) -> list[dict]:
+  """One row per cut: the accuracies of the cut's clients (all of them share
+  one model after an Averaging aggregation), mean and std over seeds, and the
+  early-exit table averaged over seeds."""
+  tests = [r["summary"]["test"] for r in per_seed]
+  rows = []
+  for j, c in enumerate(tests[0]["cuts"]):
+    cs = [t["cuts"][j] for t in tests]
+    rows.append({
+        "client": f"{c['clients']} client{'s' if c['clients'] > 1 else ''}", "cut": c["cut"],
+        "exit_acc": sweep.mean_std([x["exit_acc"]["mean"] for x in cs]),
+        "server_acc": sweep.mean_std([x["server_acc"]["mean"] for x in cs]),
+        "early_exit": [{"threshold": e["threshold"],
+                        "accuracy": float(np.mean([x["early_exit"][k]["accuracy"] for x in cs])),
+                        "client_fraction": float(np.mean([x["early_exit"][k]["client_fraction"]
+                                                          for x in cs]))}
+                       for k, e in enumerate(c["early_exit"])]})
+  return rows
+
+
+def _run_means(per_seed: list[dict]) -> dict:
+  """Mean exit and full-path accuracy over the fleet: mean and std over seeds."""
+  tests = [r["summary"]["test"] for r in per_seed]
+  return {"exit": sweep.mean_std([t["mean_exit_acc"] for t in tests]),
+          "full": sweep.mean_std([t["mean_server_acc"] for t in tests])}
 
 
 def write_outputs(results: dict, out: Path, log=print) -> None:
   rows = []
   for ds_name, ds in results["datasets"].items():
-    for name, r in ds["runs"].items():
-      for c in _cut_rows(r["summary"]["test"]):
-        rows.append({"dataset": ds_name, "run": name, "strategy": r["config"]["strategy"],
-                     "client": c["client"], "cut": c["cut"],
-                     "exit_accuracy": round(c["exit_acc"], 4),
-                     "full_path_accuracy": round(c["server_acc"], 4),
-                     "rounds": r["summary"]["rounds"],
-                     "wall_seconds": round(r["wall_seconds"], 1),
+    for name, per_seed in ds["runs"].items():
+      first = per_seed[0]
+      for c in _cut_rows(per_seed):
+        rows.append({"dataset": ds_name, "run": name, "strategy": first["config"]["strategy"],
+                     "client": c["client"], "cut": c["cut"], "seeds": len(per_seed),
+                     "exit_accuracy": round(c["exit_acc"][0], 4),
+                     "exit_accuracy_std": round(c["exit_acc"][1], 4),
+                     "full_path_accuracy": round(c["server_acc"][0], 4),
+                     "full_path_accuracy_std": round(c["server_acc"][1], 4),
+                     "rounds": first["summary"]["rounds"],
+                     "wall_seconds": round(float(np.mean([r["wall_seconds"] for r in per_seed])), 1),
                      "simulated_seconds": round(sum(ds["simulated"][name]), 1)})
   if rows:
     with open(out / "results.csv", "w", newline="") as f:
@@ -195,7 +231,10 @@ def write_outputs(results: dict, out: Path, log=print) -> None:
 
 
 def _markdown(results: dict, rows: list[dict]) -> str:
-  md = [f"# Hetero-SplitEE results ({results['scale']} scale)", "", results["note"] + ".", ""]
+  md = [f"# Hetero-SplitEE results ({results['scale']} scale)", "", results["note"] + ".", "",
+        f"Every run trained with seeds {', '.join(map(str, results['seeds']))}: accuracies are "
+        f"the mean ± sample standard deviation over the {len(results['seeds'])} seeds "
+        f"(no ± with one seed).", ""]
   if results["overrides"]:
     md += [f"Overrides for every run: `{' '.join(results['overrides'])}`.", ""]
   for ds_name, why in results["skipped"].items():
@@ -203,28 +242,30 @@ def _markdown(results: dict, rows: list[dict]) -> str:
   for ds_name, ds in results["datasets"].items():
     md += [f"## {ds_name}", "", "### Test accuracy per cut", "",
            "Exit = the client's early-exit head alone; full = client part then server part.", "",
-           "| run | strategy | cuts | exit acc per cut | full-path acc per cut | mean exit | mean full | wall s | simulated s |",
+           "| run | strategy | cuts | exit acc per cut | full-path acc per cut | mean exit | mean full | wall s (mean) | simulated s |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name in ds["runs"]:
+    for name, per_seed in ds["runs"].items():
       rs = [r for r in rows if r["dataset"] == ds_name and r["run"] == name]
-      ex = [r["exit_accuracy"] for r in rs]
-      fu = [r["full_path_accuracy"] for r in rs]
+      cuts = _cut_rows(per_seed)
+      means = _run_means(per_seed)
       md.append(f"| {name} | {rs[0]['strategy']} | {', '.join(str(r['cut']) for r in rs)} | "
-                f"{' / '.join(f'{x:.3f}' for x in ex)} | {' / '.join(f'{x:.3f}' for x in fu)} | "
-                f"{sum(ex) / len(ex):.3f} | {sum(fu) / len(fu):.3f} | {rs[0]['wall_seconds']} | "
+                f"{' / '.join(_pm(c['exit_acc']) for c in cuts)} | "
+                f"{' / '.join(_pm(c['server_acc']) for c in cuts)} | "
+                f"{_pm(means['exit'])} | {_pm(means['full'])} | {rs[0]['wall_seconds']} | "
                 f"{rs[0]['simulated_seconds']} |")
     md += ["", "`central` has one client holding the whole network (its 'full' is the uncut "
            "ResNet-18); `classical-split` and `central` train no exit head (exit_loss_weight 0), "
            "so their exit accuracies are not meaningful.", ""]
     hsee = [n for n in ("hsee-averaging", "hsee-sequential") if n in ds["runs"]]
     if hsee:
-      taus = [r["threshold"] for r in _cut_rows(ds["runs"][hsee[0]]["summary"]["test"])[0]["early_exit"]]
+      taus = [r["threshold"] for r in _cut_rows(ds["runs"][hsee[0]])[0]["early_exit"]]
       md += ["### Entropy early exit (Hetero-SplitEE runs)", "",
-             "Accuracy / share of samples answered at the client, per threshold tau.", "",
+             "Accuracy / share of samples answered at the client, per threshold tau "
+             "(means over seeds).", "",
              "| run | clients (cut) | " + " | ".join(f"tau {t:g}" for t in taus) + " |",
              "| --- | --- | " + " | ".join("---" for _ in taus) + " |"]
       for name in hsee:
-        for c in _cut_rows(ds["runs"][name]["summary"]["test"]):
+        for c in _cut_rows(ds["runs"][name]):
           md.append(f"| {name} | {c['client']} ({c['cut']}) | " + " | ".join(
               f"{r['accuracy']:.3f} / {r['client_fraction']:.2f}" for r in c["early_exit"]) + " |")
     md += ["", "### Cost per cut layer (per training image, computed from the model)", "",
@@ -248,7 +289,7 @@ def _markdown(results: dict, rows: list[dict]) -> str:
       md.append(f"| {name} | {sum(per) / max(1, len(per)):.1f} | {sum(per):.1f} |")
     md += ["", "### Device budgets → cuts", "",
            "Deepest cut whose client cost fits each budget (`costs.choose_cuts`, batch "
-           f"{ds['runs'][next(iter(ds['runs']))]['config']['batch_size']}):", "",
+           f"{next(iter(ds['runs'].values()))[0]['config']['batch_size']}):", "",
            "Budgets: the share of the deepest client part's (cut 8) training FLOPs per step "
            "that each device tier affords.", "",
            "| client | budget (FLOPs/step) | share of cut 8 | cut | why |",
@@ -274,10 +315,12 @@ def _plots(results: dict, out: Path, log=print) -> None:
     fig, ax = plt.subplots(figsize=(9, 4))
     x = 0
     ticks, labels = [], []
-    for name, r in runs.items():
-      for c in _cut_rows(r["summary"]["test"]):
-        ax.bar(x - 0.2, c["exit_acc"], 0.4, color="tab:blue")
-        ax.bar(x + 0.2, c["server_acc"], 0.4, color="tab:orange")
+    err = lambda ms: ms[1] if np.isfinite(ms[1]) else 0.0
+    for name, per_seed in runs.items():
+      for c in _cut_rows(per_seed):
+        ax.bar(x - 0.2, c["exit_acc"][0], 0.4, yerr=err(c["exit_acc"]), capsize=2, color="tab:blue")
+        ax.bar(x + 0.2, c["server_acc"][0], 0.4, yerr=err(c["server_acc"]), capsize=2,
+               color="tab:orange")
         ticks.append(x)
         labels.append(f"{name}\nl={c['cut']}")
         x += 1
@@ -285,26 +328,28 @@ def _plots(results: dict, out: Path, log=print) -> None:
     ax.set_xticks(ticks, labels, rotation=90, fontsize=7)
     ax.set_ylabel("test accuracy")
     ax.legend(["exit head", "full path"], fontsize=8)
-    ax.set_title(f"{ds_name}: accuracy per client exit")
+    ax.set_title(f"{ds_name}: accuracy per client exit (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(out / f"{ds_name}_exit_accuracy.png", dpi=110)
     plt.close(fig)
     # test accuracy against round, and against simulated time
     for kind in ("round", "simulated"):
       fig, ax = plt.subplots(figsize=(6, 4))
-      for name, r in runs.items():
-        recs = [rec for rec in r["records"] if "test" in rec]
+      for name, per_seed in runs.items():
         if kind == "simulated" and name not in ("hsee-averaging", "hsee-sequential"):
           continue
+        by_seed = [[rec for rec in r["records"] if "test" in rec] for r in per_seed]
+        recs = by_seed[0]
         if kind == "round":
           xs = [rec["round"] + 1 for rec in recs]
         else:
           cum = [sum(ds["simulated"][name][:i + 1]) for i in range(len(ds["simulated"][name]))]
           xs = [cum[rec["round"]] for rec in recs]
-        ax.plot(xs, [rec["test"]["mean_server_acc"] for rec in recs], marker="o", label=f"{name} full")
-        ax.plot(xs, [rec["test"]["mean_exit_acc"] for rec in recs], ls="--", label=f"{name} exit")
+        for metric, style in (("mean_server_acc", dict(marker="o")), ("mean_exit_acc", dict(ls="--"))):
+          ys = np.mean([[rec["test"][metric] for rec in rs] for rs in by_seed], axis=0)
+          ax.plot(xs, ys, label=f"{name} {'full' if 'server' in metric else 'exit'}", **style)
       ax.set_xlabel("round" if kind == "round" else "simulated seconds")
-      ax.set_ylabel("mean test accuracy over clients")
+      ax.set_ylabel("mean test accuracy over clients and seeds")
       ax.legend(fontsize=6)
       ax.set_title(f"{ds_name}: test accuracy against {'round' if kind == 'round' else 'simulated time'}")
       fig.tight_layout()
@@ -314,7 +359,7 @@ def _plots(results: dict, out: Path, log=print) -> None:
     names = [n for n in ("hsee-averaging", "hsee-sequential") if n in runs]
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names):
-      for c in _cut_rows(runs[name]["summary"]["test"]):
+      for c in _cut_rows(runs[name]):
         ee = c["early_exit"]
         ax.plot([r["client_fraction"] for r in ee], [r["accuracy"] for r in ee], marker=".",
                 label=f"cut {c['cut']} ({c['client']})")
@@ -339,13 +384,14 @@ def main(argv=None):
                       "train.zip/test.zip (repeatable)")
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config field in every run (repeatable)")
+  p.add_argument("--seeds", default="0,1,2", help="seeds of every run (comma list; default 0,1,2)")
   p.add_argument("--report-only", action="store_true",
                  help="no training: rebuild the tables and plots from the finished runs in --out")
   args = p.parse_args(argv)
   data_dirs = dict(d.split("=", 1) for d in args.data_dir)
   try:
     run_grid(args.datasets.split(","), args.scale, Path(args.out), args.overrides, data_dirs,
-             report_only=args.report_only)
+             report_only=args.report_only, seeds=sweep.parse_seeds(args.seeds))
   except (config_lib.ConfigError, DataError, train_lib.RunError) as e:
     print(f"reproduce: error: {e}", file=sys.stderr)
     return 2

@@ -3,6 +3,8 @@
     hsee train --config configs/<name>.py [--set key=value ...] --out DIR [--overwrite]
     hsee train --resume DIR [--config ... --set ...]
     hsee eval --run DIR [--round N]
+    hsee sweep --config configs/<name>.py --grid key=v1,v2 [--grid ...] --seeds 0,1,2 --out DIR
+    hsee sweep --resume DIR
 """
 from __future__ import annotations
 
@@ -25,6 +27,16 @@ def _parser() -> argparse.ArgumentParser:
   t.add_argument("--out", help="output directory for metrics, summary and checkpoints")
   t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
   t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest checkpoint")
+  w = sub.add_parser("sweep", help="train a grid of configs x seeds, one run directory each")
+  w.add_argument("--config", help="the base config (a configs/*.py file)")
+  w.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                 help="a swept field and its values (repeatable; the grid is their product)")
+  w.add_argument("--seeds", default="0", help="comma list of seeds, each run for every grid point")
+  w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a base config field (repeatable)")
+  w.add_argument("--out", help="the sweep directory")
+  w.add_argument("--overwrite", action="store_true", help="start again over a sweep in --out")
+  w.add_argument("--resume", metavar="DIR", help="finish every unfinished run of the sweep in DIR")
   e = sub.add_parser("eval", help="test metrics of a run's checkpoint, without training")
   e.add_argument("--run", required=True, metavar="DIR", help="a run directory")
   e.add_argument("--round", type=int, default=None,
@@ -47,6 +59,21 @@ def _train_config(args) -> tuple[config_lib.Config, Path]:
   return config_lib.load(args.config, args.overrides), Path(args.out)
 
 
+def _sweep(args) -> None:
+  from hsee_jax import sweep
+  if args.resume:
+    if args.config or args.grid or args.out:
+      raise config_lib.ConfigError("sweep --resume DIR takes no --config, --grid or --out "
+                                   "(the plan is in DIR/sweep.json)")
+    sweep.resume_sweep(args.resume)
+    return
+  if not args.config or not args.out:
+    raise config_lib.ConfigError("sweep needs --config and --out (or --resume DIR)")
+  base = config_lib.load(args.config, args.overrides)
+  sweep.run_sweep(base, sweep.parse_grid(args.grid), sweep.parse_seeds(args.seeds), args.out,
+                  overwrite=args.overwrite)
+
+
 def _last_checkpoint(out: Path) -> str:
   ckpts = out / "checkpoints"
   steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.is_dir() else []
@@ -66,12 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
       cfg, out = _train_config(args)
       train(cfg, out, overwrite=args.overwrite, resume=bool(args.resume))
+    elif args.command == "sweep":
+      _sweep(args)
     else:
       evaluate_run(args.run, args.round)
   except (config_lib.ConfigError, DataError, RunError) as e:
     print(f"hsee: error: {e}", file=sys.stderr)
     return 2
   except rundir.Stopped as e:
+    if args.command == "sweep":
+      e = rundir.Stopped(e.signum, e.rounds_done, e.out, sweep=args.resume or args.out)
     print(f"hsee: {e}", file=sys.stderr)
     return 128 + e.signum
   except (rundir.Abandoned, KeyboardInterrupt) as e:

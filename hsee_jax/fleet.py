@@ -135,13 +135,19 @@ def sample_cohort(seed: int, rnd: int, num_clients: int, cohort_size: int) -> np
   return np.sort(rng.choice(num_clients, cohort_size, replace=False))
 
 
+# The per-step hyperparameters a cohort feeds the compiled step (Cohort.hparams).
+HPARAMS = ("lr", "momentum", "weight_decay", "exit_loss_weight")
+
+
 @dataclasses.dataclass(frozen=True)
 class Cohort:
   """One round's clients and their inputs (host arrays; positions = cohort order).
 
   ``ids`` [C] client ids, ascending; ``cuts`` [C]; ``slots`` [C] each client's
   row in its cut group's per-client state; ``indices`` [C, S, B] the training
-  images of every local step; ``lrs`` [S] the learning rate of every step;
+  images of every local step; ``hparams`` [S, 4] the hyperparameters of every
+  step (:data:`HPARAMS`: the scheduled learning rate, momentum, weight decay,
+  exit-loss weight), inputs of the compiled step rather than constants in it;
   ``weights`` [C] data sizes; ``keys`` [C, 2] PRNG keys (uint32).
   """
   round: int
@@ -149,7 +155,7 @@ class Cohort:
   cuts: np.ndarray
   slots: np.ndarray
   indices: np.ndarray
-  lrs: np.ndarray
+  hparams: np.ndarray
   weights: np.ndarray
   keys: np.ndarray
 
@@ -172,9 +178,11 @@ def make_cohort(fleet: Fleet, cfg: Config, rnd: int, local_steps: int, schedule,
                                               cfg.seed, rnd, int(i)) for i in ids])
   steps = rnd * local_steps + np.arange(local_steps)
   lrs = np.asarray([schedule(int(s)) for s in steps], np.float32)
+  hparams = np.stack([lrs] + [np.full(local_steps, getattr(cfg, h), np.float32)
+                              for h in HPARAMS[1:]], axis=-1)
   keys = np.asarray(_client_keys(base_key, rnd, ids.astype(np.int32)))
   return Cohort(round=rnd, ids=ids, cuts=fleet.cuts[ids], slots=fleet.slots[ids],
-                indices=indices, lrs=lrs, weights=fleet.sizes[ids], keys=keys)
+                indices=indices, hparams=hparams, weights=fleet.sizes[ids], keys=keys)
 
 
 # Chunk sizes up to this run exactly; a larger rest is padded to a power of two.

@@ -40,13 +40,22 @@ class PartState:
                      opt_state={**self.opt_state, **other.opt_state})
 
 
-def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+def direction(optimizer: str, nesterov: bool, momentum: Any, weight_decay: Any
+              ) -> optax.GradientTransformation:
   """Update direction; the step multiplies it by -lr (PyTorch SGD semantics:
-  buf = m * buf + (g + wd * p); p -= lr * buf)."""
-  if cfg.optimizer == "sgd":
-    return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                       optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov))
-  return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(cfg.weight_decay))
+  buf = m * buf + (g + wd * p); p -= lr * buf). ``momentum`` and
+  ``weight_decay`` may be traced values: the training step builds the
+  direction from its inputs, so runs that differ only in them share one
+  compiled program. The state's structure does not depend on them."""
+  if optimizer == "sgd":
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.trace(decay=momentum, nesterov=nesterov))
+  return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(weight_decay))
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+  """The config's update direction (:func:`direction` with its values)."""
+  return direction(cfg.optimizer, cfg.nesterov, cfg.momentum, cfg.weight_decay)
 
 
 def make_schedule(cfg: Config, total_steps: int) -> optax.Schedule:

@@ -41,10 +41,11 @@ class RunError(RuntimeError):
 class Stopped(Exception):
   """The run stopped on a signal after ``rounds_done`` rounds, all saved."""
 
-  def __init__(self, signum: int, rounds_done: int, out: Path):
+  def __init__(self, signum: int, rounds_done: int, out: Path, sweep: str | Path | None = None):
     self.signum, self.rounds_done, self.out = signum, rounds_done, out
-    super().__init__(f"{signal.Signals(signum).name}: stopped after round {rounds_done}; "
-                     f"resume with: hsee train --resume {out}")
+    how = f"hsee sweep --resume {sweep}" if sweep else f"hsee train --resume {out}"
+    super().__init__(f"{signal.Signals(signum).name}: stopped after round {rounds_done}"
+                     f"{f' of {out}' if sweep else ''}; resume with: {how}")
 
 
 class Abandoned(BaseException):

@@ -34,8 +34,10 @@ a chunk of models and one sum per cut, never the cohort.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import types
 from typing import Any, Callable
 
 import flax
@@ -48,12 +50,50 @@ from jax.sharding import PartitionSpec as P
 
 from hsee_jax import data as data_lib
 from hsee_jax import models
+from hsee_jax import optim
 from hsee_jax.config import NUM_UNITS, Config, ConfigError
 from hsee_jax.engine import ClientRunner, ClientUpdate, resolve_chunk, resolve_mode
 from hsee_jax.fleet import Cohort, Fleet, chunk_plan
 from hsee_jax.optim import PartState, apply_gradients
 
 METRIC_NAMES = ("loss_client", "loss_server", "acc_client", "acc_server")
+
+# -- programs shared across simulations in one process ----------------------------
+# The config fields a round's compiled programs read (besides the network's
+# class count and the cut). Simulations in one process whose configs agree on
+# them (tests, sweeps, a run built twice) share their compiled programs;
+# everything else (seed, learning rate and schedule, rounds, the fleet, the
+# data; momentum, weight decay and exit-loss weight as ``Cohort.hparams``)
+# reaches the programs as inputs. Programs are built from
+# :func:`program_config`, which holds these fields only, so a program that
+# reads a field not listed here fails at once instead of being shared wrongly.
+PROGRAM_FIELDS = ("width", "exit_head", "optimizer", "nesterov", "augment", "augment_pad",
+                  "server_grad_to_client", "client_state", "aggregate_every")
+PROGRAM_CACHE_SIZE = 64
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+
+
+def clear_shared_programs() -> None:
+  """Forget every shared program (the next simulation compiles afresh)."""
+  _PROGRAMS.clear()
+
+
+def program_config(cfg: Config) -> types.SimpleNamespace:
+  """The fields of ``cfg`` that compiled programs may read (:data:`PROGRAM_FIELDS`)."""
+  return types.SimpleNamespace(**{f: getattr(cfg, f) for f in PROGRAM_FIELDS})
+
+
+def shared_program(key: tuple, make: Callable):
+  """``make()``, built once per ``key`` in this process and then reused (its
+  jitted functions keep their compilations); the least recently used of more
+  than :data:`PROGRAM_CACHE_SIZE` are dropped."""
+  if key in _PROGRAMS:
+    _PROGRAMS.move_to_end(key)
+    return _PROGRAMS[key]
+  value = _PROGRAMS[key] = make()
+  while len(_PROGRAMS) > PROGRAM_CACHE_SIZE:
+    _PROGRAMS.popitem(last=False)
+  return value
 
 
 def group_key(cut: int) -> str:
@@ -94,8 +134,11 @@ def split_update(net: models.SplitResNet18, tx: optax.GradientTransformation, cf
   """The Hetero-SplitEE client update for a client at ``cut``.
 
   state: ``(client PartState, server PartState, PRNG key)``;
-  per-step input: ``(indices [B], lr)``; output: ``((client, server), metrics[4])``,
-  the metrics averaged over the local steps (``METRIC_NAMES``).
+  per-step input: ``(indices [B], hparams [4])`` (``fleet.HPARAMS``: learning
+  rate, momentum, weight decay, exit-loss weight); output: ``((client,
+  server), metrics[4])``, the metrics averaged over the local steps
+  (``METRIC_NAMES``). ``tx`` gives the optimiser state's structure; the step
+  applies the direction built from its momentum and weight-decay inputs.
   """
   c_first, c_last, c_head = models.client_span(cut)
   s_first, s_last, s_head = models.server_span(cut)
@@ -106,7 +149,9 @@ def split_update(net: models.SplitResNet18, tx: optax.GradientTransformation, cf
 
   def step(shared, carry, x):
     client, server, key, msum, n = carry
-    idx, lr = x
+    idx, hp = x
+    lr, momentum, weight_decay, exit_weight = hp[0], hp[1], hp[2], hp[3]
+    step_tx = optim.direction(cfg.optimizer, cfg.nesterov, momentum, weight_decay)
     key, aug_key = jax.random.split(key)
     images = shared.images[idx]
     labels = shared.labels[idx]
@@ -124,12 +169,12 @@ def split_update(net: models.SplitResNet18, tx: optax.GradientTransformation, cf
       loss_s = _cross_entropy(logits, labels)
       metrics = jnp.stack([loss_c, loss_s, _accuracy(exit_logits, labels),
                            _accuracy(logits, labels)])
-      return cfg.exit_loss_weight * loss_c + loss_s, (metrics, c_stats, s_stats)
+      return exit_weight * loss_c + loss_s, (metrics, c_stats, s_stats)
 
     (_, (metrics, c_stats, s_stats)), (g_client, g_server) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(client.params, server.params)
-    client = apply_gradients(tx, client, g_client, lr, c_stats)
-    server = apply_gradients(tx, server, g_server, lr, s_stats)
+    client = apply_gradients(step_tx, client, g_client, lr, c_stats)
+    server = apply_gradients(step_tx, server, g_server, lr, s_stats)
     return client, server, key, msum + metrics, n + 1
 
   def final(shared, carry):
@@ -336,6 +381,7 @@ class Context:
   runners: dict = dataclasses.field(default_factory=dict)
   mesh: Any = None
   sharded_chunks: int = 0   # chunks laid over the mesh (a count for tests)
+  program_key: tuple = ()   # what the compiled programs depend on (shared_program)
 
   def __post_init__(self):
     cfg = self.cfg
@@ -343,8 +389,13 @@ class Context:
     mode = "loop" if cfg.strategy == "sequential" and cfg.mode == "auto" else cfg.mode
     self.mode = resolve_mode(mode)
     self.chunk = resolve_chunk(cfg.client_chunk)
-    self.runners = {cut: ClientRunner(split_update(self.net, self.tx, cfg, cut), self.mode)
-                    for cut in self.fleet.groups}
+    self.program_key = (self.net.num_classes,) + tuple(getattr(cfg, f) for f in PROGRAM_FIELDS)
+    view = program_config(cfg)
+    self.runners = {
+        cut: shared_program(("runner", self.program_key, cut, self.mode),
+                            lambda cut=cut: ClientRunner(split_update(self.net, self.tx, view, cut),
+                                                         self.mode))
+        for cut in self.fleet.groups}
     if cfg.shard_clients:
       if cfg.strategy != "averaging" or self.mode not in ("vmap", "unrolled"):
         raise ConfigError("shard_clients: needs strategy=averaging and mode=vmap or unrolled")
@@ -421,29 +472,8 @@ def _scatter_rows(buf, ms, pos):
 
 
 # -- Averaging -----------------------------------------------------------------------------
-def averaging(ctx: Context) -> Algorithm:
-  """Hetero-SplitEE Averaging: a server part per client, all in parallel,
-  cross-layer aggregation every ``aggregate_every`` rounds."""
-  cfg, net, tx, fleet = ctx.cfg, ctx.net, ctx.tx, ctx.fleet
-  keep_opt = cfg.client_state == "keep"
-  keep_models = cfg.aggregate_every > 1  # clients' models differ between aggregations
-  all_names = lambda cut: client_names(cut) + server_names(cut)
-
-  def init(key) -> AveragingState:
-    """Every unit starts from the same weights wherever it is held (unit k's
-    init depends on (key, k) only; an exit head's on (key, cut))."""
-    p, s = net.init_span(key, *models.full_span(), ctx.image_shape)
-    model = PartState(params=p, batch_stats=s, opt_state={})
-    heads, clients = {}, {}
-    for cut, ids in fleet.groups.items():
-      hp, hs = net.init_exit_head(key, cut, ctx.image_shape)
-      heads[group_key(cut)] = PartState(params=hp, batch_stats=hs, opt_state={})
-      full = _cut_variables(model, heads[group_key(cut)], cut)
-      kept = PartState(params=full.params if keep_models else {},
-                       batch_stats=full.batch_stats if keep_models else {},
-                       opt_state=_opt_init(tx, full.params) if keep_opt else {})
-      clients[group_key(cut)] = _stack_copies(kept, len(ids))
-    return AveragingState(model=model, exit_heads=heads, clients=clients)
+def _averaging_programs(tx, keep_opt: bool, keep_models: bool):
+  """The jitted helpers of an Averaging round: (prepare, finish)."""
 
   def _prepare(cut, model, head, kept, slots):
     """Client and server parts of a chunk of clients (leading axis [K])."""
@@ -468,19 +498,49 @@ def averaging(ctx: Context) -> Algorithm:
       acc = chunk_sums(full, weights, acc)
     return kept, acc
 
-  prepare = jax.jit(_prepare, static_argnums=0)
-  finish = jax.jit(_finish, static_argnums=6, donate_argnums=(0, 1))
-  combine = jax.jit(combine_sums)
+  return (jax.jit(_prepare, static_argnums=0),
+          jax.jit(_finish, static_argnums=6, donate_argnums=(0, 1)))
 
-  @jax.jit
-  def _spread(kept, model, heads):
-    """After an aggregation with per-client models: every client takes the average."""
-    out = {}
-    for g, part in kept.items():
-      n = jax.tree.leaves(part.params)[0].shape[0]
-      avg = _stack_copies(_cut_variables(model, heads[g], int(g.split("_")[1])), n)
-      out[g] = PartState(params=avg.params, batch_stats=avg.batch_stats, opt_state=part.opt_state)
-    return out
+
+_combine = jax.jit(combine_sums)
+
+
+@jax.jit
+def _spread(kept, model, heads):
+  """After an aggregation with per-client models: every client takes the average."""
+  out = {}
+  for g, part in kept.items():
+    n = jax.tree.leaves(part.params)[0].shape[0]
+    avg = _stack_copies(_cut_variables(model, heads[g], int(g.split("_")[1])), n)
+    out[g] = PartState(params=avg.params, batch_stats=avg.batch_stats, opt_state=part.opt_state)
+  return out
+
+
+def averaging(ctx: Context) -> Algorithm:
+  """Hetero-SplitEE Averaging: a server part per client, all in parallel,
+  cross-layer aggregation every ``aggregate_every`` rounds."""
+  cfg, net, tx, fleet = ctx.cfg, ctx.net, ctx.tx, ctx.fleet
+  keep_opt = cfg.client_state == "keep"
+  keep_models = cfg.aggregate_every > 1  # clients' models differ between aggregations
+
+  def init(key) -> AveragingState:
+    """Every unit starts from the same weights wherever it is held (unit k's
+    init depends on (key, k) only; an exit head's on (key, cut))."""
+    p, s = net.init_span(key, *models.full_span(), ctx.image_shape)
+    model = PartState(params=p, batch_stats=s, opt_state={})
+    heads, clients = {}, {}
+    for cut, ids in fleet.groups.items():
+      hp, hs = net.init_exit_head(key, cut, ctx.image_shape)
+      heads[group_key(cut)] = PartState(params=hp, batch_stats=hs, opt_state={})
+      full = _cut_variables(model, heads[group_key(cut)], cut)
+      kept = PartState(params=full.params if keep_models else {},
+                       batch_stats=full.batch_stats if keep_models else {},
+                       opt_state=_opt_init(tx, full.params) if keep_opt else {})
+      clients[group_key(cut)] = _stack_copies(kept, len(ids))
+    return AveragingState(model=model, exit_heads=heads, clients=clients)
+
+  prepare, finish = shared_program(("averaging", ctx.program_key),
+                                   lambda: _averaging_programs(tx, keep_opt, keep_models))
 
   def apply(state: AveragingState, cohort: Cohort):
     due = (cohort.round + 1) % cfg.aggregate_every == 0
@@ -498,7 +558,7 @@ def averaging(ctx: Context) -> Algorithm:
         padded = np.concatenate([pos, np.full(k - real, pos[0])])
         slots = np.concatenate([cohort.slots[pos], np.full(k - real, len(fleet.groups[cut]))])
         weights = np.concatenate([cohort.weights[pos], np.zeros(k - real, np.float32)])
-        xs = (cohort.indices[padded], np.broadcast_to(cohort.lrs, (k, len(cohort.lrs))))
+        xs = (cohort.indices[padded], np.broadcast_to(cohort.hparams, (k,) + cohort.hparams.shape))
         client, server = prepare(cut, state.model, state.exit_heads[g], kept[g], slots)
         (client, server), xs, keys = ctx.place(((client, server), xs, cohort.keys[padded]), k)
         (client, server), m = ctx.runners[cut](ctx.shared, (client, server, keys), xs)
@@ -506,7 +566,7 @@ def averaging(ctx: Context) -> Algorithm:
         metrics = _scatter_rows(metrics, m, np.concatenate([pos, np.full(k - real, cohort.size)]))
     model, heads = state.model, state.exit_heads
     if due:
-      model, heads = combine(model, heads, sums)
+      model, heads = _combine(model, heads, sums)
       if keep_models:
         kept = _spread(kept, model, heads)
     new = AveragingState(model=model, exit_heads=heads, clients=kept)
@@ -542,6 +602,24 @@ def averaging(ctx: Context) -> Algorithm:
 
 
 # -- Sequential ----------------------------------------------------------------------------
+def _sequential_programs(tx, keep_opt: bool):
+  """The jitted helpers of a Sequential round: (take, put) one client's part."""
+  def take(part, slot):
+    one = _take(part, slot)
+    return one if keep_opt else one.replace(opt_state=_opt_init(tx, one.params))
+
+  def put(part, slot, one):
+    return _put(part, slot, one if keep_opt else one.replace(opt_state={}))
+
+  return jax.jit(take), jax.jit(put, donate_argnums=0)
+
+
+@jax.jit
+def _average_clients(clients, weights):
+  """``client_aggregation=cross_layer``: cross-layer average of the client parts."""
+  return cross_layer_average(clients, weights)
+
+
 def sequential(ctx: Context) -> Algorithm:
   """Hetero-SplitEE Sequential: one shared server part; the cohort's clients
   take turns with it, and it continues from each client's cut (only units
@@ -560,21 +638,9 @@ def sequential(ctx: Context) -> Algorithm:
     return SequentialState(clients=clients,
                            server=PartState(params=p, batch_stats=s, opt_state=_opt_init(tx, p)))
 
-  @jax.jit
-  def take(part, slot):
-    one = _take(part, slot)
-    return one if keep_opt else one.replace(opt_state=_opt_init(tx, one.params))
-
-  @functools.partial(jax.jit, donate_argnums=0)
-  def put(part, slot, one):
-    return _put(part, slot, one if keep_opt else one.replace(opt_state={}))
-
+  take, put = shared_program(("sequential", ctx.program_key),
+                             lambda: _sequential_programs(tx, keep_opt))
   weights = {group_key(c): jnp.asarray(fleet.sizes[ids]) for c, ids in fleet.groups.items()}
-
-  @jax.jit
-  def average_clients(clients, weights):
-    """``client_aggregation=cross_layer``: cross-layer average of the client parts."""
-    return cross_layer_average(clients, weights)
 
   def apply(state: SequentialState, cohort: Cohort):
     clients, server = dict(state.clients), state.server
@@ -584,13 +650,13 @@ def sequential(ctx: Context) -> Algorithm:
       g, slot = group_key(cut), int(cohort.slots[pos])
       client = take(clients[g], slot)
       sub = server.subset(server_names(cut))
-      xs = (cohort.indices[pos], cohort.lrs)  # host arrays: sliced per step for free
+      xs = (cohort.indices[pos], cohort.hparams)  # host arrays: sliced per step for free
       (client, sub), m = ctx.runners[cut].one(ctx.shared, (client, sub, cohort.keys[pos]), xs)
       clients[g] = put(clients[g], slot, client)
       server = server.merge(sub)
       metrics.append(m)
     if cfg.client_aggregation == "cross_layer" and (cohort.round + 1) % cfg.aggregate_every == 0:
-      clients = average_clients(clients, weights)
+      clients = _average_clients(clients, weights)
     return SequentialState(clients=clients, server=server), jnp.stack(metrics)
 
   def eval_models(state: SequentialState) -> list[EvalModel]:

@@ -57,10 +57,17 @@ def _final_state(run, cfg):
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
+  """The uninterrupted run, trained in this process (the interrupted ones run
+  as real processes and are resumed here, with the same compiled programs)."""
   tmp = tmp_path_factory.mktemp("straight")
-  code, out = _cli("train", "--config", str(_config_file(tmp, CFG)), "--out", str(tmp / "run"))
-  assert code == 0, out
+  train_lib.train(CFG, tmp / "run", log=lambda s: None)
   return tmp / "run"
+
+
+def _resume_here(run) -> str:
+  logs = []
+  train_lib.train(CFG, run, resume=True, log=logs.append)
+  return "\n".join(logs)
 
 
 def _wait_for_step(run, step, proc, timeout=300):
@@ -83,8 +90,7 @@ def test_sigkill_then_resume_is_bitwise_identical(straight, tmp_path):
   done = Checkpointer(run / "checkpoints", create=False)
   assert 2 <= done.latest_step() < 4
   done.close()
-  code, out = _cli("train", "--resume", str(run))
-  assert code == 0, out
+  out = _resume_here(run)
   assert "resuming" in out
   assert _records(run) == _records(straight)
   a, meta_a = _final_state(run, CFG)
@@ -107,8 +113,7 @@ def test_kill_during_checkpoint_write_falls_back_to_previous(straight, tmp_path)
   if steps[-1] == 3:  # the write won the race with the kill: make step 3 half-written by hand
     shutil.rmtree(run / "checkpoints" / "3")
     shutil.copytree(run / "checkpoints" / "2", run / "checkpoints" / "3.orbax-checkpoint-tmp")
-  code, out = _cli("train", "--resume", str(run))
-  assert code == 0, out
+  out = _resume_here(run)
   assert "from checkpoint after round 2" in out
   assert _records(run) == _records(straight)
   chex.assert_trees_all_equal(_final_state(run, CFG)[0], _final_state(straight, CFG)[0])

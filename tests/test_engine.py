@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 
+from hsee_jax import strategies
 from hsee_jax import train as train_lib
 from hsee_jax.config import Config
 from hsee_jax.engine import ClientRunner
@@ -24,7 +25,7 @@ def _run(mode, scan_steps):
                                                {n: stats[n] for n in names if n in stats}), 2)
   runner = ClientRunner(split_update(sim.net, sim.ctx.tx, CFG, 4), mode, scan_steps=scan_steps)
   cohort = sim.cohort(0, jax.random.PRNGKey(1))
-  xs = (cohort.indices, np.broadcast_to(cohort.lrs, (2, 3)))
+  xs = (cohort.indices, np.broadcast_to(cohort.hparams, (2,) + cohort.hparams.shape))
   start = part(client_names(4))
   (client, server), metrics = runner(sim.ctx.shared, (start, part(server_names(4)), cohort.keys), xs)
   return client, server, metrics, start
@@ -57,6 +58,7 @@ def test_backends_agree_with_debug(reference, mode, scan_steps):
                                            ("sequential", "loop")])
 def test_one_compilation_per_cut_and_none_after_first_round(strategy, mode):
   cfg = dataclasses.replace(CFG, cuts=(2, 5, 5, 7, 2), strategy=strategy, mode=mode, rounds=3)
+  strategies.clear_shared_programs()   # earlier tests may have compiled the same programs
   _, sim = train_lib.build(cfg)
   state = sim.init_state(jax.random.PRNGKey(0))
   key = jax.random.PRNGKey(1)
@@ -76,6 +78,7 @@ def test_sampled_cohorts_compile_once_per_cut_and_chunk_size():
   cfg = dataclasses.replace(CFG, num_clients=24, cut_tiers=((2, 0.5), (6, 0.5)),
                             clients_per_round=7, client_chunk=2, mode="vmap",
                             local_steps=1, synthetic_shape=(16, 16, 4, 200, 32))
+  strategies.clear_shared_programs()
   _, sim = train_lib.build(cfg)
   state = sim.init_state(jax.random.PRNGKey(0))
   for rnd in range(4):
@@ -87,3 +90,38 @@ def test_sampled_cohorts_compile_once_per_cut_and_chunk_size():
   for rnd in range(4, 6):
     state, _, _ = sim.run_round(state, rnd, jax.random.PRNGKey(1))
   assert all(n <= 2 for n in (r._step._cache_size() for r in sim.runners.values()))
+
+
+def test_simulations_share_compiled_programs_by_program_fields():
+  """A second simulation whose config differs only in inputs (seed, lr, the
+  fleet) reuses the first one's compiled runners: nothing is traced again, and
+  its results equal those of the same config compiled afresh. A field the
+  programs read (augment) gets programs of its own."""
+  strategies.clear_shared_programs()
+  base = dataclasses.replace(CFG, cuts=(2, 5), rounds=2, mode="loop")
+
+  def one_round(cfg):
+    _, sim = train_lib.build(cfg)
+    state, metrics, _ = sim.run_round(sim.init_state(jax.random.PRNGKey(0)), 0,
+                                      jax.random.PRNGKey(1))
+    return sim, state, metrics
+  first, _, _ = one_round(base)
+  traced = {c: r.num_traces for c, r in first.runners.items()}
+  other = dataclasses.replace(base, seed=3, lr=0.02, cuts=(5, 2, 2))
+  second, state, metrics = one_round(other)
+  assert all(second.runners[c] is first.runners[c] for c in (2, 5))
+  assert {c: r.num_traces for c, r in second.runners.items()} == traced
+  strategies.clear_shared_programs()
+  fresh, state2, metrics2 = one_round(other)
+  assert fresh.runners[2] is not first.runners[2]
+  np.testing.assert_array_equal(metrics, metrics2)
+  chex.assert_trees_all_equal(state, state2)
+  # momentum, weight decay and exit-loss weight are inputs too; augmentation is not
+  third, _, _ = one_round(dataclasses.replace(other, exit_loss_weight=0.5, momentum=0.5,
+                                              weight_decay=1e-3))
+  assert third.runners[2] is fresh.runners[2]
+  fourth, _, _ = one_round(dataclasses.replace(other, augment=False))
+  assert fourth.runners[2] is not fresh.runners[2]
+  view = strategies.program_config(base)
+  with pytest.raises(AttributeError):
+    view.lr   # noqa: B018  (programs cannot read fields outside PROGRAM_FIELDS)

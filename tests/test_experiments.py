@@ -90,7 +90,8 @@ def test_bench_fleet_end_to_end(tmp_path):
                       "--strategies", "averaging", "--widths", "0.0625", "--ns", "6,40",
                       "--fixed-c", "3", "--cs", "", "--rounds", "1", "--mode", "loop",
                       "--steps", "1", "--batch", "4", "--no-torch", "--fixed-n", "40",
-                      "--chunks", "2", "--chunk-modes", "loop"],
+                      "--chunks", "2", "--chunk-modes", "loop", "--train-images", "256",
+                      "--max-rounds", "4"],
                      capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
   rows = json.loads((out / "bench_fleet.json").read_text())["rows"]

@@ -115,7 +115,7 @@ def _reference_round(sim, state_clients, state_servers, rnd, key):
   metrics = np.zeros((cohort.size, 4), np.float32)
   for cut, ids in sim.fleet.groups.items():
     g = f"cut_{cut}"
-    xs = (cohort.indices[ids], np.broadcast_to(cohort.lrs, (len(ids), len(cohort.lrs))))
+    xs = (cohort.indices[ids], np.broadcast_to(cohort.hparams, (len(ids),) + cohort.hparams.shape))
     (state_clients[g], state_servers[g]), m = sim.runners[cut](
         sim.ctx.shared, (state_clients[g], state_servers[g], cohort.keys[ids]), xs)
     metrics[ids] = np.asarray(m)

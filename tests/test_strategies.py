@@ -29,7 +29,7 @@ def test_sequential_server_continues_from_each_clients_cut():
   cohort = sim.cohort(0, jax.random.PRNGKey(1))
   client = jax.tree.map(lambda a: a[0], state.clients[group_key(7)])
   sub = server.subset(server_names(7))
-  xs = (cohort.indices[0], cohort.lrs)
+  xs = (cohort.indices[0], cohort.hparams)
   (_, sub), _ = sim.runners[7].one(sim.ctx.shared, (client, sub, cohort.keys[0]), xs)
   after = server.merge(sub)
   for k in (4, 5, 6, 7):

@@ -1,0 +1,327 @@
+"""Sweeps: every point of a grid, for every seed, as an ordinary run.
+
+    hsee sweep --config configs/X.py --grid lr=0.05,0.1 --grid exit_loss_weight=0.5,1.0 \\
+        --seeds 0,1,2 --out DIR [--set ...]
+    hsee sweep --resume DIR
+
+Each run is an ordinary run directory, ``DIR/<point>/seed<s>`` (``config.json``,
+``metrics.jsonl``, ``summary.json``, checkpoints), which ``hsee eval`` and
+``hsee train --resume`` understand; ``DIR/sweep.json`` is the plan.
+
+Runs are grouped into *batches*: runs whose configs differ only in fields the
+compiled programs take as inputs (seed, learning rate and schedule,
+momentum, weight decay, exit-loss weight, rounds, the partition, ...) form
+one batch. The runs of a batch train one after another in this process and
+share one set of compiled programs (``strategies.shared_program``): the first
+run compiles, the others reuse it. A field that changes array shapes or
+program structure (width, cuts, batch size, dataset, strategy, ...) starts
+another batch.
+
+Results: ``DIR/sweep.csv`` (one row per run: the swept fields, the seed, the
+mean exit and full-path (server) test accuracy over the fleet and per cut,
+wall time), ``DIR/sweep.md`` (per grid point, mean ± std over seeds and the
+number of seeds) and ``DIR/sweep_<field>.png`` per swept field (accuracy
+against the field, error bars over seeds).
+"""
+from __future__ import annotations
+
+import ast
+import csv
+import dataclasses
+import itertools
+import json
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from hsee_jax import config as config_lib
+from hsee_jax import rundir
+from hsee_jax.config import Config, ConfigError
+
+# Fields the compiled programs take as inputs: runs differing only in these
+# share a batch (and its compilations).
+INPUT_FIELDS = frozenset({
+    "name", "seed", "lr", "momentum", "weight_decay", "exit_loss_weight", "schedule",
+    "step_milestones", "step_gamma", "rounds", "partition", "dirichlet_alpha", "train_subset",
+    "test_subset", "eval_every", "eval_batch_size", "eval_clients", "exit_thresholds",
+    "checkpoint_every", "keep_checkpoints", "client_flops_per_s", "server_flops_per_s",
+    "link_bytes_per_s", "data_dir"})
+PLAN = "sweep.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  name: str          # "<point>/seed<s>"
+  point: dict        # swept field -> value
+  seed: int
+  cfg: Config
+  batch: int
+
+
+def parse_grid(specs: list[str]) -> dict[str, list]:
+  """``["lr=0.05,0.1", "cuts=(3,5,7),(5,5,5)", "strategy=averaging,sequential"]``
+  -> field -> values (Python literals, else bare strings)."""
+  grid: dict[str, list] = {}
+  known = {f.name for f in dataclasses.fields(Config)}
+  for spec in specs:
+    if "=" not in spec:
+      raise ConfigError(f"--grid {spec!r}: expected field=value,value,...")
+    field, raw = (x.strip() for x in spec.split("=", 1))
+    if field not in known:
+      raise ConfigError(f"--grid {spec!r}: unknown config field {field!r}")
+    if field == "seed":
+      raise ConfigError("--grid seed=...: give seeds with --seeds")
+    if field in grid:
+      raise ConfigError(f"--grid {field}: given twice")
+    try:
+      values = list(ast.literal_eval(f"[{raw}]"))
+    except (ValueError, SyntaxError):
+      values = [v.strip() for v in raw.split(",")]
+    values = [config_lib._tuples(v) for v in values]
+    if not values or len({repr(v) for v in values}) != len(values):
+      raise ConfigError(f"--grid {field}: need distinct values, got {raw!r}")
+    grid[field] = values
+  return grid
+
+
+def parse_seeds(text: str) -> list[int]:
+  try:
+    seeds = [int(s) for s in text.split(",") if s.strip()]
+  except ValueError:
+    raise ConfigError(f"--seeds {text!r}: expected integers, e.g. 0,1,2") from None
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ConfigError(f"--seeds {text!r}: need distinct seeds")
+  return seeds
+
+
+def _slug(v) -> str:
+  text = ",".join(map(_slug, v)) if isinstance(v, tuple) else str(v)
+  return re.sub(r"[^A-Za-z0-9.,_+-]", "_", text)
+
+
+def batch_key(cfg: Config) -> tuple:
+  """What a batch shares: every field that is not a program input."""
+  return tuple((f.name, repr(getattr(cfg, f.name))) for f in dataclasses.fields(cfg)
+               if f.name not in INPUT_FIELDS)
+
+
+def grid_points(base: Config, grid: dict) -> list[tuple[str, dict, Config]]:
+  """The product of the grid: (point name, swept values, config) per point."""
+  fields = list(grid)
+  out = []
+  for values in itertools.product(*(grid[f] for f in fields)):
+    point = dict(zip(fields, values))
+    pname = ",".join(f"{f}={_slug(v)}" for f, v in point.items()) or "base"
+    try:
+      out.append((pname, point, dataclasses.replace(base, **point)))
+    except ConfigError as e:
+      raise ConfigError(f"grid point {pname}: {e}") from None
+  return out
+
+
+def plan_points(points: list[tuple[str, dict, Config]], seeds: list[int]) -> list[Run]:
+  """Every point x seed, ordered batch by batch (the runs of a batch together,
+  so that they follow each other and share compilations)."""
+  runs, batches = [], {}
+  for pname, point, cfg in points:
+    for s in seeds:
+      try:
+        run_cfg = dataclasses.replace(cfg, seed=s, name=f"{cfg.name}/{pname}/seed{s}")
+      except ConfigError as e:
+        raise ConfigError(f"{pname}, seed {s}: {e}") from None
+      b = batches.setdefault(batch_key(run_cfg), len(batches))
+      runs.append(Run(f"{pname}/seed{s}", point, s, run_cfg, b))
+  return sorted(runs, key=lambda r: r.batch)
+
+
+def plan(base: Config, grid: dict, seeds: list[int]) -> list[Run]:
+  """Every grid point x seed, ordered batch by batch."""
+  return plan_points(grid_points(base, grid), seeds)
+
+
+def _done(run_dir: Path) -> bool:
+  try:
+    return json.loads((run_dir / "summary.json").read_text())["test"] is not None
+  except (OSError, ValueError, KeyError, TypeError):
+    return False
+
+
+def run_sweep(base: Config, grid: dict, seeds: list[int], out: str | Path, *,
+              resume: bool = False, overwrite: bool = False,
+              log: Callable[[str], None] = print) -> list[dict]:
+  """Train every run of the sweep into ``out`` (with ``resume``, finish the
+  unfinished ones of the plan in ``out``) and write the results."""
+  out = Path(out)
+  runs = plan(base, grid, seeds)
+  plan_file = out / PLAN
+  if plan_file.exists() and not (resume or overwrite):
+    raise ConfigError(f"{out} holds a sweep; resume it with: hsee sweep --resume {out} "
+                      f"(or --overwrite to start again)")
+  rundir.make_dir(out)
+  if not resume:
+    rundir.write_atomic(plan_file, json.dumps(
+        {"config": base.to_dict(), "grid": {f: [config_lib._jsonable(v) for v in vs]
+                                            for f, vs in grid.items()},
+         "seeds": seeds, "runs": [{"name": r.name, "point": {k: config_lib._jsonable(v)
+                                                              for k, v in r.point.items()},
+                                   "seed": r.seed, "batch": r.batch} for r in runs]}, indent=2))
+  t0 = time.time()
+  train_runs(runs, out, resume=resume, log=log)
+  rows = collect(out, runs)
+  write_results(out, grid, rows)
+  log(f"[sweep] done: {len(runs)} runs in {time.time() - t0:.1f} s; results in "
+      f"{out / 'sweep.csv'}, {out / 'sweep.md'}")
+  return rows
+
+
+def train_runs(runs: list[Run], out: Path, *, resume: bool = False, dataset=None,
+               log: Callable[[str], None] = print) -> None:
+  """Train ``runs`` into ``out/<run name>`` in order; with ``resume``, keep the
+  finished ones and resume the others from their newest checkpoint.
+  ``dataset``: one already loaded for every run (else each run loads its own)."""
+  from hsee_jax import train as train_lib
+  n_batches = len({r.batch for r in runs})
+  seeds = len({r.seed for r in runs})
+  log(f"[sweep] {len(runs)} runs ({len(runs) // seeds} points x {seeds} seeds) in {n_batches} "
+      f"batch(es); the runs of a batch share their compiled programs")
+  for i, run in enumerate(runs):
+    run_dir = out / run.name
+    if resume and _done(run_dir):
+      log(f"[sweep] run {i + 1}/{len(runs)} {run.name}: finished before, kept")
+      continue
+    has_ckpt = (run_dir / "checkpoints").is_dir() and any(
+        p.name.isdigit() for p in (run_dir / "checkpoints").iterdir())
+    log(f"[sweep] run {i + 1}/{len(runs)} {run.name} (batch {run.batch + 1}/{n_batches}"
+        f"{', resumed' if resume and has_ckpt else ''}); left: {len(runs) - i} runs in "
+        f"{len({r.batch for r in runs[i:]})} batch(es)")
+    summary = train_lib.train(run.cfg, run_dir, overwrite=not (resume and has_ckpt),
+                              resume=resume and has_ckpt, dataset=dataset,
+                              log=lambda s, name=run.name: log(f"  [{name}] {s}"))
+    test = summary["test"] or {}
+    log(f"[sweep] run {i + 1}/{len(runs)} {run.name} done: exit acc "
+        f"{test.get('mean_exit_acc', float('nan')):.4f}, full-path acc "
+        f"{test.get('mean_server_acc', float('nan')):.4f}, {summary['wall_seconds']:.1f} s")
+
+
+def resume_sweep(out: str | Path, log: Callable[[str], None] = print) -> list[dict]:
+  """Finish every unfinished run of the sweep in ``out``, exactly (each run
+  resumes from its newest checkpoint)."""
+  out = Path(out)
+  try:
+    saved = json.loads((out / PLAN).read_text())
+  except OSError:
+    raise ConfigError(f"--resume: {out} holds no sweep (no {PLAN})") from None
+  except ValueError as e:
+    raise ConfigError(f"--resume: {out / PLAN} is damaged ({e})") from None
+  base = config_lib.from_dict(saved["config"])
+  grid = {f: [config_lib._tuples(v) for v in vs] for f, vs in saved["grid"].items()}
+  return run_sweep(base, grid, saved["seeds"], out, resume=True, log=log)
+
+
+def collect(out: Path, runs: list[Run]) -> list[dict]:
+  """One row per run from its ``summary.json``."""
+  rows = []
+  for run in runs:
+    summary = json.loads((out / run.name / "summary.json").read_text())
+    test = summary["test"]
+    row = {"run": run.name, **{f: _cell(v) for f, v in run.point.items()}, "seed": run.seed,
+           "batch": run.batch, "mean_exit_acc": test["mean_exit_acc"],
+           "mean_server_acc": test["mean_server_acc"]}
+    for c in test["cuts"]:
+      row[f"exit_acc_cut{c['cut']}"] = c["exit_acc"]["mean"]
+      row[f"server_acc_cut{c['cut']}"] = c["server_acc"]["mean"]
+    row["wall_seconds"] = summary["wall_seconds"]
+    rows.append(row)
+  return rows
+
+
+def _cell(v):
+  return " ".join(map(str, v)) if isinstance(v, tuple) else v
+
+
+def mean_std(values) -> tuple[float, float]:
+  """Mean and sample standard deviation (ddof 1; nan for one value)."""
+  a = np.asarray(values, np.float64)
+  return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else float("nan")
+
+
+def summarise(grid: dict, rows: list[dict]) -> list[dict]:
+  """Per grid point: mean ± std over seeds of every accuracy column."""
+  fields = list(grid)
+  metrics = [k for k in rows[0] if k.endswith("_acc") or "_acc_cut" in k]
+  points: dict = {}
+  for r in rows:
+    points.setdefault(tuple(r[f] for f in fields), []).append(r)
+  out = []
+  for key, rs in points.items():
+    entry = {**dict(zip(fields, key)), "seeds": len(rs)}
+    for m in metrics:
+      vals = [r[m] for r in rs if r.get(m) not in (None, "")]
+      if vals:
+        entry[m] = mean_std(vals)
+    out.append(entry)
+  return out
+
+
+def _fmt(ms) -> str:
+  mean, std = ms
+  return f"{mean:.4f} ± {std:.4f}" if np.isfinite(std) else f"{mean:.4f} (1 seed)"
+
+
+def write_results(out: Path, grid: dict, rows: list[dict]) -> None:
+  cols = list(dict.fromkeys(k for r in rows for k in r))
+  with open(out / "sweep.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
+  points = summarise(grid, rows)
+  fields = list(grid)
+  metrics = [k for k in points[0] if k not in fields and k != "seeds"]
+  md = ["# Sweep results", "",
+        f"{len(rows)} runs; per grid point the mean ± sample standard deviation over seeds "
+        f"of the final test accuracies (exit = the client's exit head, server = the full "
+        f"path through the server part; means over the fleet and per cut).", "",
+        "| " + " | ".join(fields + ["seeds"] + metrics) + " |",
+        "| " + " | ".join("---" for _ in fields + ["seeds"] + metrics) + " |"]
+  for p in points:
+    md.append("| " + " | ".join([str(p[f]) for f in fields] + [str(p["seeds"])]
+                                + [_fmt(p[m]) if m in p else "" for m in metrics]) + " |")
+  (out / "sweep.md").write_text("\n".join(md) + "\n")
+  _plots(out, grid, points)
+
+
+def _plots(out: Path, grid: dict, points: list[dict]) -> None:
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return
+  for field in grid:
+    others = [f for f in grid if f != field]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    series: dict = {}
+    for p in points:
+      series.setdefault(tuple(p[f] for f in others), []).append(p)
+    numeric = all(isinstance(p[field], (int, float)) for p in points)
+    for key, ps in series.items():
+      xs = [p[field] for p in ps]
+      pos = xs if numeric else list(range(len(xs)))
+      label = ", ".join(f"{f}={v}" for f, v in zip(others, key))
+      for metric, style in (("mean_server_acc", "-o"), ("mean_exit_acc", "--s")):
+        ys = [p[metric][0] for p in ps]
+        err = [p[metric][1] if np.isfinite(p[metric][1]) else 0.0 for p in ps]
+        ax.errorbar(pos, ys, yerr=err, fmt=style, capsize=3,
+                    label=f"{'full path' if 'server' in metric else 'exit'}"
+                          + (f" ({label})" if label else ""))
+      if not numeric:
+        ax.set_xticks(pos, [str(x) for x in xs])
+    ax.set_xlabel(field)
+    ax.set_ylabel("test accuracy (mean over seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"sweep_{field}.png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,106 @@
+"""Sweeps: grid x seeds as ordinary runs, one compilation per batch, results
+with mean ± std, and an exact resume."""
+import csv
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from hsee_jax import cli, strategies, sweep
+from hsee_jax import train as train_lib
+from hsee_jax.config import Config, ConfigError
+
+BASE = Config(dataset="synthetic", synthetic_shape=(16, 16, 4, 96, 32), width=0.125, cuts=(2, 4),
+              batch_size=8, local_steps=2, rounds=2, eval_batch_size=32, checkpoint_every=1,
+              mode="loop", schedule="constant")
+
+
+def test_grid_and_seeds_parse_with_one_line_errors():
+  grid = sweep.parse_grid(["lr=0.05,0.1", "cuts=(3,5,7),(5,5,5)", "strategy=averaging,sequential"])
+  assert grid == {"lr": [0.05, 0.1], "cuts": [(3, 5, 7), (5, 5, 5)],
+                  "strategy": ["averaging", "sequential"]}
+  assert sweep.parse_seeds("0,1,2") == [0, 1, 2]
+  for specs, msg in [(["lrr=0.1"], "unknown config field 'lrr'"),
+                     (["seed=1,2"], "give seeds with --seeds"),
+                     (["lr=0.1,0.1"], "need distinct values"),
+                     (["lr"], "expected field=value"),
+                     (["lr=0.1", "lr=0.2"], "given twice")]:
+    with pytest.raises(ConfigError, match=msg):
+      sweep.parse_grid(specs)
+  with pytest.raises(ConfigError, match="expected integers"):
+    sweep.parse_seeds("0,x")
+  with pytest.raises(ConfigError, match="grid point lr=-1: lr: must be > 0"):
+    sweep.plan(BASE, {"lr": [-1]}, [0])
+
+
+def test_batches_split_on_program_fields_only():
+  runs = sweep.plan(BASE, {"lr": [0.05, 0.1], "exit_loss_weight": [0.5, 1.0],
+                           "momentum": [0.0, 0.9]}, [0, 1])
+  assert len(runs) == 16 and {r.batch for r in runs} == {0}
+  runs = sweep.plan(BASE, {"width": [0.125, 0.25], "lr": [0.05, 0.1]}, [0, 1])
+  assert [r.batch for r in runs] == [0] * 4 + [1] * 4          # runs of a batch together
+  assert {r.cfg.width for r in runs if r.batch == 1} == {0.25}
+  assert runs[0].name == "width=0.125,lr=0.05/seed0" and runs[0].cfg.seed == 0
+
+
+def _records(run_dir):
+  return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _strip(rec):
+  return {k: v for k, v in rec.items() if k not in ("seconds", "images_per_s")}
+
+
+def test_sweep_compiles_once_per_batch_equals_solo_runs_and_resumes_exactly(tmp_path, capsys):
+  strategies.clear_shared_programs()
+  out = tmp_path / "sw"
+  grid = {"lr": [0.05, 0.1], "exit_loss_weight": [0.5, 1.0]}
+  rows = sweep.run_sweep(BASE, grid, [0, 1], out, log=lambda s: None)
+  assert len(rows) == 8
+  # one batch: every run used the same compiled client step, traced once per cut
+  runners = [v for k, v in strategies._PROGRAMS.items() if k[0] == "runner"]
+  assert len(runners) == 2 and all(r.num_traces == 1 for r in runners)
+  # a run of the sweep equals the same config trained alone, compiled afresh
+  strategies.clear_shared_programs()
+  solo_cfg = dataclasses.replace(BASE, lr=0.1, exit_loss_weight=0.5, seed=1,
+                                 name=f"{BASE.name}/lr=0.1,exit_loss_weight=0.5/seed1")
+  train_lib.train(solo_cfg, tmp_path / "solo", log=lambda s: None)
+  mine = out / "lr=0.1,exit_loss_weight=0.5" / "seed1"
+  assert [_strip(r) for r in _records(mine)] == [_strip(r) for r in _records(tmp_path / "solo")]
+  # results: one row per run, mean ± std per grid point, a plot per swept field
+  table = list(csv.DictReader(open(out / "sweep.csv")))
+  assert len(table) == 8 and {r["seed"] for r in table} == {"0", "1"}
+  assert {"lr", "exit_loss_weight", "mean_exit_acc", "mean_server_acc", "exit_acc_cut2",
+          "server_acc_cut4", "wall_seconds"} <= set(table[0])
+  row = next(r for r in rows if r["run"] == "lr=0.05,exit_loss_weight=1.0/seed0")
+  other = next(r for r in rows if r["run"] == "lr=0.05,exit_loss_weight=1.0/seed1")
+  mean = (row["mean_server_acc"] + other["mean_server_acc"]) / 2
+  std = float(np.std([row["mean_server_acc"], other["mean_server_acc"]], ddof=1))
+  md = (out / "sweep.md").read_text()
+  line = next(l for l in md.splitlines() if l.startswith("| 0.05 | 1.0 | 2 |"))
+  assert f"{mean:.4f} ± {std:.4f}" in line
+  for field in grid:
+    assert (out / f"sweep_{field}.png").stat().st_size > 1000
+  # interrupted: one run lost its last round, one never started; resume finishes both exactly
+  before = {n: _records(out / n) for n in ("lr=0.1,exit_loss_weight=1.0/seed0",
+                                          "lr=0.1,exit_loss_weight=1.0/seed1")}
+  cut_short = out / "lr=0.1,exit_loss_weight=1.0/seed0"
+  (cut_short / "summary.json").unlink()
+  shutil.rmtree(cut_short / "checkpoints" / "2")
+  lines = (cut_short / "metrics.jsonl").read_text().splitlines()
+  (cut_short / "metrics.jsonl").write_text(lines[0] + "\n")
+  shutil.rmtree(out / "lr=0.1,exit_loss_weight=1.0/seed1")
+  logs = []
+  sweep.resume_sweep(out, log=logs.append)
+  assert sum("finished before, kept" in l for l in logs) == 6
+  assert any("seed0 (batch 1/1, resumed)" in l for l in logs)
+  for n, recs in before.items():
+    assert [_strip(r) for r in _records(out / n)] == [_strip(r) for r in recs], n
+  # the CLI refuses a second sweep into the same directory, in one line
+  code = cli.main(["sweep", "--config", "configs/smoke.py", "--grid", "lr=0.1,0.2",
+                   "--out", str(out)])
+  err = capsys.readouterr().err
+  assert code == 2 and f"{out} holds a sweep; resume it with: hsee sweep --resume {out}" in err
+  assert err.count("\n") == 1
