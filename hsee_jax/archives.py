@@ -202,8 +202,9 @@ class _HashingReader(io.RawIOBase):
     return self.md5.hexdigest()
 
 
-def file_md5(path: Path) -> str:
-  h = hashlib.md5()
+def file_digest(path: Path, algorithm: str = "md5") -> str:
+  """Hex digest of a file, read in 4 MiB blocks."""
+  h = hashlib.new(algorithm)
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 22), b""):
       h.update(block)

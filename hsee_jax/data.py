@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import io
 import os
 import zipfile
@@ -113,14 +112,6 @@ def _subset(ds: Dataset, n_train: int, n_test: int, seed: int) -> Dataset:
 
 
 # -- image-folder archives -------------------------------------------------------
-def _sha256(path: Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 22), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 def _expected_sums(folder: Path) -> dict[str, str]:
   sums = folder / "SHA256SUMS"
   if not sums.exists():
@@ -150,7 +141,7 @@ def load_image_folder(folder: Path, name: str = "imagefolder") -> Dataset:
               f"{archives.FORMATS[name].folder}/" if name in archives.FORMATS else "")
       raise DataError(f"dataset {name}: archive {path} not found (need train.zip and test.zip"
                       f"{also})")
-    digest = _sha256(path)
+    digest = archives.file_digest(path, "sha256")
     want = expected.get(path.name)
     if want is not None and want != digest:
       raise DataError(f"dataset {name}: archive {path} is corrupt or altered "
@@ -213,7 +204,7 @@ def load_publisher(name: str, path: Path, label_mode: str = "fine") -> Dataset:
             "classes": np.array(classes)}
   try:
     if path.is_file():
-      digest = archives.file_md5(path)
+      digest = archives.file_digest(path)
       known = digest == archives.PUBLISHED_MD5.get(name)
       z = _cached(f"{name}-{label_mode}-{digest[:20]}", build) if known else build()
     else:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import cifar10_dir, write_image_zip
+from hsee_jax import archives
 from hsee_jax import data as data_lib
 from hsee_jax.config import Config
 from hsee_jax.data import DataError
@@ -25,7 +26,7 @@ def test_cifar10_sha256sums_match_the_shipped_archives():
   folder = cifar10_dir()
   sums = data_lib._expected_sums(folder)
   assert set(sums) == {"train.zip", "test.zip"}
-  assert data_lib._sha256(folder / "test.zip") == sums["test.zip"]
+  assert archives.file_digest(folder / "test.zip", "sha256") == sums["test.zip"]
 
 
 def test_imagefolder_labels_from_sorted_class_names(image_folder, tmp_path, monkeypatch):
