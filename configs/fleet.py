@@ -1,7 +1,7 @@
 """A device fleet on the whole CIFAR-10: 1,000 clients in three tiers (cuts 3,
 5, 7 on half, 30% and 20% of the devices), Dirichlet(0.3) non-IID data, 30
 clients sampled per round, client optimiser state reset every round (the
-federated-learning convention), 150 rounds. About 10 minutes on 2 CPU cores."""
+federated-learning convention), 150 rounds. About 14 minutes on 2 CPU cores."""
 from hsee_jax.config import Config
 
 
