@@ -117,10 +117,10 @@ def test_simulations_share_compiled_programs_by_program_fields():
   np.testing.assert_array_equal(metrics, metrics2)
   chex.assert_trees_all_equal(state, state2)
   # momentum, weight decay and exit-loss weight are inputs too; augmentation is not
-  third, _, _ = one_round(dataclasses.replace(other, exit_loss_weight=0.5, momentum=0.5,
-                                              weight_decay=1e-3))
+  _, third = train_lib.build(dataclasses.replace(other, exit_loss_weight=0.5, momentum=0.5,
+                                                 weight_decay=1e-3))
   assert third.runners[2] is fresh.runners[2]
-  fourth, _, _ = one_round(dataclasses.replace(other, augment=False))
+  _, fourth = train_lib.build(dataclasses.replace(other, augment=False))
   assert fourth.runners[2] is not fresh.runners[2]
   view = strategies.program_config(base)
   with pytest.raises(AttributeError):
