@@ -182,26 +182,6 @@ def locate(name: str, folder: Path) -> Path | None:
   return None
 
 
-class _HashingReader(io.RawIOBase):
-  """A file read through while its MD5 is taken (the archive is read once)."""
-
-  def __init__(self, f):
-    self.f, self.md5 = f, hashlib.md5()
-
-  def readable(self):
-    return True
-
-  def readinto(self, b):
-    n = self.f.readinto(b)
-    self.md5.update(memoryview(b)[:n])
-    return n
-
-  def drain(self) -> str:
-    for block in iter(lambda: self.f.read(1 << 22), b""):
-      self.md5.update(block)
-    return self.md5.hexdigest()
-
-
 def file_digest(path: Path, algorithm: str = "md5") -> str:
   """Hex digest of a file, read in 4 MiB blocks."""
   h = hashlib.new(algorithm)
@@ -211,48 +191,49 @@ def file_digest(path: Path, algorithm: str = "md5") -> str:
   return h.hexdigest()
 
 
-def read_members(name: str, path: Path) -> tuple[dict, str]:
+def read_members(name: str, path: Path) -> dict:
   """The bytes of every member ``name`` needs, from the archive ``path`` (read
-  as a stream) or the unpacked folder ``path``; and the archive's MD5 (None
-  for a folder). Errors name the file and what is wrong with it."""
+  as a stream) or the unpacked folder ``path``. Errors name the file and what
+  is wrong with it."""
   fmt = FORMATS[name]
   need = set(fmt.members)
   if path.is_dir():
     missing = sorted(m for m in need if not (path / m).is_file())
     if missing:
       raise ArchiveError(f"{path} lacks {', '.join(missing)} (the files of {fmt.folder}/)")
-    return {m: (path / m).read_bytes() for m in need}, None
+    return {m: (path / m).read_bytes() for m in need}
   files: dict = {}
   seen: list = []
-  with open(path, "rb") as raw:
-    reader = _HashingReader(raw)
-    try:
-      with tarfile.open(fileobj=io.BufferedReader(reader, 1 << 20), mode="r|gz") as tar:
-        for member in tar:
-          base = member.name.rstrip("/").split("/")[-1]
-          seen.append(member.name)
-          if member.isfile() and base in need and base not in files:
-            files[base] = tar.extractfile(member).read()
-            if len(files) == len(need):
-              break
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-      raise ArchiveError(f"{path} is truncated or damaged ({type(e).__name__}: "
-                         f"{str(e) or 'unexpected end of data'})") from None
-    digest = reader.drain()
+  try:
+    with tarfile.open(path, mode="r|gz") as tar:
+      for member in tar:
+        base = member.name.rstrip("/").split("/")[-1]
+        seen.append(member.name)
+        if member.isfile() and base in need and base not in files:
+          files[base] = tar.extractfile(member).read()
+          if len(files) == len(need):
+            break
+  except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+    raise ArchiveError(f"{path} is truncated or damaged ({type(e).__name__}: "
+                       f"{str(e) or 'unexpected end of data'})") from None
   missing = sorted(need - set(files))
   if missing:
     raise ArchiveError(f"{path} has no member {', '.join(missing)} (it holds "
                        f"{len(seen)} entries: {', '.join(seen[:6])}{', ...' if len(seen) > 6 else ''})")
-  return files, digest
+  return files
 
 
-def load(name: str, path: Path, label_mode: str = "fine"):
+def load(name: str, path: Path, label_mode: str = "fine", digest: str | None = None):
   """Decode ``name`` from its publisher archive or folder ``path``:
   ``({"train": (images uint8 [N, H, W, 3], labels int32 [N]), "test": ...}, class names)``.
 
-  An archive whose MD5 is not the publisher's is refused after its members
-  were read (so a truncated or incomplete archive is named as such)."""
-  files, digest = read_members(name, path)
+  ``digest``: the archive's MD5 (:func:`file_digest`), taken by the caller,
+  which keys its cache by it. An archive whose MD5 is not the publisher's is
+  refused after its members were read (so a truncated or incomplete archive
+  is named as such)."""
+  if path.is_file() and digest is None:
+    digest = file_digest(path)
+  files = read_members(name, path)
   splits, classes = FORMATS[name].decode(files, label_mode)
   want = PUBLISHED_MD5.get(name)
   if digest is not None and want and digest != want:

@@ -197,16 +197,17 @@ def load_publisher(name: str, path: Path, label_mode: str = "fine") -> Dataset:
   """``name`` from its publisher archive or unpacked folder (:mod:`hsee_jax.archives`).
   An archive is cached by its MD5 once it matched the publisher's; a folder
   is read each time (a second or two)."""
-  def build():
-    splits, classes = archives.load(name, path, label_mode)
+  def build(digest=None):
+    splits, classes = archives.load(name, path, label_mode, digest)
     return {"train_images": splits["train"][0], "train_labels": splits["train"][1],
             "test_images": splits["test"][0], "test_labels": splits["test"][1],
             "classes": np.array(classes)}
   try:
-    if path.is_file():
-      digest = archives.file_digest(path)
+    digest = archives.file_digest(path) if path.is_file() else None  # one pass; load reuses it
+    if digest is not None:
       known = digest == archives.PUBLISHED_MD5.get(name)
-      z = _cached(f"{name}-{label_mode}-{digest[:20]}", build) if known else build()
+      make = lambda: build(digest)
+      z = _cached(f"{name}-{label_mode}-{digest[:20]}", make) if known else make()
     else:
       z = build()
   except (archives.ArchiveError, OSError) as e:
