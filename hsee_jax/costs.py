@@ -44,7 +44,13 @@ def _module_cost(module, params, stats, in_shape, input_grad: bool) -> dict:
     y = out[0] if stats else out
     return jnp.sum(y * y)
   argnums = (0, 1) if input_grad else 0
-  analysis = jax.jit(jax.grad(f, argnums=argnums)).lower(params, x).cost_analysis()
+  grad = jax.jit(jax.grad(f, argnums=argnums))
+  analysis = grad.lower(params, x).cost_analysis()
+  if not analysis:
+    # jaxlib 0.11 on a GPU analyses only compiled programs, and XLA:GPU's
+    # analysis leaves its cuDNN convolutions out: count the CPU program.
+    cpu = jax.devices("cpu")[0]
+    analysis = grad.lower(*jax.device_put((params, x), cpu)).compile().cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
   residuals = jax.eval_shape(lambda p, x: jax.vjp(f, p, x)[1], params, x)
   return {"flops": float(analysis.get("flops", float("nan"))),
