@@ -1,71 +1,142 @@
-"""A sweep in one process against the same runs as separate processes.
+"""R seeds of one config: as R processes, as one sweep, as one stacked sweep.
 
-    python experiments/bench_sweep.py --out runs/bench_sweep --seeds 0,1,2,3
+    python experiments/bench_sweep.py --out runs/bench_sweep --runs 1,2,4,8
 
-(a) ``hsee sweep --config CONFIG --seeds ... --out A`` (one process; the runs
-share their compiled programs); (b) ``hsee train --config CONFIG --set seed=s
---out B/s`` for each seed, one process after the other (each compiles for
-itself), the way runs were made before ``hsee sweep``. Both as child
-processes of this script, (b) then (a). Writes bench_sweep.json and
-bench_sweep.csv: wall seconds of each, their ratio, and whether every run's
-metrics agree between (a) and (b) (they must: same config, same seed).
+For each R in --runs, as child processes of this script, one after another:
+  separate  ``hsee train --config CONFIG --set seed=s`` for each of R seeds, one
+            process after the other (each starts, loads and compiles for itself)
+  sweep     ``hsee sweep --seeds 0..R-1 --stack 1``: one process; the runs train
+            one after another and share their compiled programs
+  stacked   ``hsee sweep --seeds 0..R-1 --stack 0``: one process; the runs train
+            their rounds together, stacked in the same compiled calls
+Per (R, mode): wall seconds including start-up, loading and compilation; images/s
+of training (all images trained / the training rounds' seconds, a stacked
+round counted once; each run's first round, which compiles, left out); the
+peak RSS of the child process(es); the ratio to ``separate``; and whether every
+run's metrics equal those of the first mode (they must: same config, same
+seed). Writes bench_sweep.json, bench_sweep.csv and
+bench_sweep.png into --out.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+MODES = ("separate", "sweep", "stacked")
+VOLATILE = ("seconds", "images_per_s", "stacked_runs")
 
 
-def _hsee(args: list[str]) -> float:
+def _hsee(args: list[str], log: Path) -> tuple[float, float]:
+  """Run ``python -m hsee_jax ARGS``; (wall seconds, peak RSS in MB) of that process."""
   t0 = time.perf_counter()
-  r = subprocess.run([sys.executable, "-m", "hsee_jax", *args], cwd=ROOT, capture_output=True,
-                     text=True)
-  if r.returncode != 0:
-    raise RuntimeError(f"hsee {' '.join(args)} failed:\n{r.stderr[-3000:]}")
-  return time.perf_counter() - t0
+  with open(log, "w") as f:
+    p = subprocess.Popen([sys.executable, "-m", "hsee_jax", *args], cwd=ROOT, stdout=f,
+                         stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(p.pid, 0)
+  p.returncode = os.waitstatus_to_exitcode(status)
+  wall = time.perf_counter() - t0
+  if p.returncode != 0:
+    raise RuntimeError(f"hsee {' '.join(args)} failed (exit {p.returncode}):\n"
+                       f"{log.read_text()[-3000:]}")
+  return wall, usage.ru_maxrss / 1024
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-  recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-  return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in recs]
+def _records(run_dir: Path) -> list[dict]:
+  return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _training(run_dirs: list[Path]) -> tuple[int, float]:
+  """(images trained, seconds of training) over runs, each run's first round
+  (which compiles) left out; a stacked round's seconds counted once."""
+  images = seconds = 0.0
+  for d in run_dirs:
+    for r in _records(d)[1:]:
+      images += r["images_per_s"] * r["seconds"] / r.get("stacked_runs", 1)
+      seconds += r["seconds"] / r.get("stacked_runs", 1)
+  return int(round(images)), seconds
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True)
   p.add_argument("--config", default="configs/smoke.py")
-  p.add_argument("--seeds", default="0,1,2,3")
+  p.add_argument("--runs", default="1,2,4,8", help="numbers of seeds R")
+  p.add_argument("--modes", default=",".join(MODES))
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
   args = p.parse_args(argv)
   out = Path(args.out).resolve()
   out.mkdir(parents=True, exist_ok=True)
-  seeds = [int(s) for s in args.seeds.split(",")]
+  modes = args.modes.split(",")
   sets = [x for o in args.overrides for x in ("--set", o)]
-  separate = sum(_hsee(["train", "--config", args.config, *sets, "--set", f"seed={s}",
-                        "--out", str(out / "separate" / f"seed{s}"), "--overwrite"])
-                 for s in seeds)
-  swept = _hsee(["sweep", "--config", args.config, *sets, "--seeds", args.seeds,
-                 "--out", str(out / "sweep"), "--overwrite"])
-  same = all(_metrics(out / "sweep" / "base" / f"seed{s}") == _metrics(out / "separate" / f"seed{s}")
-             for s in seeds)
-  row = {"config": args.config, "overrides": " ".join(args.overrides), "runs": len(seeds),
-         "separate_processes_s": round(separate, 1), "one_sweep_s": round(swept, 1),
-         "speedup": round(separate / swept, 2), "metrics_identical": same}
-  (out / "bench_sweep.json").write_text(json.dumps(row, indent=2))
+  rows = []
+  for n in map(int, args.runs.split(",")):
+    seeds = list(range(n))
+    ref = None
+    for mode in modes:
+      where = out / f"r{n}" / mode
+      if mode == "separate":
+        walls, rss = zip(*[_hsee(["train", "--config", args.config, *sets, "--set", f"seed={s}",
+                                  "--out", str(where / "base" / f"seed{s}"), "--overwrite"],
+                                 out / f"r{n}_{mode}_seed{s}.log") for s in seeds])
+        wall, peak = sum(walls), max(rss)
+      else:
+        wall, peak = _hsee(["sweep", "--config", args.config, *sets,
+                            "--seeds", ",".join(map(str, seeds)), "--out", str(where),
+                            "--overwrite", "--stack", "1" if mode == "sweep" else "0"],
+                           out / f"r{n}_{mode}.log")
+      dirs = [where / "base" / f"seed{s}" for s in seeds]
+      metrics = [[{k: v for k, v in r.items() if k not in VOLATILE} for r in _records(d)]
+                 for d in dirs]
+      ref = metrics if ref is None else ref  # the first mode's
+      images, seconds = _training(dirs)
+      row = {"runs": n, "mode": mode, "wall_s": round(wall, 1), "train_images_per_s":
+             round(images / seconds, 1), "peak_rss_mb": round(peak), "metrics_identical":
+             metrics == ref}
+      rows.append(row)
+      print(f"[bench_sweep] R={n} {mode:>8}: {wall:7.1f} s, {row['train_images_per_s']:.0f} img/s "
+            f"training, peak RSS {peak:.0f} MB, metrics identical: {row['metrics_identical']}",
+            flush=True)
+    base = next((r["wall_s"] for r in rows if r["runs"] == n and r["mode"] == "separate"), None)
+    for r in rows:
+      if r["runs"] == n:
+        r["wall_vs_separate"] = round(r["wall_s"] / base, 3) if base else None
+  import jax
+  result = {"config": args.config, "overrides": args.overrides, "backend": jax.default_backend(),
+            "device": str(jax.devices()[0]), "rows": rows}
+  (out / "bench_sweep.json").write_text(json.dumps(result, indent=2))
   with open(out / "bench_sweep.csv", "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=list(row))
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
     w.writeheader()
-    w.writerow(row)
-  print(f"[bench_sweep] {len(seeds)} runs of {args.config}: {separate:.1f} s as separate "
-        f"processes, {swept:.1f} s as one sweep ({separate / swept:.2f}x); metrics identical: "
-        f"{same}")
+    w.writerows(rows)
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for mode in modes:
+      rs = [r for r in rows if r["mode"] == mode]
+      ax.plot([r["runs"] for r in rs], [r["wall_s"] for r in rs], marker="o", label=mode)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("runs (seeds) R")
+    ax.set_ylabel("wall seconds")
+    ax.set_title(f"{args.config} {' '.join(args.overrides)}", fontsize=8)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "bench_sweep.png", dpi=110)
+  except ImportError:
+    print("[bench_sweep] matplotlib not installed: no plot")
+  for r in rows:
+    if r["mode"] != "separate" and r["wall_vs_separate"]:
+      print(f"[bench_sweep] R={r['runs']} {r['mode']}: {r['wall_vs_separate']:.2f} x the wall "
+            f"time of {r['runs']} separate processes")
+  print(f"[bench_sweep] wrote {out}/bench_sweep.json, bench_sweep.csv, bench_sweep.png")
 
 
 if __name__ == "__main__":

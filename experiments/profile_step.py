@@ -176,7 +176,8 @@ def profile_jax(args) -> dict:
   carry = update.init(strategy.ctx.shared, (client, server, jax.random.PRNGKey(1)))
   n = strategy.ctx.shared.labels.shape[0]
   xs = [(jnp.asarray((jnp.arange(args.batch) * 7 + s * args.batch) % n),
-         jnp.asarray([0.05, cfg.momentum, cfg.weight_decay, cfg.exit_loss_weight], jnp.float32))
+         jnp.asarray([0.05, cfg.momentum, cfg.weight_decay, cfg.exit_loss_weight], jnp.float32),
+         jnp.int32(0))
         for s in range(args.steps + 3)]
   for x in xs[:3]:
     carry = step(strategy.ctx.shared, carry, x)

@@ -110,7 +110,11 @@ def server_names(cut: int) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Shared:
-  """What every client update reads: the train set on device and its statistics."""
+  """What every client update reads: the train set on device and its
+  normalisation statistics. Runs trained together (:func:`apply_runs`) share
+  one: their train sets one after another (a run's images start at its
+  ``Context.offset``) and one row of ``mean``/``std`` [R, C] per distinct
+  train set (a run's is ``Context.row``)."""
   images: Any
   labels: Any
   mean: Any
@@ -119,6 +123,29 @@ class Shared:
 
 jax.tree_util.register_dataclass(Shared, data_fields=["images", "labels", "mean", "std"],
                                  meta_fields=[])
+
+
+def make_shared(datasets) -> tuple[Shared, list[int], list[int]]:
+  """One :class:`Shared` for the train sets of ``datasets`` (a train set met
+  twice is stored once); (shared, offset of each dataset's images, its
+  statistics row)."""
+  distinct, offsets, rows = [], [], []
+  for ds in datasets:
+    j = next((j for j, d in enumerate(distinct) if d is ds or (
+        d.train_labels.shape == ds.train_labels.shape
+        and np.array_equal(d.train_labels, ds.train_labels)
+        and np.array_equal(d.train_images, ds.train_images))), None)
+    if j is None:
+      j = len(distinct)
+      distinct.append(ds)
+    rows.append(j)
+  starts = np.cumsum([0] + [len(d.train_labels) for d in distinct]).tolist()
+  offsets = [starts[j] for j in rows]
+  shared = Shared(jnp.asarray(np.concatenate([d.train_images for d in distinct])),
+                  jnp.asarray(np.concatenate([d.train_labels for d in distinct])),
+                  jnp.asarray(np.stack([d.mean for d in distinct])),
+                  jnp.asarray(np.stack([d.std for d in distinct])))
+  return shared, offsets, rows
 
 
 def _cross_entropy(logits, labels):
@@ -134,8 +161,9 @@ def split_update(net: models.SplitResNet18, tx: optax.GradientTransformation, cf
   """The Hetero-SplitEE client update for a client at ``cut``.
 
   state: ``(client PartState, server PartState, PRNG key)``;
-  per-step input: ``(indices [B], hparams [4])`` (``fleet.HPARAMS``: learning
-  rate, momentum, weight decay, exit-loss weight); output: ``((client,
+  per-step input: ``(indices [B], hparams [4], row)`` (``fleet.HPARAMS``:
+  learning rate, momentum, weight decay, exit-loss weight; ``row``: the
+  client's run's row of ``Shared.mean``/``std``); output: ``((client,
   server), metrics[4])``, the metrics averaged over the local steps
   (``METRIC_NAMES``). ``tx`` gives the optimiser state's structure; the step
   applies the direction built from its momentum and weight-decay inputs.
@@ -149,7 +177,7 @@ def split_update(net: models.SplitResNet18, tx: optax.GradientTransformation, cf
 
   def step(shared, carry, x):
     client, server, key, msum, n = carry
-    idx, hp = x
+    idx, hp, row = x
     lr, momentum, weight_decay, exit_weight = hp[0], hp[1], hp[2], hp[3]
     step_tx = optim.direction(cfg.optimizer, cfg.nesterov, momentum, weight_decay)
     key, aug_key = jax.random.split(key)
@@ -157,7 +185,7 @@ def split_update(net: models.SplitResNet18, tx: optax.GradientTransformation, cf
     labels = shared.labels[idx]
     if cfg.augment:
       images = data_lib.augment(aug_key, images, cfg.augment_pad)
-    images = data_lib.normalize(images, shared.mean, shared.std)
+    images = data_lib.normalize(images, shared.mean[row], shared.std[row])
 
     def loss_fn(client_params, server_params):
       h, exit_logits, c_stats = net.apply_span(client_params, client.batch_stats, images,
@@ -356,7 +384,10 @@ class Algorithm:
   * ``eval_models(state) -> [EvalModel]``: what evaluation runs;
   * ``nonfinite_parts(state, ids=None) -> [str]``: parts holding a NaN or
     Inf (per-client parts: of clients ``ids`` only, when given);
-  * ``per_client_bytes``: bytes of persistent state per client, by cut.
+  * ``per_client_bytes``: bytes of persistent state per client, by cut;
+  * ``stack_key``: algorithms (of different runs) with the same key train a
+    round together in the same compiled calls (:func:`apply_runs`); None: one
+    after another.
   """
   name: str
   init: Callable
@@ -364,6 +395,33 @@ class Algorithm:
   eval_models: Callable
   nonfinite_parts: Callable
   per_client_bytes: dict
+  stack_key: tuple | None = None
+  apply_stacked: Callable | None = None
+  ctx: Any = None
+
+
+def apply_runs(algorithms: list[Algorithm], states: list, cohorts: list) -> tuple[list, list]:
+  """One round of several runs: ``(states, metrics)``, one of each per run.
+
+  Runs whose algorithms share a ``stack_key`` (Averaging runs of one sweep
+  batch: same programs, same fleet shape, one :class:`Shared`) are stacked:
+  each compiled call trains a chunk of every run's clients, and the
+  cross-layer aggregation stays within each run. The others train one after
+  another."""
+  states, metrics = list(states), [None] * len(states)
+  groups: dict = {}
+  for i, a in enumerate(algorithms):
+    groups.setdefault(a.stack_key if a.stack_key is not None else ("alone", i), []).append(i)
+  for members in groups.values():
+    a = algorithms[members[0]]
+    if len(members) > 1:
+      new, ms = a.apply_stacked([states[i] for i in members], [cohorts[i] for i in members],
+                                [algorithms[i] for i in members])
+    else:
+      (new, ms) = ([x] for x in a.apply(states[members[0]], cohorts[members[0]]))
+    for i, st, m in zip(members, new, ms):
+      states[i], metrics[i] = st, m
+  return states, metrics
 
 
 @dataclasses.dataclass
@@ -381,6 +439,8 @@ class Context:
   runners: dict = dataclasses.field(default_factory=dict)
   mesh: Any = None
   sharded_chunks: int = 0   # chunks laid over the mesh (a count for tests)
+  offset: int = 0           # where this run's train images start in ``shared``
+  row: int = 0              # this run's row of ``shared.mean`` / ``shared.std``
   program_key: tuple = ()   # what the compiled programs depend on (shared_program)
 
   def __post_init__(self):
@@ -418,6 +478,20 @@ class Context:
     if not n or n >= len(ids):
       return ids
     return np.sort(np.random.default_rng([self.cfg.seed, 17, cut]).choice(ids, n, replace=False))
+
+
+def step_inputs(ctx: Context, cohort: Cohort, positions) -> tuple:
+  """The per-step inputs of :func:`split_update` (indices, hparams, row) for
+  the clients at ``positions`` of ``cohort`` (leading client axis), or for
+  one client (an int position), as host arrays."""
+  steps = cohort.hparams.shape[0]
+  if isinstance(positions, (int, np.integer)):
+    return (cohort.indices[positions] + ctx.offset, cohort.hparams,
+            np.full(steps, ctx.row, np.int32))
+  k = len(positions)
+  return (cohort.indices[positions] + ctx.offset,
+          np.broadcast_to(cohort.hparams, (k,) + cohort.hparams.shape),
+          np.full((k, steps), ctx.row, np.int32))
 
 
 @jax.jit
@@ -473,30 +547,41 @@ def _scatter_rows(buf, ms, pos):
 
 # -- Averaging -----------------------------------------------------------------------------
 def _averaging_programs(tx, keep_opt: bool, keep_models: bool):
-  """The jitted helpers of an Averaging round: (prepare, finish)."""
+  """The jitted helpers of an Averaging round: (prepare, finish).
 
-  def _prepare(cut, model, head, kept, slots):
-    """Client and server parts of a chunk of clients (leading axis [K])."""
-    k = slots.shape[0]
-    full = _cut_variables(model, head, cut)
-    if keep_models:
-      full = PartState(params=_take(kept.params, slots), batch_stats=_take(kept.batch_stats, slots),
-                       opt_state={})
-    else:
-      full = _stack_copies(full, k)
-    opt = (_take(kept.opt_state, slots) if keep_opt
-           else _stack_copies(_opt_init(tx, _take(full.params, 0)), k))
-    full = full.replace(opt_state=opt)
+  A call serves R runs (R = 1 for a run alone): ``models``, ``heads``,
+  ``kept`` and ``accs`` are lists of one entry per run, ``slots`` and
+  ``weights`` [R, K]; the chunk is R blocks of K clients, run after run."""
+
+  def _prepare(cut, models_, heads, kept, slots):
+    """Client and server parts of a chunk (leading axis [R * K])."""
+    k = slots.shape[1]
+    blocks = []
+    for r in range(len(models_)):
+      full = _cut_variables(models_[r], heads[r], cut)
+      if keep_models:
+        full = PartState(params=_take(kept[r].params, slots[r]),
+                         batch_stats=_take(kept[r].batch_stats, slots[r]), opt_state={})
+      else:
+        full = _stack_copies(full, k)
+      opt = (_take(kept[r].opt_state, slots[r]) if keep_opt
+             else _stack_copies(_opt_init(tx, _take(full.params, 0)), k))
+      blocks.append(full.replace(opt_state=opt))
+    full = blocks[0] if len(blocks) == 1 else jax.tree.map(lambda *b: jnp.concatenate(b), *blocks)
     return full.subset(client_names(cut)), full.subset(server_names(cut))
 
-  def _finish(kept, acc, client, server, weights, slots, due):
-    full = client.merge(server)
-    kept = PartState(params=_put(kept.params, slots, full.params) if keep_models else {},
-                     batch_stats=_put(kept.batch_stats, slots, full.batch_stats) if keep_models else {},
-                     opt_state=_put(kept.opt_state, slots, full.opt_state) if keep_opt else {})
-    if due:
-      acc = chunk_sums(full, weights, acc)
-    return kept, acc
+  def _finish(kept, accs, client, server, weights, slots, due):
+    full, k = client.merge(server), slots.shape[1]
+    kept, accs = list(kept), list(accs)
+    for r in range(len(kept)):
+      block = full if len(kept) == 1 else jax.tree.map(lambda a: a[r * k:(r + 1) * k], full)
+      kept[r] = PartState(
+          params=_put(kept[r].params, slots[r], block.params) if keep_models else {},
+          batch_stats=_put(kept[r].batch_stats, slots[r], block.batch_stats) if keep_models else {},
+          opt_state=_put(kept[r].opt_state, slots[r], block.opt_state) if keep_opt else {})
+      if due:
+        accs[r] = chunk_sums(block, weights[r], accs[r])
+    return kept, accs
 
   return (jax.jit(_prepare, static_argnums=0),
           jax.jit(_finish, static_argnums=6, donate_argnums=(0, 1)))
@@ -542,34 +627,65 @@ def averaging(ctx: Context) -> Algorithm:
   prepare, finish = shared_program(("averaging", ctx.program_key),
                                    lambda: _averaging_programs(tx, keep_opt, keep_models))
 
-  def apply(state: AveragingState, cohort: Cohort):
-    due = (cohort.round + 1) % cfg.aggregate_every == 0
-    kept = dict(state.clients)
-    sums = {}
-    metrics = jnp.zeros((cohort.size, len(METRIC_NAMES)), jnp.float32)
-    for cut in np.unique(cohort.cuts):
-      cut, g = int(cut), group_key(int(cut))
-      positions = np.flatnonzero(cohort.cuts == cut)
-      start = 0
+  def run(states: list, cohorts: list, ctxs: list):
+    """One round of R runs (same round, same fleet shape, one ``Shared``):
+    chunk i of a cut is the i-th chunk of every run's clients at that cut
+    (padded to the largest), one block per run."""
+    rnd = cohorts[0].round
+    if any(c.round != rnd for c in cohorts):
+      raise ValueError(f"runs stacked in one round must be at the same round: "
+                       f"{[c.round for c in cohorts]}")
+    due = (rnd + 1) % cfg.aggregate_every == 0
+    n_runs = len(states)
+    kept = [dict(st.clients) for st in states]
+    sums = [{} for _ in states]
+    bases = np.cumsum([0] + [c.size for c in cohorts])
+    metrics = jnp.zeros((int(bases[-1]), len(METRIC_NAMES)), jnp.float32)
+    for cut in sorted({int(c) for co in cohorts for c in np.unique(co.cuts)}):
+      g = group_key(cut)
+      positions = [np.flatnonzero(co.cuts == cut) for co in cohorts]
       pad = cfg.samples_clients and ctx.runners[cut].stacked
-      for real, k in chunk_plan(len(positions), ctx.chunk, pad):
-        pos = positions[start:start + real]
-        start += real
-        padded = np.concatenate([pos, np.full(k - real, pos[0])])
-        slots = np.concatenate([cohort.slots[pos], np.full(k - real, len(fleet.groups[cut]))])
-        weights = np.concatenate([cohort.weights[pos], np.zeros(k - real, np.float32)])
-        xs = (cohort.indices[padded], np.broadcast_to(cohort.hparams, (k,) + cohort.hparams.shape))
-        client, server = prepare(cut, state.model, state.exit_heads[g], kept[g], slots)
-        (client, server), xs, keys = ctx.place(((client, server), xs, cohort.keys[padded]), k)
+      plans = [chunk_plan(len(p), ctx.chunk, pad) for p in positions]
+      starts = [0] * n_runs
+      for i in range(max(map(len, plans))):
+        k = max(p[i][1] for p in plans if i < len(p))
+        slots, weights, xs, keys, where = [], [], [], [], []
+        for r, (co, cx) in enumerate(zip(cohorts, ctxs)):
+          real = plans[r][i][0] if i < len(plans[r]) else 0
+          pos = positions[r][starts[r]:starts[r] + real]
+          starts[r] += real
+          padded = np.concatenate([pos, np.full(k - real, pos[0] if real else 0)])
+          slots.append(np.concatenate([co.slots[pos], np.full(k - real, len(cx.fleet.groups[cut]))]))
+          weights.append(np.concatenate([co.weights[pos], np.zeros(k - real, np.float32)]))
+          xs.append(step_inputs(cx, co, padded))
+          keys.append(co.keys[padded])
+          where.append(np.concatenate([bases[r] + pos, np.full(k - real, bases[-1])]))
+        slots, weights = np.stack(slots), np.stack(weights)
+        xs = tuple(np.concatenate(a) for a in zip(*xs))
+        client, server = prepare(cut, [st.model for st in states], [st.exit_heads[g] for st in states],
+                                 [kp[g] for kp in kept], slots)
+        (client, server), xs, keys = ctx.place(((client, server), xs, np.concatenate(keys)),
+                                               n_runs * k)
         (client, server), m = ctx.runners[cut](ctx.shared, (client, server, keys), xs)
-        kept[g], sums[cut] = finish(kept[g], sums.get(cut), client, server, weights, slots, due)
-        metrics = _scatter_rows(metrics, m, np.concatenate([pos, np.full(k - real, cohort.size)]))
-    model, heads = state.model, state.exit_heads
-    if due:
-      model, heads = _combine(model, heads, sums)
-      if keep_models:
-        kept = _spread(kept, model, heads)
-    new = AveragingState(model=model, exit_heads=heads, clients=kept)
+        new_kept, new_sums = finish([kp[g] for kp in kept], [sm.get(cut) for sm in sums],
+                                    client, server, weights, slots, due)
+        for r in range(n_runs):
+          kept[r][g], sums[r][cut] = new_kept[r], new_sums[r]
+        metrics = _scatter_rows(metrics, m, np.concatenate(where))
+    out = []
+    for r, st in enumerate(states):
+      model, heads = st.model, st.exit_heads
+      if due:
+        model, heads = _combine(model, heads, sums[r])
+        if keep_models:
+          kept[r] = _spread(kept[r], model, heads)
+      out.append(AveragingState(model=model, exit_heads=heads, clients=kept[r]))
+    if n_runs == 1:
+      return out, [metrics]
+    return out, [metrics[bases[r]:bases[r + 1]] for r in range(n_runs)]
+
+  def apply(state: AveragingState, cohort: Cohort):
+    (new,), (metrics,) = run([state], [cohort], [ctx])
     return new, metrics
 
   def eval_models(state: AveragingState) -> list[EvalModel]:
@@ -597,8 +713,12 @@ def averaging(ctx: Context) -> Algorithm:
       bad += _bad_rows(ctx, state.clients, "model", ids)
     return bad
 
+  stack_key = ("averaging", ctx.program_key, ctx.mode, ctx.chunk, cfg.samples_clients,
+               tuple((c, len(ids)) for c, ids in fleet.groups.items()), id(ctx.shared),
+               ctx.mesh is None)
   return Algorithm("averaging", init, apply, eval_models, nonfinite_parts,
-                   _per_client_bytes(init, fleet))
+                   _per_client_bytes(init, fleet), stack_key,
+                   lambda states, cohorts, algs: run(states, cohorts, [a.ctx for a in algs]), ctx)
 
 
 # -- Sequential ----------------------------------------------------------------------------
@@ -650,7 +770,7 @@ def sequential(ctx: Context) -> Algorithm:
       g, slot = group_key(cut), int(cohort.slots[pos])
       client = take(clients[g], slot)
       sub = server.subset(server_names(cut))
-      xs = (cohort.indices[pos], cohort.hparams)  # host arrays: sliced per step for free
+      xs = step_inputs(ctx, cohort, pos)  # host arrays: sliced per step for free
       (client, sub), m = ctx.runners[cut].one(ctx.shared, (client, sub, cohort.keys[pos]), xs)
       clients[g] = put(clients[g], slot, client)
       server = server.merge(sub)
@@ -675,7 +795,7 @@ def sequential(ctx: Context) -> Algorithm:
     return bad
 
   return Algorithm("sequential", init, apply, eval_models, nonfinite_parts,
-                   _per_client_bytes(init, fleet))
+                   _per_client_bytes(init, fleet), ctx=ctx)
 
 
 STRATEGIES = {"averaging": averaging, "sequential": sequential}

@@ -150,7 +150,7 @@ def _done(run_dir: Path) -> bool:
 
 
 def run_sweep(base: Config, grid: dict, seeds: list[int], out: str | Path, *,
-              resume: bool = False, overwrite: bool = False,
+              resume: bool = False, overwrite: bool = False, stack: int | None = None,
               log: Callable[[str], None] = print) -> list[dict]:
   """Train every run of the sweep into ``out`` (with ``resume``, finish the
   unfinished ones of the plan in ``out``) and write the results."""
@@ -169,7 +169,7 @@ def run_sweep(base: Config, grid: dict, seeds: list[int], out: str | Path, *,
                                                               for k, v in r.point.items()},
                                    "seed": r.seed, "batch": r.batch} for r in runs]}, indent=2))
   t0 = time.time()
-  train_runs(runs, out, resume=resume, log=log)
+  train_runs(runs, out, resume=resume, stack=stack, log=log)
   rows = collect(out, runs)
   write_results(out, grid, rows)
   log(f"[sweep] done: {len(runs)} runs in {time.time() - t0:.1f} s; results in "
@@ -177,36 +177,65 @@ def run_sweep(base: Config, grid: dict, seeds: list[int], out: str | Path, *,
   return rows
 
 
+def auto_stack() -> int:
+  """Runs trained together (stacked) by default: on the CPU one at a time,
+  on accelerators every run of a batch (docs/performance.md, Sweeps)."""
+  import jax
+  return 1 if jax.default_backend() == "cpu" else 0
+
+
 def train_runs(runs: list[Run], out: Path, *, resume: bool = False, dataset=None,
-               log: Callable[[str], None] = print) -> None:
-  """Train ``runs`` into ``out/<run name>`` in order; with ``resume``, keep the
-  finished ones and resume the others from their newest checkpoint.
-  ``dataset``: one already loaded for every run (else each run loads its own)."""
+               stack: int | None = None, log: Callable[[str], None] = print) -> None:
+  """Train ``runs`` into ``out/<run name>``, batch by batch; with ``resume``,
+  keep the finished ones and resume the others from their newest checkpoint.
+
+  ``stack``: runs of a batch trained together, their rounds stacked into the
+  same compiled calls (``train.train_together``); 0 = the whole batch, None
+  = :func:`auto_stack`. Stacked or not, a run's metrics are those of the run
+  trained alone. ``dataset``: one already loaded for every run (else each
+  run loads its own)."""
   from hsee_jax import train as train_lib
+  stack = auto_stack() if stack is None else stack
   n_batches = len({r.batch for r in runs})
   seeds = len({r.seed for r in runs})
   log(f"[sweep] {len(runs)} runs ({len(runs) // seeds} points x {seeds} seeds) in {n_batches} "
-      f"batch(es); the runs of a batch share their compiled programs")
+      f"batch(es); the runs of a batch share their compiled programs"
+      + (f" and train {'all' if stack == 0 else stack} at a time, stacked" if stack != 1 else ""))
+  todo = []
   for i, run in enumerate(runs):
-    run_dir = out / run.name
-    if resume and _done(run_dir):
+    if resume and _done(out / run.name):
       log(f"[sweep] run {i + 1}/{len(runs)} {run.name}: finished before, kept")
-      continue
-    has_ckpt = (run_dir / "checkpoints").is_dir() and any(
-        p.name.isdigit() for p in (run_dir / "checkpoints").iterdir())
-    log(f"[sweep] run {i + 1}/{len(runs)} {run.name} (batch {run.batch + 1}/{n_batches}"
-        f"{', resumed' if resume and has_ckpt else ''}); left: {len(runs) - i} runs in "
-        f"{len({r.batch for r in runs[i:]})} batch(es)")
-    summary = train_lib.train(run.cfg, run_dir, overwrite=not (resume and has_ckpt),
-                              resume=resume and has_ckpt, dataset=dataset,
-                              log=lambda s, name=run.name: log(f"  [{name}] {s}"))
-    test = summary["test"] or {}
-    log(f"[sweep] run {i + 1}/{len(runs)} {run.name} done: exit acc "
-        f"{test.get('mean_exit_acc', float('nan')):.4f}, full-path acc "
-        f"{test.get('mean_server_acc', float('nan')):.4f}, {summary['wall_seconds']:.1f} s")
+    else:
+      todo.append(run)
+  groups = []
+  for b in sorted({r.batch for r in todo}):
+    members = [r for r in todo if r.batch == b]
+    size = stack or len(members)
+    groups += [members[j:j + size] for j in range(0, len(members), size)]
+  done = len(runs) - len(todo)
+  for group in groups:
+    dirs = [out / r.name for r in group]
+    resumed = [resume and (d / "checkpoints").is_dir()
+               and any(p.name.isdigit() for p in (d / "checkpoints").iterdir()) for d in dirs]
+    left = [r for g in groups[groups.index(group):] for r in g]
+    log(f"[sweep] batch {group[0].batch + 1}/{n_batches}: "
+        + ", ".join(r.name + (" (resumed)" if rs else "") for r, rs in zip(group, resumed))
+        + f"; done {done}/{len(runs)} runs, left {len(left)} runs in "
+          f"{len({r.batch for r in left})} batch(es)")
+    summaries = train_lib.train_together(
+        [r.cfg for r in group], dirs, overwrite=True, resume=resumed,
+        logs=[lambda s, name=r.name: log(f"  [{name}] {s}") for r in group],
+        datasets=[dataset] * len(group), log=log)
+    for r, summary in zip(group, summaries):
+      done += 1
+      test = summary["test"] or {}
+      log(f"[sweep] run {done}/{len(runs)} {r.name} done: exit acc "
+          f"{test.get('mean_exit_acc', float('nan')):.4f}, full-path acc "
+          f"{test.get('mean_server_acc', float('nan')):.4f}, {summary['wall_seconds']:.1f} s")
 
 
-def resume_sweep(out: str | Path, log: Callable[[str], None] = print) -> list[dict]:
+def resume_sweep(out: str | Path, stack: int | None = None,
+                 log: Callable[[str], None] = print) -> list[dict]:
   """Finish every unfinished run of the sweep in ``out``, exactly (each run
   resumes from its newest checkpoint)."""
   out = Path(out)
@@ -218,7 +247,7 @@ def resume_sweep(out: str | Path, log: Callable[[str], None] = print) -> list[di
     raise ConfigError(f"--resume: {out / PLAN} is damaged ({e})") from None
   base = config_lib.from_dict(saved["config"])
   grid = {f: [config_lib._tuples(v) for v in vs] for f, vs in saved["grid"].items()}
-  return run_sweep(base, grid, saved["seeds"], out, resume=True, log=log)
+  return run_sweep(base, grid, saved["seeds"], out, resume=True, stack=stack, log=log)
 
 
 def collect(out: Path, runs: list[Run]) -> list[dict]:

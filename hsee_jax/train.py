@@ -2,6 +2,7 @@
 evaluate, and write ``config.json``, ``metrics.jsonl`` and ``summary.json``."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -64,8 +65,11 @@ class Simulation:
 
 
 def build(cfg: Config, dataset: data_lib.Dataset | None = None,
-          log: Callable[[str], None] | None = None) -> tuple[data_lib.Dataset, Simulation]:
-  """Dataset, fleet, network, optimiser and strategy for a config."""
+          log: Callable[[str], None] | None = None,
+          shared: tuple | None = None) -> tuple[data_lib.Dataset, Simulation]:
+  """Dataset, fleet, network, optimiser and strategy for a config.
+  ``shared``: ``(strategies.Shared, offset, row)`` holding this run's train set
+  among others (runs trained together, :func:`build_runs`)."""
   dataset = dataset if dataset is not None else data_lib.load_dataset(cfg)
   try:
     fleet = fleet_lib.build_fleet(cfg, dataset, log)
@@ -75,11 +79,23 @@ def build(cfg: Config, dataset: data_lib.Dataset | None = None,
   net = models.SplitResNet18(dataset.num_classes, cfg.width, cfg.exit_head)
   tx = optim.make_optimizer(cfg)
   schedule = optim.make_schedule(cfg, cfg.rounds * steps)
-  shared = strategies.Shared(jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels),
-                             jnp.asarray(dataset.mean), jnp.asarray(dataset.std))
-  ctx = strategies.Context(cfg, net, tx, fleet, shared, dataset.image_shape)
+  if shared is None:
+    data, (offset,), (row,) = strategies.make_shared([dataset])
+  else:
+    data, offset, row = shared
+  ctx = strategies.Context(cfg, net, tx, fleet, data, dataset.image_shape, offset=offset, row=row)
   algorithm = strategies.STRATEGIES[cfg.strategy](ctx)
   return dataset, Simulation(cfg, fleet, ctx, algorithm, steps, schedule)
+
+
+def build_runs(cfgs: list[Config], datasets: list | None = None,
+               log: Callable[[str], None] | None = None) -> list[tuple[data_lib.Dataset, Simulation]]:
+  """:func:`build` for runs trained together: one :class:`strategies.Shared`
+  holds all their train sets, so runs of one batch can be stacked."""
+  datasets = [d if d is not None else data_lib.load_dataset(c)
+              for c, d in zip(cfgs, datasets or [None] * len(cfgs))]
+  data, offsets, rows = strategies.make_shared(datasets)
+  return [build(c, d, log, (data, o, r)) for c, d, o, r in zip(cfgs, datasets, offsets, rows)]
 
 
 def _format_round(rec: dict, rounds: int) -> str:
@@ -145,31 +161,61 @@ def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False, resume: 
   stop the run after the round in flight, with a checkpoint
   (:class:`rundir.Stopped`); a second signal abandons the round
   (:class:`rundir.Abandoned`)."""
-  out = Path(out_dir)
-  rundir.make_dir(out)
-  with rundir.RunLock(out).acquire(log), rundir.StopSignals(log) as stop:
-    rundir.prepare(out, json.dumps(cfg.to_dict(), indent=2), overwrite, resume)
+  return train_together([cfg], [out_dir], overwrite=overwrite, resume=[resume], logs=[log],
+                        datasets=[dataset])[0]
+
+
+def train_together(cfgs: list[Config], out_dirs: list, *, overwrite: bool = False,
+                   resume: list[bool] | None = None, logs: list[Callable] | None = None,
+                   datasets: list | None = None, log: Callable[[str], None] = print) -> list[dict]:
+  """Train several runs in one loop, each into its own directory as
+  :func:`train` would (same files, same metrics).
+
+  Runs at the same round whose strategies can be stacked (Averaging runs with
+  the same compiled programs and fleet shape: ``strategies.apply_runs``)
+  train that round in the same compiled calls; the others take turns. A run
+  that fails (non-finite values, a failed save) stops with its error
+  recorded in its ``metrics.jsonl`` while the others go on; the first
+  failure is raised at the end. ``log`` gets the per-round line of the
+  stacked runs."""
+  n = len(cfgs)
+  resume = resume or [False] * n
+  logs = logs or [log] * n
+  outs = [Path(o) for o in out_dirs]
+  for o in outs:
+    rundir.make_dir(o)
+  with contextlib.ExitStack() as stack:
+    for o, lg in zip(outs, logs):
+      stack.enter_context(rundir.RunLock(o).acquire(lg))
+    stop = stack.enter_context(rundir.StopSignals(log))
+    for c, o, rs in zip(cfgs, outs, resume):
+      rundir.prepare(o, json.dumps(c.to_dict(), indent=2), overwrite, rs)
     t_start = time.time()
-    dataset, sim = build(cfg, dataset, log)
-    rundir.write_atomic(out / "fleet.json", json.dumps(sim.fleet.describe()))
+    built = (build_runs(cfgs, datasets, logs[0]) if n > 1 else
+             [build(cfgs[0], (datasets or [None])[0], logs[0])])
+    runs = []
+    for c, o, rs, lg, (ds, sim) in zip(cfgs, outs, resume, logs, built):
+      rundir.write_atomic(o / "fleet.json", json.dumps(sim.fleet.describe()))
+      ckpt = stack.enter_context(Checkpointer(o / "checkpoints", keep=c.keep_checkpoints))
+      runs.append(stack.enter_context(_Run(c, o, ckpt, ds, sim, rs, lg)))
     try:
-      with Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints) as ckpt:
-        summary = _train_loop(cfg, out, ckpt, dataset, sim, resume, stop, log)
+      _train_loop(runs, stop, log)
     except rundir.Abandoned as e:
-      e.out = out
+      e.out = next((r.out for r in runs if not r.done), outs[0])
       raise
-    if summary is None:  # a finished run, resumed with nothing left to train
-      try:
-        return json.loads((out / "summary.json").read_text())
-      except (OSError, json.JSONDecodeError) as e:
-        raise RunError(f"{out / 'summary.json'} is damaged ({e}); the run's checkpoints are "
-                       f"intact: hsee eval --run {out}") from None
-    summary["wall_seconds"] = time.time() - t_start
-    rundir.write_atomic(out / "summary.json", json.dumps(summary, indent=2))
-  for c in (summary["test"] or {}).get("cuts", []):
-    log(f"[hsee] {evaluation.format_cut(c)}")
-  log(f"[hsee] done in {summary['wall_seconds']:.1f}s; results in {out}")
-  return summary
+  failed = [r for r in runs if r.error is not None]
+  if failed:
+    raise failed[0].error
+  summaries = []
+  for r in runs:
+    summary = r.summary(t_start)
+    summaries.append(summary)
+    if r.finished_before:
+      continue
+    for c in (summary["test"] or {}).get("cuts", []):
+      r.log(f"[hsee] {evaluation.format_cut(c)}")
+    r.log(f"[hsee] done in {summary['wall_seconds']:.1f}s; results in {r.out}")
+  return summaries
 
 
 def _resume(cfg, out, ckpt, sim: Simulation, log):
@@ -194,107 +240,192 @@ def _resume(cfg, out, ckpt, sim: Simulation, log):
   return state, start, key_from_json(meta["train_key"])
 
 
-def _train_loop(cfg, out, ckpt, dataset, sim: Simulation, resume, stop, log) -> dict | None:
-  """Train rounds; the summary, or None for a finished run with nothing to train."""
-  init_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
-  start, records = 0, []
-  if resume:
-    state, start, train_key = _resume(cfg, out, ckpt, sim, log)
-    if start == cfg.rounds and (out / "summary.json").exists():
-      log(f"[hsee] {out} is finished ({start} rounds); nothing to train. To train longer: "
-          f"hsee train --resume {out} --set rounds=N (N > {start})")
-      return None
-    # rounds after the checkpoint are recomputed: drop their records
-    records = [r for r in rundir.read_records(out / "metrics.jsonl", log) if r["round"] < start]
-    for later in [s for s in ckpt.steps() if s > start]:   # damaged ones, skipped by _resume
-      log(f"[hsee] moved the damaged checkpoint after round {later} to {ckpt.set_aside(later)}")
-    log(f"[hsee] resuming {out} from checkpoint after round {start}")
-  else:
-    state = sim.init_state(init_key)
-  fleet = sim.fleet
-  tiers = ", ".join(f"{len(ids)} at cut {c}" for c, ids in fleet.groups.items())
-  log(f"[hsee] {cfg.name}: {cfg.strategy}, {fleet.size} clients ({tiers}), "
-      f"{cfg.cohort_size} per round, {dataset.name} {len(dataset.train_labels)} train / "
-      f"{len(dataset.test_labels)} test, width {cfg.width}, {sim.local_steps} local steps x "
-      f"batch {cfg.batch_size}, mode {sim.ctx.mode} (chunks of {sim.ctx.chunk}), "
-      f"backend {jax.default_backend()}")
-  log(f"[hsee] persistent state: {_state_mib(state):.1f} MiB; per client "
-      + ", ".join(f"{b / 2**10:.1f} KiB at cut {c}" for c, b in sim.algorithm.per_client_bytes.items()))
-  images_per_round = cfg.cohort_size * sim.local_steps * cfg.batch_size
-  test = next((r["test"] for r in reversed(records) if "test" in r), None)
-  # the kept history goes back in one atomic replace, then new rounds are appended
-  rundir.write_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+def _train_loop(runs: list["_Run"], stop, log) -> None:
+  """Rounds until every run is done or a stop signal: each time the runs at
+  the lowest round train that round together."""
+  while stop.requested is None:
+    active = [r for r in runs if not r.done]
+    if not active:
+      return
+    rnd = min(r.rnd for r in active)
+    now = [r for r in active if r.rnd == rnd]
+    t0 = time.time()
+    cohorts = [r.sim.cohort(rnd, r.train_key) for r in now]
+    states, metrics = strategies.apply_runs([r.sim.algorithm for r in now],
+                                            [r.state for r in now], cohorts)
+    jax.block_until_ready(states)
+    seconds = time.time() - t0
+    images = sum(r.images_per_round for r in now)
+    for r, state, m, cohort in zip(now, states, metrics, cohorts):
+      r.state = state
+      r.finish_round(np.asarray(m), cohort, seconds, images, len(now))
+    if len(now) > 1:
+      train = [r.records[-1]["train"] for r in now if r.error is None and r.records
+               and r.records[-1]["round"] == rnd]
+      if train:
+        mean = {k: float(np.mean([t[k] for t in train])) for k in METRIC_NAMES}
+        left = [r for r in runs if not r.done]
+        log(f"[batch] round {rnd + 1}: {len(now)} runs  loss client {mean['loss_client']:.3f} "
+            f"server {mean['loss_server']:.3f}  train acc client {mean['acc_client']:.3f} "
+            f"server {mean['acc_server']:.3f} (means over runs) | {images / seconds:.0f} img/s "
+            f"{seconds:.1f}s | runs left: {len(left)}, rounds left: "
+            f"{sum(r.cfg.rounds - r.rnd for r in left)}")
+  for r in runs:
+    if not r.done:
+      r.stop(stop.requested)
+  stopped = [r for r in runs if r.stopped]
+  if stopped:
+    raise rundir.Stopped(stop.requested, stopped[0].rnd, stopped[0].out)
 
-  def write(mfile, record):
+
+class _Run:
+  """One run of :func:`train_together`: its state, directory, checkpoints and
+  metrics file, and what a round writes."""
+
+  def __init__(self, cfg, out, ckpt, dataset, sim: Simulation, resume: bool, log):
+    self.cfg, self.out, self.ckpt, self.dataset, self.sim, self.log = cfg, out, ckpt, dataset, sim, log
+    self.resume, self.error, self.stopped, self.finished_before = resume, None, False, False
+    init_key, self.train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    self.start, self.records = 0, []
+    if resume:
+      self.state, self.start, self.train_key = _resume(cfg, out, ckpt, sim, log)
+      if self.start == cfg.rounds and (out / "summary.json").exists():
+        log(f"[hsee] {out} is finished ({self.start} rounds); nothing to train. To train longer: "
+            f"hsee train --resume {out} --set rounds=N (N > {self.start})")
+        self.finished_before = True
+      # rounds after the checkpoint are recomputed: drop their records
+      self.records = [r for r in rundir.read_records(out / "metrics.jsonl", log)
+                      if r["round"] < self.start]
+      for later in [s for s in ckpt.steps() if s > self.start]:  # damaged ones, skipped by _resume
+        log(f"[hsee] moved the damaged checkpoint after round {later} to {ckpt.set_aside(later)}")
+      if not self.finished_before:
+        log(f"[hsee] resuming {out} from checkpoint after round {self.start}")
+    else:
+      self.state = sim.init_state(init_key)
+    self.rnd = self.start
+    self.images_per_round = cfg.cohort_size * sim.local_steps * cfg.batch_size
+    self.test = next((r["test"] for r in reversed(self.records) if "test" in r), None)
+    if self.finished_before:
+      return
+    fleet = sim.fleet
+    tiers = ", ".join(f"{len(ids)} at cut {c}" for c, ids in fleet.groups.items())
+    log(f"[hsee] {cfg.name}: {cfg.strategy}, {fleet.size} clients ({tiers}), "
+        f"{cfg.cohort_size} per round, {dataset.name} {len(dataset.train_labels)} train / "
+        f"{len(dataset.test_labels)} test, width {cfg.width}, {sim.local_steps} local steps x "
+        f"batch {cfg.batch_size}, mode {sim.ctx.mode} (chunks of {sim.ctx.chunk}), "
+        f"backend {jax.default_backend()}")
+    log(f"[hsee] persistent state: {_state_mib(self.state):.1f} MiB; per client "
+        + ", ".join(f"{b / 2**10:.1f} KiB at cut {c}"
+                    for c, b in sim.algorithm.per_client_bytes.items()))
+    # the kept history goes back in one atomic replace, then new rounds are appended
+    rundir.write_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
+
+  def __enter__(self):
+    self.mfile = None if self.finished_before else open(self.out / "metrics.jsonl", "a")
+    return self
+
+  def __exit__(self, *exc):
+    if self.mfile is not None:
+      self.mfile.close()
+
+  @property
+  def done(self) -> bool:
+    return (self.finished_before or self.error is not None or self.stopped
+            or self.rnd >= self.cfg.rounds)
+
+  def _last(self) -> str:
+    last = self.ckpt.latest_step()
+    return "none" if last is None else f"after round {last}"
+
+  def _write(self, record):
     try:
-      mfile.write(json.dumps(record) + "\n")
-      mfile.flush()
+      self.mfile.write(json.dumps(record) + "\n")
+      self.mfile.flush()
     except OSError as e:
-      last = ckpt.latest_step()
-      raise RunError(f"cannot write {out / 'metrics.jsonl'}: {e.strerror or e}; newest "
-                     f"checkpoint: {'none' if last is None else 'after round ' + str(last)}") from None
+      raise RunError(f"cannot write {self.out / 'metrics.jsonl'}: {e.strerror or e}; newest "
+                     f"checkpoint: {self._last()}") from None
 
-  def stop_line(mfile, rnd, error):
-    write(mfile, {"round": rnd, "event": "stopped", "error": error})
+  def _fail(self, error: str) -> None:
+    """Record the error in the metrics file; the run stops here."""
+    try:
+      self._write({"round": self.rnd, "event": "stopped", "error": error})
+    except RunError:
+      pass
+    self.error = RunError(error)
+    self.log(f"[hsee] {error}")
 
-  with open(out / "metrics.jsonl", "a") as mfile:
-    rnd = start
-    while rnd < cfg.rounds and stop.requested is None:
-      t0 = time.time()
-      state, metrics, cohort = sim.run_round(state, rnd, train_key)
-      jax.block_until_ready(state)
-      seconds = time.time() - t0
+  def finish_round(self, metrics: np.ndarray, cohort, seconds: float, images: int,
+                   stacked: int) -> None:
+    """Checks, checkpoint, evaluation and the metrics record of round ``self.rnd``."""
+    cfg, rnd = self.cfg, self.rnd
+    try:
+      _check_finite(metrics, rnd, cohort)
+      bad = self.sim.algorithm.nonfinite_parts(self.state, cohort.ids)
+      if bad:
+        raise RunError(f"round {rnd + 1}: non-finite parameters in {', '.join(bad)}")
+    except RunError as e:
+      return self._fail(f"{e}; last good checkpoint: {self._last()}")
+    rec = {"round": rnd, "seconds": seconds, "images_per_s": images / seconds,
+           "train": dict(zip(METRIC_NAMES, map(float, metrics.mean(0)))),
+           "train_per_client": [{"client": int(i), "cut": int(c),
+                                 **dict(zip(METRIC_NAMES, map(float, m)))}
+                                for i, c, m in zip(cohort.ids, cohort.cuts, metrics)]}
+    if stacked > 1:
+      rec["stacked_runs"] = stacked  # seconds and images/s are those of all of them
+    last_round = rnd + 1 == cfg.rounds
+    # the save is written while the round is evaluated, and checked before it ends
+    saving = last_round or (cfg.checkpoint_every and (rnd + 1) % cfg.checkpoint_every == 0)
+    try:
+      if saving:
+        self.ckpt.save(rnd + 1, self.state, meta_for(cfg, rnd + 1, self.train_key))
+      if (rnd + 1) % cfg.eval_every == 0 or last_round:
+        self.test = evaluation.evaluate(self.sim, self.state, self.dataset, cfg.exit_thresholds,
+                                        cfg.eval_batch_size)
+        rec["test"] = self.test
+      if saving:
+        self.ckpt.finish(rnd + 1)
+    except CheckpointError as e:
+      return self._fail(f"round {rnd + 1}: {e}; the checkpoint before it is intact: {self._last()}")
+    try:
+      self._write(rec)
+    except RunError as e:
+      self.error = e
+      return
+    self.records.append(rec)
+    self.log(_format_round(rec, cfg.rounds))
+    self.rnd += 1
+
+  def stop(self, signum) -> None:
+    """A stop signal: save what was trained (if not saved yet), then stop."""
+    if self.ckpt.latest_step() != self.rnd:
       try:
-        _check_finite(metrics, rnd, cohort)
-        bad = sim.algorithm.nonfinite_parts(state, cohort.ids)
-        if bad:
-          raise RunError(f"round {rnd + 1}: non-finite parameters in {', '.join(bad)}")
-      except RunError as e:
-        stop_line(mfile, rnd, str(e))
-        last = ckpt.latest_step()
-        raise RunError(f"{e}; last good checkpoint: "
-                       f"{'none' if last is None else 'after round ' + str(last)}") from None
-      rec = {"round": rnd, "seconds": seconds, "images_per_s": images_per_round / seconds,
-             "train": dict(zip(METRIC_NAMES, map(float, metrics.mean(0)))),
-             "train_per_client": [{"client": int(i), "cut": int(c),
-                                   **dict(zip(METRIC_NAMES, map(float, m)))}
-                                  for i, c, m in zip(cohort.ids, cohort.cuts, metrics)]}
-      last_round = rnd + 1 == cfg.rounds
-      # the save is written while the round is evaluated, and checked before it ends
-      saving = last_round or (cfg.checkpoint_every and (rnd + 1) % cfg.checkpoint_every == 0)
-      try:
-        if saving:
-          ckpt.save(rnd + 1, state, meta_for(cfg, rnd + 1, train_key))
-        if (rnd + 1) % cfg.eval_every == 0 or last_round:
-          test = evaluation.evaluate(sim, state, dataset, cfg.exit_thresholds, cfg.eval_batch_size)
-          rec["test"] = test
-        if saving:
-          ckpt.finish(rnd + 1)
+        self.ckpt.save(self.rnd, self.state, meta_for(self.cfg, self.rnd, self.train_key))
+        self.ckpt.finish(self.rnd)
       except CheckpointError as e:
-        stop_line(mfile, rnd, str(e))
-        last = ckpt.latest_step()
-        raise RunError(f"round {rnd + 1}: {e}; the checkpoint before it is intact: "
-                       f"{'none' if last is None else 'after round ' + str(last)}") from None
-      write(mfile, rec)
-      log(_format_round(rec, cfg.rounds))
-      rnd += 1
-    if rnd < cfg.rounds:  # a stop signal: save what was trained, then stop
-      if ckpt.latest_step() != rnd:
-        try:
-          ckpt.save(rnd, state, meta_for(cfg, rnd, train_key))
-          ckpt.finish(rnd)
-        except CheckpointError as e:
-          raise RunError(f"stopping after round {rnd}: {e}") from None
-      stop_line(mfile, rnd, f"{signal.Signals(stop.requested).name} after round {rnd}")
-      raise rundir.Stopped(stop.requested, rnd, out)
+        self.error = RunError(f"stopping after round {self.rnd}: {e}")
+        return
+    self._write({"round": self.rnd, "event": "stopped",
+                 "error": f"{signal.Signals(signum).name} after round {self.rnd}"})
+    self.stopped = True
 
-  return {"config": cfg.to_dict(), "rounds": cfg.rounds, "local_steps": sim.local_steps,
-          "backend": jax.default_backend(), "resumed_from_round": start if resume else None,
-          "num_clients": fleet.size, "clients_per_round": cfg.cohort_size,
-          "cuts": fleet.cuts.tolist(),
-          "clients_per_cut": {str(c): len(ids) for c, ids in fleet.groups.items()},
-          "per_client_state_bytes": {str(c): b for c, b in sim.algorithm.per_client_bytes.items()},
-          "test": test}
+  def summary(self, t_start: float) -> dict:
+    if self.finished_before:
+      try:
+        return json.loads((self.out / "summary.json").read_text())
+      except (OSError, json.JSONDecodeError) as e:
+        raise RunError(f"{self.out / 'summary.json'} is damaged ({e}); the run's checkpoints are "
+                       f"intact: hsee eval --run {self.out}") from None
+    cfg, fleet, sim = self.cfg, self.sim.fleet, self.sim
+    summary = {
+        "config": cfg.to_dict(), "rounds": cfg.rounds, "local_steps": sim.local_steps,
+        "backend": jax.default_backend(), "resumed_from_round": self.start if self.resume else None,
+        "num_clients": fleet.size, "clients_per_round": cfg.cohort_size,
+        "cuts": fleet.cuts.tolist(),
+        "clients_per_cut": {str(c): len(ids) for c, ids in fleet.groups.items()},
+        "per_client_state_bytes": {str(c): b for c, b in sim.algorithm.per_client_bytes.items()},
+        "test": self.test, "wall_seconds": time.time() - t_start}
+    rundir.write_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
+    return summary
 
 
 def _state_mib(state) -> float:

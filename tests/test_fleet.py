@@ -12,7 +12,7 @@ import pytest
 from hsee_jax import train as train_lib
 from hsee_jax.config import Config, ConfigError
 from hsee_jax.fleet import assign_tiers, chunk_plan, sample_cohort, tier_counts
-from hsee_jax.strategies import AveragingState
+from hsee_jax.strategies import AveragingState, step_inputs
 
 CFG = Config(dataset="synthetic", synthetic_shape=(16, 16, 4, 240, 32), width=0.125,
              batch_size=8, local_steps=1, rounds=3, augment=True, checkpoint_every=0)
@@ -115,7 +115,7 @@ def _reference_round(sim, state_clients, state_servers, rnd, key):
   metrics = np.zeros((cohort.size, 4), np.float32)
   for cut, ids in sim.fleet.groups.items():
     g = f"cut_{cut}"
-    xs = (cohort.indices[ids], np.broadcast_to(cohort.hparams, (len(ids),) + cohort.hparams.shape))
+    xs = step_inputs(sim.ctx, cohort, ids)
     (state_clients[g], state_servers[g]), m = sim.runners[cut](
         sim.ctx.shared, (state_clients[g], state_servers[g], cohort.keys[ids]), xs)
     metrics[ids] = np.asarray(m)

@@ -10,7 +10,7 @@ from hsee_jax import models
 from hsee_jax import train as train_lib
 from hsee_jax.config import Config, ConfigError
 from hsee_jax.optim import PartState
-from hsee_jax.strategies import (chunk_sums, combine_sums, cross_layer_average, group_key,
+from hsee_jax.strategies import (chunk_sums, combine_sums, cross_layer_average, group_key, step_inputs,
                                  server_names)
 
 CFG = Config(dataset="synthetic", synthetic_shape=(16, 16, 4, 96, 32), width=0.125,
@@ -29,7 +29,7 @@ def test_sequential_server_continues_from_each_clients_cut():
   cohort = sim.cohort(0, jax.random.PRNGKey(1))
   client = jax.tree.map(lambda a: a[0], state.clients[group_key(7)])
   sub = server.subset(server_names(7))
-  xs = (cohort.indices[0], cohort.hparams)
+  xs = step_inputs(sim.ctx, cohort, 0)
   (_, sub), _ = sim.runners[7].one(sim.ctx.shared, (client, sub, cohort.keys[0]), xs)
   after = server.merge(sub)
   for k in (4, 5, 6, 7):

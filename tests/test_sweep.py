@@ -50,7 +50,7 @@ def _records(run_dir):
 
 
 def _strip(rec):
-  return {k: v for k, v in rec.items() if k not in ("seconds", "images_per_s")}
+  return {k: v for k, v in rec.items() if k not in ("seconds", "images_per_s", "stacked_runs")}
 
 
 def test_sweep_compiles_once_per_batch_equals_solo_runs_and_resumes_exactly(tmp_path, capsys):
@@ -92,11 +92,16 @@ def test_sweep_compiles_once_per_batch_equals_solo_runs_and_resumes_exactly(tmp_
   lines = (cut_short / "metrics.jsonl").read_text().splitlines()
   (cut_short / "metrics.jsonl").write_text(lines[0] + "\n")
   shutil.rmtree(out / "lr=0.1,exit_loss_weight=1.0/seed1")
+  # resumed stacked: the run at round 0 trains alone until the other's round,
+  # then both train their rounds together in the same compiled calls
   logs = []
-  sweep.resume_sweep(out, log=logs.append)
+  sweep.resume_sweep(out, stack=0, log=logs.append)
   assert sum("finished before, kept" in l for l in logs) == 6
-  assert any("seed0 (batch 1/1, resumed)" in l for l in logs)
-  for n, recs in before.items():
+  assert any("lr=0.1,exit_loss_weight=1.0/seed0 (resumed)" in l for l in logs)
+  assert any(l.startswith("[batch] round 2: 2 runs") for l in logs)
+  assert not any(l.startswith("[batch] round 1:") for l in logs)
+  assert _records(out / "lr=0.1,exit_loss_weight=1.0/seed1")[1]["stacked_runs"] == 2
+  for n, recs in before.items():   # stacked, each run equals itself trained alone, bit for bit
     assert [_strip(r) for r in _records(out / n)] == [_strip(r) for r in recs], n
   # the CLI refuses a second sweep into the same directory, in one line
   code = cli.main(["sweep", "--config", "configs/smoke.py", "--grid", "lr=0.1,0.2",
