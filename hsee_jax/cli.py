@@ -37,9 +37,9 @@ def _parser() -> argparse.ArgumentParser:
   w.add_argument("--out", help="the sweep directory")
   w.add_argument("--overwrite", action="store_true", help="start again over a sweep in --out")
   w.add_argument("--resume", metavar="DIR", help="finish every unfinished run of the sweep in DIR")
-  w.add_argument("--stack", type=int, default=None, metavar="R",
+  w.add_argument("--stack", type=int, default=1, metavar="R",
                  help="runs of a batch trained together in the same compiled calls (0: all; "
-                      "default: 1 on the CPU, all on accelerators)")
+                      "default 1: one after another, sharing compiled programs)")
   e = sub.add_parser("eval", help="test metrics of a run's checkpoint, without training")
   e.add_argument("--run", required=True, metavar="DIR", help="a run directory")
   e.add_argument("--round", type=int, default=None,
@@ -64,7 +64,7 @@ def _train_config(args) -> tuple[config_lib.Config, Path]:
 
 def _sweep(args) -> None:
   from hsee_jax import sweep
-  if args.stack is not None and args.stack < 0:
+  if args.stack < 0:
     raise config_lib.ConfigError(f"--stack {args.stack}: give a number of runs >= 1, or 0 for all")
   if args.resume:
     if args.config or args.grid or args.out:

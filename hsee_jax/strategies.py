@@ -447,6 +447,8 @@ class Context:
     cfg = self.cfg
     # Sequential runs one client at a time (the server is shared): never stacked
     mode = "loop" if cfg.strategy == "sequential" and cfg.mode == "auto" else cfg.mode
+    if mode == "auto" and cfg.shard_clients and resolve_mode(mode) == "loop":
+      mode = "vmap"  # the client axis over the mesh needs a stacked mode
     self.mode = resolve_mode(mode)
     self.chunk = resolve_chunk(cfg.client_chunk)
     self.program_key = (self.net.num_classes,) + tuple(getattr(cfg, f) for f in PROGRAM_FIELDS)

@@ -1,4 +1,5 @@
-"""The client axis laid over a device mesh gives the single-device result.
+"""The client axis (and the run axis of stacked runs) laid over a device mesh
+gives the single-device result.
 
 Runs in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4,
 since the device count is fixed when JAX starts."""
@@ -29,6 +30,20 @@ assert sim.ctx.sharded_chunks == 4, sim.ctx.sharded_chunks
 for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many)):
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
 np.testing.assert_allclose(m1, m4, rtol=1e-4, atol=1e-5)
+# the run axis of a sweep: runs stacked (seed 0 and 1) over the same mesh; the chunk of
+# cut 3 holds 4 clients of each run (8, over the mesh), cut 6's 4 + 4 and 1 + 1
+from hsee_jax import strategies
+cfgs = [dataclasses.replace(cfg, shard_clients=True, seed=s) for s in (0, 1)]
+sims = [sim for _, sim in train_lib.build_runs(cfgs)]
+states = [sim.init_state(jax.random.PRNGKey(s)) for s, sim in enumerate(sims)]
+for r in range(2):
+  cohorts = [sim.cohort(r, jax.random.PRNGKey(1)) for sim in sims]
+  states, ms = strategies.apply_runs([sim.algorithm for sim in sims], states, cohorts)
+assert sims[0].ctx.sharded_chunks == 4, sims[0].ctx.sharded_chunks
+alone, m_alone, _ = run(False)          # seed 0 alone, one device
+for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(states[0])):
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+np.testing.assert_allclose(m_alone, np.asarray(ms[0]), rtol=1e-4, atol=1e-5)
 print("SHARDING-OK")
 '''
 
