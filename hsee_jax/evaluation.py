@@ -42,22 +42,25 @@ def early_exit_table(exit_logits, server_logits, labels, thresholds) -> list[dic
 
 
 @functools.lru_cache(maxsize=None)
-def _logits_fn(net: models.SplitResNet18, cut: int):
+def _logits_fn(net: models.SplitResNet18, cut: int, full_path: bool):
   @jax.jit
   def fn(client, server, images, mean, std):
     x = data_lib.normalize(images, mean, std)
     h, exit_logits, _ = net.apply_span(client.params, client.batch_stats, x,
                                        *models.client_span(cut), train=False)
+    if not full_path:
+      return exit_logits, exit_logits[:, :0]
     _, logits, _ = net.apply_span(server.params, server.batch_stats, h,
                                   *models.server_span(cut), train=False)
     return exit_logits, logits
   return fn
 
 
-def client_logits(net, cut, client, server, images, mean, std, batch_size):
+def client_logits(net, cut, client, server, images, mean, std, batch_size, full_path=True):
   """(exit logits, server logits) over ``images`` in fixed-size batches (the
-  last one padded, so one compilation serves every batch)."""
-  fn = _logits_fn(net, cut)
+  last one padded, so one compilation serves every batch). Without
+  ``full_path`` the server part is not run (server logits [N, 0])."""
+  fn = _logits_fn(net, cut, full_path)
   n = len(images)
   outs_e, outs_s = [], []
   for start in range(0, n, batch_size):
@@ -76,7 +79,8 @@ def evaluate(sim, state, dataset: data_lib.Dataset, thresholds, batch_size: int)
 
   Runs every model the strategy names (``Algorithm.eval_models``): after an
   Averaging aggregation all clients of a cut share one model, which is
-  evaluated once per cut; where clients differ (Sequential client parts,
+  evaluated once per cut (and its full path, the same whole network at
+  every cut, once in all); where clients differ (Sequential client parts,
   Averaging between aggregations) a seeded sample of ``eval_clients`` clients
   per cut (all by default). Returns per-cut summaries (``cuts``: mean, min and
   max over the evaluated clients, the mean early-exit table), per-client rows
@@ -86,10 +90,13 @@ def evaluate(sim, state, dataset: data_lib.Dataset, thresholds, batch_size: int)
   labels = dataset.test_labels
   mean, std = jnp.asarray(dataset.mean), jnp.asarray(dataset.std)
   batch_size = min(batch_size, len(labels))
-  rows = []
+  rows, whole = [], None
   for m in sim.algorithm.eval_models(state):
     e_logits, s_logits = client_logits(sim.net, m.cut, m.client, m.server, dataset.test_images,
-                                       mean, std, batch_size)
+                                       mean, std, batch_size, full_path=not (m.shared and
+                                                                             whole is not None))
+    if m.shared:
+      whole = s_logits = s_logits if whole is None else whole
     rows.append((m, {
         "client": None if m.shared else m.clients[0], "cut": m.cut,
         "exit_acc": float(np.mean(np.argmax(e_logits, -1) == labels)),

@@ -366,7 +366,9 @@ def combine_sums(model: PartState, exit_heads: dict, sums: dict) -> tuple[PartSt
 @dataclasses.dataclass(frozen=True)
 class EvalModel:
   """A client part and the server part its activations go to, standing for
-  ``clients`` (every client of the cut when they share one model)."""
+  ``clients`` (every client of the cut when they share one model). The
+  ``shared`` models of a state are one whole network split at their cuts
+  (Averaging after an aggregation), so their full path is evaluated once."""
   cut: int
   clients: tuple
   client: PartState

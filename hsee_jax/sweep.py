@@ -169,16 +169,20 @@ def run_sweep(base: Config, grid: dict, seeds: list[int], out: str | Path, *,
                                                               for k, v in r.point.items()},
                                    "seed": r.seed, "batch": r.batch} for r in runs]}, indent=2))
   t0 = time.time()
-  train_runs(runs, out, resume=resume, stack=stack, log=log)
+  failed = train_runs(runs, out, resume=resume, stack=stack, log=log)
   rows = collect(out, runs)
   write_results(out, grid, rows)
   log(f"[sweep] done: {len(runs)} runs in {time.time() - t0:.1f} s; results in "
       f"{out / 'sweep.csv'}, {out / 'sweep.md'}")
+  if failed:
+    raise rundir.RunError(f"{len(failed)} of {len(runs)} runs failed ({', '.join(failed)}); "
+                          f"the others' results are in {out / 'sweep.md'}, the errors in "
+                          f"{out / 'sweep.csv'}")
   return rows
 
 
 def train_runs(runs: list[Run], out: Path, *, resume: bool = False, dataset=None,
-               stack: int = 1, log: Callable[[str], None] = print) -> None:
+               stack: int = 1, log: Callable[[str], None] = print) -> list[str]:
   """Train ``runs`` into ``out/<run name>``, batch by batch; with ``resume``,
   keep the finished ones and resume the others from their newest checkpoint.
 
@@ -187,7 +191,8 @@ def train_runs(runs: list[Run], out: Path, *, resume: bool = False, dataset=None
   default, 1, trains them one after another: measured faster than stacking
   on this CPU and on an H200 (README, Sweeps). Stacked or not,
   a run's metrics are those of the run trained alone (bit for bit on the
-  CPU). ``dataset``: one already loaded for every run (else each
+  CPU). A run that fails (non-finite values, say) stops with its error in
+  its ``metrics.jsonl``; the others go on. Returns the failed runs' names. ``dataset``: one already loaded for every run (else each
   run loads its own)."""
   from hsee_jax import train as train_lib
   n_batches = len({r.batch for r in runs})
@@ -206,7 +211,7 @@ def train_runs(runs: list[Run], out: Path, *, resume: bool = False, dataset=None
     members = [r for r in todo if r.batch == b]
     size = stack or len(members)
     groups += [members[j:j + size] for j in range(0, len(members), size)]
-  done = len(runs) - len(todo)
+  done, failed = len(runs) - len(todo), []
   for group in groups:
     dirs = [out / r.name for r in group]
     resumed = [resume and (d / "checkpoints").is_dir()
@@ -219,13 +224,18 @@ def train_runs(runs: list[Run], out: Path, *, resume: bool = False, dataset=None
     summaries = train_lib.train_together(
         [r.cfg for r in group], dirs, overwrite=True, resume=resumed,
         logs=[lambda s, name=r.name: log(f"  [{name}] {s}") for r in group],
-        datasets=[dataset] * len(group), log=log)
+        datasets=[dataset] * len(group), log=log, raise_errors=False)
     for r, summary in zip(group, summaries):
       done += 1
+      if isinstance(summary, rundir.RunError):
+        failed.append(r.name)
+        log(f"[sweep] run {done}/{len(runs)} {r.name} failed: {summary}")
+        continue
       test = summary["test"] or {}
       log(f"[sweep] run {done}/{len(runs)} {r.name} done: exit acc "
           f"{test.get('mean_exit_acc', float('nan')):.4f}, full-path acc "
           f"{test.get('mean_server_acc', float('nan')):.4f}, {summary['wall_seconds']:.1f} s")
+  return failed
 
 
 def resume_sweep(out: str | Path, stack: int = 1,
@@ -245,14 +255,23 @@ def resume_sweep(out: str | Path, stack: int = 1,
 
 
 def collect(out: Path, runs: list[Run]) -> list[dict]:
-  """One row per run from its ``summary.json``."""
+  """One row per run from its ``summary.json``; a run without one is
+  ``failed``, with the error its ``metrics.jsonl`` ends on."""
   rows = []
   for run in runs:
+    row = {"run": run.name, **{f: _cell(v) for f, v in run.point.items()}, "seed": run.seed,
+           "batch": run.batch}
+    if not _done(out / run.name):
+      records = rundir.read_records(out / run.name / "metrics.jsonl", lambda s: None) \
+          if (out / run.name / "metrics.jsonl").exists() else []
+      error = next((r.get("error") for r in reversed(records) if r.get("event") == "stopped"),
+                   "did not finish")
+      rows.append({**row, "status": "failed", "error": error})
+      continue
     summary = json.loads((out / run.name / "summary.json").read_text())
     test = summary["test"]
-    row = {"run": run.name, **{f: _cell(v) for f, v in run.point.items()}, "seed": run.seed,
-           "batch": run.batch, "mean_exit_acc": test["mean_exit_acc"],
-           "mean_server_acc": test["mean_server_acc"]}
+    row.update({"status": "done", "mean_exit_acc": test["mean_exit_acc"],
+                "mean_server_acc": test["mean_server_acc"]})
     for c in test["cuts"]:
       row[f"exit_acc_cut{c['cut']}"] = c["exit_acc"]["mean"]
       row[f"server_acc_cut{c['cut']}"] = c["server_acc"]["mean"]
@@ -274,10 +293,11 @@ def mean_std(values) -> tuple[float, float]:
 def summarise(grid: dict, rows: list[dict]) -> list[dict]:
   """Per grid point: mean ± std over seeds of every accuracy column."""
   fields = list(grid)
-  metrics = [k for k in rows[0] if k.endswith("_acc") or "_acc_cut" in k]
+  metrics = list(dict.fromkeys(k for r in rows for k in r if k.endswith("_acc") or "_acc_cut" in k))
   points: dict = {}
   for r in rows:
-    points.setdefault(tuple(r[f] for f in fields), []).append(r)
+    if r.get("status", "done") == "done":
+      points.setdefault(tuple(r[f] for f in fields), []).append(r)
   out = []
   for key, rs in points.items():
     entry = {**dict(zip(fields, key)), "seeds": len(rs)}
@@ -301,19 +321,23 @@ def write_results(out: Path, grid: dict, rows: list[dict]) -> None:
     w.writeheader()
     w.writerows(rows)
   points = summarise(grid, rows)
+  failed = [r for r in rows if r.get("status") == "failed"]
   fields = list(grid)
-  metrics = [k for k in points[0] if k not in fields and k != "seeds"]
+  metrics = list(dict.fromkeys(k for p in points for k in p if k not in fields and k != "seeds"))
   md = ["# Sweep results", "",
         f"{len(rows)} runs; per grid point the mean ± sample standard deviation over seeds "
         f"of the final test accuracies (exit = the client's exit head, server = the full "
-        f"path through the server part; means over the fleet and per cut).", "",
+        f"path through the server part; means over the fleet and per cut)."
+        + (f" Failed, left out: {', '.join(r['run'] for r in failed)} (errors in sweep.csv)."
+           if failed else ""), "",
         "| " + " | ".join(fields + ["seeds"] + metrics) + " |",
         "| " + " | ".join("---" for _ in fields + ["seeds"] + metrics) + " |"]
   for p in points:
     md.append("| " + " | ".join([str(p[f]) for f in fields] + [str(p["seeds"])]
                                 + [_fmt(p[m]) if m in p else "" for m in metrics]) + " |")
   (out / "sweep.md").write_text("\n".join(md) + "\n")
-  _plots(out, grid, points)
+  if points:
+    _plots(out, grid, points)
 
 
 def _plots(out: Path, grid: dict, points: list[dict]) -> None:

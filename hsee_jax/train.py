@@ -167,7 +167,8 @@ def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False, resume: 
 
 def train_together(cfgs: list[Config], out_dirs: list, *, overwrite: bool = False,
                    resume: list[bool] | None = None, logs: list[Callable] | None = None,
-                   datasets: list | None = None, log: Callable[[str], None] = print) -> list[dict]:
+                   datasets: list | None = None, log: Callable[[str], None] = print,
+                   raise_errors: bool = True) -> list:
   """Train several runs in one loop, each into its own directory as
   :func:`train` would (same files, same metrics).
 
@@ -175,9 +176,10 @@ def train_together(cfgs: list[Config], out_dirs: list, *, overwrite: bool = Fals
   the same compiled programs and fleet shape: ``strategies.apply_runs``)
   train that round in the same compiled calls; the others take turns. A run
   that fails (non-finite values, a failed save) stops with its error
-  recorded in its ``metrics.jsonl`` while the others go on; the first
-  failure is raised at the end. ``log`` gets the per-round line of the
-  stacked runs."""
+  recorded in its ``metrics.jsonl`` while the others go on; at the end the
+  first failure is raised (after the other runs' summaries are written), or
+  with ``raise_errors=False`` returned in that run's place. ``log`` gets the
+  per-round line of the stacked runs."""
   n = len(cfgs)
   resume = resume or [False] * n
   logs = logs or [log] * n
@@ -203,11 +205,11 @@ def train_together(cfgs: list[Config], out_dirs: list, *, overwrite: bool = Fals
     except rundir.Abandoned as e:
       e.out = next((r.out for r in runs if not r.done), outs[0])
       raise
-  failed = [r for r in runs if r.error is not None]
-  if failed:
-    raise failed[0].error
   summaries = []
   for r in runs:
+    if r.error is not None:
+      summaries.append(r.error)
+      continue
     summary = r.summary(t_start)
     summaries.append(summary)
     if r.finished_before:
@@ -215,6 +217,9 @@ def train_together(cfgs: list[Config], out_dirs: list, *, overwrite: bool = Fals
     for c in (summary["test"] or {}).get("cuts", []):
       r.log(f"[hsee] {evaluation.format_cut(c)}")
     r.log(f"[hsee] done in {summary['wall_seconds']:.1f}s; results in {r.out}")
+  failed = [s for s in summaries if isinstance(s, RunError)]
+  if failed and raise_errors:
+    raise failed[0]
   return summaries
 
 

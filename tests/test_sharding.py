@@ -40,10 +40,9 @@ for r in range(2):
   cohorts = [sim.cohort(r, jax.random.PRNGKey(1)) for sim in sims]
   states, ms = strategies.apply_runs([sim.algorithm for sim in sims], states, cohorts)
 assert sims[0].ctx.sharded_chunks == 4, sims[0].ctx.sharded_chunks
-alone, m_alone, _ = run(False)          # seed 0 alone, one device
-for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(states[0])):
+for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(states[0])):   # seed 0 alone, one device
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
-np.testing.assert_allclose(m_alone, np.asarray(ms[0]), rtol=1e-4, atol=1e-5)
+np.testing.assert_allclose(m1, np.asarray(ms[0]), rtol=1e-4, atol=1e-5)
 print("SHARDING-OK")
 '''
 

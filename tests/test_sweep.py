@@ -11,6 +11,7 @@ import pytest
 from hsee_jax import cli, strategies, sweep
 from hsee_jax import train as train_lib
 from hsee_jax.config import Config, ConfigError
+from hsee_jax.rundir import RunError
 
 BASE = Config(dataset="synthetic", synthetic_shape=(16, 16, 4, 96, 32), width=0.125, cuts=(2, 4),
               batch_size=8, local_steps=2, rounds=2, eval_batch_size=32, checkpoint_every=1,
@@ -109,3 +110,18 @@ def test_sweep_compiles_once_per_batch_equals_solo_runs_and_resumes_exactly(tmp_
   err = capsys.readouterr().err
   assert code == 2 and f"{out} holds a sweep; resume it with: hsee sweep --resume {out}" in err
   assert err.count("\n") == 1
+
+
+def test_a_failed_run_is_recorded_and_the_others_finish(tmp_path):
+  out = tmp_path / "sw"
+  with pytest.raises(RunError, match=r"^1 of 2 runs failed \(lr=1e\+30/seed0\)"):
+    sweep.run_sweep(dataclasses.replace(BASE, rounds=1), {"lr": [0.05, 1e30]}, [0], out,
+                    log=lambda s: None)
+  table = {r["run"]: r for r in csv.DictReader(open(out / "sweep.csv"))}
+  assert table["lr=0.05/seed0"]["status"] == "done" and float(table["lr=0.05/seed0"]["mean_exit_acc"]) > 0
+  bad = table["lr=1e+30/seed0"]
+  assert bad["status"] == "failed" and "non-finite" in bad["error"] and bad["mean_exit_acc"] == ""
+  md = (out / "sweep.md").read_text()
+  assert "Failed, left out: lr=1e+30/seed0" in md
+  assert any(l.startswith("| 0.05 | 1 |") for l in md.splitlines())
+  assert not any(l.startswith("| 1e+30 |") for l in md.splitlines())
