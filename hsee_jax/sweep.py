@@ -11,15 +11,17 @@ Each run is an ordinary run directory, ``DIR/<point>/seed<s>`` (``config.json``,
 Runs are grouped into *batches*: runs whose configs differ only in fields the
 compiled programs take as inputs (seed, learning rate and schedule,
 momentum, weight decay, exit-loss weight, rounds, the partition, ...) form
-one batch. The runs of a batch train one after another in this process and
-share one set of compiled programs (``strategies.shared_program``): the first
-run compiles, the others reuse it. A field that changes array shapes or
-program structure (width, cuts, batch size, dataset, strategy, ...) starts
-another batch.
+one batch. The runs of a batch share one set of compiled programs
+(``strategies.shared_program``): the first run compiles, the others reuse
+it. They train one after another, or with ``stack`` (``hsee sweep --stack
+R``) R at a time with their rounds stacked in the same compiled calls
+(``train.train_together``). A field that changes array shapes or program
+structure (width, cuts, batch size, dataset, strategy, ...) starts another
+batch. A run that fails is recorded and the others go on.
 
-Results: ``DIR/sweep.csv`` (one row per run: the swept fields, the seed, the
-mean exit and full-path (server) test accuracy over the fleet and per cut,
-wall time), ``DIR/sweep.md`` (per grid point, mean ± std over seeds and the
+Results: ``DIR/sweep.csv`` (one row per run: the swept fields, the seed, its
+status (done / failed, with the error), the mean exit and full-path
+(server) test accuracy over the fleet and per cut, wall time), ``DIR/sweep.md`` (per grid point, mean ± std over seeds and the
 number of seeds) and ``DIR/sweep_<field>.png`` per swept field (accuracy
 against the field, error bars over seeds).
 """

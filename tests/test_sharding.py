@@ -11,28 +11,19 @@ from pathlib import Path
 SCRIPT = r'''
 import dataclasses, jax, numpy as np
 assert jax.device_count() == 4, jax.devices()
+from hsee_jax import strategies
 from hsee_jax import train as train_lib
 from hsee_jax.config import Config
 cfg = Config(dataset="synthetic", synthetic_shape=(16, 16, 4, 128, 16), width=0.125,
              cuts=(3, 3, 3, 3, 6, 6, 6, 6, 6), batch_size=8, local_steps=2, rounds=2,
              augment=True, mode="vmap", client_chunk=4)
-def run(shard):
-  _, sim = train_lib.build(dataclasses.replace(cfg, shard_clients=shard))
-  state = sim.init_state(jax.random.PRNGKey(0))
-  for r in range(2):
-    state, m, _ = sim.run_round(state, r, jax.random.PRNGKey(1))
-  return state, m, sim
-one, m1, _ = run(False)
-many, m4, sim = run(True)
-# per round: cut 3 one chunk of 4 (over the mesh), cut 6 a chunk of 4 (over the mesh) and
-# one of 1 (replicated)
-assert sim.ctx.sharded_chunks == 4, sim.ctx.sharded_chunks
-for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many)):
-  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
-np.testing.assert_allclose(m1, m4, rtol=1e-4, atol=1e-5)
-# the run axis of a sweep: runs stacked (seed 0 and 1) over the same mesh; the chunk of
-# cut 3 holds 4 clients of each run (8, over the mesh), cut 6's 4 + 4 and 1 + 1
-from hsee_jax import strategies
+_, sim = train_lib.build(cfg)                       # seed 0 alone, one device
+one = sim.init_state(jax.random.PRNGKey(0))
+for r in range(2):
+  one, m1, _ = sim.run_round(one, r, jax.random.PRNGKey(1))
+# sharded: two runs (seeds 0 and 1) stacked, the run axis folded into the client axis
+# and laid over the mesh: per round, cut 3 one chunk of 4 + 4 clients (over the mesh),
+# cut 6 one of 4 + 4 (over the mesh) and one of 1 + 1 (replicated)
 cfgs = [dataclasses.replace(cfg, shard_clients=True, seed=s) for s in (0, 1)]
 sims = [sim for _, sim in train_lib.build_runs(cfgs)]
 states = [sim.init_state(jax.random.PRNGKey(s)) for s, sim in enumerate(sims)]
@@ -40,7 +31,7 @@ for r in range(2):
   cohorts = [sim.cohort(r, jax.random.PRNGKey(1)) for sim in sims]
   states, ms = strategies.apply_runs([sim.algorithm for sim in sims], states, cohorts)
 assert sims[0].ctx.sharded_chunks == 4, sims[0].ctx.sharded_chunks
-for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(states[0])):   # seed 0 alone, one device
+for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(states[0])):
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
 np.testing.assert_allclose(m1, np.asarray(ms[0]), rtol=1e-4, atol=1e-5)
 print("SHARDING-OK")
