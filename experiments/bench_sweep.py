@@ -20,7 +20,6 @@ bench_sweep.png into --out.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -29,6 +28,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_io  # noqa: E402
 MODES = ("separate", "sweep", "stacked")
 VOLATILE = ("seconds", "images_per_s", "stacked_runs")
 
@@ -110,27 +112,10 @@ def main(argv=None):
   import jax
   result = {"config": args.config, "overrides": args.overrides, "backend": jax.default_backend(),
             "device": str(jax.devices()[0]), "rows": rows}
-  (out / "bench_sweep.json").write_text(json.dumps(result, indent=2))
-  with open(out / "bench_sweep.csv", "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for mode in modes:
-      rs = [r for r in rows if r["mode"] == mode]
-      ax.plot([r["runs"] for r in rs], [r["wall_s"] for r in rs], marker="o", label=mode)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("runs (seeds) R")
-    ax.set_ylabel("wall seconds")
-    ax.set_title(f"{args.config} {' '.join(args.overrides)}", fontsize=8)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "bench_sweep.png", dpi=110)
-  except ImportError:
+  bench_io.write_tables(out, "bench_sweep", result, rows)
+  if not bench_io.line_plot(out / "bench_sweep.png", rows, "mode", "runs", "wall_s",
+                            xlabel="runs (seeds) R", ylabel="wall seconds",
+                            title=f"{args.config} {' '.join(args.overrides)}"):
     print("[bench_sweep] matplotlib not installed: no plot")
   for r in rows:
     if r["mode"] != "separate" and r["wall_vs_separate"]:

@@ -20,8 +20,6 @@ Writes bench.json, bench.csv and bench.png into --out.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import statistics
 import sys
@@ -34,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import bench_io  # noqa: E402
 from hsee_jax import costs, models  # noqa: E402
 from hsee_jax import train as train_lib  # noqa: E402
 from hsee_jax.config import Config  # noqa: E402
@@ -184,28 +183,11 @@ def main():
             "backend": jax.default_backend(), "jax": jax.__version__, "args": vars(args),
             "flops_per_training_image": {str(c): f for c, f in flops.items()},
             "cut_costs": {str(c): v for c, v in per_cut.items()}, "rows": rows}
-  (out / "bench.json").write_text(json.dumps(result, indent=2))
-  with open(out / "bench.csv", "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "round_times"])
-    w.writeheader()
-    for r in rows:
-      w.writerow({k: v for k, v in r.items() if k != "round_times"})
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for e in execs:
-      rs = [r for r in rows if r["execution"] == e]
-      ax.plot([r["clients"] for r in rs], [r["images_per_s"] for r in rs], marker="o", label=e)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("clients K")
-    ax.set_ylabel("images/s (all clients)")
-    ax.set_title(f"Averaging round, width {args.width}, batch {args.batch}, {jax.default_backend()}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "bench.png", dpi=120)
-  except ImportError:
+  bench_io.write_tables(out, "bench", result, rows, drop=("round_times",))
+  if not bench_io.line_plot(out / "bench.png", rows, "execution", "clients", "images_per_s",
+                            xlabel="clients K", ylabel="images/s (all clients)",
+                            title=f"Averaging round, width {args.width}, batch {args.batch}, "
+                                  f"{jax.default_backend()}"):
     print("[bench] matplotlib not installed: no plot")
   print(f"[bench] wrote {out}/bench.json, bench.csv, bench.png")
 
