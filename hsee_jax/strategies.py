@@ -388,8 +388,9 @@ class Algorithm:
     Inf (per-client parts: of clients ``ids`` only, when given);
   * ``per_client_bytes``: bytes of persistent state per client, by cut;
   * ``stack_key``: algorithms (of different runs) with the same key train a
-    round together in the same compiled calls (:func:`apply_runs`); None: one
-    after another.
+    round together in the same compiled calls (:func:`apply_runs`), by
+    ``apply_stacked(states, cohorts, contexts) -> (states, metrics)``, lists
+    of one entry per run; None: one after another.
   """
   name: str
   init: Callable
@@ -418,9 +419,10 @@ def apply_runs(algorithms: list[Algorithm], states: list, cohorts: list) -> tupl
     a = algorithms[members[0]]
     if len(members) > 1:
       new, ms = a.apply_stacked([states[i] for i in members], [cohorts[i] for i in members],
-                                [algorithms[i] for i in members])
+                                [algorithms[i].ctx for i in members])
     else:
-      (new, ms) = ([x] for x in a.apply(states[members[0]], cohorts[members[0]]))
+      state, m = a.apply(states[members[0]], cohorts[members[0]])
+      new, ms = [state], [m]
     for i, st, m in zip(members, new, ms):
       states[i], metrics[i] = st, m
   return states, metrics
@@ -721,8 +723,7 @@ def averaging(ctx: Context) -> Algorithm:
                tuple((c, len(ids)) for c, ids in fleet.groups.items()), id(ctx.shared),
                ctx.mesh is None)
   return Algorithm("averaging", init, apply, eval_models, nonfinite_parts,
-                   _per_client_bytes(init, fleet), stack_key,
-                   lambda states, cohorts, algs: run(states, cohorts, [a.ctx for a in algs]), ctx)
+                   _per_client_bytes(init, fleet), stack_key, run, ctx)
 
 
 # -- Sequential ----------------------------------------------------------------------------

@@ -21,7 +21,8 @@ batch. A run that fails is recorded and the others go on.
 
 Results: ``DIR/sweep.csv`` (one row per run: the swept fields, the seed, its
 status (done / failed, with the error), the mean exit and full-path
-(server) test accuracy over the fleet and per cut, wall time), ``DIR/sweep.md`` (per grid point, mean ± std over seeds and the
+(server) test accuracy over the fleet and per cut, wall time),
+``DIR/sweep.md`` (per grid point, mean ± std over seeds and the
 number of seeds) and ``DIR/sweep_<field>.png`` per swept field (accuracy
 against the field, error bars over seeds).
 """
@@ -194,8 +195,9 @@ def train_runs(runs: list[Run], out: Path, *, resume: bool = False, dataset=None
   on this CPU and on an H200 (README, Sweeps). Stacked or not,
   a run's metrics are those of the run trained alone (bit for bit on the
   CPU). A run that fails (non-finite values, say) stops with its error in
-  its ``metrics.jsonl``; the others go on. Returns the failed runs' names. ``dataset``: one already loaded for every run (else each
-  run loads its own)."""
+  its ``metrics.jsonl``; the others go on. Returns the failed runs' names.
+  ``dataset``: one already loaded for every run (else each run loads its
+  own)."""
   from hsee_jax import train as train_lib
   n_batches = len({r.batch for r in runs})
   seeds = len({r.seed for r in runs})

@@ -193,10 +193,9 @@ def train_together(cfgs: list[Config], out_dirs: list, *, overwrite: bool = Fals
     for c, o, rs in zip(cfgs, outs, resume):
       rundir.prepare(o, json.dumps(c.to_dict(), indent=2), overwrite, rs)
     t_start = time.time()
-    built = (build_runs(cfgs, datasets, logs[0]) if n > 1 else
-             [build(cfgs[0], (datasets or [None])[0], logs[0])])
     runs = []
-    for c, o, rs, lg, (ds, sim) in zip(cfgs, outs, resume, logs, built):
+    for c, o, rs, lg, (ds, sim) in zip(cfgs, outs, resume, logs,
+                                       build_runs(cfgs, datasets, logs[0])):
       rundir.write_atomic(o / "fleet.json", json.dumps(sim.fleet.describe()))
       ckpt = stack.enter_context(Checkpointer(o / "checkpoints", keep=c.keep_checkpoints))
       runs.append(stack.enter_context(_Run(c, o, ckpt, ds, sim, rs, lg)))
@@ -205,14 +204,10 @@ def train_together(cfgs: list[Config], out_dirs: list, *, overwrite: bool = Fals
     except rundir.Abandoned as e:
       e.out = next((r.out for r in runs if not r.done), outs[0])
       raise
-  summaries = []
-  for r in runs:
-    if r.error is not None:
-      summaries.append(r.error)
-      continue
-    summary = r.summary(t_start)
-    summaries.append(summary)
-    if r.finished_before:
+    # written while the directories are still locked
+    summaries = [r.error if r.error is not None else r.summary(t_start) for r in runs]
+  for r, summary in zip(runs, summaries):
+    if r.error is not None or r.finished_before:
       continue
     for c in (summary["test"] or {}).get("cuts", []):
       r.log(f"[hsee] {evaluation.format_cut(c)}")
