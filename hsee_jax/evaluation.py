@@ -42,25 +42,33 @@ def early_exit_table(exit_logits, server_logits, labels, thresholds) -> list[dic
 
 
 @functools.lru_cache(maxsize=None)
-def _logits_fn(net: models.SplitResNet18, cut: int, full_path: bool):
+def _logits_fn(net: models.SplitResNet18, cuts: tuple):
+  """Images -> (exit logits at each of ``cuts``, full-path logits), one
+  forward pass: ``clients[i]`` is the client part at ``cuts[i]`` (units
+  1..cut and its exit head), ``server`` the server part after the last cut.
+  With one cut this is a client's full path; with several, the models must be
+  one whole network split at those cuts (the units between two cuts are taken
+  from the later client part)."""
   @jax.jit
-  def fn(client, server, images, mean, std):
-    x = data_lib.normalize(images, mean, std)
-    h, exit_logits, _ = net.apply_span(client.params, client.batch_stats, x,
-                                       *models.client_span(cut), train=False)
-    if not full_path:
-      return exit_logits, exit_logits[:, :0]
+  def fn(clients, server, images, mean, std):
+    h = data_lib.normalize(images, mean, std)
+    first, exits = 1, []
+    for cut, client in zip(cuts, clients):
+      h, e, _ = net.apply_span(client.params, client.batch_stats, h, first, cut,
+                               models.EXIT_HEAD, train=False)
+      first = cut + 1
+      exits.append(e)
     _, logits, _ = net.apply_span(server.params, server.batch_stats, h,
-                                  *models.server_span(cut), train=False)
-    return exit_logits, logits
+                                  *models.server_span(cuts[-1]), train=False)
+    return tuple(exits), logits
   return fn
 
 
-def client_logits(net, cut, client, server, images, mean, std, batch_size, full_path=True):
-  """(exit logits, server logits) over ``images`` in fixed-size batches (the
-  last one padded, so one compilation serves every batch). Without
-  ``full_path`` the server part is not run (server logits [N, 0])."""
-  fn = _logits_fn(net, cut, full_path)
+def path_logits(net, cuts, clients, server, images, mean, std, batch_size):
+  """([exit logits at each of ``cuts``], full-path logits) over ``images``,
+  in fixed-size batches (the last one padded, so one compilation serves every
+  batch). See :func:`_logits_fn` for ``cuts``, ``clients``, ``server``."""
+  fn = _logits_fn(net, tuple(cuts))
   n = len(images)
   outs_e, outs_s = [], []
   for start in range(0, n, batch_size):
@@ -68,19 +76,19 @@ def client_logits(net, cut, client, server, images, mean, std, batch_size, full_
     pad = batch_size - len(chunk)
     if pad:
       chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-    e, s = fn(client, server, jnp.asarray(chunk), mean, std)
-    outs_e.append(np.asarray(e)[:batch_size - pad])
+    e, s = fn(tuple(clients), server, jnp.asarray(chunk), mean, std)
+    outs_e.append([np.asarray(x)[:batch_size - pad] for x in e])
     outs_s.append(np.asarray(s)[:batch_size - pad])
-  return np.concatenate(outs_e), np.concatenate(outs_s)
+  return [np.concatenate(x) for x in zip(*outs_e)], np.concatenate(outs_s)
 
 
 def evaluate(sim, state, dataset: data_lib.Dataset, thresholds, batch_size: int) -> dict:
   """Test metrics of the fleet.
 
   Runs every model the strategy names (``Algorithm.eval_models``): after an
-  Averaging aggregation all clients of a cut share one model, which is
-  evaluated once per cut (and its full path, the same whole network at
-  every cut, once in all); where clients differ (Sequential client parts,
+  Averaging aggregation the clients of every cut hold one whole network,
+  evaluated in one forward pass that yields every cut's exit on the way to
+  the full path; where clients differ (Sequential client parts,
   Averaging between aggregations) a seeded sample of ``eval_clients`` clients
   per cut (all by default). Returns per-cut summaries (``cuts``: mean, min and
   max over the evaluated clients, the mean early-exit table), per-client rows
@@ -90,13 +98,21 @@ def evaluate(sim, state, dataset: data_lib.Dataset, thresholds, batch_size: int)
   labels = dataset.test_labels
   mean, std = jnp.asarray(dataset.mean), jnp.asarray(dataset.std)
   batch_size = min(batch_size, len(labels))
-  rows, whole = [], None
-  for m in sim.algorithm.eval_models(state):
-    e_logits, s_logits = client_logits(sim.net, m.cut, m.client, m.server, dataset.test_images,
-                                       mean, std, batch_size, full_path=not (m.shared and
-                                                                             whole is not None))
-    if m.shared:
-      whole = s_logits = s_logits if whole is None else whole
+  evaluated = sim.algorithm.eval_models(state)
+  logits = {}
+  whole_net = sorted((m for m in evaluated if m.shared), key=lambda m: m.cut)
+  if whole_net:  # one whole network: every exit and the full path in one pass
+    exits, whole = path_logits(sim.net, [m.cut for m in whole_net], [m.client for m in whole_net],
+                               whole_net[-1].server, dataset.test_images, mean, std, batch_size)
+    logits.update({id(m): (e, whole) for m, e in zip(whole_net, exits)})
+  for m in evaluated:
+    if not m.shared:
+      (e,), s = path_logits(sim.net, [m.cut], [m.client], m.server, dataset.test_images,
+                            mean, std, batch_size)
+      logits[id(m)] = (e, s)
+  rows = []
+  for m in evaluated:
+    e_logits, s_logits = logits[id(m)]
     rows.append((m, {
         "client": None if m.shared else m.clients[0], "cut": m.cut,
         "exit_acc": float(np.mean(np.argmax(e_logits, -1) == labels)),

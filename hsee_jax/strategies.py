@@ -509,11 +509,16 @@ def _finite(trees: dict) -> dict:
   return {name: ok(tree) for name, tree in trees.items()}
 
 
-def _per_client_bytes(init, fleet: Fleet) -> dict:
-  """Bytes of persistent per-client state of one client, by cut (from the state's shapes)."""
-  shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
-  return {cut: _nbytes(shapes.clients[group_key(cut)]) // len(ids)
-          for cut, ids in fleet.groups.items()}
+def _per_client_bytes(ctx: "Context", init) -> dict:
+  """Bytes of persistent per-client state of one client, by cut (from the
+  state's shapes; worked out once per program and fleet shape)."""
+  fleet = ctx.fleet
+  def make():
+    shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
+    return {cut: _nbytes(shapes.clients[group_key(cut)]) // len(ids)
+            for cut, ids in fleet.groups.items()}
+  return shared_program(("per_client_bytes", ctx.cfg.strategy, ctx.program_key, ctx.image_shape,
+                         tuple((c, len(ids)) for c, ids in fleet.groups.items())), make)
 
 
 @jax.jit
@@ -723,7 +728,7 @@ def averaging(ctx: Context) -> Algorithm:
                tuple((c, len(ids)) for c, ids in fleet.groups.items()), id(ctx.shared),
                ctx.mesh is None)
   return Algorithm("averaging", init, apply, eval_models, nonfinite_parts,
-                   _per_client_bytes(init, fleet), stack_key, run, ctx)
+                   _per_client_bytes(ctx, init), stack_key, run, ctx)
 
 
 # -- Sequential ----------------------------------------------------------------------------
@@ -800,7 +805,7 @@ def sequential(ctx: Context) -> Algorithm:
     return bad
 
   return Algorithm("sequential", init, apply, eval_models, nonfinite_parts,
-                   _per_client_bytes(init, fleet), ctx=ctx)
+                   _per_client_bytes(ctx, init), ctx=ctx)
 
 
 STRATEGIES = {"averaging": averaging, "sequential": sequential}

@@ -23,9 +23,10 @@ def test_early_exit_table():
   assert rows[0.5] == {"threshold": 0.5, "accuracy": 0.25, "client_fraction": 0.5}
 
 
-def test_shared_model_full_path_evaluated_once_and_equal_per_cut(monkeypatch):
+def test_shared_model_evaluated_in_one_pass_equal_to_each_cut_alone(monkeypatch):
   """After an Averaging aggregation the clients of every cut hold one whole
-  network: its full path runs once, and equals it run from each cut."""
+  network: one forward pass gives every cut's exit and the full path, and
+  they equal each cut's client part and server part run on their own."""
   import jax
   from hsee_jax import evaluation
   from hsee_jax import train as train_lib
@@ -35,14 +36,20 @@ def test_shared_model_full_path_evaluated_once_and_equal_per_cut(monkeypatch):
   dataset, sim = train_lib.build(cfg)
   state, _, _ = sim.run_round(sim.init_state(jax.random.PRNGKey(0)), 0, jax.random.PRNGKey(1))
   calls = []
-  real = evaluation.client_logits
-  monkeypatch.setattr(evaluation, "client_logits",
-                      lambda *a, **k: calls.append(k.get("full_path", True)) or real(*a, **k))
+  real = evaluation.path_logits
+  monkeypatch.setattr(evaluation, "path_logits",
+                      lambda net, cuts, *a: calls.append(tuple(cuts)) or real(net, cuts, *a))
   test = evaluation.evaluate(sim, state, dataset, [0.5], 16)
-  assert calls == [True, False, False]
-  for m, c in zip(sim.algorithm.eval_models(state), test["cuts"]):
-    e, s = real(sim.net, m.cut, m.client, m.server, dataset.test_images, dataset.mean,
-                dataset.std, 16)
-    assert c["server_acc"]["mean"] == float(np.mean(np.argmax(s, -1) == dataset.test_labels))
-    assert c["exit_acc"]["mean"] == float(np.mean(np.argmax(e, -1) == dataset.test_labels))
-    assert c["early_exit"] == early_exit_table(e, s, dataset.test_labels, [0.5])
+  assert calls == [(2, 5, 7)]   # one pass for the three cuts
+  ms = sim.algorithm.eval_models(state)
+  assert all(m.shared for m in ms) and [m.cut for m in ms] == [2, 5, 7]
+  data = (dataset.test_images, dataset.mean, dataset.std, 16)
+  exits, whole = real(sim.net, [2, 5, 7], [m.client for m in ms], ms[-1].server, *data)
+  labels = dataset.test_labels
+  for m, c, e_pass in zip(ms, test["cuts"], exits):
+    (e,), s = real(sim.net, [m.cut], [m.client], m.server, *data)   # this cut alone
+    np.testing.assert_allclose(e_pass, e, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(whole, s, rtol=1e-5, atol=1e-5)
+    assert c["exit_acc"]["mean"] == float(np.mean(np.argmax(e_pass, -1) == labels))
+    assert c["server_acc"]["mean"] == float(np.mean(np.argmax(whole, -1) == labels))
+    assert c["early_exit"] == early_exit_table(e_pass, whole, labels, [0.5])
