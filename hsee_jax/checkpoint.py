@@ -163,7 +163,10 @@ class Checkpointer:
     return dst
 
   def _discard(self, step: int) -> None:
-    """Remove what a failed save of ``step`` left (its temporary directory)."""
+    """Remove what a failed save of ``step`` left (its temporary directory;
+    process 0 does, where several processes save together)."""
+    if jax.process_index() != 0:
+      return
     for p in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
       shutil.rmtree(p, ignore_errors=True)
 
@@ -191,13 +194,26 @@ class Checkpointer:
   def restore_state(self, abstract_state, step: int):
     """The state pytree of ``step``, shaped like ``abstract_state``."""
     step = self._check_step(step)
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    # without a sharding of its own, every array is read whole onto this
+    # process's first device, whatever devices and processes saved it
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def target(x):
+      s = ocp.utils.to_shape_dtype_struct(x)
+      return (s if getattr(s, "sharding", None) is not None
+              else jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device))
+    target = jax.tree.map(target, abstract_state)
     try:
       restored = self.manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     except Exception as e:  # noqa: BLE001  (orbax and TensorStore raise many types)
       raise CheckpointError(f"checkpoint after round {step} could not be restored: orbax "
                             f"says {first_line(e)}") from None
+    if jax.process_count() > 1:
+      # as fresh (uncommitted) arrays, which the run lays over the global mesh
+      # as it does a new state; arrays committed to one device would need a
+      # cross-host transfer there
+      return jax.tree.map(lambda a: jax.numpy.asarray(np.asarray(a)), restored["state"])
     return restored["state"]
 
   def close(self) -> None:

@@ -5,6 +5,7 @@
     hsee eval --run DIR [--round N]
     hsee sweep --config configs/<name>.py --grid key=v1,v2 [--grid ...] --seeds 0,1,2 --out DIR
     hsee sweep --resume DIR
+    ... --distributed [--coordinator HOST:PORT --num-processes N --process-id I]
 """
 from __future__ import annotations
 
@@ -40,6 +41,18 @@ def _parser() -> argparse.ArgumentParser:
   w.add_argument("--stack", type=int, default=1, metavar="R",
                  help="runs of a batch trained together in the same compiled calls (0: all; "
                       "default 1: one after another, sharing compiled programs)")
+  for q in (t, w):
+    d = q.add_argument_group("several processes (jax.distributed)")
+    d.add_argument("--distributed", action="store_true",
+                   help="join the other processes of this job first (every process runs "
+                        "the same command); the cluster is detected on TPU pods, SLURM and "
+                        "Open MPI, else give the three options below")
+    d.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="process 0's host and a free port (or JAX_COORDINATOR_ADDRESS)")
+    d.add_argument("--num-processes", type=int, metavar="N", help="(or HSEE_NUM_PROCESSES)")
+    d.add_argument("--process-id", type=int, metavar="I", help="(or HSEE_PROCESS_ID)")
+    d.add_argument("--distributed-timeout", type=int, default=300, metavar="S",
+                   help="seconds to wait for the coordinator (default 300)")
   e = sub.add_parser("eval", help="test metrics of a run's checkpoint, without training")
   e.add_argument("--run", required=True, metavar="DIR", help="a run directory")
   e.add_argument("--round", type=int, default=None,
@@ -93,8 +106,18 @@ def main(argv: list[str] | None = None) -> int:
   from hsee_jax import rundir
   from hsee_jax.data import DataError
   from hsee_jax.train import RunError, evaluate_run, train
+  from hsee_jax import distributed
   _quiet_library_logs()
   try:
+    if args.command in ("train", "sweep"):
+      given = [o for o, v in (("--coordinator", args.coordinator),
+                              ("--num-processes", args.num_processes),
+                              ("--process-id", args.process_id)) if v is not None]
+      if given and not args.distributed:
+        raise config_lib.ConfigError(f"{', '.join(given)} needs --distributed")
+      if args.distributed:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                               args.distributed_timeout)
     if args.command == "train":
       cfg, out = _train_config(args)
       train(cfg, out, overwrite=args.overwrite, resume=bool(args.resume))
@@ -102,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
       _sweep(args)
     else:
       evaluate_run(args.run, args.round)
-  except (config_lib.ConfigError, DataError, RunError) as e:
+  except (config_lib.ConfigError, DataError, RunError, distributed.DistributedError) as e:
     print(f"hsee: error: {e}", file=sys.stderr)
     return 2
   except rundir.Stopped as e:

@@ -41,7 +41,7 @@ from typing import Callable
 import numpy as np
 
 from hsee_jax import config as config_lib
-from hsee_jax import rundir
+from hsee_jax import distributed, rundir
 from hsee_jax.config import Config, ConfigError
 
 # Fields the compiled programs take as inputs: runs differing only in these
@@ -163,8 +163,12 @@ def run_sweep(base: Config, grid: dict, seeds: list[int], out: str | Path, *,
   if plan_file.exists() and not (resume or overwrite):
     raise ConfigError(f"{out} holds a sweep; resume it with: hsee sweep --resume {out} "
                       f"(or --overwrite to start again)")
-  rundir.make_dir(out)
-  if not resume:
+  writer = distributed.is_writer()  # several processes: process 0 writes and reports
+  if not writer:
+    log = lambda _: None  # noqa: E731
+  if writer:
+    rundir.make_dir(out)
+  if writer and not resume:
     rundir.write_atomic(plan_file, json.dumps(
         {"config": base.to_dict(), "grid": {f: [config_lib._jsonable(v) for v in vs]
                                             for f, vs in grid.items()},
@@ -173,8 +177,9 @@ def run_sweep(base: Config, grid: dict, seeds: list[int], out: str | Path, *,
                                    "seed": r.seed, "batch": r.batch} for r in runs]}, indent=2))
   t0 = time.time()
   failed = train_runs(runs, out, resume=resume, stack=stack, log=log)
-  rows = collect(out, runs)
-  write_results(out, grid, rows)
+  rows = collect(out, runs) if writer else []   # the other processes return no rows
+  if writer:
+    write_results(out, grid, rows)
   log(f"[sweep] done: {len(runs)} runs in {time.time() - t0:.1f} s; results in "
       f"{out / 'sweep.csv'}, {out / 'sweep.md'}")
   if failed:
@@ -210,6 +215,7 @@ def train_runs(runs: list[Run], out: Path, *, resume: bool = False, dataset=None
       log(f"[sweep] run {i + 1}/{len(runs)} {run.name}: finished before, kept")
     else:
       todo.append(run)
+  distributed.barrier("sweep-planned")  # every process has read what is done
   groups = []
   for b in sorted({r.batch for r in todo}):
     members = [r for r in todo if r.batch == b]

@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hsee_jax import data as data_lib
 from hsee_jax import config as config_lib
+from hsee_jax import data as data_lib
+from hsee_jax import distributed
 from hsee_jax import evaluation, models, optim, rundir, strategies
 from hsee_jax import fleet as fleet_lib
 from hsee_jax.checkpoint import (CheckpointError, Checkpointer, config_differences,
@@ -184,21 +185,27 @@ def train_together(cfgs: list[Config], out_dirs: list, *, overwrite: bool = Fals
   resume = resume or [False] * n
   logs = logs or [log] * n
   outs = [Path(o) for o in out_dirs]
-  for o in outs:
-    rundir.make_dir(o)
+  writer = distributed.is_writer()
+  if not writer:  # several processes: process 0 writes and reports, the others compute
+    logs, log = [_silent] * n, _silent
   with contextlib.ExitStack() as stack:
-    for o, lg in zip(outs, logs):
-      stack.enter_context(rundir.RunLock(o).acquire(lg))
+    if writer:
+      for o, lg in zip(outs, logs):
+        rundir.make_dir(o)
+        stack.enter_context(rundir.RunLock(o).acquire(lg))
     stop = stack.enter_context(rundir.StopSignals(log))
-    for c, o, rs in zip(cfgs, outs, resume):
-      rundir.prepare(o, json.dumps(c.to_dict(), indent=2), overwrite, rs)
+    if writer:
+      for c, o, rs in zip(cfgs, outs, resume):
+        rundir.prepare(o, json.dumps(c.to_dict(), indent=2), overwrite, rs)
+    distributed.barrier("run-directories-ready")
     t_start = time.time()
     runs = []
     for c, o, rs, lg, (ds, sim) in zip(cfgs, outs, resume, logs,
                                        build_runs(cfgs, datasets, logs[0])):
-      rundir.write_atomic(o / "fleet.json", json.dumps(sim.fleet.describe()))
+      if writer:
+        rundir.write_atomic(o / "fleet.json", json.dumps(sim.fleet.describe()))
       ckpt = stack.enter_context(Checkpointer(o / "checkpoints", keep=c.keep_checkpoints))
-      runs.append(stack.enter_context(_Run(c, o, ckpt, ds, sim, rs, lg)))
+      runs.append(stack.enter_context(_Run(c, o, ckpt, ds, sim, rs, lg, writer)))
     try:
       _train_loop(runs, stop, log)
     except rundir.Abandoned as e:
@@ -218,7 +225,11 @@ def train_together(cfgs: list[Config], out_dirs: list, *, overwrite: bool = Fals
   return summaries
 
 
-def _resume(cfg, out, ckpt, sim: Simulation, log):
+def _silent(_: str) -> None:
+  pass
+
+
+def _resume(cfg, out, ckpt, sim: Simulation, log, writer: bool = True):
   """State, first round and training key of a resumed run; ``rounds`` may be
   raised to extend it (said plainly: the schedule changes)."""
   state, meta = restore_state(sim, ckpt, cfg, log=log, allowed=("rounds",))
@@ -236,7 +247,8 @@ def _resume(cfg, out, ckpt, sim: Simulation, log):
            f"{old_rounds}-round schedule, so this is not a {cfg.rounds}-round run from scratch "
            f"(with schedule=constant it would be)")
     log(f"[hsee] extending {out} from {old_rounds} to {cfg.rounds} rounds: {how}")
-    rundir.write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+    if writer:
+      rundir.write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
   return state, start, key_from_json(meta["train_key"])
 
 
@@ -282,13 +294,15 @@ class _Run:
   """One run of :func:`train_together`: its state, directory, checkpoints and
   metrics file, and what a round writes."""
 
-  def __init__(self, cfg, out, ckpt, dataset, sim: Simulation, resume: bool, log):
+  def __init__(self, cfg, out, ckpt, dataset, sim: Simulation, resume: bool, log,
+               writer: bool = True):
     self.cfg, self.out, self.ckpt, self.dataset, self.sim, self.log = cfg, out, ckpt, dataset, sim, log
+    self.writer = writer  # this process writes the run's files (process 0)
     self.resume, self.error, self.stopped, self.finished_before = resume, None, False, False
     init_key, self.train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
     self.start, self.records = 0, []
     if resume:
-      self.state, self.start, self.train_key = _resume(cfg, out, ckpt, sim, log)
+      self.state, self.start, self.train_key = _resume(cfg, out, ckpt, sim, log, writer)
       if self.start == cfg.rounds and (out / "summary.json").exists():
         log(f"[hsee] {out} is finished ({self.start} rounds); nothing to train. To train longer: "
             f"hsee train --resume {out} --set rounds=N (N > {self.start})")
@@ -297,7 +311,9 @@ class _Run:
       self.records = [r for r in rundir.read_records(out / "metrics.jsonl", log)
                       if r["round"] < self.start]
       for later in [s for s in ckpt.steps() if s > self.start]:  # damaged ones, skipped by _resume
-        log(f"[hsee] moved the damaged checkpoint after round {later} to {ckpt.set_aside(later)}")
+        if writer:
+          log(f"[hsee] moved the damaged checkpoint after round {later} to "
+              f"{ckpt.set_aside(later)}")
       if not self.finished_before:
         log(f"[hsee] resuming {out} from checkpoint after round {self.start}")
     else:
@@ -318,10 +334,13 @@ class _Run:
         + ", ".join(f"{b / 2**10:.1f} KiB at cut {c}"
                     for c, b in sim.algorithm.per_client_bytes.items()))
     # the kept history goes back in one atomic replace, then new rounds are appended
-    rundir.write_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
+    if writer:
+      rundir.write_atomic(out / "metrics.jsonl",
+                          "".join(json.dumps(r) + "\n" for r in self.records))
 
   def __enter__(self):
-    self.mfile = None if self.finished_before else open(self.out / "metrics.jsonl", "a")
+    self.mfile = (None if self.finished_before or not self.writer
+                  else open(self.out / "metrics.jsonl", "a"))
     return self
 
   def __exit__(self, *exc):
@@ -338,6 +357,8 @@ class _Run:
     return "none" if last is None else f"after round {last}"
 
   def _write(self, record):
+    if not self.writer:
+      return
     try:
       self.mfile.write(json.dumps(record) + "\n")
       self.mfile.flush()
@@ -423,8 +444,10 @@ class _Run:
         "cuts": fleet.cuts.tolist(),
         "clients_per_cut": {str(c): len(ids) for c, ids in fleet.groups.items()},
         "per_client_state_bytes": {str(c): b for c, b in sim.algorithm.per_client_bytes.items()},
-        "test": self.test, "wall_seconds": time.time() - t_start}
-    rundir.write_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
+        "test": self.test, "wall_seconds": time.time() - t_start,
+        "processes": jax.process_count()}
+    if self.writer:
+      rundir.write_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

@@ -1,0 +1,125 @@
+"""Several processes (hosts) as one JAX job, through ``jax.distributed``.
+
+Every process runs the same ``hsee`` command; :func:`initialize` joins them
+before JAX starts a backend. Where JAX detects the cluster itself (Cloud TPU
+pods, SLURM, Open MPI) nothing else is needed; elsewhere the coordinator
+(process 0's host and a free port), the number of processes and this
+process's id come from ``--coordinator HOST:PORT --num-processes N
+--process-id I`` or from the environment variables ``JAX_COORDINATOR_ADDRESS``,
+``HSEE_NUM_PROCESSES`` and ``HSEE_PROCESS_ID``. On CPUs the cross-process
+collectives are gloo's.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import time
+
+from hsee_jax.config import ConfigError
+
+ENV_NUM_PROCESSES = "HSEE_NUM_PROCESSES"
+ENV_PROCESS_ID = "HSEE_PROCESS_ID"
+ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"   # jax.distributed reads it too
+DEFAULT_TIMEOUT_S = 300
+
+
+class DistributedError(RuntimeError):
+  """The processes could not be joined; one line naming why."""
+
+
+def _int_env(name: str) -> int | None:
+  v = os.environ.get(name)
+  if v in (None, ""):
+    return None
+  try:
+    return int(v)
+  except ValueError:
+    raise ConfigError(f"{name}={v!r}: expected an integer") from None
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, timeout_s: int = DEFAULT_TIMEOUT_S) -> None:
+  """Join this process to the others (``jax.distributed.initialize``); call
+  before anything else touches JAX's devices. Arguments left None come from
+  the environment, then from JAX's cluster detection. Raises
+  :class:`DistributedError` (one line) when the coordinator cannot be reached
+  within ``timeout_s``, and ConfigError on inconsistent arguments."""
+  import jax
+  coordinator = coordinator or os.environ.get(ENV_COORDINATOR) or None
+  num_processes = num_processes if num_processes is not None else _int_env(ENV_NUM_PROCESSES)
+  process_id = process_id if process_id is not None else _int_env(ENV_PROCESS_ID)
+  if coordinator is not None and ":" not in coordinator:
+    raise ConfigError(f"--coordinator {coordinator!r}: expected HOST:PORT")
+  if num_processes is not None and num_processes < 1:
+    raise ConfigError(f"--num-processes {num_processes}: expected 1 or more")
+  if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+    raise ConfigError(f"--process-id {process_id}: expected 0..{num_processes - 1}")
+  if jax.distributed.is_initialized():
+    return
+  if coordinator is not None and process_id not in (None, 0):
+    # XLA's client aborts the whole process (no Python exception) when the
+    # coordinator does not answer in time: wait for it here first
+    _wait_for(coordinator, process_id, num_processes, timeout_s)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices only
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id, initialization_timeout=timeout_s)
+  except Exception as e:  # noqa: BLE001  (XLA's runtime raises its own types)
+    text = str(e).strip()
+    first = text.splitlines()[0][:200] if text else type(e).__name__
+    where = f"the coordinator at {coordinator}" if coordinator else "the cluster"
+    if ("coordinator_address should be defined" in text
+            or "must be defined" in text):
+      raise DistributedError(
+          "--distributed: no cluster detected; give --coordinator HOST:PORT "
+          "--num-processes N --process-id I (or JAX_COORDINATOR_ADDRESS, "
+          f"{ENV_NUM_PROCESSES}, {ENV_PROCESS_ID})") from None
+    raise DistributedError(f"--distributed: could not join {where} as process "
+                           f"{process_id} of {num_processes} within {timeout_s} s "
+                           f"({type(e).__name__}: {first})") from None
+
+
+def _wait_for(coordinator: str, process_id, num_processes, timeout_s: int) -> None:
+  """Return once ``HOST:PORT`` accepts a TCP connection; else, after
+  ``timeout_s``, raise :class:`DistributedError`."""
+  host, _, port = coordinator.rpartition(":")
+  try:
+    port = int(port)
+  except ValueError:
+    raise ConfigError(f"--coordinator {coordinator!r}: the port is not a number") from None
+  host = host.strip("[]")
+  deadline = time.monotonic() + timeout_s
+  last = None
+  while time.monotonic() < deadline:
+    try:
+      with socket.create_connection((host, port), timeout=min(2.0, timeout_s)):
+        return
+    except OSError as e:
+      last = e
+      time.sleep(0.2)
+  raise DistributedError(f"--distributed: could not reach the coordinator at {coordinator} "
+                         f"(process {process_id} of {num_processes}) within {timeout_s} s: "
+                         f"{getattr(last, 'strerror', None) or last}")
+
+
+def process_index() -> int:
+  import jax
+  return jax.process_index()
+
+
+def is_writer() -> bool:
+  """Process 0 writes metrics, summaries, plots and progress; the others compute."""
+  return process_index() == 0
+
+
+_BARRIERS = itertools.count()
+
+
+def barrier(name: str, timeout_s: int = 600) -> None:
+  """Every process waits here for the others (a no-op in a single process)."""
+  import jax
+  if jax.process_count() == 1:
+    return
+  import orbax.checkpoint as ocp
+  ocp.multihost.sync_global_processes(f"hsee-{name}-{next(_BARRIERS)}", timeout=timeout_s)

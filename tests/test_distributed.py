@@ -1,0 +1,161 @@
+"""Several processes as one JAX job (jax.distributed), with real processes on
+this machine: 2 processes x 2 CPU devices joined over gloo against 1 process
+with 4 devices; SIGKILL of every process and --resume; an unreachable
+coordinator. Every process a test starts is ended by it."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ARGS = ["--config", str(REPO / "configs" / "smoke.py"), "--set", "dataset=synthetic",
+        "--set", "synthetic_shape=(16,16,4,128,32)", "--set", "cuts=(3,3,6,6)",
+        "--set", "shard_clients=True", "--set", "mode=vmap", "--set", "client_chunk=4",
+        "--set", "rounds=2", "--set", "local_steps=2", "--set", "batch_size=8"]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+          "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def _hsee(*args) -> list[str]:
+  return [sys.executable, "-m", "hsee_jax", *args]
+
+
+def _launch(args, out: Path, logs: Path, n: int = 2) -> list[subprocess.Popen]:
+  port = _free_port()
+  procs = []
+  for i in range(n):
+    log = open(logs / f"process{i}.log", "w")
+    procs.append(subprocess.Popen(
+        _hsee(*args, "--distributed", "--coordinator", f"127.0.0.1:{port}",
+              "--num-processes", str(n), "--process-id", str(i), "--distributed-timeout", "60"),
+        env=_env(2), cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
+  return procs
+
+
+def _wait(procs, logs: Path, timeout: float = 400) -> None:
+  try:
+    for p in procs:
+      p.wait(timeout=timeout)
+  finally:
+    _end(procs)
+  texts = [(logs / f"process{i}.log").read_text() for i in range(len(procs))]
+  assert all(p.returncode == 0 for p in procs), "\n".join(t[-3000:] for t in texts)
+
+
+def _end(procs) -> None:
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+
+
+def _records(run: Path) -> list[dict]:
+  return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _final_state(run: Path):
+  """The state in the run's last checkpoint, read in this one-device process."""
+  import dataclasses
+
+  import jax
+  from hsee_jax import config as config_lib
+  from hsee_jax import train as train_lib
+  from hsee_jax.checkpoint import Checkpointer
+  cfg = config_lib.load_run_config(run)
+  _, sim = train_lib.build(dataclasses.replace(cfg, shard_clients=False))
+  with Checkpointer(run / "checkpoints", create=False) as ck:
+    return jax.tree.map(np.asarray, ck.restore_state(sim.abstract_state(), cfg.rounds))
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+  """Averaging, 4 clients, 2 rounds, as 2 processes x 2 CPU devices."""
+  base = tmp_path_factory.mktemp("distributed")
+  out = base / "run"
+  _wait(_launch(["train", *ARGS, "--out", str(out)], out, base), base)
+  return out
+
+
+def test_two_processes_equal_one_process_with_four_devices(two_process_run, tmp_path):
+  """Tolerance: the same programs over the same 4-device mesh; the cross-device
+  sums run over gloo between the processes and in-process on one, in another
+  order (float32 sums: rtol 1e-5)."""
+  one = tmp_path / "one"
+  r = subprocess.run(_hsee("train", *ARGS, "--out", str(one)), env=_env(4), cwd=REPO,
+                     capture_output=True, text=True, timeout=400)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+  two = two_process_run
+  # process 0 alone wrote the run's files; every process saved the checkpoints
+  summary = json.loads((two / "summary.json").read_text())
+  assert summary["processes"] == 2 and summary["num_clients"] == 4
+  assert sorted(p.name for p in (two / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+  a, b = _records(one), _records(two)
+  assert [x["round"] for x in b] == [0, 1]
+  for x, y in zip(a, b):
+    for k in x["train"]:
+      assert y["train"][k] == pytest.approx(x["train"][k], rel=1e-5, abs=1e-6)
+    assert y["test"]["mean_exit_acc"] == x["test"]["mean_exit_acc"]
+    assert y["test"]["mean_server_acc"] == x["test"]["mean_server_acc"]
+  import jax
+  for p, q in zip(jax.tree.leaves(_final_state(one)), jax.tree.leaves(_final_state(two))):
+    np.testing.assert_allclose(q, p, rtol=1e-5, atol=1e-6)
+
+
+def test_every_process_killed_then_resumed_ends_as_the_straight_run(two_process_run, tmp_path):
+  """SIGKILL both processes once the checkpoint after round 1 is complete;
+  relaunched with --resume, they end where the straight run ended."""
+  out = tmp_path / "run"
+  procs = _launch(["train", *ARGS, "--set", "checkpoint_every=1", "--out", str(out)], out,
+                  tmp_path)
+  try:
+    deadline = time.time() + 400
+    while not (out / "checkpoints" / "1").is_dir():   # orbax renames a step when complete
+      assert time.time() < deadline and all(p.poll() is None for p in procs), \
+          (tmp_path / "process0.log").read_text()[-3000:]
+      time.sleep(0.2)
+    for p in procs:
+      p.send_signal(signal.SIGKILL)
+  finally:
+    _end(procs)
+  assert not (out / "summary.json").exists()
+  _wait(_launch(["train", "--resume", str(out)], out, tmp_path), tmp_path)
+  assert "resuming" in (tmp_path / "process0.log").read_text()
+  straight, resumed = _records(two_process_run), _records(out)
+  assert [r["round"] for r in resumed] == [0, 1]
+  assert resumed[-1]["train"] == pytest.approx(straight[-1]["train"], rel=1e-6)
+  assert resumed[-1]["test"] == straight[-1]["test"]
+
+
+def test_unreachable_coordinator_is_a_one_line_error(tmp_path):
+  port = _free_port()   # nothing listens there
+  t0 = time.time()
+  r = subprocess.run(_hsee("train", *ARGS, "--out", str(tmp_path / "run"), "--distributed",
+                           "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                           "--process-id", "1", "--distributed-timeout", "3"),
+                     env=_env(2), cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and "could not reach the coordinator at 127.0.0.1" in lines[0], r.stderr
+  assert "within 3 s" in lines[0] and time.time() - t0 < 60
+  assert not (tmp_path / "run").exists()
+  # the options need --distributed
+  r = subprocess.run(_hsee("train", *ARGS, "--out", str(tmp_path / "run"), "--coordinator",
+                           "127.0.0.1:1"), env=_env(1), cwd=REPO, capture_output=True, text=True,
+                     timeout=120)
+  assert r.returncode == 2 and "--coordinator needs --distributed" in r.stderr
