@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_io  # noqa: E402
+
+from hsee_jax import distributed  # noqa: E402
 
 SETTINGS = ["dataset=synthetic", "synthetic_shape=(32,32,10,3000,1000)", "cuts=(3,3,5,5,7,7)",
             "shard_clients=True", "mode=vmap", "client_chunk=2"]
@@ -71,22 +71,14 @@ if jax.process_index() == 0:
 '''
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _env(devices: int) -> dict:
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-          "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
 
 def _run(commands: list[list[str]], devices: int, logs: list[Path]) -> tuple[float, str]:
   """Start every command at once; (wall seconds, output of the first)."""
   t0 = time.perf_counter()
-  procs = [subprocess.Popen(c, env=_env(devices), cwd=ROOT, stdout=open(l, "w"),
-                            stderr=subprocess.STDOUT) for c, l in zip(commands, logs)]
+  procs = [subprocess.Popen(c, env=distributed.cpu_env(devices), cwd=ROOT,
+                            stdout=open(l, "w"), stderr=subprocess.STDOUT)
+           for c, l in zip(commands, logs)]
   try:
     for p in procs:
       p.wait(timeout=1800)
@@ -113,7 +105,7 @@ def main(argv=None) -> int:
   cfg_flags = ["--config", args.config] + [a for o in overrides for a in ("--set", o)]
   rows = []
   for setup, n in (("one_process", 1), ("two_processes", 2)):
-    port = _free_port()
+    port = distributed.free_port()
     dist = lambda i: (["--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes",
                        str(n), "--process-id", str(i)] if n > 1 else [])
     run = out / setup
@@ -122,7 +114,7 @@ def main(argv=None) -> int:
                      "--overwrite", *dist(i)] for i in range(n)], 2 // n, logs)
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     per_round = statistics.median(r["seconds"] for r in records[1:])
-    port = _free_port()
+    port = distributed.free_port()
     _, text = _run([[sys.executable, "-c", COLLECTIVE, f"127.0.0.1:{port}", str(n), str(i),
                      str(args.reps), args.config, *overrides] for i in range(n)], 2 // n,
                    [out / f"{setup}_collective{i}.log" for i in range(n)])

@@ -123,3 +123,17 @@ def barrier(name: str, timeout_s: int = 600) -> None:
     return
   import orbax.checkpoint as ocp
   ocp.multihost.sync_global_processes(f"hsee-{name}-{next(_BARRIERS)}", timeout=timeout_s)
+
+
+# -- several processes on one machine (tests, benchmarks) ---------------------------------
+def free_port() -> int:
+  """A TCP port free on 127.0.0.1 now (for a coordinator on this machine)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def cpu_env(devices: int) -> dict:
+  """The environment of a child process that sees ``devices`` CPU devices."""
+  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+          "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from hsee_jax import config as config_lib

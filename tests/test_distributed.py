@@ -3,9 +3,7 @@ this machine: 2 processes x 2 CPU devices joined over gloo against 1 process
 with 4 devices; SIGKILL of every process and --resume; an unreachable
 coordinator. Every process a test starts is ended by it."""
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hsee_jax import distributed
+
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--config", str(REPO / "configs" / "smoke.py"), "--set", "dataset=synthetic",
         "--set", "synthetic_shape=(16,16,4,128,32)", "--set", "cuts=(3,3,6,6)",
@@ -21,15 +21,6 @@ ARGS = ["--config", str(REPO / "configs" / "smoke.py"), "--set", "dataset=synthe
         "--set", "rounds=2", "--set", "local_steps=2", "--set", "batch_size=8"]
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _env(devices: int) -> dict:
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-          "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
 
 def _hsee(*args) -> list[str]:
@@ -37,14 +28,14 @@ def _hsee(*args) -> list[str]:
 
 
 def _launch(args, out: Path, logs: Path, n: int = 2) -> list[subprocess.Popen]:
-  port = _free_port()
+  port = distributed.free_port()
   procs = []
   for i in range(n):
     log = open(logs / f"process{i}.log", "w")
     procs.append(subprocess.Popen(
         _hsee(*args, "--distributed", "--coordinator", f"127.0.0.1:{port}",
               "--num-processes", str(n), "--process-id", str(i), "--distributed-timeout", "60"),
-        env=_env(2), cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
+        env=distributed.cpu_env(2), cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
   return procs
 
 
@@ -97,8 +88,8 @@ def test_two_processes_equal_one_process_with_four_devices(two_process_run, tmp_
   sums run over gloo between the processes and in-process on one, in another
   order (float32 sums: rtol 1e-5)."""
   one = tmp_path / "one"
-  r = subprocess.run(_hsee("train", *ARGS, "--out", str(one)), env=_env(4), cwd=REPO,
-                     capture_output=True, text=True, timeout=400)
+  r = subprocess.run(_hsee("train", *ARGS, "--out", str(one)), env=distributed.cpu_env(4),
+                     cwd=REPO, capture_output=True, text=True, timeout=400)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
   two = two_process_run
   # process 0 alone wrote the run's files; every process saved the checkpoints
@@ -143,12 +134,13 @@ def test_every_process_killed_then_resumed_ends_as_the_straight_run(two_process_
 
 
 def test_unreachable_coordinator_is_a_one_line_error(tmp_path):
-  port = _free_port()   # nothing listens there
+  port = distributed.free_port()   # nothing listens there
   t0 = time.time()
   r = subprocess.run(_hsee("train", *ARGS, "--out", str(tmp_path / "run"), "--distributed",
                            "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                            "--process-id", "1", "--distributed-timeout", "3"),
-                     env=_env(2), cwd=REPO, capture_output=True, text=True, timeout=120)
+                     env=distributed.cpu_env(2), cwd=REPO, capture_output=True, text=True,
+                     timeout=120)
   assert r.returncode == 2
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1 and "could not reach the coordinator at 127.0.0.1" in lines[0], r.stderr
@@ -156,6 +148,6 @@ def test_unreachable_coordinator_is_a_one_line_error(tmp_path):
   assert not (tmp_path / "run").exists()
   # the options need --distributed
   r = subprocess.run(_hsee("train", *ARGS, "--out", str(tmp_path / "run"), "--coordinator",
-                           "127.0.0.1:1"), env=_env(1), cwd=REPO, capture_output=True, text=True,
-                     timeout=120)
+                           "127.0.0.1:1"), env=distributed.cpu_env(1), cwd=REPO,
+                     capture_output=True, text=True, timeout=120)
   assert r.returncode == 2 and "--coordinator needs --distributed" in r.stderr
