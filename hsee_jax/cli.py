@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
       if given and not args.distributed:
         raise config_lib.ConfigError(f"{', '.join(given)} needs --distributed")
       if args.distributed:
+        if args.coordinator and args.process_id == 0:  # XLA ends it, in many lines, on failure
+          print(f"hsee: process 0 of {args.num_processes}: coordinator at {args.coordinator}, "
+                f"waiting up to {args.distributed_timeout} s for the others",
+                file=sys.stderr, flush=True)
         distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                args.distributed_timeout)
     if args.command == "train":

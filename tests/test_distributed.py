@@ -118,7 +118,8 @@ def test_every_process_killed_then_resumed_ends_as_the_straight_run(two_process_
                   tmp_path)
   try:
     deadline = time.time() + 400
-    while not (out / "checkpoints" / "1").is_dir():   # orbax renames a step when complete
+    # orbax renames a step's directory, then writes its metadata: complete
+    while not (out / "checkpoints" / "1" / "_CHECKPOINT_METADATA").exists():
       assert time.time() < deadline and all(p.poll() is None for p in procs), \
           (tmp_path / "process0.log").read_text()[-3000:]
       time.sleep(0.2)
