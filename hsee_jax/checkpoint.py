@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from hsee_jax import distributed
 from hsee_jax.config import Config
 
 # Fields that may change between a checkpoint and its resume: they manage the
@@ -165,7 +166,7 @@ class Checkpointer:
   def _discard(self, step: int) -> None:
     """Remove what a failed save of ``step`` left (its temporary directory;
     process 0 does, where several processes save together)."""
-    if jax.process_index() != 0:
+    if not distributed.is_writer():
       return
     for p in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
       shutil.rmtree(p, ignore_errors=True)

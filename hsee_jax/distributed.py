@@ -113,6 +113,11 @@ def is_writer() -> bool:
   return process_index() == 0
 
 
+def writer_log(log):
+  """``log`` on process 0; on the others, a log that drops every line."""
+  return log if is_writer() else (lambda _: None)
+
+
 _BARRIERS = itertools.count()
 
 

@@ -164,8 +164,7 @@ def run_sweep(base: Config, grid: dict, seeds: list[int], out: str | Path, *,
     raise ConfigError(f"{out} holds a sweep; resume it with: hsee sweep --resume {out} "
                       f"(or --overwrite to start again)")
   writer = distributed.is_writer()  # several processes: process 0 writes and reports
-  if not writer:
-    log = lambda _: None  # noqa: E731
+  log = distributed.writer_log(log)
   if writer:
     rundir.make_dir(out)
   if writer and not resume:

@@ -185,8 +185,8 @@ def train_together(cfgs: list[Config], out_dirs: list, *, overwrite: bool = Fals
   logs = logs or [log] * n
   outs = [Path(o) for o in out_dirs]
   writer = distributed.is_writer()
-  if not writer:  # several processes: process 0 writes and reports, the others compute
-    logs, log = [_silent] * n, _silent
+  # several processes: process 0 writes and reports, the others compute
+  logs, log = [distributed.writer_log(lg) for lg in logs], distributed.writer_log(log)
   with contextlib.ExitStack() as stack:
     if writer:
       for o, lg in zip(outs, logs):
@@ -222,10 +222,6 @@ def train_together(cfgs: list[Config], out_dirs: list, *, overwrite: bool = Fals
   if failed and raise_errors:
     raise failed[0]
   return summaries
-
-
-def _silent(_: str) -> None:
-  pass
 
 
 def _resume(cfg, out, ckpt, sim: Simulation, log, writer: bool = True):
