@@ -150,15 +150,15 @@ class Checkpointer:
     for old in self.steps()[:-self.keep]:
       self.manager.delete(old)
 
-  def set_aside(self, step: int) -> Path:
-    """Rename checkpoint ``step`` (a damaged one) out of orbax's sight, kept
-    for inspection: ``<step>.damaged``."""
+  def set_aside(self, step: int, why: str = "damaged") -> Path:
+    """Rename checkpoint ``step`` (a damaged one, or one the resumed run
+    recomputes) out of orbax's sight, kept for inspection: ``<step>.<why>``."""
     src = self.directory / str(step)
-    dst = self.directory / f"{step}.damaged"
+    dst = self.directory / f"{step}.{why}"
     n = 1
     while dst.exists():
       n += 1
-      dst = self.directory / f"{step}.damaged{n}"
+      dst = self.directory / f"{step}.{why}{n}"
     src.rename(dst)
     self.manager.reload()
     return dst

@@ -118,19 +118,23 @@ def _check_finite(metrics: np.ndarray, rnd: int, cohort: fleet_lib.Cohort) -> No
 
 
 def restore_state(sim: Simulation, ckpt: Checkpointer, cfg: Config, step: int | None = None,
-                  log: Callable[[str], None] = print, allowed=()):
+                  log: Callable[[str], None] = print, allowed=(), prefer_upto: int | None = None):
   """(state, meta) from the newest intact checkpoint, or from ``step``.
 
   A checkpoint from another config is refused (fields in ``allowed`` may
   differ). Without ``step``, a damaged checkpoint is skipped with a note
-  saying which and why, and the next older one is tried."""
+  saying which and why, and the next older one is tried; with
+  ``prefer_upto``, checkpoints after rounds <= it are tried first."""
   steps = ckpt.steps()
   if not steps:
     raise RunError(f"no complete checkpoint in {ckpt.directory}")
   if step is not None and step not in steps:
     raise RunError(f"no checkpoint after round {step} in {ckpt.directory}; have rounds {steps}")
+  order = steps[::-1]
+  if prefer_upto is not None:
+    order = [s for s in order if s <= prefer_upto] + [s for s in order if s > prefer_upto]
   damaged = []
-  for s in ([step] if step is not None else steps[::-1]):
+  for s in ([step] if step is not None else order):
     try:
       _, meta = ckpt.restore_meta(s)
       diff = config_differences(meta["config"], cfg, allowed)
@@ -227,8 +231,17 @@ def train_together(cfgs: list[Config], out_dirs: list, *, overwrite: bool = Fals
 def _resume(cfg, out, ckpt, sim: Simulation, log, writer: bool = True):
   """State, first round and training key of a resumed run; ``rounds`` may be
   raised to extend it (said plainly: the schedule changes)."""
-  state, meta = restore_state(sim, ckpt, cfg, log=log, allowed=("rounds",))
+  # A checkpoint is complete on disk before its round's record is written
+  # (the save runs beside the evaluation whose results the record holds); a
+  # run stopped between the two has a checkpoint ahead of metrics.jsonl. An
+  # older checkpoint is then used and the rounds after it recomputed, exactly.
+  recorded = 1 + max((r["round"] for r in rundir.read_records(out / "metrics.jsonl", log=lambda _: None)
+                      if "event" not in r), default=-1)
+  state, meta = restore_state(sim, ckpt, cfg, log=log, allowed=("rounds",), prefer_upto=recorded)
   start, old_rounds = int(meta["round"]), int(meta["config"]["rounds"])
+  if start > recorded:
+    log(f"[hsee] metrics.jsonl has no record of rounds {recorded + 1}-{start}; they were trained "
+        f"before the checkpoint after round {start}, which is the newest intact one")
   if start > cfg.rounds:
     raise RunError(f"rounds: {cfg.rounds}, but the checkpoint in {out} is after round {start}; "
                    f"give rounds >= {start}")
@@ -303,12 +316,14 @@ class _Run:
             f"hsee train --resume {out} --set rounds=N (N > {self.start})")
         self.finished_before = True
       # rounds after the checkpoint are recomputed: drop their records
-      self.records = [r for r in rundir.read_records(out / "metrics.jsonl", log)
-                      if r["round"] < self.start]
-      for later in [s for s in ckpt.steps() if s > self.start]:  # damaged ones, skipped by _resume
+      records = rundir.read_records(out / "metrics.jsonl", log)
+      self.records = [r for r in records if r["round"] < self.start]
+      recorded = 1 + max((r["round"] for r in records if "event" not in r), default=-1)
+      for later in [s for s in ckpt.steps() if s > self.start]:  # skipped by _resume
         if writer:
-          log(f"[hsee] moved the damaged checkpoint after round {later} to "
-              f"{ckpt.set_aside(later)}")
+          why = "damaged" if later <= recorded else "unrecorded"
+          log(f"[hsee] moved the {why} checkpoint after round {later} to "
+              f"{ckpt.set_aside(later, why)}")
       if not self.finished_before:
         log(f"[hsee] resuming {out} from checkpoint after round {self.start}")
     else:
@@ -398,15 +413,19 @@ class _Run:
         self.test = evaluation.evaluate(self.sim, self.state, self.dataset, cfg.exit_thresholds,
                                         cfg.eval_batch_size)
         rec["test"] = self.test
-      if saving:
-        self.ckpt.finish(rnd + 1)
     except CheckpointError as e:
       return self._fail(f"round {rnd + 1}: {e}; the checkpoint before it is intact: {self._last()}")
     try:
-      self._write(rec)
+      self._write(rec)  # before the older checkpoints are dropped (finish)
     except RunError as e:
       self.error = e
       return
+    if saving:
+      try:
+        self.ckpt.finish(rnd + 1)
+      except CheckpointError as e:
+        return self._fail(f"round {rnd + 1}: {e}; the checkpoint before it is intact: "
+                          f"{self._last()}")
     self.records.append(rec)
     self.log(_format_round(rec, cfg.rounds))
     self.rnd += 1

@@ -207,9 +207,42 @@ def test_damaged_checkpoints_are_skipped_by_resume_and_eval(straight, tmp_path):
   lines = []
   train_lib.train(CFG, run, resume=True, log=lines.append)
   assert any("dropped a half-written last line (line 3" in l for l in lines), lines
-  assert sum("moved the damaged checkpoint" in l for l in lines) == 2
-  assert (run / "checkpoints" / "3.damaged").is_dir()
+  assert any("moved the damaged checkpoint after round 2" in l for l in lines), lines
+  # round 3's record is the half-written line: its checkpoint is set aside as such
+  assert any("moved the unrecorded checkpoint after round 3" in l for l in lines), lines
+  assert (run / "checkpoints" / "2.damaged").is_dir()
+  assert (run / "checkpoints" / "3.unrecorded").is_dir()
   assert _records(run) == _records(straight)
+  chex.assert_trees_all_equal(_state(run, CFG), _state(straight, CFG))
+
+
+def test_checkpoint_ahead_of_its_round_record(straight, tmp_path):
+  """A checkpoint is complete on disk before its round's record is written (the
+  save runs beside the evaluation the record holds). A run killed between the
+  two resumes from the checkpoint before, recomputing the round, and ends
+  where the straight run ends (before: the round's record was missing for
+  good). With no older checkpoint the newest is used and the gap is said."""
+  run = _copy(straight, tmp_path)
+  shutil.rmtree(run / "checkpoints" / "3")
+  (run / "summary.json").unlink()
+  good = (run / "metrics.jsonl").read_text().splitlines()
+  (run / "metrics.jsonl").write_text(good[0] + "\n")  # killed before round 2's record
+  lines = []
+  train_lib.train(CFG, run, resume=True, log=lines.append)
+  assert any("resuming" in l and "from checkpoint after round 1" in l for l in lines), lines
+  assert any("moved the unrecorded checkpoint after round 2" in l for l in lines), lines
+  assert _records(run) == _records(straight)
+  chex.assert_trees_all_equal(_state(run, CFG), _state(straight, CFG))
+  # the last resort: no checkpoint whose rounds are all recorded
+  run = _copy(straight, tmp_path / "b")
+  for step in (1, 3):
+    shutil.rmtree(run / "checkpoints" / str(step))
+  (run / "summary.json").unlink()
+  (run / "metrics.jsonl").write_text("")
+  lines = []
+  train_lib.train(CFG, run, resume=True, log=lines.append)
+  assert any("metrics.jsonl has no record of rounds 1-2" in l for l in lines), lines
+  assert [r["round"] for r in _records(run)] == [2]
   chex.assert_trees_all_equal(_state(run, CFG), _state(straight, CFG))
 
 
