@@ -1,19 +1,12 @@
-"""Paper-like Sequential run: one shared server, clients cut at l = 3, 5, 7 take
-turns each round. For an accelerator."""
+"""Paper-like Sequential run: configs/averaging.py with one shared server part
+instead of one per client; clients cut at l = 3, 5, 7 take turns each round.
+For an accelerator."""
 import dataclasses
+from pathlib import Path
 
-from hsee_jax.config import Config
+from hsee_jax import config
 
 
-def get_config() -> Config:
-  base = Config(
-      name="sequential",
-      dataset="cifar10",
-      width=1.0,
-      cuts=(3, 5, 7),
-      rounds=200,
-      batch_size=128,
-      lr=0.1,
-      eval_every=5,
-  )
-  return dataclasses.replace(base, strategy="sequential")
+def get_config() -> config.Config:
+  base = config.load(Path(__file__).with_name("averaging.py"))
+  return dataclasses.replace(base, name="sequential", strategy="sequential")

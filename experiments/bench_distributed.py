@@ -53,7 +53,7 @@ cfg = config_lib.load(cfg_args[0], cfg_args[1:])
 import dataclasses
 cfg = dataclasses.replace(cfg, shard_clients=False)
 _, sim = train_lib.build(cfg)
-shapes = jax.eval_shape(lambda k: sim.net.init_span(k, *models.full_span(), sim.ctx.image_shape)[0],
+shapes = jax.eval_shape(lambda k: sim.net.init_span(k, *sim.net.full_span(), sim.ctx.image_shape)[0],
                         jax.random.PRNGKey(0))
 size = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
 mesh = Mesh(np.asarray(jax.devices()), ("clients",))
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
                  "wall_s": round(wall, 1), "seconds_per_round": round(per_round, 3),
                  "aggregation_collective_ms": round(coll["seconds"] * 1e3, 3),
                  "params_summed": coll["params"],
-                 "final_server_acc": records[-1]["test"]["mean_server_acc"]})
+                 "final_full_acc": records[-1]["test"]["mean_full_acc"]})
     print(f"[bench_distributed] {setup}: {wall:.1f} s, {per_round:.3f} s/round, aggregation "
           f"collective {coll['seconds'] * 1e3:.2f} ms ({coll['params']} params)", flush=True)
   one, two = rows

@@ -166,7 +166,7 @@ def profile_jax(args) -> dict:
                augment=False, mode="loop", schedule="constant")
   _, strategy = train_lib.build(cfg)
   state = strategy.init_state(jax.random.PRNGKey(0))
-  update = strategies.split_update(strategy.net, strategy.ctx.tx, cfg, args.cut)
+  update = strategies.split_update(strategy.net, args.cut, preprocess=strategies.preprocessing(augment=False))
 
   def split_step(shared, carry, x):
     return update.step(shared, carry, x)

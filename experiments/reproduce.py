@@ -135,7 +135,7 @@ def _load_run(run_dir: Path) -> dict:
 
 def _account(ds_res: dict, dataset, cfg: Config) -> None:
   """Cost table, budgets -> cuts and simulated time for one dataset's runs."""
-  net = models.SplitResNet18(dataset.num_classes, cfg.width, cfg.exit_head)
+  net = models.network(cfg.model, dataset.num_classes, cfg.width, cfg.exit_head)
   table = {r["cut"]: r for r in costs.cost_table(net, dataset.image_shape)}
   ds_res["costs"] = list(table.values())
   deepest = table[max(table)]["client_train_flops"] * cfg.batch_size
@@ -187,7 +187,7 @@ def _cut_rows(per_seed: list[dict]) -> list[dict]:
     rows.append({
         "client": f"{c['clients']} client{'s' if c['clients'] > 1 else ''}", "cut": c["cut"],
         "exit_acc": sweep.mean_std([x["exit_acc"]["mean"] for x in cs]),
-        "server_acc": sweep.mean_std([x["server_acc"]["mean"] for x in cs]),
+        "full_acc": sweep.mean_std([x["full_acc"]["mean"] for x in cs]),
         "early_exit": [{"threshold": e["threshold"],
                         "accuracy": float(np.mean([x["early_exit"][k]["accuracy"] for x in cs])),
                         "client_fraction": float(np.mean([x["early_exit"][k]["client_fraction"]
@@ -200,7 +200,7 @@ def _run_means(per_seed: list[dict]) -> dict:
   """Mean exit and full-path accuracy over the fleet: mean and std over seeds."""
   tests = [r["summary"]["test"] for r in per_seed]
   return {"exit": sweep.mean_std([t["mean_exit_acc"] for t in tests]),
-          "full": sweep.mean_std([t["mean_server_acc"] for t in tests])}
+          "full": sweep.mean_std([t["mean_full_acc"] for t in tests])}
 
 
 def write_outputs(results: dict, out: Path, log=print) -> None:
@@ -213,8 +213,8 @@ def write_outputs(results: dict, out: Path, log=print) -> None:
                      "client": c["client"], "cut": c["cut"], "seeds": len(per_seed),
                      "exit_accuracy": round(c["exit_acc"][0], 4),
                      "exit_accuracy_std": round(c["exit_acc"][1], 4),
-                     "full_path_accuracy": round(c["server_acc"][0], 4),
-                     "full_path_accuracy_std": round(c["server_acc"][1], 4),
+                     "full_path_accuracy": round(c["full_acc"][0], 4),
+                     "full_path_accuracy_std": round(c["full_acc"][1], 4),
                      "rounds": first["summary"]["rounds"],
                      "wall_seconds": round(float(np.mean([r["wall_seconds"] for r in per_seed])), 1),
                      "simulated_seconds": round(sum(ds["simulated"][name]), 1)})
@@ -250,7 +250,7 @@ def _markdown(results: dict, rows: list[dict]) -> str:
       means = _run_means(per_seed)
       md.append(f"| {name} | {rs[0]['strategy']} | {', '.join(str(r['cut']) for r in rs)} | "
                 f"{' / '.join(_pm(c['exit_acc']) for c in cuts)} | "
-                f"{' / '.join(_pm(c['server_acc']) for c in cuts)} | "
+                f"{' / '.join(_pm(c['full_acc']) for c in cuts)} | "
                 f"{_pm(means['exit'])} | {_pm(means['full'])} | {rs[0]['wall_seconds']} | "
                 f"{rs[0]['simulated_seconds']} |")
     md += ["", "`central` has one client holding the whole network (its 'full' is the uncut "
@@ -319,7 +319,7 @@ def _plots(results: dict, out: Path, log=print) -> None:
     for name, per_seed in runs.items():
       for c in _cut_rows(per_seed):
         ax.bar(x - 0.2, c["exit_acc"][0], 0.4, yerr=err(c["exit_acc"]), capsize=2, color="tab:blue")
-        ax.bar(x + 0.2, c["server_acc"][0], 0.4, yerr=err(c["server_acc"]), capsize=2,
+        ax.bar(x + 0.2, c["full_acc"][0], 0.4, yerr=err(c["full_acc"]), capsize=2,
                color="tab:orange")
         ticks.append(x)
         labels.append(f"{name}\nl={c['cut']}")
@@ -345,9 +345,9 @@ def _plots(results: dict, out: Path, log=print) -> None:
         else:
           cum = [sum(ds["simulated"][name][:i + 1]) for i in range(len(ds["simulated"][name]))]
           xs = [cum[rec["round"]] for rec in recs]
-        for metric, style in (("mean_server_acc", dict(marker="o")), ("mean_exit_acc", dict(ls="--"))):
+        for metric, style in (("mean_full_acc", dict(marker="o")), ("mean_exit_acc", dict(ls="--"))):
           ys = np.mean([[rec["test"][metric] for rec in rs] for rs in by_seed], axis=0)
-          ax.plot(xs, ys, label=f"{name} {'full' if 'server' in metric else 'exit'}", **style)
+          ax.plot(xs, ys, label=f"{name} {'full' if 'full' in metric else 'exit'}", **style)
       ax.set_xlabel("round" if kind == "round" else "simulated seconds")
       ax.set_ylabel("mean test accuracy over clients and seeds")
       ax.legend(fontsize=6)

@@ -15,6 +15,7 @@ the previous checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -27,13 +28,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from hsee_jax import distributed
-from hsee_jax.config import Config
+from hsee_jax import config as config_lib
+from hsee_jax.config import Config, run_fields
 
 # Fields that may change between a checkpoint and its resume: they manage the
 # run, not what it computes.
-RUN_FIELDS = frozenset({"name", "eval_every", "eval_batch_size", "checkpoint_every",
-                        "keep_checkpoints", "exit_thresholds", "mode",
-                        "shard_clients", "client_chunk", "eval_clients"})
 
 # Fault injection for tests: SIGKILL this process right after the save of this
 # step is dispatched (while the asynchronous write is under way).
@@ -50,10 +49,16 @@ class CheckpointError(RuntimeError):
 
 
 def config_differences(saved: dict, cfg: Config, allowed=()) -> list[str]:
-  now = cfg.to_dict()
-  keys = sorted((set(saved) | set(now)) - RUN_FIELDS - set(allowed))
-  return [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
-          for k in keys if saved.get(k) != now.get(k)]
+  """What differs between a checkpoint's config and ``cfg``, leaving out the
+  fields that do not change results (``config.run_only``) and ``allowed``; a
+  field the saved config predates counts as its default."""
+  now, default = cfg.to_dict(), _DEFAULTS
+  keys = sorted((set(saved) | set(now)) - run_fields() - set(allowed))
+  return [f"{k}: checkpoint {saved.get(k, default.get(k))!r}, now {now.get(k)!r}"
+          for k in keys if saved.get(k, default.get(k)) != now.get(k)]
+
+
+_DEFAULTS = {f.name: config_lib._jsonable(f.default) for f in dataclasses.fields(Config)}
 
 
 # Operating-system failures a save or restore can meet, named in their own

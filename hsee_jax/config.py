@@ -14,7 +14,7 @@ import json
 import typing
 from pathlib import Path
 
-NUM_UNITS = 9  # unit 1 = stem, units 2..9 = the eight BasicBlocks (PAPER.md)
+from hsee_jax import models
 
 DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
 STRATEGIES = ("averaging", "sequential")
@@ -25,10 +25,16 @@ class ConfigError(ValueError):
   """A config that cannot run; the message is one line naming the field."""
 
 
+def run_only(default):
+  """A field that does not change a run's results (what is evaluated or saved
+  when, how the work is laid out): a checkpoint resumes under another value."""
+  return dataclasses.field(default=default, metadata={"changes_results": False})
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Every knob of a run. ``[choice]`` fields are PAPER.md's project choices."""
-  name: str = "default"
+  name: str = run_only("default")
   # data
   dataset: str = "cifar10"
   data_dir: str = ""            # "" -> $HSEE_DATA_DIR, then <repo>/../shared/data
@@ -41,9 +47,11 @@ class Config:
   augment_pad: float = 0.125    # crop padding as a share of the image side (4 px at 32, 12 at 96)
   label_mode: str = "fine"      # cifar100: fine (100 classes) | coarse (20 superclasses)
   # model
-  width: float = 1.0            # channel multiplier; 1.0 = the paper's ResNet-18
+  model: str = "resnet18"       # resnet18 (the paper's) | vgg16_bn | mobilenet_v2 (models.NETWORKS)
+  width: float = 1.0            # channel multiplier; 1.0 = the published network
   exit_head: str = "linear"     # linear | conv  ([choice] pool+linear, or conv-BN-ReLU first)
-  # the fleet: which clients exist and where each one cuts (l in 1..8, PAPER.md).
+  # the fleet: which clients exist and where each one cuts (resnet18: l in 1..8,
+  # PAPER.md; each model's allowed cuts: models.NETWORKS[model].allowed_cuts()).
   # One of: `cuts`, one cut layer per client (the default); `cut_tiers`, device
   # tiers ((cut, share of the fleet), ...) over `num_clients` clients, assigned
   # by a seeded draw; `budget_tiers`, tiers of ((flops_per_step, memory_bytes),
@@ -56,7 +64,7 @@ class Config:
   clients_per_round: int = -1   # the cohort C sampled each round; -1 = every client
   client_state: str = "keep"    # keep | reset: client optimiser state across rounds
                                 # (reset = the federated-learning convention)
-  client_chunk: int = 0         # clients per compiled call (vmap/unrolled); 0 = auto per backend
+  client_chunk: int = run_only(0)  # clients per compiled call (vmap/unrolled); 0 = auto per backend
   # training
   strategy: str = "averaging"   # averaging | sequential
   rounds: int = 10
@@ -75,13 +83,13 @@ class Config:
   exit_loss_weight: float = 1.0         # 0 with server_grad_to_client: the uncut network's
                                         # training (central / classical baselines)
   client_aggregation: str = "none"      # sequential only: none | cross_layer
-  mode: str = "auto"            # auto | loop | vmap | unrolled | debug
-  shard_clients: bool = False   # lay the client axis over jax.devices() (averaging; vmap/unrolled)
+  mode: str = run_only("auto")  # auto | loop | vmap | unrolled | debug
+  shard_clients: bool = run_only(False)  # lay the client axis over jax.devices() (averaging; vmap/unrolled)
   # evaluation
-  eval_every: int = 1
-  eval_batch_size: int = 500
-  eval_clients: int = 0         # where clients differ: clients evaluated per cut (seeded); 0 = all
-  exit_thresholds: tuple = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+  eval_every: int = run_only(1)
+  eval_batch_size: int = run_only(500)
+  eval_clients: int = run_only(0)  # where clients differ: clients evaluated per cut (seeded); 0 = all
+  exit_thresholds: tuple = run_only((0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0))
   # device budgets -> cuts (experiments/reproduce.py, costs.choose_cuts): one
   # (client FLOPs per training step, client memory bytes) pair per client, 0 = no
   # limit; when given, each client's cut is the deepest that fits (cuts is ignored)
@@ -92,13 +100,14 @@ class Config:
   link_bytes_per_s: float = 1.25e6  # 10 Mbit/s
   # runs
   seed: int = 0
-  checkpoint_every: int = 5     # rounds; 0 = only at the end
-  keep_checkpoints: int = 3
+  checkpoint_every: int = run_only(5)  # rounds; 0 = only at the end
+  keep_checkpoints: int = run_only(3)
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
       _check_type(f.name, getattr(self, f.name), _field_types()[f.name])
     _one_of("dataset", self.dataset, DATASETS)
+    _one_of("model", self.model, tuple(models.NETWORKS))
     _one_of("strategy", self.strategy, STRATEGIES)
     _one_of("mode", self.mode, MODES)
     _one_of("partition", self.partition, ("iid", "dirichlet"))
@@ -115,7 +124,7 @@ class Config:
     if not self.cuts:
       raise ConfigError("cuts: need at least one client (one cut layer per client)")
     for c in self.cuts:
-      _check_cut("cuts", c)
+      self._check_cut("cuts", c)
     self._check_fleet()
     if self.dirichlet_alpha <= 0:
       raise ConfigError(f"dirichlet_alpha: must be > 0, got {self.dirichlet_alpha}")
@@ -178,7 +187,7 @@ class Config:
           raise ConfigError(f"{name}: each tier is ({'cut' if self.cut_tiers else 'budget'}, "
                             f"share of the fleet), got {t!r}")
         if self.cut_tiers:
-          _check_cut(name, t[0])
+          self._check_cut(name, t[0])
         else:
           _check_budget(name, t[0])
         if not isinstance(t[1], (int, float)) or isinstance(t[1], bool) or not 0 < t[1] <= 1:
@@ -209,6 +218,12 @@ class Config:
       raise ConfigError("client_aggregation=cross_layer with clients_per_round < num_clients is "
                         "not defined; use every client or client_aggregation=none")
 
+  def _check_cut(self, name, c):
+    try:
+      models.NETWORKS[self.model].check_cut(c)
+    except ValueError as e:
+      raise ConfigError(f"{name}: {e}") from None
+
   @property
   def fleet_size(self) -> int:
     """N: the number of clients in the fleet."""
@@ -229,15 +244,14 @@ class Config:
     return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
+def run_fields() -> frozenset:
+  """The fields marked :func:`run_only`."""
+  return frozenset(f.name for f in dataclasses.fields(Config)
+                   if not f.metadata.get("changes_results", True))
+
+
 def _jsonable(v):
   return [_jsonable(x) for x in v] if isinstance(v, tuple) else v
-
-
-def _check_cut(name, c):
-  if not isinstance(c, int) or isinstance(c, bool) or not 1 <= c <= NUM_UNITS - 1:
-    raise ConfigError(
-        f"{name}: cut layer {c!r} out of range; a cut is an int in 1..{NUM_UNITS - 1} "
-        f"(unit 1 = stem, units 2..{NUM_UNITS} = BasicBlocks; the server keeps >= 1 unit)")
 
 
 def _check_budget(name, b):

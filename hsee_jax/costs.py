@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from hsee_jax import models
-from hsee_jax.config import NUM_UNITS
 
 
 def _count(tree) -> int:
@@ -59,20 +58,20 @@ def _module_cost(module, params, stats, in_shape, input_grad: bool) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _pieces(net: models.SplitResNet18, image_shape: tuple) -> dict:
+def _pieces(net: models.SplitNetwork, image_shape: tuple) -> dict:
   """Cost of every unit (with and without the gradient of its input) and head."""
   key = jax.random.PRNGKey(0)
   out = {}
-  for k in range(1, NUM_UNITS + 1):
+  for k in range(1, net.num_units + 1):
     p, s = net.init_unit(key, k, image_shape)
     for input_grad in (False, True):
       out[(models.unit_name(k), input_grad)] = _module_cost(
           net.unit(k), p, s, net.input_shape(k, image_shape), input_grad)
-  for cut in range(1, NUM_UNITS):
+  for cut in net.allowed_cuts():
     shape = net.unit_output_shape(cut, image_shape)
     p, s = net.init_head(key, models.EXIT_HEAD, shape)
     out[(models.EXIT_HEAD, cut)] = _module_cost(net.head(models.EXIT_HEAD), p, s, shape, True)
-  shape = net.unit_output_shape(NUM_UNITS, image_shape)
+  shape = net.unit_output_shape(net.num_units, image_shape)
   p, s = net.init_head(key, models.CLASSIFIER, shape)
   out[models.CLASSIFIER] = _module_cost(net.head(models.CLASSIFIER), p, s, shape, True)
   return out
@@ -83,7 +82,7 @@ def _part(pieces: list[dict]) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def cut_costs(net: models.SplitResNet18, cut: int, image_shape: tuple,
+def cut_costs(net: models.SplitNetwork, cut: int, image_shape: tuple,
               server_grad_to_client: bool = False) -> dict:
   """Costs of splitting ``net`` at ``cut`` for one training image.
 
@@ -94,7 +93,7 @@ def cut_costs(net: models.SplitResNet18, cut: int, image_shape: tuple,
   unit = lambda k, first: pieces[(models.unit_name(k), not first)]
   client = _part([unit(k, k == 1) for k in range(1, cut + 1)] + [pieces[(models.EXIT_HEAD, cut)]])
   server = _part([unit(k, k == cut + 1 and not server_grad_to_client)
-                  for k in range(cut + 1, NUM_UNITS + 1)] + [pieces[models.CLASSIFIER]])
+                  for k in range(cut + 1, net.num_units + 1)] + [pieces[models.CLASSIFIER]])
   h_shape = net.unit_output_shape(cut, image_shape)
   h_bytes = 4 * math.prod(h_shape)
   return {
@@ -110,10 +109,10 @@ def cut_costs(net: models.SplitResNet18, cut: int, image_shape: tuple,
   }
 
 
-def cost_table(net: models.SplitResNet18, image_shape: tuple,
+def cost_table(net: models.SplitNetwork, image_shape: tuple,
                server_grad_to_client: bool = False) -> list[dict]:
   return [cut_costs(net, c, tuple(image_shape), server_grad_to_client)
-          for c in range(1, NUM_UNITS)]
+          for c in net.allowed_cuts()]
 
 
 def client_memory_bytes(row: dict, batch_size: int) -> float:
@@ -121,7 +120,7 @@ def client_memory_bytes(row: dict, batch_size: int) -> float:
   return 12 * row["client_params"] + row["client_peak_activation_bytes"] * batch_size
 
 
-def choose_cuts(net: models.SplitResNet18, image_shape: tuple, budgets, batch_size: int) -> list[dict]:
+def choose_cuts(net: models.SplitNetwork, image_shape: tuple, budgets, batch_size: int) -> list[dict]:
   """Deepest cut that fits each client's budget.
 
   ``budgets``: one ``(flops_per_step, memory_bytes)`` pair per client, 0 for
@@ -139,16 +138,17 @@ def choose_cuts(net: models.SplitResNet18, image_shape: tuple, budgets, batch_si
     if not fitting:
       f, m = need(table[0])
       raise ValueError(f"client {i}: no cut fits its budget ({flops_budget:.3g} FLOPs/step, "
-                       f"{mem_budget / 2**20:.1f} MiB); cut 1 needs {f:.3g} FLOPs/step, "
+                       f"{mem_budget / 2**20:.1f} MiB); cut {table[0]['cut']} needs {f:.3g} FLOPs/step, "
                        f"{m / 2**20:.1f} MiB")
     row = fitting[-1]
     f, m = need(row)
     why = f"cut {row['cut']} needs {f:.3g} FLOPs/step and {m / 2**20:.1f} MiB"
-    if row["cut"] < NUM_UNITS - 1:
-      f2, m2 = need(table[row["cut"]])
+    deeper = table[table.index(row) + 1:]
+    if deeper:
+      f2, m2 = need(deeper[0])
       over = [w for w, bad in ((f"{f2:.3g} FLOPs/step", f2 > flops_budget),
                                (f"{m2 / 2**20:.1f} MiB", m2 > mem_budget)) if bad]
-      why += f"; cut {row['cut'] + 1} would need {' and '.join(over)}, over the budget"
+      why += f"; cut {deeper[0]['cut']} would need {' and '.join(over)}, over the budget"
     out.append({"client": i, "cut": row["cut"], "reason": why})
   return out
 

@@ -44,6 +44,8 @@ class DataError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
+  """A dataset in memory: uint8 NHWC images and int32 labels, train and test;
+  ``mean`` / ``std`` are the train set's per-channel statistics in [0, 1]."""
   name: str
   train_images: np.ndarray  # uint8 [N, H, W, 3]
   train_labels: np.ndarray  # int32 [N]

@@ -37,6 +37,11 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class ClientUpdate:
+  """A client's local update as FedJAX writes one: ``init(shared, state) ->
+  carry``, ``step(shared, carry, x) -> carry`` once per local step (``x``
+  the step's input), ``final(shared, carry) -> output``. ``shared`` is what
+  every client reads (the train set on device); :class:`ClientRunner` runs it
+  over a stack of clients."""
   init: Callable[[Any, Any], Any]
   step: Callable[[Any, Any, Any], Any]
   final: Callable[[Any, Any], Any]

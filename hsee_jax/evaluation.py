@@ -42,24 +42,14 @@ def early_exit_table(exit_logits, server_logits, labels, thresholds) -> list[dic
 
 
 @functools.lru_cache(maxsize=None)
-def _logits_fn(net: models.SplitResNet18, cuts: tuple):
+def _logits_fn(net: models.SplitNetwork, cuts: tuple):
   """Images -> (exit logits at each of ``cuts``, full-path logits), one
-  forward pass: ``clients[i]`` is the client part at ``cuts[i]`` (units
-  1..cut and its exit head), ``server`` the server part after the last cut.
-  With one cut this is a client's full path; with several, the models must be
-  one whole network split at those cuts (the units between two cuts are taken
-  from the later client part)."""
+  forward pass (:meth:`hsee_jax.models.SplitNetwork.split_forward`)."""
   @jax.jit
   def fn(clients, server, images, mean, std):
-    h = data_lib.normalize(images, mean, std)
-    first, exits = 1, []
-    for cut, client in zip(cuts, clients):
-      h, e, _ = net.apply_span(client.params, client.batch_stats, h, first, cut,
-                               models.EXIT_HEAD, train=False)
-      first = cut + 1
-      exits.append(e)
-    _, logits, _ = net.apply_span(server.params, server.batch_stats, h,
-                                  *models.server_span(cuts[-1]), train=False)
+    exits, logits, _, _ = net.split_forward(
+        [(c.params, c.batch_stats) for c in clients], (server.params, server.batch_stats),
+        data_lib.normalize(images, mean, std), cuts, train=False)
     return tuple(exits), logits
   return fn
 
@@ -67,7 +57,9 @@ def _logits_fn(net: models.SplitResNet18, cuts: tuple):
 def path_logits(net, cuts, clients, server, images, mean, std, batch_size):
   """([exit logits at each of ``cuts``], full-path logits) over ``images``,
   in fixed-size batches (the last one padded, so one compilation serves every
-  batch). See :func:`_logits_fn` for ``cuts``, ``clients``, ``server``."""
+  batch). ``clients[i]`` is the client part at ``cuts[i]``, ``server`` the
+  server part after the last cut; with several cuts they are one whole
+  network split at those cuts (:meth:`~hsee_jax.models.SplitNetwork.split_forward`)."""
   fn = _logits_fn(net, tuple(cuts))
   n = len(images)
   outs_e, outs_s = [], []
@@ -116,11 +108,11 @@ def evaluate(sim, state, dataset: data_lib.Dataset, thresholds, batch_size: int)
     rows.append((m, {
         "client": None if m.shared else m.clients[0], "cut": m.cut,
         "exit_acc": float(np.mean(np.argmax(e_logits, -1) == labels)),
-        "server_acc": float(np.mean(np.argmax(s_logits, -1) == labels)),
+        "full_acc": float(np.mean(np.argmax(s_logits, -1) == labels)),
         "early_exit": early_exit_table(e_logits, s_logits, labels, thresholds),
     }))
   fleet = sim.fleet
-  per_client = {"exit_acc": np.full(fleet.size, np.nan), "server_acc": np.full(fleet.size, np.nan)}
+  per_client = {"exit_acc": np.full(fleet.size, np.nan), "full_acc": np.full(fleet.size, np.nan)}
   cuts = []
   for cut, ids in fleet.groups.items():
     mine = [(m, r) for m, r in rows if m.cut == cut]
@@ -128,7 +120,7 @@ def evaluate(sim, state, dataset: data_lib.Dataset, thresholds, batch_size: int)
     summary = {"cut": cut, "clients": int(len(ids)),
                "evaluated": "one model shared by every client of the cut" if shared
                else len(mine)}
-    for metric in ("exit_acc", "server_acc"):
+    for metric in ("exit_acc", "full_acc"):
       vals = np.array([r[metric] for _, r in mine])
       summary[metric] = {"mean": float(np.mean(vals)), "min": float(np.min(vals)),
                          "max": float(np.max(vals))}
@@ -145,7 +137,7 @@ def evaluate(sim, state, dataset: data_lib.Dataset, thresholds, batch_size: int)
       "cuts": cuts,
       "clients": [r for m, r in rows if not m.shared],
       "mean_exit_acc": float(np.mean(per_client["exit_acc"])),
-      "mean_server_acc": float(np.mean(per_client["server_acc"])),
+      "mean_full_acc": float(np.mean(per_client["full_acc"])),
   }
 
 
@@ -154,8 +146,8 @@ def format_cut(c: dict) -> str:
   ev = "shared model" if isinstance(c["evaluated"], str) else f"{c['evaluated']} evaluated"
   spread = lambda d: (f"{d['mean']:.4f}" if d["min"] == d["max"]
                       else f"{d['mean']:.4f} (min {d['min']:.4f}, max {d['max']:.4f})")
-  return (f"cut {c['cut']} ({c['clients']} clients, {ev}): exit acc {spread(c['exit_acc'])}, "
-          f"server acc {spread(c['server_acc'])}")
+  return (f"cut {c['cut']} ({c['clients']} clients, {ev}): exit_acc {spread(c['exit_acc'])}, "
+          f"full_acc {spread(c['full_acc'])}")
 
 
 def format_table(test: dict) -> str:

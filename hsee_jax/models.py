@@ -1,9 +1,13 @@
-"""ResNet-18 (CIFAR form) as an ordered list of units that a cut layer splits.
+"""Split networks: a network as an ordered list of units that a cut layer splits.
 
-Unit 1 is the stem (3x3 conv, BN, ReLU; no max-pool), units 2..9 are the eight
-BasicBlocks (four stages of two, 64/128/256/512 channels times ``width``).
-A cut ``l`` gives a *client part* (units 1..l) that ends in an *exit head*,
-and a *server part* (units l+1..9) that ends in the final classifier.
+:class:`SplitNetwork` is what the cut machinery needs from a network: its
+number of units, each unit and head as a Flax module, the cuts it allows,
+and (derived from those, shapes by ``jax.eval_shape``) initialising and
+applying a span of units with an optional head. A cut ``l`` gives a *client
+part* (units 1..l) that ends in an *exit head*, and a *server part* (units
+l+1..L) that ends in the final classifier. Shipped networks, chosen by name
+(``Config.model``, :func:`network`): ``resnet18`` (the paper's, CIFAR form),
+``vgg16_bn`` and ``mobilenet_v2``.
 
 Parameters and batch statistics live in flat dicts keyed by ``unit_<k>``,
 ``exit_head`` and ``classifier``, so unit k is the same subtree in every
@@ -14,14 +18,12 @@ statistics out, PRNG keys passed explicitly.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any
+import functools
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from hsee_jax.config import NUM_UNITS
 
 Params = dict[str, Any]
 
@@ -33,6 +35,11 @@ _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 def unit_name(k: int) -> str:
   return f"unit_{k}"
+
+
+def unit_index(name: str) -> int | None:
+  """k of ``unit_<k>``; None for a head."""
+  return int(name[5:]) if name.startswith("unit_") else None
 
 
 def materialize(x):
@@ -106,43 +113,78 @@ class Head(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class SplitResNet18:
-  """The partitioned network: which unit is what, and how to run a span of units."""
+class SplitNetwork:
+  """A network cut into units 1..``num_units``; subclasses give the units.
+
+  Fields: ``num_classes``, ``width`` (channel multiplier) and ``exit_head``
+  (``linear``: pool + dense; ``conv``: a 3x3 conv-BN-ReLU first). A subclass
+  is a frozen dataclass that sets ``name`` and ``num_units`` and defines
+  :meth:`unit`; it may override :meth:`allowed_cuts` and :meth:`head`.
+  Everything else (shapes, initialisation, spans, the split forward pass) is
+  built here from those, so the strategies, the cost table, evaluation and
+  checkpoints need nothing network-specific.
+  """
+  name: ClassVar[str]
+  num_units: ClassVar[int]
   num_classes: int
   width: float = 1.0
   exit_head: str = "linear"  # linear | conv
 
-  @property
-  def num_units(self) -> int:
-    return NUM_UNITS
-
-  def channels(self, k: int) -> int:
-    """Output channels of unit k."""
-    stage = 0 if k == 1 else (k - 2) // 2
-    return max(1, int(round(64 * 2 ** stage * self.width)))
-
   def unit(self, k: int) -> nn.Module:
-    if not 1 <= k <= NUM_UNITS:
-      raise ValueError(f"unit {k} out of range 1..{NUM_UNITS}")
-    if k == 1:
-      return Stem(self.channels(1))
-    first_of_stage = k in (4, 6, 8)
-    return BasicBlock(self.channels(k), strides=2 if first_of_stage else 1)
+    """The Flax module of unit ``k`` (1-based); called as ``module(x, train=...)``."""
+    raise NotImplementedError
+
+  @classmethod
+  def allowed_cuts(cls) -> tuple[int, ...]:
+    """The cut layers a client may use (the server keeps at least one unit)."""
+    return tuple(range(1, cls.num_units))
+
+  @classmethod
+  def check_cut(cls, cut) -> None:
+    """Raise ValueError (one line, naming the network) unless ``cut`` is allowed."""
+    allowed = cls.allowed_cuts()
+    if not isinstance(cut, int) or isinstance(cut, bool) or cut not in allowed:
+      span = (f"{allowed[0]}..{allowed[-1]}" if allowed == tuple(range(allowed[0], allowed[-1] + 1))
+              else ", ".join(map(str, allowed)))
+      raise ValueError(f"cut layer {cut!r} out of range for {cls.name} ({cls.num_units} units): "
+                       f"a cut is one of {span}")
 
   def head(self, name: str) -> nn.Module:
+    """The exit head (``EXIT_HEAD``) or the final classifier (``CLASSIFIER``)."""
     if name == EXIT_HEAD:
       return Head(self.num_classes, conv=self.exit_head == "conv")
     if name == CLASSIFIER:
       return Head(self.num_classes)
     raise ValueError(f"unknown head {name!r}")
 
+  # -- spans and names ------------------------------------------------------
+  def client_span(self, cut: int) -> tuple[int, int, str]:
+    """(first, last, head) of the client part for cut layer ``cut``."""
+    return 1, cut, EXIT_HEAD
+
+  def server_span(self, cut: int) -> tuple[int, int, str]:
+    """(first, last, head) of the server part for cut layer ``cut``."""
+    return cut + 1, self.num_units, CLASSIFIER
+
+  def full_span(self) -> tuple[int, int, str]:
+    """The uncut network: every unit and the final classifier."""
+    return 1, self.num_units, CLASSIFIER
+
+  @staticmethod
+  def span_names(first: int, last: int, head: str | None) -> list[str]:
+    """The subtree names of a span: ``unit_<k>`` for k in first..last, then the head."""
+    return [unit_name(k) for k in range(first, last + 1)] + ([head] if head else [])
+
+  def client_names(self, cut: int) -> list[str]:
+    return self.span_names(*self.client_span(cut))
+
+  def server_names(self, cut: int) -> list[str]:
+    return self.span_names(*self.server_span(cut))
+
+  # -- shapes ----------------------------------------------------------------
   def unit_output_shape(self, k: int, image_shape: tuple) -> tuple:
-    """(H, W, C) after unit k for an (H, W, 3) image."""
-    h, w = image_shape[:2]
-    downs = sum(1 for j in (4, 6, 8) if j <= k)
-    for _ in range(downs):
-      h, w = math.ceil(h / 2), math.ceil(w / 2)
-    return (h, w, self.channels(k))
+    """(H, W, C) after unit k for an (H, W, 3) image (by ``jax.eval_shape``)."""
+    return _output_shapes(self, tuple(image_shape))[k - 1]
 
   def input_shape(self, k: int, image_shape: tuple) -> tuple:
     return tuple(image_shape) if k == 1 else self.unit_output_shape(k - 1, image_shape)
@@ -164,10 +206,10 @@ class SplitResNet18:
 
   def init_span(self, key, first: int, last: int, head: str | None,
                 image_shape: tuple) -> tuple[Params, Params]:
-    """Variables of units first..last (+ a head). Unit k's init depends only on
-    (key, k), so every model that holds unit k starts from the same weights; the
-    exit head's depends on (key, cut)."""
-    _check_span(first, last)
+    """(params, batch_stats) of units first..last (+ a head). Unit k's init
+    depends only on (key, k), so every model that holds unit k starts from the
+    same weights; the exit head's depends on (key, cut)."""
+    self._check_span(first, last)
     params, stats = {}, {}
     for k in range(first, last + 1):
       p, s = self.init_unit(jax.random.fold_in(key, k), k, image_shape)
@@ -193,7 +235,7 @@ class SplitResNet18:
     Returns ``(features, logits_or_None, new_batch_stats)``; with
     ``train=False`` the batch statistics come back unchanged.
     """
-    _check_span(first, last)
+    self._check_span(first, last)
     new_stats = dict(stats)
     for k in range(first, last + 1):
       x, new_stats[unit_name(k)] = self._apply(self.unit(k), params, stats, unit_name(k), x, train)
@@ -207,6 +249,33 @@ class SplitResNet18:
         new_stats.pop(head, None)
     return x, logits, new_stats
 
+  def split_forward(self, clients, server, x, cuts, train: bool, server_grad_to_client=False):
+    """The forward pass of client parts, then a server part: training and evaluation's one.
+
+    ``clients[i]`` = (params, batch_stats) of the client part at ``cuts[i]``
+    (increasing), ``server`` = (params, batch_stats) of the server part after
+    the last cut. With one cut this is a client's path; with several, the
+    parts must be one whole network split at those cuts (the units between two
+    cuts come from the later client part). Without ``server_grad_to_client``
+    no gradient flows from the server part into the client parts.
+    Returns ``(exit logits per cut, final logits, client stats per cut, server stats)``.
+    """
+    first, exits, client_stats = 1, [], []
+    for cut, (params, stats) in zip(cuts, clients):
+      x, e, s = self.apply_span(params, stats, x, first, cut, EXIT_HEAD, train=train)
+      first = cut + 1
+      exits.append(e)
+      client_stats.append(s)
+    h = x if server_grad_to_client else jax.lax.stop_gradient(x)
+    _, logits, server_stats = self.apply_span(server[0], server[1], h,
+                                              *self.server_span(cuts[-1]), train=train)
+    return exits, logits, client_stats, server_stats
+
+  def _check_span(self, first: int, last: int):
+    if not (1 <= first <= last <= self.num_units):
+      raise ValueError(f"{self.name}: cut layers must increase within 1..{self.num_units}: "
+                       f"cannot take units {first}..{last}")
+
   @staticmethod
   def _apply(module, params, stats, name, x, train):
     variables = {"params": params[name]}
@@ -218,22 +287,164 @@ class SplitResNet18:
     return module.apply(variables, x, train=train), stats.get(name)
 
 
-def _check_span(first: int, last: int):
-  if not (1 <= first <= last <= NUM_UNITS):
-    raise ValueError(
-        f"cut layers must increase within 1..{NUM_UNITS}: cannot take units {first}..{last}")
+@functools.lru_cache(maxsize=None)
+def _output_shapes(net: SplitNetwork, image_shape: tuple) -> tuple:
+  """(H, W, C) after each unit, traced abstractly (no arrays computed)."""
+  shapes, x = [], jax.ShapeDtypeStruct((1,) + image_shape, jnp.float32)
+  for k in range(1, net.num_units + 1):
+    module = net.unit(k)
+    x = jax.eval_shape(lambda x: module.init_with_output(jax.random.PRNGKey(0), x, train=False)[0], x)
+    shapes.append(tuple(x.shape[1:]))
+  return tuple(shapes)
 
 
-def client_span(cut: int) -> tuple[int, int, str]:
-  """(first, last, head) of the client part for cut layer ``cut``."""
-  return 1, cut, EXIT_HEAD
+# -- ResNet-18 (the paper's network) -------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SplitResNet18(SplitNetwork):
+  """ResNet-18, CIFAR form (He et al. 2016; 3x3 stem, no max-pool): 9 units.
+
+  Unit 1 is the stem (3x3 conv, BN, ReLU), units 2..9 the eight BasicBlocks
+  (four stages of two, 64/128/256/512 channels times ``width``)."""
+  name: ClassVar[str] = "resnet18"
+  num_units: ClassVar[int] = 9
+
+  def channels(self, k: int) -> int:
+    """Output channels of unit k."""
+    stage = 0 if k == 1 else (k - 2) // 2
+    return max(1, int(round(64 * 2 ** stage * self.width)))
+
+  def unit(self, k: int) -> nn.Module:
+    if not 1 <= k <= self.num_units:
+      raise ValueError(f"unit {k} out of range 1..{self.num_units}")
+    if k == 1:
+      return Stem(self.channels(1))
+    first_of_stage = k in (4, 6, 8)
+    return BasicBlock(self.channels(k), strides=2 if first_of_stage else 1)
 
 
-def server_span(cut: int) -> tuple[int, int, str]:
-  """(first, last, head) of the server part for cut layer ``cut``."""
-  return cut + 1, NUM_UNITS, CLASSIFIER
+# -- VGG-16 with batch norm ----------------------------------------------------
+class ConvBN(nn.Module):
+  """3x3 conv (with bias, as VGG's), BN, ReLU, then a 2x2 max-pool if ``pool``."""
+  features: int
+  pool: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Conv(self.features, (3, 3), padding=1, kernel_init=_conv_init)(x)
+    x = nn.relu(_bn(train)(x))
+    if self.pool:  # "SAME": an odd (or 1-pixel) side rounds up instead of vanishing
+      x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+    return x
 
 
-def full_span() -> tuple[int, int, str]:
-  """The uncut network: units 1..9 and the final classifier."""
-  return 1, NUM_UNITS, CLASSIFIER
+_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitVGG16BN(SplitNetwork):
+  """VGG-16 with batch norm (Simonyan & Zisserman 2015; the network of
+  Sepehri et al.'s hierarchical training beside ResNet-18), CIFAR form: the
+  13 conv layers are units 1..13, each 3x3 conv-BN-ReLU, the five that end a
+  stage followed by a 2x2 max-pool; the classifier is global average pooling
+  and one linear layer (the ImageNet form's three 4096-wide dense layers are
+  for 224x224 inputs)."""
+  name: ClassVar[str] = "vgg16_bn"
+  num_units: ClassVar[int] = 13
+
+  def unit(self, k: int) -> nn.Module:
+    if not 1 <= k <= self.num_units:
+      raise ValueError(f"unit {k} out of range 1..{self.num_units}")
+    convs = [(c, i + 1 < len(_VGG16) and _VGG16[i + 1] == "M")
+             for i, c in enumerate(_VGG16) if c != "M"]
+    c, pool = convs[k - 1]
+    return ConvBN(max(1, int(round(c * self.width))), pool)
+
+
+# -- MobileNetV2 ---------------------------------------------------------------
+def _divisible(v: float, divisor: int = 8) -> int:
+  """MobileNetV2's channel rounding (torchvision's ``_make_divisible``)."""
+  new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+  return new + divisor if new < 0.9 * v else new
+
+
+class ConvBNReLU6(nn.Module):
+  features: int
+  kernel: int = 3
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Conv(self.features, (self.kernel, self.kernel), (self.strides, self.strides),
+                padding=(self.kernel - 1) // 2, use_bias=False, kernel_init=_conv_init)(x)
+    return nn.relu6(_bn(train)(x))
+
+
+class InvertedResidual(nn.Module):
+  """1x1 expansion (if ``expand`` > 1), 3x3 depthwise, 1x1 linear projection;
+  a residual connection when the shape is kept."""
+  features: int
+  strides: int
+  expand: int
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    cin = x.shape[-1]
+    hidden = int(round(cin * self.expand))
+    y = x
+    if self.expand != 1:
+      y = ConvBNReLU6(hidden, kernel=1)(y, train)
+    y = nn.Conv(hidden, (3, 3), (self.strides, self.strides), padding=1, use_bias=False,
+                feature_group_count=hidden, kernel_init=_conv_init)(y)
+    y = nn.relu6(_bn(train)(y))
+    y = nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=_conv_init)(y)
+    y = _bn(train)(y)
+    return x + y if self.strides == 1 and cin == self.features else y
+
+
+# (expansion t, channels c, blocks n, stride s) per stage, Sandler et al. 2018 Table 2
+_MOBILENET_V2 = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                 (6, 160, 3, 2), (6, 320, 1, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitMobileNetV2(SplitNetwork):
+  """MobileNetV2 (Sandler et al. 2018), CIFAR form: 19 units.
+
+  Unit 1 is the stem (3x3 conv-BN-ReLU6, 32 channels), units 2..18 the 17
+  inverted-residual blocks, unit 19 the 1x1 conv to 1280 channels; then
+  global average pooling and the linear classifier (the ImageNet form's
+  dropout before it is left out). CIFAR form as is usual for 32x32 inputs:
+  the stem and the second stage keep stride 1 (ImageNet: 2), so the network
+  downsamples 8x, not 32x; strides do not change the parameter count."""
+  name: ClassVar[str] = "mobilenet_v2"
+  num_units: ClassVar[int] = 19
+
+  def _blocks(self):
+    blocks = []
+    for stage, (t, c, n, s) in enumerate(_MOBILENET_V2):
+      s = 1 if stage == 1 else s  # CIFAR form
+      for i in range(n):
+        blocks.append((_divisible(c * self.width), s if i == 0 else 1, t))
+    return blocks
+
+  def unit(self, k: int) -> nn.Module:
+    if not 1 <= k <= self.num_units:
+      raise ValueError(f"unit {k} out of range 1..{self.num_units}")
+    if k == 1:
+      return ConvBNReLU6(_divisible(32 * self.width))
+    if k == self.num_units:
+      return ConvBNReLU6(_divisible(1280 * max(1.0, self.width)), kernel=1)
+    features, strides, expand = self._blocks()[k - 2]
+    return InvertedResidual(features, strides, expand)
+
+
+NETWORKS: dict[str, type[SplitNetwork]] = {
+    n.name: n for n in (SplitResNet18, SplitVGG16BN, SplitMobileNetV2)}
+
+
+def network(name: str, num_classes: int, width: float = 1.0,
+            exit_head: str = "linear") -> SplitNetwork:
+  """The shipped network ``name`` (``NETWORKS``) for ``num_classes`` classes."""
+  if name not in NETWORKS:
+    raise ValueError(f"unknown model {name!r}; expected one of {', '.join(NETWORKS)}")
+  return NETWORKS[name](num_classes, width, exit_head)

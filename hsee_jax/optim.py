@@ -16,6 +16,7 @@ import flax
 import jax
 import optax
 
+from hsee_jax import models
 from hsee_jax.config import Config
 
 
@@ -32,6 +33,13 @@ class PartState:
     return PartState(params={n: self.params[n] for n in names},
                      batch_stats={n: self.batch_stats[n] for n in names if n in self.batch_stats},
                      opt_state={n: self.opt_state[n] for n in names if n in self.opt_state})
+
+  def split(self, cut: int) -> tuple["PartState", "PartState"]:
+    """(client part, server part) at ``cut``: units 1..cut and the exit head;
+    the units after ``cut`` and the classifier."""
+    client = [n for n in self.params if n == models.EXIT_HEAD
+              or (models.unit_index(n) or cut + 1) <= cut]
+    return self.subset(client), self.subset([n for n in self.params if n not in client])
 
   def merge(self, other: "PartState") -> "PartState":
     """This state with ``other``'s subtrees written over it."""
@@ -69,6 +77,9 @@ def make_schedule(cfg: Config, total_steps: int) -> optax.Schedule:
 
 
 def init_part(tx: optax.GradientTransformation, params: dict, batch_stats: dict) -> PartState:
+  """A :class:`PartState` of ``params`` and ``batch_stats`` (dicts keyed by
+  unit / head name, as ``SplitNetwork.init_span`` returns them) with the
+  optimiser state ``tx.init`` gives each subtree."""
   return PartState(params=params, batch_stats=batch_stats,
                    opt_state={n: tx.init(p) for n, p in params.items()})
 

@@ -51,12 +51,12 @@ from jax.sharding import PartitionSpec as P
 from hsee_jax import data as data_lib
 from hsee_jax import models
 from hsee_jax import optim
-from hsee_jax.config import NUM_UNITS, Config, ConfigError
+from hsee_jax.config import Config, ConfigError
 from hsee_jax.engine import ClientRunner, ClientUpdate, resolve_chunk, resolve_mode
 from hsee_jax.fleet import Cohort, Fleet, chunk_plan
 from hsee_jax.optim import PartState, apply_gradients
 
-METRIC_NAMES = ("loss_client", "loss_server", "acc_client", "acc_server")
+METRIC_NAMES = ("exit_loss", "full_loss", "exit_acc", "full_acc")
 
 # -- programs shared across simulations in one process ----------------------------
 # The config fields a round's compiled programs read (besides the network's
@@ -67,7 +67,7 @@ METRIC_NAMES = ("loss_client", "loss_server", "acc_client", "acc_server")
 # reaches the programs as inputs. Programs are built from
 # :func:`program_config`, which holds these fields only, so a program that
 # reads a field not listed here fails at once instead of being shared wrongly.
-PROGRAM_FIELDS = ("width", "exit_head", "optimizer", "nesterov", "augment", "augment_pad",
+PROGRAM_FIELDS = ("model", "width", "exit_head", "optimizer", "nesterov", "augment", "augment_pad",
                   "server_grad_to_client", "client_state", "aggregate_every")
 PROGRAM_CACHE_SIZE = 64
 _PROGRAMS: collections.OrderedDict = collections.OrderedDict()
@@ -98,14 +98,6 @@ def shared_program(key: tuple, make: Callable):
 
 def group_key(cut: int) -> str:
   return f"cut_{cut}"
-
-
-def client_names(cut: int) -> list[str]:
-  return [models.unit_name(k) for k in range(1, cut + 1)] + [models.EXIT_HEAD]
-
-
-def server_names(cut: int) -> list[str]:
-  return [models.unit_name(k) for k in range(cut + 1, NUM_UNITS + 1)] + [models.CLASSIFIER]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +140,8 @@ def make_shared(datasets) -> tuple[Shared, list[int], list[int]]:
   return shared, offsets, rows
 
 
-def _cross_entropy(logits, labels):
+def cross_entropy(logits, labels):
+  """Mean softmax cross-entropy with integer labels: the default split-update loss."""
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
@@ -156,20 +149,48 @@ def _accuracy(logits, labels):
   return jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
-def split_update(net: models.SplitResNet18, tx: optax.GradientTransformation, cfg: Config,
-                 cut: int) -> ClientUpdate:
-  """The Hetero-SplitEE client update for a client at ``cut``.
+def preprocessing(augment: bool = True, augment_pad: float = 0.125) -> Callable:
+  """The default input preprocessing, ``(key, uint8 images [B, H, W, 3], mean, std)
+  -> float images``: a random crop of the padded image and a horizontal flip
+  (if ``augment``; ``augment_pad`` is the padding as a share of the side),
+  then per-channel normalisation."""
+  def preprocess(key, images, mean, std):
+    if augment:
+      images = data_lib.augment(key, images, augment_pad)
+    return data_lib.normalize(images, mean, std)
+  return preprocess
 
-  state: ``(client PartState, server PartState, PRNG key)``;
-  per-step input: ``(indices [B], hparams [4], row)`` (``fleet.HPARAMS``:
-  learning rate, momentum, weight decay, exit-loss weight; ``row``: the
-  client's run's row of ``Shared.mean``/``std``); output: ``((client,
-  server), metrics[4])``, the metrics averaged over the local steps
-  (``METRIC_NAMES``). ``tx`` gives the optimiser state's structure; the step
-  applies the direction built from its momentum and weight-decay inputs.
+
+def split_update(net: models.SplitNetwork, cut: int, *, loss: Callable = cross_entropy,
+                 preprocess: Callable | None = None, optimizer: str = "sgd",
+                 nesterov: bool = False, server_grad_to_client: bool = False) -> ClientUpdate:
+  """The Hetero-SplitEE client update for a client at ``cut``, as FedJAX's
+  init / step / final (:class:`hsee_jax.engine.ClientUpdate`).
+
+  Each step: the client part and its exit head give ``exit_loss`` (on the
+  exit logits), the server part given the client part's activations gives
+  ``full_loss``; one ``value_and_grad`` of ``w * exit_loss +
+  full_loss`` (w = the exit-loss weight) updates both parts; no gradient
+  reaches the client part from the server unless ``server_grad_to_client``.
+
+  Args:
+    net: the split network; ``cut`` one of its ``allowed_cuts()``.
+    loss: ``(logits, labels) -> scalar``, for both the exit and the final
+      logits (default: :func:`cross_entropy`).
+    preprocess: ``(key, images, mean, std) -> images`` (default:
+      :func:`preprocessing` with augmentation).
+    optimizer, nesterov: ``sgd`` | ``adam`` and SGD's Nesterov flag
+      (:func:`hsee_jax.optim.direction`).
+
+  The state is ``(client PartState, server PartState, PRNG key)``; the
+  per-step input ``(indices [B], hparams [4], row)``: indices into
+  ``shared.images`` / ``shared.labels`` (:class:`Shared`), ``hparams`` =
+  learning rate, momentum, weight decay, exit-loss weight
+  (``fleet.HPARAMS``), ``row`` the row of ``shared.mean`` / ``shared.std``.
+  The output is ``((client, server), metrics [4])``, the metrics
+  (``METRIC_NAMES``) averaged over the steps.
   """
-  c_first, c_last, c_head = models.client_span(cut)
-  s_first, s_last, s_head = models.server_span(cut)
+  preprocess = preprocessing() if preprocess is None else preprocess
 
   def init(shared, state):
     client, server, key = state
@@ -179,22 +200,16 @@ def split_update(net: models.SplitResNet18, tx: optax.GradientTransformation, cf
     client, server, key, msum, n = carry
     idx, hp, row = x
     lr, momentum, weight_decay, exit_weight = hp[0], hp[1], hp[2], hp[3]
-    step_tx = optim.direction(cfg.optimizer, cfg.nesterov, momentum, weight_decay)
+    step_tx = optim.direction(optimizer, nesterov, momentum, weight_decay)
     key, aug_key = jax.random.split(key)
-    images = shared.images[idx]
     labels = shared.labels[idx]
-    if cfg.augment:
-      images = data_lib.augment(aug_key, images, cfg.augment_pad)
-    images = data_lib.normalize(images, shared.mean[row], shared.std[row])
+    images = preprocess(aug_key, shared.images[idx], shared.mean[row], shared.std[row])
 
     def loss_fn(client_params, server_params):
-      h, exit_logits, c_stats = net.apply_span(client_params, client.batch_stats, images,
-                                               c_first, c_last, c_head, train=True)
-      h_in = h if cfg.server_grad_to_client else jax.lax.stop_gradient(h)
-      _, logits, s_stats = net.apply_span(server_params, server.batch_stats, h_in,
-                                          s_first, s_last, s_head, train=True)
-      loss_c = _cross_entropy(exit_logits, labels)
-      loss_s = _cross_entropy(logits, labels)
+      (exit_logits,), logits, (c_stats,), s_stats = net.split_forward(
+          [(client_params, client.batch_stats)], (server_params, server.batch_stats), images,
+          [cut], train=True, server_grad_to_client=server_grad_to_client)
+      loss_c, loss_s = loss(exit_logits, labels), loss(logits, labels)
       metrics = jnp.stack([loss_c, loss_s, _accuracy(exit_logits, labels),
                            _accuracy(logits, labels)])
       return exit_weight * loss_c + loss_s, (metrics, c_stats, s_stats)
@@ -248,20 +263,20 @@ def _variables(params, stats, names) -> PartState:
                    batch_stats={n: stats[n] for n in names if n in stats}, opt_state={})
 
 
-def _cut_variables(model: PartState, head: PartState, cut: int) -> PartState:
-  """The whole network of a client at ``cut`` (client part, its exit head, and
-  server part) from the shared model and that cut's exit head."""
+def _cut_variables(model: PartState, head: PartState) -> PartState:
+  """The whole network of a client (client part with its exit head, and
+  server part) from the shared model and its cut's exit head."""
   params = {**model.params, models.EXIT_HEAD: head.params}
   stats = {**model.batch_stats, **({models.EXIT_HEAD: head.batch_stats} if head.batch_stats else {})}
-  return _variables(params, stats, client_names(cut) + server_names(cut))
+  return _variables(params, stats, list(params))
 
 
 def client_server_parts(state: "AveragingState", cut: int, tx) -> tuple[PartState, PartState]:
   """A client's client part and server part at ``cut`` taken from an Averaging
   state's shared model, with fresh optimiser state (benchmarks, profiles)."""
-  full = _cut_variables(state.model, state.exit_heads[group_key(cut)], cut)
+  full = _cut_variables(state.model, state.exit_heads[group_key(cut)])
   full = full.replace(opt_state=_opt_init(tx, full.params))
-  return full.subset(client_names(cut)), full.subset(server_names(cut))
+  return full.split(cut)
 
 
 def _nbytes(tree) -> int:
@@ -345,8 +360,9 @@ def combine_sums(model: PartState, exit_heads: dict, sums: dict) -> tuple[PartSt
 
   params, stats = dict(model.params), dict(model.batch_stats)
   for name in model.params:
-    k = NUM_UNITS + 1 if name == models.CLASSIFIER else int(name.split("_")[1])
-    holders = [c for c in cuts if c >= k] + [c for c in cuts if c < k]
+    k = models.unit_index(name)  # None: the classifier, held by every server part
+    holders = ([c for c in cuts if c >= k] + [c for c in cuts if c < k] if k is not None
+               else list(cuts))
     (p, s), total = average(name, holders)
     params[name] = pick(p, total, model.params[name])
     if name in stats:
@@ -433,7 +449,7 @@ class Context:
   """What both strategies are built from: config, network, optimiser, fleet,
   the train set on device, and one client runner per cut."""
   cfg: Config
-  net: models.SplitResNet18
+  net: models.SplitNetwork
   tx: optax.GradientTransformation
   fleet: Fleet
   shared: Shared
@@ -459,8 +475,10 @@ class Context:
     view = program_config(cfg)
     self.runners = {
         cut: shared_program(("runner", self.program_key, cut, self.mode),
-                            lambda cut=cut: ClientRunner(split_update(self.net, self.tx, view, cut),
-                                                         self.mode))
+                            lambda cut=cut: ClientRunner(split_update(
+                                self.net, cut, preprocess=preprocessing(view.augment, view.augment_pad),
+                                optimizer=view.optimizer, nesterov=view.nesterov,
+                                server_grad_to_client=view.server_grad_to_client), self.mode))
         for cut in self.fleet.groups}
     if cfg.shard_clients:
       if cfg.strategy != "averaging" or self.mode not in ("vmap", "unrolled"):
@@ -569,7 +587,7 @@ def _averaging_programs(tx, keep_opt: bool, keep_models: bool):
     k = slots.shape[1]
     blocks = []
     for r in range(len(models_)):
-      full = _cut_variables(models_[r], heads[r], cut)
+      full = _cut_variables(models_[r], heads[r])
       if keep_models:
         full = PartState(params=_take(kept[r].params, slots[r]),
                          batch_stats=_take(kept[r].batch_stats, slots[r]), opt_state={})
@@ -579,7 +597,7 @@ def _averaging_programs(tx, keep_opt: bool, keep_models: bool):
              else _stack_copies(_opt_init(tx, _take(full.params, 0)), k))
       blocks.append(full.replace(opt_state=opt))
     full = blocks[0] if len(blocks) == 1 else jax.tree.map(lambda *b: jnp.concatenate(b), *blocks)
-    return full.subset(client_names(cut)), full.subset(server_names(cut))
+    return full.split(cut)
 
   def _finish(kept, accs, client, server, weights, slots, due):
     full, k = client.merge(server), slots.shape[1]
@@ -607,7 +625,7 @@ def _spread(kept, model, heads):
   out = {}
   for g, part in kept.items():
     n = jax.tree.leaves(part.params)[0].shape[0]
-    avg = _stack_copies(_cut_variables(model, heads[g], int(g.split("_")[1])), n)
+    avg = _stack_copies(_cut_variables(model, heads[g]), n)
     out[g] = PartState(params=avg.params, batch_stats=avg.batch_stats, opt_state=part.opt_state)
   return out
 
@@ -622,13 +640,13 @@ def averaging(ctx: Context) -> Algorithm:
   def init(key) -> AveragingState:
     """Every unit starts from the same weights wherever it is held (unit k's
     init depends on (key, k) only; an exit head's on (key, cut))."""
-    p, s = net.init_span(key, *models.full_span(), ctx.image_shape)
+    p, s = net.init_span(key, *net.full_span(), ctx.image_shape)
     model = PartState(params=p, batch_stats=s, opt_state={})
     heads, clients = {}, {}
     for cut, ids in fleet.groups.items():
       hp, hs = net.init_exit_head(key, cut, ctx.image_shape)
       heads[group_key(cut)] = PartState(params=hp, batch_stats=hs, opt_state={})
-      full = _cut_variables(model, heads[group_key(cut)], cut)
+      full = _cut_variables(model, heads[group_key(cut)])
       kept = PartState(params=full.params if keep_models else {},
                        batch_stats=full.batch_stats if keep_models else {},
                        opt_state=_opt_init(tx, full.params) if keep_opt else {})
@@ -706,12 +724,10 @@ def averaging(ctx: Context) -> Algorithm:
       if keep_models:  # clients differ: a seeded sample of them
         for i in ctx.eval_sample(cut):
           full = _take(state.clients[g], int(fleet.slots[i]))
-          out.append(EvalModel(cut, (int(i),), full.subset(client_names(cut)),
-                               full.subset(server_names(cut)), False))
+          out.append(EvalModel(cut, (int(i),), *full.split(cut), False))
         continue
-      full = _cut_variables(state.model, state.exit_heads[g], cut)
-      out.append(EvalModel(cut, tuple(int(i) for i in ids), full.subset(client_names(cut)),
-                           full.subset(server_names(cut)), True))
+      full = _cut_variables(state.model, state.exit_heads[g])
+      out.append(EvalModel(cut, tuple(int(i) for i in ids), *full.split(cut), True))
     return out
 
   def nonfinite_parts(state: AveragingState, ids=None) -> list[str]:
@@ -761,10 +777,10 @@ def sequential(ctx: Context) -> Algorithm:
   def init(key) -> SequentialState:
     clients = {}
     for cut, ids in fleet.groups.items():
-      p, s = net.init_span(key, *models.client_span(cut), ctx.image_shape)
+      p, s = net.init_span(key, *net.client_span(cut), ctx.image_shape)
       part = PartState(params=p, batch_stats=s, opt_state=_opt_init(tx, p) if keep_opt else {})
       clients[group_key(cut)] = _stack_copies(part, len(ids))
-    p, s = net.init_span(key, *models.server_span(min_cut), ctx.image_shape)
+    p, s = net.init_span(key, *net.server_span(min_cut), ctx.image_shape)
     return SequentialState(clients=clients,
                            server=PartState(params=p, batch_stats=s, opt_state=_opt_init(tx, p)))
 
@@ -779,7 +795,7 @@ def sequential(ctx: Context) -> Algorithm:
       cut = int(cohort.cuts[pos])
       g, slot = group_key(cut), int(cohort.slots[pos])
       client = take(clients[g], slot)
-      sub = server.subset(server_names(cut))
+      sub = server.split(cut)[1]
       xs = step_inputs(ctx, cohort, pos)  # host arrays: sliced per step for free
       (client, sub), m = ctx.runners[cut].one(ctx.shared, (client, sub, cohort.keys[pos]), xs)
       clients[g] = put(clients[g], slot, client)
@@ -792,7 +808,7 @@ def sequential(ctx: Context) -> Algorithm:
   def eval_models(state: SequentialState) -> list[EvalModel]:
     out = []
     for cut in fleet.groups:
-      sub = state.server.subset(server_names(cut))
+      sub = state.server.split(cut)[1]
       for i in ctx.eval_sample(cut):
         out.append(EvalModel(cut, (int(i),), _take(state.clients[group_key(cut)], int(fleet.slots[i])),
                              sub, False))

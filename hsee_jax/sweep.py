@@ -241,9 +241,9 @@ def train_runs(runs: list[Run], out: Path, *, resume: bool = False, dataset=None
         log(f"[sweep] run {done}/{len(runs)} {r.name} failed: {summary}")
         continue
       test = summary["test"] or {}
-      log(f"[sweep] run {done}/{len(runs)} {r.name} done: exit acc "
-          f"{test.get('mean_exit_acc', float('nan')):.4f}, full-path acc "
-          f"{test.get('mean_server_acc', float('nan')):.4f}, {summary['wall_seconds']:.1f} s")
+      log(f"[sweep] run {done}/{len(runs)} {r.name} done: mean_exit_acc "
+          f"{test.get('mean_exit_acc', float('nan')):.4f}, mean_full_acc "
+          f"{test.get('mean_full_acc', float('nan')):.4f}, {summary['wall_seconds']:.1f} s")
   return failed
 
 
@@ -280,10 +280,10 @@ def collect(out: Path, runs: list[Run]) -> list[dict]:
     summary = json.loads((out / run.name / "summary.json").read_text())
     test = summary["test"]
     row.update({"status": "done", "mean_exit_acc": test["mean_exit_acc"],
-                "mean_server_acc": test["mean_server_acc"]})
+                "mean_full_acc": test["mean_full_acc"]})
     for c in test["cuts"]:
       row[f"exit_acc_cut{c['cut']}"] = c["exit_acc"]["mean"]
-      row[f"server_acc_cut{c['cut']}"] = c["server_acc"]["mean"]
+      row[f"full_acc_cut{c['cut']}"] = c["full_acc"]["mean"]
     row["wall_seconds"] = summary["wall_seconds"]
     rows.append(row)
   return rows
@@ -367,11 +367,11 @@ def _plots(out: Path, grid: dict, points: list[dict]) -> None:
       xs = [p[field] for p in ps]
       pos = xs if numeric else list(range(len(xs)))
       label = ", ".join(f"{f}={v}" for f, v in zip(others, key))
-      for metric, style in (("mean_server_acc", "-o"), ("mean_exit_acc", "--s")):
+      for metric, style in (("mean_full_acc", "-o"), ("mean_exit_acc", "--s")):
         ys = [p[metric][0] for p in ps]
         err = [p[metric][1] if np.isfinite(p[metric][1]) else 0.0 for p in ps]
         ax.errorbar(pos, ys, yerr=err, fmt=style, capsize=3,
-                    label=f"{'full path' if 'server' in metric else 'exit'}"
+                    label=f"{'full path' if 'full' in metric else 'exit'}"
                           + (f" ({label})" if label else ""))
       if not numeric:
         ax.set_xticks(pos, [str(x) for x in xs])

@@ -76,7 +76,7 @@ def build(cfg: Config, dataset: data_lib.Dataset | None = None,
   except fleet_lib.FleetError as e:
     raise RunError(str(e)) from None
   steps = cfg.local_steps or max(1, math.ceil(float(np.mean(fleet.sizes)) / cfg.batch_size))
-  net = models.SplitResNet18(dataset.num_classes, cfg.width, cfg.exit_head)
+  net = models.network(cfg.model, dataset.num_classes, cfg.width, cfg.exit_head)
   tx = optim.make_optimizer(cfg)
   schedule = optim.make_schedule(cfg, cfg.rounds * steps)
   if shared is None:
@@ -98,14 +98,15 @@ def build_runs(cfgs: list[Config], datasets: list | None = None,
   return [build(c, d, log, (data, o, r)) for c, d, o, r in zip(cfgs, datasets, offsets, rows)]
 
 
+def _format_metrics(m: dict) -> str:
+  return "  ".join(f"{k} {m[k]:.3f}" for k in METRIC_NAMES)
+
+
 def _format_round(rec: dict, rounds: int) -> str:
-  m = rec["train"]
-  line = (f"round {rec['round'] + 1:>3}/{rounds}  loss client {m['loss_client']:.3f} "
-          f"server {m['loss_server']:.3f}  train acc client {m['acc_client']:.3f} "
-          f"server {m['acc_server']:.3f}")
+  line = f"round {rec['round'] + 1:>3}/{rounds}  train {_format_metrics(rec['train'])}"
   if "test" in rec:
-    line += (f" | test exit {rec['test']['mean_exit_acc']:.3f} "
-             f"server {rec['test']['mean_server_acc']:.3f}")
+    line += (f" | test mean_exit_acc {rec['test']['mean_exit_acc']:.3f} "
+             f"mean_full_acc {rec['test']['mean_full_acc']:.3f}")
   return line + f" | {rec['images_per_s']:.0f} img/s {rec['seconds']:.1f}s"
 
 
@@ -285,9 +286,8 @@ def _train_loop(runs: list["_Run"], stop, log) -> None:
       if train:
         mean = {k: float(np.mean([t[k] for t in train])) for k in METRIC_NAMES}
         left = [r for r in runs if not r.done]
-        log(f"[batch] round {rnd + 1}: {len(now)} runs  loss client {mean['loss_client']:.3f} "
-            f"server {mean['loss_server']:.3f}  train acc client {mean['acc_client']:.3f} "
-            f"server {mean['acc_server']:.3f} (means over runs) | {images / seconds:.0f} img/s "
+        log(f"[batch] round {rnd + 1}: {len(now)} runs  train {_format_metrics(mean)} "
+            f"(means over runs) | {images / seconds:.0f} img/s "
             f"{seconds:.1f}s | runs left: {len(left)}, rounds left: "
             f"{sum(r.cfg.rounds - r.rnd for r in left)}")
   for r in runs:

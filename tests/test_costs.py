@@ -18,7 +18,7 @@ def table():
 
 
 def test_parts_add_up_to_the_network(table):
-  full, _ = NET.init_span(jax.random.PRNGKey(0), *models.full_span(), SHAPE)
+  full, _ = NET.init_span(jax.random.PRNGKey(0), *NET.full_span(), SHAPE)
   n_full = sum(np.prod(a.shape) for a in jax.tree.leaves(full))
   for row in table:
     exit_head, _ = NET.init_span(jax.random.PRNGKey(0), 1, row["cut"], models.EXIT_HEAD, SHAPE)

@@ -104,7 +104,7 @@ def test_two_processes_equal_one_process_with_four_devices(two_process_run, tmp_
     for k in x["train"]:
       assert y["train"][k] == pytest.approx(x["train"][k], rel=1e-5, abs=1e-6)
     assert y["test"]["mean_exit_acc"] == x["test"]["mean_exit_acc"]
-    assert y["test"]["mean_server_acc"] == x["test"]["mean_server_acc"]
+    assert y["test"]["mean_full_acc"] == x["test"]["mean_full_acc"]
   import jax
   for p, q in zip(jax.tree.leaves(_final_state(one)), jax.tree.leaves(_final_state(two))):
     np.testing.assert_allclose(q, p, rtol=1e-5, atol=1e-6)

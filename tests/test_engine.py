@@ -10,7 +10,7 @@ from hsee_jax import train as train_lib
 from hsee_jax.config import Config
 from hsee_jax.engine import ClientRunner
 from hsee_jax.optim import init_part
-from hsee_jax.strategies import _stack_copies, client_names, server_names, split_update, step_inputs
+from hsee_jax.strategies import _stack_copies, split_update, step_inputs
 
 CFG = Config(dataset="synthetic", synthetic_shape=(16, 16, 4, 96, 32), width=0.125,
              cuts=(4, 4), batch_size=8, local_steps=3, rounds=2, augment=True)
@@ -23,11 +23,11 @@ def _run(mode, scan_steps):
   stats = state.model.batch_stats
   part = lambda names: _stack_copies(init_part(sim.ctx.tx, {n: params[n] for n in names},
                                                {n: stats[n] for n in names if n in stats}), 2)
-  runner = ClientRunner(split_update(sim.net, sim.ctx.tx, CFG, 4), mode, scan_steps=scan_steps)
+  runner = ClientRunner(split_update(sim.net, 4), mode, scan_steps=scan_steps)
   cohort = sim.cohort(0, jax.random.PRNGKey(1))
   xs = step_inputs(sim.ctx, cohort, np.arange(2))
-  start = part(client_names(4))
-  (client, server), metrics = runner(sim.ctx.shared, (start, part(server_names(4)), cohort.keys), xs)
+  start = part(sim.net.client_names(4))
+  (client, server), metrics = runner(sim.ctx.shared, (start, part(sim.net.server_names(4)), cohort.keys), xs)
   return client, server, metrics, start
 
 

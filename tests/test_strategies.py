@@ -10,8 +10,8 @@ from hsee_jax import models
 from hsee_jax import train as train_lib
 from hsee_jax.config import Config, ConfigError
 from hsee_jax.optim import PartState
-from hsee_jax.strategies import (chunk_sums, combine_sums, cross_layer_average, group_key, step_inputs,
-                                 server_names)
+from hsee_jax.strategies import (chunk_sums, combine_sums, cross_layer_average, group_key,
+                                 step_inputs)
 
 CFG = Config(dataset="synthetic", synthetic_shape=(16, 16, 4, 96, 32), width=0.125,
              cuts=(3, 7), batch_size=8, local_steps=2, rounds=2, augment=False)
@@ -28,7 +28,7 @@ def test_sequential_server_continues_from_each_clients_cut():
   # client 0 (cut 7) trains first: server units 4..7 must not move, momentum included
   cohort = sim.cohort(0, jax.random.PRNGKey(1))
   client = jax.tree.map(lambda a: a[0], state.clients[group_key(7)])
-  sub = server.subset(server_names(7))
+  sub = server.subset(sim.net.server_names(7))
   xs = step_inputs(sim.ctx, cohort, 0)
   (_, sub), _ = sim.runners[7].one(sim.ctx.shared, (client, sub, cohort.keys[0]), xs)
   after = server.merge(sub)

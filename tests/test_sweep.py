@@ -73,12 +73,12 @@ def test_sweep_compiles_once_per_batch_equals_solo_runs_and_resumes_exactly(tmp_
   # results: one row per run, mean ± std per grid point, a plot per swept field
   table = list(csv.DictReader(open(out / "sweep.csv")))
   assert len(table) == 8 and {r["seed"] for r in table} == {"0", "1"}
-  assert {"lr", "exit_loss_weight", "mean_exit_acc", "mean_server_acc", "exit_acc_cut2",
-          "server_acc_cut4", "wall_seconds"} <= set(table[0])
+  assert {"lr", "exit_loss_weight", "mean_exit_acc", "mean_full_acc", "exit_acc_cut2",
+          "full_acc_cut4", "wall_seconds"} <= set(table[0])
   row = next(r for r in rows if r["run"] == "lr=0.05,exit_loss_weight=1.0/seed0")
   other = next(r for r in rows if r["run"] == "lr=0.05,exit_loss_weight=1.0/seed1")
-  mean = (row["mean_server_acc"] + other["mean_server_acc"]) / 2
-  std = float(np.std([row["mean_server_acc"], other["mean_server_acc"]], ddof=1))
+  mean = (row["mean_full_acc"] + other["mean_full_acc"]) / 2
+  std = float(np.std([row["mean_full_acc"], other["mean_full_acc"]], ddof=1))
   md = (out / "sweep.md").read_text()
   line = next(l for l in md.splitlines() if l.startswith("| 0.05 | 1.0 | 2 |"))
   assert f"{mean:.4f} ± {std:.4f}" in line

@@ -22,9 +22,9 @@ def test_training_lowers_loss_on_real_cifar10(cifar10_small, tmp_path, strategy)
   recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["round"] for r in recs] == list(range(5))
   first, last = recs[0]["train"], recs[-1]["train"]
-  assert last["loss_client"] < first["loss_client"] - 0.1
-  assert last["loss_server"] < first["loss_server"] - 0.1
-  assert summary["test"]["mean_server_acc"] > 0.15  # chance is 0.10
+  assert last["exit_loss"] < first["exit_loss"] - 0.1
+  assert last["full_loss"] < first["full_loss"] - 0.1
+  assert summary["test"]["mean_full_acc"] > 0.15  # chance is 0.10
   assert [c["cut"] for c in summary["test"]["cuts"]] == [2, 5, 7]
   # Averaging evaluates one shared model per cut; Sequential each client
   assert len(summary["test"]["clients"]) == (3 if strategy == "sequential" else 0)
@@ -43,15 +43,15 @@ def test_cli_writes_metrics_and_summary(tmp_path, capsys):
   lines = (out / "metrics.jsonl").read_text().splitlines()
   assert len(lines) == 3
   rec = json.loads(lines[-1])
-  assert set(rec["train"]) == {"loss_client", "loss_server", "acc_client", "acc_server"}
+  assert set(rec["train"]) == {"exit_loss", "full_loss", "exit_acc", "full_acc"}
   summary = json.loads((out / "summary.json").read_text())
   assert summary["config"]["strategy"] == "sequential" and summary["rounds"] == 3
   clients = summary["test"]["clients"]
   assert [c["cut"] for c in clients] == [2, 6]
   for c in clients:
-    assert 0.0 <= c["exit_acc"] <= 1.0 and 0.0 <= c["server_acc"] <= 1.0
+    assert 0.0 <= c["exit_acc"] <= 1.0 and 0.0 <= c["full_acc"] <= 1.0
     table = {r["threshold"]: r for r in c["early_exit"]}
-    assert table[0.0]["client_fraction"] == 0.0 and table[0.0]["accuracy"] == c["server_acc"]
+    assert table[0.0]["client_fraction"] == 0.0 and table[0.0]["accuracy"] == c["full_acc"]
     assert table[1.0]["client_fraction"] == 1.0 and table[1.0]["accuracy"] == c["exit_acc"]
   # a second run into the same directory is refused with one line
   assert cli.main(["train", "--config", str(cfg_file), "--out", str(out)]) == 2
@@ -79,7 +79,7 @@ def test_more_clients_than_samples(tmp_path):
 
 def test_non_finite_loss_stops_with_round_and_client(tmp_path):
   cfg = dataclasses.replace(SYNTH, lr=1e30, optimizer="sgd", momentum=0.0, rounds=3)
-  with pytest.raises(train_lib.RunError, match=r"round \d: non-finite loss_\w+ \(.*\) on client \d \(cut \d\)"):
+  with pytest.raises(train_lib.RunError, match=r"round \d: non-finite \w+_loss \(.*\) on client \d \(cut \d\)"):
     train_lib.train(cfg, tmp_path, log=lambda s: None)
   last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
   assert last["event"] == "stopped" and "non-finite" in last["error"]
