@@ -242,7 +242,7 @@ def _markdown(results: dict, rows: list[dict]) -> str:
   for ds_name, ds in results["datasets"].items():
     md += [f"## {ds_name}", "", "### Test accuracy per cut", "",
            "Exit = the client's early-exit head alone; full = client part then server part.", "",
-           "| run | strategy | cuts | exit acc per cut | full-path acc per cut | mean exit | mean full | wall s (mean) | simulated s |",
+           "| run | strategy | cuts | `exit_acc` per cut | `full_acc` per cut | mean `exit_acc` | mean `full_acc` | wall s (mean) | simulated s |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, per_seed in ds["runs"].items():
       rs = [r for r in rows if r["dataset"] == ds_name and r["run"] == name]

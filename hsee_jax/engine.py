@@ -59,29 +59,21 @@ def _unrolled(f):
 
 
 def resolve_mode(mode: str) -> str:
-  """``auto``: what experiments/bench_throughput.py measured fastest.
-
-  CPU: ``unrolled`` (on 2 cores, width 0.25, batch 32: 432 images/s at 16
-  clients against 389 for ``loop`` and 78 for ``vmap``, whose per-client
-  weights become grouped convolutions). Accelerators: ``loop`` (H200, width
-  1.0, 16 clients: 26,936 images/s at batch 128 against 11,878 for ``vmap``;
-  11,484 against 9,871 at batch 32; ``unrolled`` compiles a program that
-  grows with the chunk). README, Throughput, has the tables.
+  """``auto``: what experiments/bench_throughput.py measured fastest:
+  ``unrolled`` on CPU (``vmap``'s per-client weights become grouped
+  convolutions there), ``loop`` on accelerators (``unrolled`` compiles a
+  program that grows with the chunk). Figures: docs/performance.md, Throughput.
   """
   if mode != "auto":
     return mode
   return "unrolled" if jax.default_backend() == "cpu" else "loop"
 
 
-# Clients per compiled call when ``client_chunk = 0``. CPU: the chunk sweep of
-# experiments/bench_fleet.py (Averaging, width 0.125, N = 1,024, C = 64,
-# ``unrolled``) gave 894 images/s at chunks of 2 against 845-921 at 4 and 834
-# at 8, with compilation 31 / 84-90 / 108 s and peak RSS 1.35 / 2.2 / 2.7 GB:
-# an unrolled program grows with its chunk, and each chunk size met compiles
-# once per cut (README, Fleet benchmark). Accelerators: ``auto``
-# runs ``loop`` there (one call per client whatever the chunk); for ``vmap``
-# or ``unrolled`` chosen by hand a chunk of 32 keeps the device busy (not
-# measured by chunk).
+# Clients per compiled call when ``client_chunk = 0``. CPU: 2, the fastest of
+# experiments/bench_fleet.py's chunk sweep, which compiles least (an unrolled
+# program grows with its chunk; docs/performance.md, Fleets). Accelerators:
+# ``auto`` runs ``loop`` there (one call per client whatever the chunk); for
+# ``vmap`` or ``unrolled`` chosen by hand a chunk of 32 (not measured by chunk).
 AUTO_CHUNK = {"cpu": 2}
 AUTO_CHUNK_ACCELERATOR = 32
 
@@ -95,8 +87,7 @@ def resolve_chunk(chunk: int) -> int:
 
 
 # The tree helpers are jitted: one dispatch for the whole tree instead of one
-# per leaf (a client state has ~170 leaves; slicing one client out took 14 ms
-# eagerly and 0.75 ms jitted on this CPU: experiments/ab_cpu_speedups.py).
+# per leaf (a client state has ~170 leaves; experiments/ab_cpu_speedups.py).
 @jax.jit
 def tree_slice(tree, i):
   """Client ``i`` of a stacked tree."""
@@ -114,9 +105,8 @@ class ClientRunner:
 
   ``scan_steps``: run the local steps as one ``lax.scan`` inside the compiled
   function (fewer dispatches; the default on accelerators) or as a host loop
-  over a compiled step (the default on CPU: XLA:CPU ran the split step inside
-  a while loop 18x slower than the same step called from the host, 52 vs 985
-  images/s at width 0.125, batch 32).
+  over a compiled step (the default on CPU, where XLA:CPU ran the split step
+  inside a while loop far slower than called from the host; docs/design.md).
   """
 
   def __init__(self, update: ClientUpdate, mode: str, scan_steps: bool | None = None):

@@ -49,11 +49,11 @@ def materialize(x):
   unit's output ends a batch-norm / ReLU / residual chain that reaches back
   through every earlier unit, and the backward pass transposes it for the
   kernel-gradient convolution: that transpose fusion recomputed the chain of
-  units 1..k (``experiments/profile_step.py``, width 0.25: 26 ms of layout
-  thunk time per step, 16 ms with this; ``experiments/ab_cpu_speedups.py``:
-  +3% ``unrolled``, +6% ``loop`` at 8 clients). XLA's fusion never duplicates
-  a division, and dividing by a runtime 1.0 is exact, forward and backward. CPU only: GPU fusion counts a
-  division as cheap, so there it would be a wasted op.
+  units 1..k (measured by ``experiments/profile_step.py`` and
+  ``ab_cpu_speedups.py``; docs/performance.md). XLA's fusion never duplicates
+  a division, and dividing by a runtime 1.0 is exact, forward and backward.
+  CPU only: GPU fusion counts a division as cheap, so there it would be a
+  wasted op.
   """
   if jax.default_backend() != "cpu":
     return x

@@ -196,7 +196,7 @@ def train_runs(runs: list[Run], out: Path, *, resume: bool = False, dataset=None
   ``stack``: runs of a batch trained together, their rounds stacked into the
   same compiled calls (``train.train_together``); 0 = the whole batch. The
   default, 1, trains them one after another: measured faster than stacking
-  on this CPU and on an H200 (README, Sweeps). Stacked or not,
+  on this CPU and on an H200 (docs/performance.md, Sweeps). Stacked or not,
   a run's metrics are those of the run trained alone (bit for bit on the
   CPU). A run that fails (non-finite values, say) stops with its error in
   its ``metrics.jsonl``; the others go on. Returns the failed runs' names.

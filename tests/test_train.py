@@ -94,3 +94,30 @@ def test_same_seed_same_metrics(tmp_path):
   assert a["test"] == b["test"]
   c = train_lib.train(dataclasses.replace(SYNTH, seed=1), tmp_path / "c", log=lambda s: None)
   assert strip(tmp_path / "c") != strip(tmp_path / "a")
+
+
+@pytest.mark.parametrize("model,strategy", [("vgg16_bn", "sequential"),
+                                            ("mobilenet_v2", "averaging")])
+def test_every_network_trains_with_budgets_checkpoints_and_evaluation(tmp_path, model, strategy):
+  """The other shipped networks through the whole machinery, with no code of
+  their own: device budgets turned into cuts by the cost table, training (one
+  strategy each, to keep the suite short), the simulated clock, a checkpoint
+  read back by eval."""
+  from hsee_jax import costs, models
+  net = models.network(model, 4, 0.125)
+  table = costs.cost_table(net, (16, 16, 3))
+  assert [r["cut"] for r in table] == list(net.allowed_cuts())
+  # a budget that just fits cut 2's training step, and no budget: the deepest cut
+  fits_2 = (table[1]["client_train_flops"] * 8 * 1.01, 0)
+  cfg = dataclasses.replace(SYNTH, model=model, num_clients=2, mode="loop", local_steps=1,
+                            rounds=1, budget_tiers=((fits_2, 0.5), ((0, 0), 0.5)))
+  run = tmp_path / "run"
+  summary = train_lib.train(dataclasses.replace(cfg, strategy=strategy), run, log=lambda s: None)
+  cuts = sorted(json.loads((run / "fleet.json").read_text())["cuts"])
+  assert cuts == [2, net.num_units - 1]
+  assert [c["cut"] for c in summary["test"]["cuts"]] == cuts
+  assert np.isfinite(summary["test"]["mean_full_acc"])
+  assert train_lib.evaluate_run(run, log=lambda s: None)["test"]["cuts"] == summary["test"]["cuts"]
+  seconds = costs.simulated_round_seconds(strategy, cuts, {r["cut"]: r for r in table}, 1, 8,
+                                          [1e10, 1e10], 1e13, 1.25e6)
+  assert np.isfinite(seconds) and seconds > 0
