@@ -25,7 +25,7 @@ back to the host. Each has its own state type:
   parts exist only for the clients of the current chunk.
 * :class:`SequentialState`: every client's own client part (``clients``,
   stacked per cut) and the one shared server part (``server``, units
-  min(cut)+1..9 and the classifier).
+  min(cut)+1..L and the classifier).
 
 Clients of a cut run in chunks of at most ``client_chunk`` (one compiled call
 per chunk, ``engine.ClientRunner``); the cross-layer aggregation adds each
@@ -230,7 +230,7 @@ def split_update(net: models.SplitNetwork, cut: int, *, loss: Callable = cross_e
 # -- state ----------------------------------------------------------------------
 @flax.struct.dataclass
 class AveragingState:
-  model: PartState       # one copy of units 1..9 and the classifier (no optimiser state)
+  model: PartState       # one copy of every unit and the classifier (no optimiser state)
   exit_heads: dict       # group_key(cut) -> PartState of that cut's exit head
   clients: dict          # group_key(cut) -> per-client PartState, leaves [N_cut, ...]
 
@@ -238,7 +238,7 @@ class AveragingState:
 @flax.struct.dataclass
 class SequentialState:
   clients: dict          # group_key(cut) -> client parts, leaves [N_cut, ...]
-  server: PartState      # the shared server part: units min(cut)+1..9, classifier
+  server: PartState      # the shared server part: units min(cut)+1..L, classifier
 
 
 def _stack_copies(tree, k: int):
@@ -769,7 +769,7 @@ def _average_clients(clients, weights):
 def sequential(ctx: Context) -> Algorithm:
   """Hetero-SplitEE Sequential: one shared server part; the cohort's clients
   take turns with it, and it continues from each client's cut (only units
-  cut+1..9 and the classifier are updated for that client)."""
+  cut+1..L and the classifier are updated for that client)."""
   cfg, net, tx, fleet = ctx.cfg, ctx.net, ctx.tx, ctx.fleet
   keep_opt = cfg.client_state == "keep"
   min_cut = min(fleet.groups)

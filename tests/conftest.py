@@ -59,3 +59,15 @@ def image_folder(tmp_path):
   write_image_zip(folder / "train.zip", ["cat", "ant", "bee"], 12, seed=1)
   write_image_zip(folder / "test.zip", ["cat", "ant", "bee"], 4, seed=2)
   return folder
+
+
+# The longest test files first: pytest-xdist (--dist loadfile) hands files to
+# the workers in collection order, so the short ones fill in at the end
+# instead of one worker finishing a long file alone.
+LONGEST_FIRST = ("test_distributed.py", "test_reproduce.py", "test_sweep.py", "test_fleet.py",
+                 "test_train.py", "test_experiments.py", "test_reliability.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -26,8 +26,9 @@ def _take(tree, names):
 
 
 @pytest.mark.parametrize("name,cut", CASES)
-@pytest.mark.parametrize("train", [False, True])
-def test_client_then_server_equals_full_network(full_variables, name, cut, train):
+def test_client_then_server_equals_full_network(full_variables, name, cut, train=True):
+  """In training mode: the outputs, and the batch statistics each side
+  updates (inference mode: test_split_forward_is_the_client_then_server_path)."""
   net = NETS[name]
   params, stats = full_variables[name]
   x = jax.random.normal(jax.random.PRNGKey(1), (4,) + SHAPE)
