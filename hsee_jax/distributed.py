@@ -139,6 +139,8 @@ def free_port() -> int:
 
 
 def cpu_env(devices: int) -> dict:
-  """The environment of a child process that sees ``devices`` CPU devices."""
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-          "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+  """The environment of a child process that sees ``devices`` CPU devices
+  (this process's other XLA flags kept)."""
+  flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
+                                 f"--xla_force_host_platform_device_count={devices}"]))
+  return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}

@@ -3,10 +3,11 @@ gives the single-device result.
 
 Runs in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4,
 since the device count is fixed when JAX starts."""
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from hsee_jax import distributed
 
 SCRIPT = r'''
 import dataclasses, jax, numpy as np
@@ -39,8 +40,7 @@ print("SHARDING-OK")
 
 
 def test_sharded_clients_match_single_device():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_PLATFORMS": "cpu"}
+  env = distributed.cpu_env(4)
   r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                      cwd=Path(__file__).resolve().parents[1], timeout=600)
   assert r.returncode == 0 and "SHARDING-OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
