@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hsee_jax import config as config_lib  # noqa: E402
 from hsee_jax import sweep  # noqa: E402
-from hsee_jax import costs, models  # noqa: E402
+from hsee_jax import costs, models, rundir  # noqa: E402
 from hsee_jax import train as train_lib  # noqa: E402
 from hsee_jax.config import Config  # noqa: E402
 from hsee_jax.data import DataError, load_dataset  # noqa: E402
@@ -91,7 +91,7 @@ def shrink_note(scale: str) -> str:
 
 
 def _records(run_dir: Path) -> list[dict]:
-  return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+  return rundir.read_records(run_dir / "metrics.jsonl")
 
 
 def run_grid(datasets, scale, out: Path, overrides=(), data_dirs=None, log=print,
@@ -128,7 +128,7 @@ def run_grid(datasets, scale, out: Path, overrides=(), data_dirs=None, log=print
 def _load_run(run_dir: Path) -> dict:
   if not (run_dir / "summary.json").exists():
     raise train_lib.RunError(f"{run_dir} holds no finished run (no summary.json)")
-  summary = json.loads((run_dir / "summary.json").read_text())
+  summary = rundir.read_summary(run_dir)
   return {"config": summary["config"], "summary": summary,
           "wall_seconds": summary["wall_seconds"], "records": _records(run_dir)}
 

@@ -149,16 +149,37 @@ def write_atomic(path: Path, text: str) -> None:
     raise RunError(f"cannot write {path}: {e.strerror or e}") from None
 
 
+# Metric names of run directories written before the names were unified
+# (one name per metric from training to evaluation to files).
+OLD_METRIC_NAMES = {"loss_client": "exit_loss", "loss_server": "full_loss",
+                    "acc_client": "exit_acc", "acc_server": "full_acc",
+                    "server_acc": "full_acc", "mean_server_acc": "mean_full_acc"}
+
+
+def current_names(obj):
+  """``obj`` (a record or summary, read back) with old metric names renamed."""
+  if isinstance(obj, dict):
+    return {OLD_METRIC_NAMES.get(k, k): current_names(v) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [current_names(v) for v in obj]
+  return obj
+
+
+def read_summary(run: Path) -> dict:
+  """A run's ``summary.json`` (current metric names)."""
+  return current_names(json.loads((Path(run) / "summary.json").read_text()))
+
+
 def read_records(path: Path, log: Callable[[str], None] = print) -> list[dict]:
-  """The records of ``metrics.jsonl``; a half-written last line is dropped
-  with a note, a damaged line before it is an error."""
+  """The records of ``metrics.jsonl`` (current metric names); a half-written
+  last line is dropped with a note, a damaged line before it is an error."""
   if not path.exists():
     return []
   lines = [(i + 1, line) for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
   records = []
   for j, (number, line) in enumerate(lines):
     try:
-      records.append(json.loads(line))
+      records.append(current_names(json.loads(line)))
     except json.JSONDecodeError as e:
       if j == len(lines) - 1:
         log(f"[hsee] {path}: dropped a half-written last line (line {number}; a crash mid-write)")

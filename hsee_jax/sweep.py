@@ -147,7 +147,7 @@ def plan(base: Config, grid: dict, seeds: list[int]) -> list[Run]:
 
 def _done(run_dir: Path) -> bool:
   try:
-    return json.loads((run_dir / "summary.json").read_text())["test"] is not None
+    return rundir.read_summary(run_dir)["test"] is not None
   except (OSError, ValueError, KeyError, TypeError):
     return False
 
@@ -277,7 +277,7 @@ def collect(out: Path, runs: list[Run]) -> list[dict]:
                    "did not finish")
       rows.append({**row, "status": "failed", "error": error})
       continue
-    summary = json.loads((out / run.name / "summary.json").read_text())
+    summary = rundir.read_summary(out / run.name)
     test = summary["test"]
     row.update({"status": "done", "mean_exit_acc": test["mean_exit_acc"],
                 "mean_full_acc": test["mean_full_acc"]})

@@ -446,7 +446,7 @@ class _Run:
   def summary(self, t_start: float) -> dict:
     if self.finished_before:
       try:
-        return json.loads((self.out / "summary.json").read_text())
+        return rundir.read_summary(self.out)
       except (OSError, json.JSONDecodeError) as e:
         raise RunError(f"{self.out / 'summary.json'} is damaged ({e}); the run's checkpoints are "
                        f"intact: hsee eval --run {self.out}") from None

@@ -375,3 +375,31 @@ def test_seed_must_be_a_non_negative_int():
     Config(seed=-1)
   with pytest.raises(ConfigError, match="seed"):
     Config(seed=2**40)
+
+
+def test_run_directories_with_the_old_metric_names_read_back_with_the_new(straight, tmp_path):
+  """Runs written before the metric names were unified (acc_client, server_acc,
+  ...) read back under today's names: a finished run's summary, and a resumed
+  run's kept records, which it writes back renamed."""
+  run = _copy(straight, tmp_path)
+  old = {v: k for k, v in rundir.OLD_METRIC_NAMES.items() if k not in ("acc_server",)}
+  old["exit_acc"] = "acc_client"  # in training records; evaluation's was exit_acc
+
+  def to_old(obj, in_train=False):
+    if isinstance(obj, dict):
+      return {(old.get(k, k) if in_train or k not in ("exit_acc",) else k):
+              to_old(v, in_train or k in ("train", "train_per_client")) for k, v in obj.items()}
+    return [to_old(v, in_train) for v in obj] if isinstance(obj, list) else obj
+
+  lines = (run / "metrics.jsonl").read_text().splitlines()
+  (run / "metrics.jsonl").write_text("".join(json.dumps(to_old(json.loads(l))) + "\n" for l in lines))
+  summary = json.loads((run / "summary.json").read_text())
+  (run / "summary.json").write_text(json.dumps(to_old(summary)))
+  assert "acc_client" in (run / "metrics.jsonl").read_text()
+  assert "mean_server_acc" in (run / "summary.json").read_text()
+  assert train_lib.train(CFG, run, resume=True, **QUIET)["test"] == summary["test"]
+  # resumed from round 2: the kept records come back renamed, the run ends as the straight one
+  shutil.rmtree(run / "checkpoints" / "3")
+  (run / "summary.json").unlink()
+  train_lib.train(CFG, run, resume=True, **QUIET)
+  assert _records(run) == _records(straight)
