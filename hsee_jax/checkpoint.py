@@ -15,7 +15,6 @@ the previous checkpoint.
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
 import logging
 import os
@@ -28,11 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from hsee_jax import distributed
-from hsee_jax import config as config_lib
-from hsee_jax.config import Config, run_fields
-
-# Fields that may change between a checkpoint and its resume: they manage the
-# run, not what it computes.
+from hsee_jax.config import Config, field_defaults, run_fields
 
 # Fault injection for tests: SIGKILL this process right after the save of this
 # step is dispatched (while the asynchronous write is under way).
@@ -52,13 +47,10 @@ def config_differences(saved: dict, cfg: Config, allowed=()) -> list[str]:
   """What differs between a checkpoint's config and ``cfg``, leaving out the
   fields that do not change results (``config.run_only``) and ``allowed``; a
   field the saved config predates counts as its default."""
-  now, default = cfg.to_dict(), _DEFAULTS
+  now, default = cfg.to_dict(), field_defaults()
   keys = sorted((set(saved) | set(now)) - run_fields() - set(allowed))
   return [f"{k}: checkpoint {saved.get(k, default.get(k))!r}, now {now.get(k)!r}"
           for k in keys if saved.get(k, default.get(k)) != now.get(k)]
-
-
-_DEFAULTS = {f.name: config_lib._jsonable(f.default) for f in dataclasses.fields(Config)}
 
 
 # Operating-system failures a save or restore can meet, named in their own

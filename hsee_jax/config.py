@@ -250,6 +250,11 @@ def run_fields() -> frozenset:
                    if not f.metadata.get("changes_results", True))
 
 
+def field_defaults() -> dict:
+  """Every field's default, as ``Config.to_dict`` writes values."""
+  return {f.name: _jsonable(f.default) for f in dataclasses.fields(Config)}
+
+
 def _jsonable(v):
   return [_jsonable(x) for x in v] if isinstance(v, tuple) else v
 

@@ -37,9 +37,11 @@ class PartState:
   def split(self, cut: int) -> tuple["PartState", "PartState"]:
     """(client part, server part) at ``cut``: units 1..cut and the exit head;
     the units after ``cut`` and the classifier."""
-    client = [n for n in self.params if n == models.EXIT_HEAD
-              or (models.unit_index(n) or cut + 1) <= cut]
-    return self.subset(client), self.subset([n for n in self.params if n not in client])
+    def on_client(name):
+      k = models.unit_index(name)
+      return name == models.EXIT_HEAD or (k is not None and k <= cut)
+    return (self.subset([n for n in self.params if on_client(n)]),
+            self.subset([n for n in self.params if not on_client(n)]))
 
   def merge(self, other: "PartState") -> "PartState":
     """This state with ``other``'s subtrees written over it."""

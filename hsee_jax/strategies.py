@@ -258,17 +258,12 @@ def _opt_init(tx, params: dict) -> dict:
   return {n: tx.init(p) for n, p in params.items()}
 
 
-def _variables(params, stats, names) -> PartState:
-  return PartState(params={n: params[n] for n in names},
-                   batch_stats={n: stats[n] for n in names if n in stats}, opt_state={})
-
-
 def _cut_variables(model: PartState, head: PartState) -> PartState:
   """The whole network of a client (client part with its exit head, and
   server part) from the shared model and its cut's exit head."""
   params = {**model.params, models.EXIT_HEAD: head.params}
   stats = {**model.batch_stats, **({models.EXIT_HEAD: head.batch_stats} if head.batch_stats else {})}
-  return _variables(params, stats, list(params))
+  return PartState(params=params, batch_stats=stats, opt_state={})
 
 
 def client_server_parts(state: "AveragingState", cut: int, tx) -> tuple[PartState, PartState]:

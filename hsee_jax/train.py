@@ -229,15 +229,19 @@ def train_together(cfgs: list[Config], out_dirs: list, *, overwrite: bool = Fals
   return summaries
 
 
-def _resume(cfg, out, ckpt, sim: Simulation, log, writer: bool = True):
-  """State, first round and training key of a resumed run; ``rounds`` may be
-  raised to extend it (said plainly: the schedule changes)."""
+def _recorded_rounds(records: list[dict]) -> int:
+  """How many rounds ``metrics.jsonl`` holds a record of (stop events aside)."""
+  return 1 + max((r["round"] for r in records if "event" not in r), default=-1)
+
+
+def _resume(cfg, out, ckpt, sim: Simulation, log, recorded: int, writer: bool = True):
+  """State, first round and training key of a resumed run whose metrics
+  hold ``recorded`` rounds; ``rounds`` may be raised to extend it (said
+  plainly: the schedule changes)."""
   # A checkpoint is complete on disk before its round's record is written
   # (the save runs beside the evaluation whose results the record holds); a
   # run stopped between the two has a checkpoint ahead of metrics.jsonl. An
   # older checkpoint is then used and the rounds after it recomputed, exactly.
-  recorded = 1 + max((r["round"] for r in rundir.read_records(out / "metrics.jsonl", log=lambda _: None)
-                      if "event" not in r), default=-1)
   state, meta = restore_state(sim, ckpt, cfg, log=log, allowed=("rounds",), prefer_upto=recorded)
   start, old_rounds = int(meta["round"]), int(meta["config"]["rounds"])
   if start > recorded:
@@ -310,15 +314,15 @@ class _Run:
     init_key, self.train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
     self.start, self.records = 0, []
     if resume:
-      self.state, self.start, self.train_key = _resume(cfg, out, ckpt, sim, log, writer)
+      records = rundir.read_records(out / "metrics.jsonl", log)
+      recorded = _recorded_rounds(records)
+      self.state, self.start, self.train_key = _resume(cfg, out, ckpt, sim, log, recorded, writer)
       if self.start == cfg.rounds and (out / "summary.json").exists():
         log(f"[hsee] {out} is finished ({self.start} rounds); nothing to train. To train longer: "
             f"hsee train --resume {out} --set rounds=N (N > {self.start})")
         self.finished_before = True
       # rounds after the checkpoint are recomputed: drop their records
-      records = rundir.read_records(out / "metrics.jsonl", log)
       self.records = [r for r in records if r["round"] < self.start]
-      recorded = 1 + max((r["round"] for r in records if "event" not in r), default=-1)
       for later in [s for s in ckpt.steps() if s > self.start]:  # skipped by _resume
         if writer:
           why = "damaged" if later <= recorded else "unrecorded"
