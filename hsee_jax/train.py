@@ -316,7 +316,18 @@ class _Run:
     if resume:
       records = rundir.read_records(out / "metrics.jsonl", log)
       recorded = _recorded_rounds(records)
-      self.state, self.start, self.train_key = _resume(cfg, out, ckpt, sim, log, recorded, writer)
+      steps = ckpt.steps()
+      if steps and min(steps) > recorded:
+        # every checkpoint is ahead of the records (killed before the first
+        # round's record was written): round 1 on, from the seed, exactly
+        log(f"[hsee] metrics.jsonl records {recorded} rounds, every checkpoint of {out} is "
+            f"after a later round: training again from round 1")
+        self.state = sim.init_state(init_key)
+        if writer:
+          rundir.write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+      else:
+        self.state, self.start, self.train_key = _resume(cfg, out, ckpt, sim, log, recorded,
+                                                         writer)
       if self.start == cfg.rounds and (out / "summary.json").exists():
         log(f"[hsee] {out} is finished ({self.start} rounds); nothing to train. To train longer: "
             f"hsee train --resume {out} --set rounds=N (N > {self.start})")

@@ -221,7 +221,7 @@ def test_checkpoint_ahead_of_its_round_record(straight, tmp_path):
   save runs beside the evaluation the record holds). A run killed between the
   two resumes from the checkpoint before, recomputing the round, and ends
   where the straight run ends (before: the round's record was missing for
-  good). With no older checkpoint the newest is used and the gap is said."""
+  good). With no older checkpoint it trains again from round 1."""
   run = _copy(straight, tmp_path)
   shutil.rmtree(run / "checkpoints" / "3")
   (run / "summary.json").unlink()
@@ -233,7 +233,8 @@ def test_checkpoint_ahead_of_its_round_record(straight, tmp_path):
   assert any("moved the unrecorded checkpoint after round 2" in l for l in lines), lines
   assert _records(run) == _records(straight)
   chex.assert_trees_all_equal(_state(run, CFG), _state(straight, CFG))
-  # the last resort: no checkpoint whose rounds are all recorded
+  # every checkpoint ahead of the records (killed before round 1's record):
+  # training again from the seed, every round recorded
   run = _copy(straight, tmp_path / "b")
   for step in (1, 3):
     shutil.rmtree(run / "checkpoints" / str(step))
@@ -241,8 +242,9 @@ def test_checkpoint_ahead_of_its_round_record(straight, tmp_path):
   (run / "metrics.jsonl").write_text("")
   lines = []
   train_lib.train(CFG, run, resume=True, log=lines.append)
-  assert any("metrics.jsonl has no record of rounds 1-2" in l for l in lines), lines
-  assert [r["round"] for r in _records(run)] == [2]
+  assert any("every checkpoint" in l and "training again from round 1" in l for l in lines), lines
+  assert any("moved the unrecorded checkpoint after round 2" in l for l in lines), lines
+  assert _records(run) == _records(straight)
   chex.assert_trees_all_equal(_state(run, CFG), _state(straight, CFG))
 
 
