@@ -108,6 +108,10 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
+  def reload(self) -> None:
+    """Read the checkpoint directory again (another process changed it)."""
+    self.manager.reload()
+
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 

@@ -334,7 +334,10 @@ class _Run:
         self.finished_before = True
       # rounds after the checkpoint are recomputed: drop their records
       self.records = [r for r in records if r["round"] < self.start]
-      for later in [s for s in ckpt.steps() if s > self.start]:  # skipped by _resume
+      # several processes: every one has read the records and checkpoints
+      # before process 0 moves or rewrites any of them
+      distributed.barrier("resume-read")
+      for later in [s for s in steps if s > self.start]:  # skipped by _resume
         if writer:
           why = "damaged" if later <= recorded else "unrecorded"
           log(f"[hsee] moved the {why} checkpoint after round {later} to "
@@ -362,6 +365,9 @@ class _Run:
     if writer:
       rundir.write_atomic(out / "metrics.jsonl",
                           "".join(json.dumps(r) + "\n" for r in self.records))
+    if resume:
+      distributed.barrier("resume-written")
+      ckpt.reload()  # the checkpoints process 0 set aside are gone from every process's view
 
   def __enter__(self):
     self.mfile = (None if self.finished_before or not self.writer

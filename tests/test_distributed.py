@@ -136,6 +136,26 @@ def test_every_process_killed_then_resumed_ends_as_the_straight_run(two_process_
   assert resumed[-1]["test"] == straight[-1]["test"]
 
 
+def test_resume_where_process_0_sets_checkpoints_aside(two_process_run, tmp_path):
+  """A finished run whose records were lost (killed before round 1's record):
+  relaunched with --resume, process 0 sets the checkpoint after round 2 aside
+  and both processes train again from round 1; every process sees the
+  checkpoint gone before saving round 2 again, and the run ends as the
+  straight run."""
+  import shutil
+  out = tmp_path / "run"
+  shutil.copytree(two_process_run, out)
+  (out / "metrics.jsonl").write_text("")
+  (out / "summary.json").unlink()
+  _wait(_launch(["train", "--resume", str(out)], out, tmp_path), tmp_path)
+  assert "training again from round 1" in (tmp_path / "process0.log").read_text()
+  assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "2.unrecorded"]
+  straight, resumed = _records(two_process_run), _records(out)
+  assert [r["round"] for r in resumed] == [0, 1]
+  assert resumed[-1]["train"] == pytest.approx(straight[-1]["train"], rel=1e-6)
+  assert resumed[-1]["test"] == straight[-1]["test"]
+
+
 def test_stacked_sweep_over_two_processes(two_process_run, tmp_path):
   """hsee sweep --distributed --stack 0: two seeds stacked in the same compiled
   calls, their run axis folded into the client axis over the global mesh of
