@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 from hsee_jax import config as config_lib
@@ -130,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
       evaluate_run(args.run, args.round)
   except (config_lib.ConfigError, DataError, RunError, distributed.DistributedError) as e:
+    distributed.yield_to_watcher()
     print(f"hsee: error: {e}", file=sys.stderr)
+    distributed.stop_all(f"{e}", 2)  # several processes: the others stop too
     return 2
   except rundir.Stopped as e:
     if args.command == "sweep":
@@ -145,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hsee: {signal.Signals(signum).name}: stopped at once, the round in flight is "
           f"lost{where}", file=sys.stderr)
     return 128 + signum
+  except Exception as e:  # a bug: its traceback (several processes: the others stop too)
+    if distributed.several_processes():
+      distributed.yield_to_watcher()
+      traceback.print_exc()
+      from hsee_jax.checkpoint import first_line
+      distributed.stop_all(first_line(e), 1)
+    raise
   return 0
 
 

@@ -11,9 +11,12 @@ collectives are gloo's.
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import socket
+import sys
+import threading
 import time
 
 from hsee_jax.config import ConfigError
@@ -78,6 +81,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     raise DistributedError(f"--distributed: could not join {where} as process "
                            f"{process_id} of {num_processes} within {timeout_s} s "
                            f"({type(e).__name__}: {first})") from None
+  if jax.process_count() > 1:
+    threading.Thread(target=_watch_failures, name="hsee-failure-watch", daemon=True).start()
+    atexit.register(_exiting.set)  # runs before JAX's own shutdown (registered earlier)
 
 
 def _wait_for(coordinator: str, process_id, num_processes, timeout_s: int) -> None:
@@ -128,6 +134,104 @@ def barrier(name: str, timeout_s: int = 600) -> None:
     return
   import orbax.checkpoint as ocp
   ocp.multihost.sync_global_processes(f"hsee-{name}-{next(_BARRIERS)}", timeout=timeout_s)
+
+
+# -- one process fails: every process stops, each with one line ---------------------------
+# A process that fails alone would leave the others waiting in a collective
+# or a barrier, and itself in JAX's shutdown barrier, until timeouts end them
+# all with XLA's multi-line aborts. Instead it posts its error in the
+# coordination service's key-value store; a thread in every process watches
+# for one and ends its process with one line. Keys: failed/<id> (the error),
+# seen/<id> (this process knows), gone/<id> (done with the service).
+# Process 0 hosts the service, so it leaves last.
+_KEY = "hsee/failure/"
+_POLL_S = 0.5
+_GRACE_S = 10.0
+_failing = threading.Event()      # this process is stopping (its own error or another's)
+_other_failed = threading.Event()  # ... because another process failed
+_exiting = threading.Event()       # the interpreter is exiting normally
+
+
+def yield_to_watcher() -> None:
+  """Where another process's failure is ending this one, errors that follow
+  from it here (a collective whose peer is gone) are not reported: wait for
+  the watcher to end the process."""
+  if _other_failed.is_set():
+    time.sleep(3 * _GRACE_S)
+
+
+def _client():
+  from jax._src import distributed as jax_distributed
+  return jax_distributed.global_state.client
+
+
+def _ids(client, kind: str) -> set[int]:
+  return {int(k.rsplit("/", 1)[-1]) for k, _ in client.key_value_dir_get(_KEY + kind + "/")}
+
+
+def _leave(client, me: int, code: int) -> None:
+  """Say this process is done with the service (process 0: wait until the
+  others are), flush, and end the process at once (no shutdown barrier)."""
+  import jax
+  try:
+    client.key_value_set(f"{_KEY}gone/{me}", "1", allow_overwrite=True)
+    others = set(range(jax.process_count())) - {me}
+    deadline = time.monotonic() + _GRACE_S
+    while me == 0 and not others <= _ids(client, "gone") and time.monotonic() < deadline:
+      time.sleep(_POLL_S)
+  except Exception:  # noqa: BLE001  (the service may be gone already)
+    pass
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
+def several_processes() -> bool:
+  import jax
+  return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def stop_all(message: str, code: int) -> None:
+  """End this process after ``message`` (one line, already printed), and
+  every other process of the run with it. Returns at once when this is the
+  only process."""
+  import jax
+  if not several_processes():
+    return
+  _failing.set()
+  client, me = _client(), jax.process_index()
+  try:
+    client.key_value_set(f"{_KEY}failed/{me}", message, allow_overwrite=True)
+    client.key_value_set(f"{_KEY}seen/{me}", "1", allow_overwrite=True)
+    deadline = time.monotonic() + _GRACE_S
+    while (len(_ids(client, "seen")) < jax.process_count()
+           and time.monotonic() < deadline):
+      time.sleep(_POLL_S)
+  except Exception:  # noqa: BLE001
+    pass
+  _leave(client, me, code)
+
+
+def _watch_failures() -> None:
+  import jax
+  client, me = _client(), jax.process_index()
+  while not (_failing.is_set() or _exiting.is_set()):
+    try:
+      failed = client.key_value_dir_get(_KEY + "failed/")
+    except Exception:  # noqa: BLE001  (the service is gone: JAX reports that itself)
+      return
+    if failed and not _failing.is_set():
+      _other_failed.set()
+      _failing.set()
+      key, message = sorted(failed)[0]
+      print(f"hsee: error: process {key.rsplit('/', 1)[-1]} failed, so process {me} stops: "
+            f"{message}", file=sys.stderr)
+      try:
+        client.key_value_set(f"{_KEY}seen/{me}", "1", allow_overwrite=True)
+      except Exception:  # noqa: BLE001
+        pass
+      _leave(client, me, 2)
+    _exiting.wait(_POLL_S)
 
 
 # -- several processes on one machine (tests, benchmarks) ---------------------------------

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -397,14 +398,22 @@ class _Run:
       raise RunError(f"cannot write {self.out / 'metrics.jsonl'}: {e.strerror or e}; newest "
                      f"checkpoint: {self._last()}") from None
 
-  def _fail(self, error: str) -> None:
-    """Record the error in the metrics file; the run stops here."""
+  def _fail(self, error: str, local: bool = False) -> None:
+    """Record the error in the metrics file; the run stops here. A ``local``
+    error (a save or a write) may have struck this process alone: with
+    several processes it ends them all now, as the others would wait for
+    this one in the next collective (non-finite values are the same on
+    every process, which all record them and go on with their other runs)."""
+    distributed.yield_to_watcher()
     try:
       self._write({"round": self.rnd, "event": "stopped", "error": error})
     except RunError:
       pass
     self.error = RunError(error)
     self.log(f"[hsee] {error}")
+    if local and distributed.several_processes():
+      print(f"hsee: error: {self.out}: {error}", file=sys.stderr, flush=True)
+      distributed.stop_all(f"{self.out}: {error}", 2)
 
   def finish_round(self, metrics: np.ndarray, cohort, seconds: float, images: int,
                    stacked: int) -> None:
@@ -435,18 +444,18 @@ class _Run:
                                         cfg.eval_batch_size)
         rec["test"] = self.test
     except CheckpointError as e:
-      return self._fail(f"round {rnd + 1}: {e}; the checkpoint before it is intact: {self._last()}")
+      return self._fail(f"round {rnd + 1}: {e}; the checkpoint before it is intact: "
+                        f"{self._last()}", local=True)
     try:
       self._write(rec)  # before the older checkpoints are dropped (finish)
     except RunError as e:
-      self.error = e
-      return
+      return self._fail(f"{e}", local=True)
     if saving:
       try:
         self.ckpt.finish(rnd + 1)
       except CheckpointError as e:
         return self._fail(f"round {rnd + 1}: {e}; the checkpoint before it is intact: "
-                          f"{self._last()}")
+                          f"{self._last()}", local=True)
     self.records.append(rec)
     self.log(_format_round(rec, cfg.rounds))
     self.rnd += 1

@@ -156,6 +156,38 @@ def test_resume_where_process_0_sets_checkpoints_aside(two_process_run, tmp_path
   assert resumed[-1]["test"] == straight[-1]["test"]
 
 
+def test_one_process_failing_alone_stops_both_with_one_line_each(tmp_path):
+  """The save after round 1 fails on process 1 only (a full disk on one
+  host): process 1 ends with its one-line error, process 0 with one line
+  naming process 1 and its error, both with exit code 2; neither is left
+  waiting for the other until JAX's timeouts abort it."""
+  out = tmp_path / "run"
+  port = distributed.free_port()
+  procs = []
+  for i in range(2):
+    env = distributed.cpu_env(2)
+    if i == 1:
+      env["HSEE_FAULT_FAIL_SAVE"] = "1"
+    procs.append(subprocess.Popen(
+        _hsee("train", *ARGS, "--set", "checkpoint_every=1", "--out", str(out), "--distributed",
+              "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
+              str(i), "--distributed-timeout", "60"),
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  try:
+    errs = [p.communicate(timeout=400)[1] for p in procs]
+  finally:
+    _end(procs)
+  assert [p.returncode for p in procs] == [2, 2], errs
+  cause = "saving the checkpoint after round 1 failed: OSError: [Errno 28] No space left"
+  last = [e.strip().splitlines()[-1] for e in errs]
+  assert last[1].startswith(f"hsee: error: {out}: round 1: {cause}"), errs[1]
+  assert last[0].startswith(f"hsee: error: process 1 failed, so process 0 stops: {out}: "
+                            f"round 1: {cause}"), errs[0]
+  for e in errs:
+    assert "Terminating process" not in e and "Traceback" not in e and \
+        e.count("hsee: error:") == 1, e
+
+
 def test_stacked_sweep_over_two_processes(two_process_run, tmp_path):
   """hsee sweep --distributed --stack 0: two seeds stacked in the same compiled
   calls, their run axis folded into the client axis over the global mesh of
