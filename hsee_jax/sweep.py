@@ -165,6 +165,7 @@ def run_sweep(base: Config, grid: dict, seeds: list[int], out: str | Path, *,
                       f"(or --overwrite to start again)")
   writer = distributed.is_writer()  # several processes: process 0 writes and reports
   log = distributed.writer_log(log)
+  distributed.barrier("sweep-checked")  # every process has looked before process 0 writes
   if writer:
     rundir.make_dir(out)
   if writer and not resume:
