@@ -161,7 +161,7 @@ class Checkpointer:
       n += 1
       dst = self.directory / f"{step}.{why}{n}"
     src.rename(dst)
-    self.manager.reload()
+    self.reload()
     return dst
 
   def _discard(self, step: int) -> None:

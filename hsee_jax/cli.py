@@ -132,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
       evaluate_run(args.run, args.round)
   except (config_lib.ConfigError, DataError, RunError, distributed.DistributedError) as e:
     distributed.yield_to_watcher()
-    print(f"hsee: error: {e}", file=sys.stderr)
-    distributed.stop_all(f"{e}", 2)  # several processes: the others stop too
+    distributed.fail(f"{e}", 2)  # several processes: the others stop too
     return 2
   except rundir.Stopped as e:
     if args.command == "sweep":
@@ -153,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
       distributed.yield_to_watcher()
       traceback.print_exc()
       from hsee_jax.checkpoint import first_line
-      distributed.stop_all(first_line(e), 1)
+      distributed.fail(first_line(e), 1)
     raise
   return 0
 

@@ -191,13 +191,17 @@ def several_processes() -> bool:
   return jax.distributed.is_initialized() and jax.process_count() > 1
 
 
-def stop_all(message: str, code: int) -> None:
-  """End this process after ``message`` (one line, already printed), and
-  every other process of the run with it. Returns at once when this is the
-  only process."""
+def fail(message: str, code: int) -> None:
+  """Print ``hsee: error: <message>`` (one line). With several processes,
+  end this process and every other one of the run now (no return); alone,
+  return."""
+  print(f"hsee: error: {message}", file=sys.stderr, flush=True)
+  if several_processes():
+    _stop_all(message, code)
+
+
+def _stop_all(message: str, code: int) -> None:
   import jax
-  if not several_processes():
-    return
   _failing.set()
   client, me = _client(), jax.process_index()
   try:

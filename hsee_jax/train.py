@@ -7,7 +7,6 @@ import dataclasses
 import json
 import math
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -412,8 +411,7 @@ class _Run:
     self.error = RunError(error)
     self.log(f"[hsee] {error}")
     if local and distributed.several_processes():
-      print(f"hsee: error: {self.out}: {error}", file=sys.stderr, flush=True)
-      distributed.stop_all(f"{self.out}: {error}", 2)
+      distributed.fail(f"{self.out}: {error}", 2)
 
   def finish_round(self, metrics: np.ndarray, cohort, seconds: float, images: int,
                    stacked: int) -> None:
