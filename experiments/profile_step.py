@@ -3,6 +3,7 @@ the compiled split step, joined with the XLA dump of the same executable, next
 to a torch.profiler breakdown of the PyTorch reference step.
 
     python experiments/profile_step.py --out runs/profile_step
+    python experiments/profile_step.py --no-materialize --out runs/profile_step_nomat
     python experiments/profile_step.py --xla-flags=--xla_cpu_experimental_ynn_fusion_type= \\
         --out runs/profile_step_eigen
 
@@ -53,6 +54,8 @@ def _parse_args():
   p.add_argument("--steps", type=int, default=20, help="profiled steps (after 3 warm-up steps)")
   p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for this run")
   p.add_argument("--no-torch", action="store_true")
+  p.add_argument("--no-materialize", action="store_true",
+                 help="models.materialize replaced by the identity (what it saves)")
   p.add_argument("--out", required=True)
   return p.parse_args()
 
@@ -266,6 +269,9 @@ def main():
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   runs = {}
+  if args.no_materialize:
+    from hsee_jax import models
+    models.materialize = lambda x: x
   runs["hsee_jax"], prof = profile_jax(args)
   result = {"jax": jax.__version__, "backend": jax.default_backend(), "args": vars(args),
             "xla_flags": os.environ["XLA_FLAGS"], "hsee_jax": prof}

@@ -13,7 +13,8 @@ The pieces a researcher composes (see ``examples/custom_network.py``):
   the train set on device is a :class:`Shared` (:func:`make_shared`);
 * cross-layer aggregation: :func:`cross_layer_average`;
 * the strategies as values: :func:`averaging`, :func:`sequential`
-  (:class:`Algorithm`), built for a config by :func:`build`;
+  (:class:`Algorithm`), each built from a run's :class:`Context`; :func:`build`
+  makes both for a config;
 * data: :func:`load_dataset`, :func:`partition`, :class:`Dataset`;
 * whole runs: :class:`Config`, :func:`load_config`, ``train.train(cfg,
   out_dir)``, :func:`evaluate`, :func:`run_sweep`.
@@ -26,7 +27,7 @@ from hsee_jax.evaluation import early_exit_table, evaluate
 from hsee_jax.models import (CLASSIFIER, EXIT_HEAD, NETWORKS, SplitMobileNetV2, SplitNetwork,
                              SplitResNet18, SplitVGG16BN, network)
 from hsee_jax.optim import PartState, direction, init_part
-from hsee_jax.strategies import (METRIC_NAMES, Algorithm, Shared, averaging, cross_entropy,
+from hsee_jax.strategies import (METRIC_NAMES, Algorithm, Context, Shared, averaging, cross_entropy,
                                  cross_layer_average, make_shared, preprocessing, sequential,
                                  split_update)
 from hsee_jax.sweep import run_sweep
@@ -34,7 +35,7 @@ from hsee_jax import train  # the module: train.train(cfg, out_dir) runs a confi
 from hsee_jax.train import Simulation, build
 
 __all__ = [
-    "Algorithm", "CLASSIFIER", "ClientRunner", "ClientUpdate", "Config", "ConfigError",
+    "Algorithm", "CLASSIFIER", "ClientRunner", "ClientUpdate", "Config", "ConfigError", "Context",
     "DataError", "Dataset", "EXIT_HEAD", "METRIC_NAMES", "NETWORKS", "PartState", "Shared",
     "Simulation", "SplitMobileNetV2", "SplitNetwork", "SplitResNet18", "SplitVGG16BN",
     "averaging", "build", "cross_entropy", "cross_layer_average", "direction",

@@ -241,6 +241,7 @@ class Config:
     return self.cohort_size < self.fleet_size
 
   def to_dict(self) -> dict:
+    """Every field as a JSON value (``from_dict`` reads it back)."""
     return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 

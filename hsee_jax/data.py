@@ -85,7 +85,17 @@ def cache_dir() -> Path:
 
 
 def load_dataset(cfg: Config) -> Dataset:
-  """Load, subset and sanity-check the dataset a config names."""
+  """Load, subset and sanity-check the dataset a config names.
+
+  Args:
+    cfg: reads ``dataset`` (cifar10 | cifar100 | stl10 | synthetic),
+      ``data_dir``, ``train_subset``, ``test_subset`` (and ``synthetic_shape``,
+      ``seed`` for synthetic data); docs/usage.md says where files are looked for.
+  Returns:
+    A :class:`Dataset` (uint8 NHWC images, int32 labels, train statistics).
+  Raises:
+    DataError: one line naming the file or value that cannot be used.
+  """
   if cfg.dataset == "synthetic":
     ds = synthetic_dataset(cfg.synthetic_shape, cfg.seed)
   else:
@@ -309,7 +319,20 @@ def synthetic_dataset(shape: tuple, seed: int) -> Dataset:
 # -- client partitions -------------------------------------------------------------
 def partition(labels: np.ndarray, num_clients: int, method: str = "iid",
               alpha: float = 0.5, seed: int = 0) -> list[np.ndarray]:
-  """Disjoint, seeded index sets covering ``labels``: IID or Dirichlet(alpha) by class."""
+  """Split a train set among clients.
+
+  Args:
+    labels: [N] integer labels of the train set.
+    num_clients: how many index sets to make.
+    method: ``iid`` (a seeded shuffle cut into near-equal sets) or
+      ``dirichlet`` (each class spread over the clients by Dirichlet(``alpha``)).
+    seed: the partition's seed.
+  Returns:
+    ``num_clients`` disjoint, sorted arrays of indices into ``labels``,
+    together covering all of them, none empty.
+  Raises:
+    DataError: more clients than samples, ``alpha`` <= 0, an unknown method.
+  """
   n = len(labels)
   if num_clients > n:
     raise DataError(f"more clients ({num_clients}) than training samples ({n})")

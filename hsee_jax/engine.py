@@ -101,7 +101,18 @@ def tree_stack(trees):
 
 
 class ClientRunner:
-  """``runner(shared, states, xs)`` runs ``update`` for each client of the stack.
+  """Runs a :class:`ClientUpdate` (init / step / final) for one client or a stack of them.
+
+  Args:
+    update: the client update, e.g. :func:`hsee_jax.split_update`.
+    mode: how a stack of clients is run: ``vmap`` (one batched program),
+      ``unrolled`` (the clients side by side in one program), ``loop`` (one
+      client at a time), ``debug`` (no jit), or ``auto`` (the backend's best;
+      docs/design.md).
+    scan_steps: see below; None picks the backend's default.
+
+  Call :meth:`one` for a single client and the runner itself for a stack;
+  both return ``update.final``'s output.
 
   ``scan_steps``: run the local steps as one ``lax.scan`` inside the compiled
   function (fewer dispatches; the default on accelerators) or as a host loop
@@ -151,14 +162,24 @@ class ClientRunner:
     return self.mode in ("vmap", "unrolled")
 
   def one(self, shared, state, xs):
-    """A single client (no client axis on ``state`` or ``xs``)."""
+    """A single client's local update.
+
+    Args:
+      shared: what every client reads (:class:`hsee_jax.Shared` for the split update).
+      state: the client's state (``update.init``'s input), no client axis.
+      xs: the per-step inputs stacked on a leading step axis [steps, ...].
+    Returns:
+      ``update.final``'s output for this client.
+    """
     if self.stacked:
       add = lambda t: jax.tree.map(lambda a: a[None], t)
       return tree_slice(self._run(shared, add(state), add(xs), 1), 0)
     return self._run(shared, state, xs, 0)
 
   def __call__(self, shared, states, xs):
-    """Every client of the stack (leading client axis on ``states`` and ``xs``)."""
+    """Every client of a stack: as :meth:`one`, with a leading client axis
+    on ``states`` and on ``xs`` ([clients, steps, ...]); returns the outputs
+    stacked on that axis."""
     if self.stacked:
       return self._run(shared, states, xs, 1)
     k = jax.tree.leaves(xs)[0].shape[0]

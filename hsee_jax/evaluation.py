@@ -28,7 +28,19 @@ def normalized_entropy(logits: np.ndarray) -> np.ndarray:
 
 
 def early_exit_table(exit_logits, server_logits, labels, thresholds) -> list[dict]:
-  """Accuracy and client share for each threshold (tau >= 1 exits every sample)."""
+  """The entropy early exit, as a table over thresholds.
+
+  Args:
+    exit_logits, server_logits: [N, classes] logits of the exit head and of
+      the full path (client part then server part) for the same N samples.
+    labels: [N] integer labels.
+    thresholds: the taus; a sample stops at the exit when the normalised
+      entropy of its softmax is below tau (tau >= 1: every sample stops).
+  Returns:
+    One dict per threshold: ``threshold``, ``accuracy`` (exited samples
+    judged by the exit, the others by the full path), ``client_fraction``
+    (the share that stopped at the exit).
+  """
   ent = normalized_entropy(np.asarray(exit_logits, np.float64))
   exit_ok = np.argmax(exit_logits, -1) == labels
   server_ok = np.argmax(server_logits, -1) == labels

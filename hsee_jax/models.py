@@ -176,9 +176,11 @@ class SplitNetwork:
     return [unit_name(k) for k in range(first, last + 1)] + ([head] if head else [])
 
   def client_names(self, cut: int) -> list[str]:
+    """The subtree names of the client part at ``cut`` (its units, then the exit head)."""
     return self.span_names(*self.client_span(cut))
 
   def server_names(self, cut: int) -> list[str]:
+    """The subtree names of the server part after ``cut`` (its units, then the classifier)."""
     return self.span_names(*self.server_span(cut))
 
   # -- shapes ----------------------------------------------------------------
@@ -187,15 +189,18 @@ class SplitNetwork:
     return _output_shapes(self, tuple(image_shape))[k - 1]
 
   def input_shape(self, k: int, image_shape: tuple) -> tuple:
+    """(H, W, C) that unit k takes: the image for k = 1, else unit k-1's output."""
     return tuple(image_shape) if k == 1 else self.unit_output_shape(k - 1, image_shape)
 
   # -- initialisation -------------------------------------------------------
   def init_unit(self, key, k: int, image_shape: tuple) -> tuple[Params, Params]:
+    """(params, batch_stats) of unit k alone, initialised from ``key``."""
     x = jnp.zeros((1,) + self.input_shape(k, image_shape), jnp.float32)
     v = self.unit(k).init(key, x, train=False)
     return v["params"], v.get("batch_stats", {})
 
   def init_head(self, key, name: str, in_shape: tuple) -> tuple[Params, Params]:
+    """(params, batch_stats) of head ``name`` for (H, W, C) inputs ``in_shape``."""
     v = self.head(name).init(key, jnp.zeros((1,) + tuple(in_shape), jnp.float32), train=False)
     return v["params"], v.get("batch_stats", {})
 

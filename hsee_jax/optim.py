@@ -29,6 +29,7 @@ class PartState:
   opt_state: dict
 
   def subset(self, names) -> "PartState":
+    """The units / heads ``names`` of this part (names it lacks are skipped)."""
     names = [n for n in names if n in self.params]
     return PartState(params={n: self.params[n] for n in names},
                      batch_stats={n: self.batch_stats[n] for n in names if n in self.batch_stats},
@@ -52,7 +53,9 @@ class PartState:
 
 def direction(optimizer: str, nesterov: bool, momentum: Any, weight_decay: Any
               ) -> optax.GradientTransformation:
-  """Update direction; the step multiplies it by -lr (PyTorch SGD semantics:
+  """The optimiser's update direction, an ``optax.GradientTransformation``
+  (``optimizer``: ``sgd`` | ``adam``; ``nesterov`` for SGD); the step
+  multiplies it by -lr (PyTorch SGD semantics:
   buf = m * buf + (g + wd * p); p -= lr * buf). ``momentum`` and
   ``weight_decay`` may be traced values: the training step builds the
   direction from its inputs, so runs that differ only in them share one
@@ -81,7 +84,7 @@ def make_schedule(cfg: Config, total_steps: int) -> optax.Schedule:
 def init_part(tx: optax.GradientTransformation, params: dict, batch_stats: dict) -> PartState:
   """A :class:`PartState` of ``params`` and ``batch_stats`` (dicts keyed by
   unit / head name, as ``SplitNetwork.init_span`` returns them) with the
-  optimiser state ``tx.init`` gives each subtree."""
+  optimiser state ``tx.init`` gives each subtree. Returns the PartState."""
   return PartState(params=params, batch_stats=batch_stats,
                    opt_state={n: tx.init(p) for n, p in params.items()})
 

@@ -118,9 +118,16 @@ jax.tree_util.register_dataclass(Shared, data_fields=["images", "labels", "mean"
 
 
 def make_shared(datasets) -> tuple[Shared, list[int], list[int]]:
-  """One :class:`Shared` for the train sets of ``datasets`` (a train set met
-  twice is stored once); (shared, offset of each dataset's images, its
-  statistics row)."""
+  """Put train sets on the device for the split update.
+
+  Args:
+    datasets: :class:`hsee_jax.Dataset` values (a train set met twice is
+      stored once).
+  Returns:
+    ``(shared, offsets, rows)``: one :class:`Shared` holding every distinct
+    train set one after another, then for each dataset where its images start
+    and its row of ``shared.mean`` / ``shared.std``.
+  """
   distinct, offsets, rows = [], [], []
   for ds in datasets:
     j = next((j for j, d in enumerate(distinct) if d is ds or (
@@ -627,7 +634,16 @@ def _spread(kept, model, heads):
 
 def averaging(ctx: Context) -> Algorithm:
   """Hetero-SplitEE Averaging: a server part per client, all in parallel,
-  cross-layer aggregation every ``aggregate_every`` rounds."""
+  cross-layer aggregation every ``aggregate_every`` rounds.
+
+  Args:
+    ctx: the run's :class:`Context` (config, network, optimiser, fleet, train
+      set, client runners); :func:`hsee_jax.build` makes one from a config.
+  Returns:
+    An :class:`Algorithm`: ``init(key)`` gives the state (one client part and
+    one server part per client, stored per cut), ``apply(state, cohort)``
+    trains one round of the cohort's clients.
+  """
   cfg, net, tx, fleet = ctx.cfg, ctx.net, ctx.tx, ctx.fleet
   keep_opt = cfg.client_state == "keep"
   keep_models = cfg.aggregate_every > 1  # clients' models differ between aggregations
@@ -764,7 +780,14 @@ def _average_clients(clients, weights):
 def sequential(ctx: Context) -> Algorithm:
   """Hetero-SplitEE Sequential: one shared server part; the cohort's clients
   take turns with it, and it continues from each client's cut (only units
-  cut+1..L and the classifier are updated for that client)."""
+  cut+1..L and the classifier are updated for that client).
+
+  Args:
+    ctx: the run's :class:`Context` (as for :func:`averaging`).
+  Returns:
+    An :class:`Algorithm` whose state holds each client's client part and
+    one server part for the whole network.
+  """
   cfg, net, tx, fleet = ctx.cfg, ctx.net, ctx.tx, ctx.fleet
   keep_opt = cfg.client_state == "keep"
   min_cut = min(fleet.groups)

@@ -20,8 +20,8 @@ structure (width, cuts, batch size, dataset, strategy, ...) starts another
 batch. A run that fails is recorded and the others go on.
 
 Results: ``DIR/sweep.csv`` (one row per run: the swept fields, the seed, its
-status (done / failed, with the error), the mean exit and full-path
-(server) test accuracy over the fleet and per cut, wall time),
+status (done / failed, with the error), ``mean_exit_acc`` and
+``mean_full_acc`` over the fleet, ``exit_acc`` / ``full_acc`` per cut, wall time),
 ``DIR/sweep.md`` (per grid point, mean ± std over seeds and the
 number of seeds) and ``DIR/sweep_<field>.png`` per swept field (accuracy
 against the field, error bars over seeds).
@@ -155,8 +155,28 @@ def _done(run_dir: Path) -> bool:
 def run_sweep(base: Config, grid: dict, seeds: list[int], out: str | Path, *,
               resume: bool = False, overwrite: bool = False, stack: int = 1,
               log: Callable[[str], None] = print) -> list[dict]:
-  """Train every run of the sweep into ``out`` (with ``resume``, finish the
-  unfinished ones of the plan in ``out``) and write the results."""
+  """Train every run of a sweep and write its tables.
+
+  Args:
+    base: the config every run starts from.
+    grid: field name -> list of values; the runs are their product, each
+      trained for every seed of ``seeds``.
+    out: the sweep directory (a run directory per run, ``sweep.csv``,
+      ``sweep.md``, plots).
+    resume: finish the unfinished runs of the plan already in ``out``.
+    overwrite: start again in an ``out`` that holds a sweep.
+    stack: runs of a batch trained together, their rounds in the same
+      compiled calls (1: one after another; 0: the whole batch; see
+      :func:`train_runs`).
+    log: progress lines.
+  Returns:
+    One dict per run (the rows of ``sweep.csv``: grid point, seed,
+    ``status``, ``mean_exit_acc``, ``mean_full_acc``, per-cut accuracies);
+    empty on processes other than 0.
+  Raises:
+    ConfigError: a bad grid, or ``out`` holding a sweep without ``resume`` /
+      ``overwrite``.
+  """
   out = Path(out)
   runs = plan(base, grid, seeds)
   plan_file = out / PLAN

@@ -47,6 +47,7 @@ class Simulation:
     return self.ctx.net
 
   def init_state(self, key):
+    """The strategy's initial state (``Algorithm.init``)."""
     return self.algorithm.init(key)
 
   def abstract_state(self):
@@ -54,6 +55,7 @@ class Simulation:
     return jax.eval_shape(self.algorithm.init, jax.random.PRNGKey(0))
 
   def cohort(self, rnd: int, base_key) -> fleet_lib.Cohort:
+    """Round ``rnd``'s sampled clients with their step inputs (seeded by ``base_key``)."""
     return fleet_lib.make_cohort(self.fleet, self.cfg, rnd, self.local_steps, self.schedule,
                                  base_key)
 
@@ -68,8 +70,19 @@ def build(cfg: Config, dataset: data_lib.Dataset | None = None,
           log: Callable[[str], None] | None = None,
           shared: tuple | None = None) -> tuple[data_lib.Dataset, Simulation]:
   """Dataset, fleet, network, optimiser and strategy for a config.
-  ``shared``: ``(strategies.Shared, offset, row)`` holding this run's train set
-  among others (runs trained together, :func:`build_runs`)."""
+
+  Args:
+    cfg: the run's config.
+    dataset: the loaded dataset (default: :func:`data.load_dataset` of ``cfg``).
+    log: where the fleet's summary lines go (None: nowhere).
+    shared: ``(strategies.Shared, offset, row)`` holding this run's train set
+      among others (runs trained together, :func:`build_runs`).
+  Returns:
+    ``(dataset, sim)``: the :class:`Simulation`, whose ``init_state(key)``
+    and ``run_round(state, rnd, key)`` train the run round by round.
+  Raises:
+    RunError / ConfigError: one line, for a fleet or config that cannot run.
+  """
   dataset = dataset if dataset is not None else data_lib.load_dataset(cfg)
   try:
     fleet = fleet_lib.build_fleet(cfg, dataset, log)

@@ -12,11 +12,19 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "custom_network.py"
 
 
 def test_every_export_is_documented():
+  """Every exported class and function, and every public method of an
+  exported class, has a docstring of its own (not the one dataclasses make)."""
   for name in hsee_jax.__all__:
     obj = getattr(hsee_jax, name)
     if inspect.isclass(obj) or inspect.isfunction(obj):
       doc = inspect.getdoc(obj) or ""
       assert doc and not doc.startswith(f"{name}("), f"{name} has no docstring of its own"
+    if inspect.isclass(obj) and not issubclass(obj, BaseException):
+      for attr, member in inspect.getmembers(obj):
+        if (attr.startswith("_") and attr != "__call__") or not callable(member) \
+            or inspect.isclass(member) or getattr(member, "__module__", "").split(".")[0] != "hsee_jax":
+          continue
+        assert inspect.getdoc(member), f"{name}.{attr} has no docstring"
 
 
 def test_custom_network_example_trains_through_the_public_api(capsys):
