@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -68,6 +67,7 @@ class JaxExecution:
   def __init__(self, mode, k, args):
     n = max(args.batch * 4, 256)
     cfg = Config(dataset="synthetic", synthetic_shape=(32, 32, 10, n, 16), width=args.width,
+                 model=getattr(args, "model", "resnet18"),
                  cuts=tuple(CUT_CYCLE[i % 3] for i in range(k)), batch_size=args.batch,
                  local_steps=args.steps, rounds=1000, augment=False, mode=mode,
                  schedule="constant", client_chunk=k)  # each cut's clients in one call

@@ -384,6 +384,84 @@ class ConvBNReLU6(nn.Module):
     return nn.relu6(_bn(train)(x))
 
 
+def _windows(xp, strides: int, out_hw: tuple) -> list:
+  """The nine 3x3 windows of the padded ``xp``, strided: ``xp[:, s*h + i, s*w + j]``."""
+  (ho, wo), s = out_hw, strides
+  return [xp[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :]
+          for i in range(3) for j in range(3)]
+
+
+def _weighted_sum(windows: list, kernel):
+  out = windows[0] * kernel[0, 0, 0]
+  for t, k in zip(windows[1:], kernel.reshape(9, -1)[1:]):
+    out = out + t * k
+  return out
+
+
+def _pad1(x):
+  return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise_conv3x3(x, kernel, strides: int = 1):
+  """3x3 depthwise convolution, padding 1, as nine shifted multiply-adds.
+
+  Equals ``lax.conv_general_dilated`` with ``feature_group_count`` = channels
+  (NHWC ``x``, ``kernel`` [3, 3, 1, C]) but runs as elementwise work:
+  XLA:CPU's grouped convolutions are many times slower (docs/performance.md,
+  Throughput). The gradient is written out (input: the output gradient,
+  dilated by the stride, against the flipped kernel; kernel: one reduction
+  per tap) rather than derived through the slices, whose derivative pads
+  nine full-size tensors.
+  """
+  out_hw = tuple((n - 1) // strides + 1 for n in x.shape[1:3])
+  return _weighted_sum(_windows(_pad1(x), strides, out_hw), kernel)
+
+
+def _depthwise_fwd(x, kernel, strides):
+  return depthwise_conv3x3(x, kernel, strides), (x, kernel)
+
+
+def _depthwise_bwd(strides, res, g):
+  x, kernel = res
+  (h, w), (ho, wo) = x.shape[1:3], g.shape[1:3]
+  zero = jnp.zeros((), g.dtype)
+  gq = jax.lax.pad(g, zero, [(0, 0, 0), (1, h - strides * (ho - 1), strides - 1),
+                             (1, w - strides * (wo - 1), strides - 1), (0, 0, 0)])
+  dx = _weighted_sum(_windows(gq, 1, (h, w)), kernel[::-1, ::-1])
+  # one reduction per tap, in a scan: XLA:CPU runs nine sibling reductions
+  # over strided windows several times slower than one after another
+  xp, span = _pad1(x), (strides * (ho - 1) + 1, strides * (wo - 1) + 1)
+
+  def tap(_, k):
+    t = jax.lax.dynamic_slice(xp, (0, k // 3, k % 3, 0), (x.shape[0],) + span + (x.shape[3],))
+    return None, jnp.sum(t[:, ::strides, ::strides, :] * g, axis=(0, 1, 2))
+
+  dk = jax.lax.scan(tap, None, jnp.arange(9))[1]
+  return dx, dk.reshape(kernel.shape)
+
+
+depthwise_conv3x3.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+class DepthwiseConv(nn.Module):
+  """3x3 depthwise convolution, padding 1, no bias: the parameters of
+  ``nn.Conv(C, (3, 3), feature_group_count=C)`` (``kernel`` [3, 3, 1, C]),
+  computed by :func:`depthwise_conv3x3` on CPU and by XLA's grouped
+  convolution elsewhere."""
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    kernel = self.param("kernel", _conv_init, (3, 3, 1, c), jnp.float32)
+    if jax.default_backend() == "cpu":
+      return depthwise_conv3x3(x, kernel, self.strides)
+    return jax.lax.conv_general_dilated(
+        x, kernel, (self.strides,) * 2, ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+
+
 class InvertedResidual(nn.Module):
   """1x1 expansion (if ``expand`` > 1), 3x3 depthwise, 1x1 linear projection;
   a residual connection when the shape is kept."""
@@ -398,10 +476,9 @@ class InvertedResidual(nn.Module):
     y = x
     if self.expand != 1:
       y = ConvBNReLU6(hidden, kernel=1)(y, train)
-    y = nn.Conv(hidden, (3, 3), (self.strides, self.strides), padding=1, use_bias=False,
-                feature_group_count=hidden, kernel_init=_conv_init)(y)
+    y = DepthwiseConv(self.strides, name="Conv_0")(y)  # the names nn.Conv would get
     y = nn.relu6(_bn(train)(y))
-    y = nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=_conv_init)(y)
+    y = nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=_conv_init, name="Conv_1")(y)
     y = _bn(train)(y)
     return x + y if self.strides == 1 and cin == self.features else y
 

@@ -70,9 +70,10 @@ def test_bench_throughput_writes_its_tables(tmp_path):
 def test_ab_cpu_speedups_compares_like_with_like(tmp_path):
   import ab_cpu_speedups
   from hsee_jax import models
-  real = models.materialize
+  real, real_depthwise = models.materialize, models.depthwise_conv3x3
   ab_cpu_speedups.main(["--k", "2", "--width", "0.125", "--batch", "4", "--steps", "1",
-                        "--reps", "2", "--modes", "loop", "--out", str(tmp_path)])
+                        "--reps", "2", "--modes", "loop", "--out", str(tmp_path),
+                        "--parts", "tree_helpers,materialize,depthwise_layers"])
   assert models.materialize is real  # restored after the A/B
   ab = json.loads((tmp_path / "ab.json").read_text())
   t = ab["tree_helpers"]
@@ -80,8 +81,14 @@ def test_ab_cpu_speedups_compares_like_with_like(tmp_path):
   (m,) = ab["materialize"]
   assert m["mode"] == "loop" and len(m["round_seconds_with"]) == len(m["round_seconds_without"]) == 2
   assert m["images_per_s_with"] > 0 and m["images_per_s_without"] > 0
+  assert m["separate_programs"]  # each side traced its own programs, not the other's
   # the two runs train the same network: at most float rounding apart
   assert m["states_max_abs_difference"] < 1e-4
+  assert models.depthwise_conv3x3 is real_depthwise and "depthwise" not in ab  # not asked for
+  # every distinct depthwise layer of MobileNetV2, both ways
+  layers = {(r["hw"], r["channels"], r["strides"]) for r in ab["depthwise_layers"]}
+  assert (32, 8, 1) in layers and any(st == 2 for _, _, st in layers), layers  # first block, stride 2
+  assert all(r["grouped_ms"] > 0 and r["shifted_ms"] > 0 for r in ab["depthwise_layers"])
 
 
 def test_bench_fleet_end_to_end(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from hsee_jax import train as train_lib
 from hsee_jax.config import Config, ConfigError
 from hsee_jax.fleet import assign_tiers, chunk_plan, sample_cohort, tier_counts
-from hsee_jax.strategies import AveragingState, step_inputs
+from hsee_jax.strategies import step_inputs
 
 CFG = Config(dataset="synthetic", synthetic_shape=(16, 16, 4, 240, 32), width=0.125,
              batch_size=8, local_steps=1, rounds=3, augment=True, checkpoint_every=0)

@@ -145,3 +145,48 @@ def test_cut_out_of_range_names_the_network(name, bad, allowed):
   with pytest.raises(ConfigError, match="model: unknown value 'resnet50'; expected one of "
                      "resnet18, vgg16_bn, mobilenet_v2"):
     Config(model="resnet50")
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 5), (2, 7, 9, 3), (1, 1, 1, 4)])
+@pytest.mark.parametrize("strides", [1, 2])
+def test_depthwise_conv3x3_is_the_grouped_convolution(shape, strides):
+  """MobileNetV2's depthwise layers as shifted multiply-adds: the output and
+  both gradients of XLA's grouped convolution, odd sizes and stride 2 included."""
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 1, shape[-1]))
+
+  def grouped(x, kernel, strides):
+    return jax.lax.conv_general_dilated(x, kernel, (strides, strides), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=shape[-1])
+
+  out, ref = models.depthwise_conv3x3(x, kernel, strides), grouped(x, kernel, strides)
+  chex.assert_equal_shape([out, ref])
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k, strides)))
+  grads = jax.grad(loss(models.depthwise_conv3x3), (0, 1))(x, kernel)
+  ref_grads = jax.grad(loss(grouped), (0, 1))(x, kernel)
+  chex.assert_trees_all_close(grads, ref_grads, rtol=1e-5, atol=1e-5)
+
+
+def test_mobilenet_block_is_the_one_built_from_flax_convolutions():
+  """An inverted-residual block with ``depthwise_conv3x3`` holds and
+  initialises exactly what it would with ``nn.Conv(feature_group_count=C)``
+  (same names, same values) and computes the same output."""
+  import flax.linen as nn
+
+  class Reference(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+      y = models.ConvBNReLU6(48, kernel=1)(x, train)
+      y = nn.Conv(48, (3, 3), (2, 2), padding=1, use_bias=False, feature_group_count=48,
+                  kernel_init=models._conv_init)(y)
+      y = nn.relu6(models._bn(train)(y))
+      return models._bn(train)(nn.Conv(16, (1, 1), use_bias=False, kernel_init=models._conv_init)(y))
+
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 8))
+  block = models.InvertedResidual(features=16, strides=2, expand=6)
+  ours, ref = (m.init(jax.random.PRNGKey(0), x, train=False) for m in (block, Reference()))
+  chex.assert_trees_all_equal(ours, ref)
+  np.testing.assert_allclose(block.apply(ours, x, train=False), Reference().apply(ref, x, train=False),
+                             rtol=1e-5, atol=1e-5)
