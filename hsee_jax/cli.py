@@ -144,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     out = getattr(e, "out", None)
     where = (f"; last checkpoint: {_last_checkpoint(out)}; resume with: hsee train --resume {out}"
              if out is not None and _last_checkpoint(out) != "none" else "")
-    print(f"hsee: {signal.Signals(signum).name}: stopped at once, the round in flight is "
-          f"lost{where}", file=sys.stderr)
+    message = f"{signal.Signals(signum).name}: stopped at once, the round in flight is lost{where}"
+    print(f"hsee: {message}", file=sys.stderr, flush=True)
+    distributed.stop_all(message, 128 + signum)  # several processes: the others stop too
     return 128 + signum
   except Exception as e:  # a bug: its traceback (several processes: the others stop too)
     if distributed.several_processes():

@@ -136,6 +136,20 @@ def barrier(name: str, timeout_s: int = 600) -> None:
   ocp.multihost.sync_global_processes(f"hsee-{name}-{next(_BARRIERS)}", timeout=timeout_s)
 
 
+def agreed_stop(signum: int | None) -> int | None:
+  """Whether to stop at this round boundary: with several processes, the
+  same answer on every process (a stop signal that reached any of them: the
+  lowest process's signal number), so that all of them stop after the same
+  round and save it together; alone, ``signum`` itself. Every process must
+  call it at the same points (one small all-gather)."""
+  if not several_processes():
+    return signum
+  import numpy as np
+  from jax.experimental import multihost_utils
+  got = [int(s) for s in np.ravel(multihost_utils.process_allgather(np.int32(signum or 0))) if s]
+  return got[0] if got else None
+
+
 # -- one process fails: every process stops, each with one line ---------------------------
 # A process that fails alone would leave the others waiting in a collective
 # or a barrier, and itself in JAX's shutdown barrier, until timeouts end them
@@ -196,6 +210,12 @@ def fail(message: str, code: int) -> None:
   end this process and every other one of the run now (no return); alone,
   return."""
   print(f"hsee: error: {message}", file=sys.stderr, flush=True)
+  stop_all(message, code)
+
+
+def stop_all(message: str, code: int) -> None:
+  """With several processes, end this process with ``code`` and every other
+  one with one line giving ``message`` (no return); alone, return."""
   if several_processes():
     _stop_all(message, code)
 

@@ -280,8 +280,9 @@ def _resume(cfg, out, ckpt, sim: Simulation, log, recorded: int, writer: bool = 
 
 def _train_loop(runs: list["_Run"], stop, log) -> None:
   """Rounds until every run is done or a stop signal: each time the runs at
-  the lowest round train that round together."""
-  while stop.requested is None:
+  the lowest round train that round together. With several processes they
+  agree at each round boundary whether a stop signal reached any of them."""
+  while (signum := distributed.agreed_stop(stop.requested)) is None:
     active = [r for r in runs if not r.done]
     if not active:
       return
@@ -309,10 +310,10 @@ def _train_loop(runs: list["_Run"], stop, log) -> None:
             f"{sum(r.cfg.rounds - r.rnd for r in left)}")
   for r in runs:
     if not r.done:
-      r.stop(stop.requested)
+      r.stop(signum)
   stopped = [r for r in runs if r.stopped]
   if stopped:
-    raise rundir.Stopped(stop.requested, stopped[0].rnd, stopped[0].out)
+    raise rundir.Stopped(signum, stopped[0].rnd, stopped[0].out)
 
 
 class _Run:

@@ -188,6 +188,38 @@ def test_one_process_failing_alone_stops_both_with_one_line_each(tmp_path):
         e.count("hsee: error:") == 1, e
 
 
+def test_a_stop_signal_to_one_process_stops_both_after_the_same_round(tmp_path):
+  """SIGINT to process 1 alone (a Ctrl-C in one host's terminal): at the next
+  round boundary both processes agree to stop, save the same checkpoint
+  together and exit 130 with the resume hint, instead of process 1 saving
+  alone while process 0 goes on into a collective that never completes."""
+  out = tmp_path / "run"
+  procs = _launch(["train", *ARGS, "--set", "rounds=6", "--set", "checkpoint_every=3",
+                   "--out", str(out)], out, tmp_path)
+  try:
+    deadline = time.time() + 400
+    while not ((out / "metrics.jsonl").exists() and _records(out)):  # round 1 recorded
+      assert time.time() < deadline and all(p.poll() is None for p in procs), \
+          (tmp_path / "process0.log").read_text()[-3000:]
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGINT)
+    for p in procs:
+      p.wait(timeout=300)
+  finally:
+    _end(procs)
+  logs = [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
+  assert [p.returncode for p in procs] == [130, 130], "\n".join(t[-3000:] for t in logs)
+  stop = [r for r in _records(out) if r.get("event") == "stopped"]
+  assert len(stop) == 1, _records(out)
+  rnd = stop[0]["round"]
+  assert 1 <= rnd < 6  # stopped early, after a whole round
+  hint = f"hsee: SIGINT: stopped after round {rnd}; resume with: hsee train --resume {out}"
+  for text in logs:
+    assert text.strip().splitlines()[-1] == hint, text[-2000:]
+    assert "Traceback" not in text and "Terminating process" not in text
+  assert (out / "checkpoints" / str(rnd) / "_CHECKPOINT_METADATA").exists()
+
+
 def test_stacked_sweep_over_two_processes(two_process_run, tmp_path):
   """hsee sweep --distributed --stack 0: two seeds stacked in the same compiled
   calls, their run axis folded into the client axis over the global mesh of
