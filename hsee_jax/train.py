@@ -203,14 +203,16 @@ def train_together(cfgs: list[Config], out_dirs: list, *, overwrite: bool = Fals
   logs = logs or [log] * n
   outs = [Path(o) for o in out_dirs]
   writer = distributed.is_writer()
-  # several processes: process 0 writes and reports, the others compute
+  # several processes: process 0 writes and reports, the others compute (but
+  # every process says when a signal reached it)
+  signal_log = log
   logs, log = [distributed.writer_log(lg) for lg in logs], distributed.writer_log(log)
   with contextlib.ExitStack() as stack:
     if writer:
       for o, lg in zip(outs, logs):
         rundir.make_dir(o)
         stack.enter_context(rundir.RunLock(o).acquire(lg))
-    stop = stack.enter_context(rundir.StopSignals(log))
+    stop = stack.enter_context(rundir.StopSignals(signal_log))
     if writer:
       for c, o, rs in zip(cfgs, outs, resume):
         rundir.prepare(o, json.dumps(c.to_dict(), indent=2), overwrite, rs)

@@ -220,6 +220,39 @@ def test_a_stop_signal_to_one_process_stops_both_after_the_same_round(tmp_path):
   assert (out / "checkpoints" / str(rnd) / "_CHECKPOINT_METADATA").exists()
 
 
+def test_a_second_signal_to_one_process_ends_both_at_once(tmp_path):
+  """Two SIGINTs to process 1 alone: it stops at once with its one line
+  (130), and process 0, which got none, ends with one line naming it (2),
+  instead of waiting in a collective for a process that is gone."""
+  out = tmp_path / "run"
+  procs = _launch(["train", *ARGS, "--set", "rounds=6", "--out", str(out)], out, tmp_path)
+  try:
+    deadline = time.time() + 400
+    while not ((out / "metrics.jsonl").exists() and _records(out)):  # in round 2
+      assert time.time() < deadline and all(p.poll() is None for p in procs), \
+          (tmp_path / "process0.log").read_text()[-3000:]
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGINT)
+    # the second once the first was handled (Python handles signals that
+    # arrive during one call into XLA once): process 1 says so
+    while "stopping after the round in flight" not in (tmp_path / "process1.log").read_text():
+      assert time.time() < deadline and procs[1].poll() is None
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGINT)
+    for p in procs:
+      p.wait(timeout=120)
+  finally:
+    _end(procs)
+  logs = [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
+  assert [p.returncode for p in procs] == [2, 130], "\n".join(t[-3000:] for t in logs)
+  line = "SIGINT: stopped at once, the round in flight is lost"
+  assert logs[1].strip().splitlines()[-1] == f"hsee: {line}", logs[1][-2000:]
+  assert logs[0].strip().splitlines()[-1] == \
+      f"hsee: error: process 1 failed, so process 0 stops: {line}", logs[0][-2000:]
+  for text in logs:
+    assert "Traceback" not in text and "Terminating process" not in text
+
+
 def test_stacked_sweep_over_two_processes(two_process_run, tmp_path):
   """hsee sweep --distributed --stack 0: two seeds stacked in the same compiled
   calls, their run axis folded into the client axis over the global mesh of
