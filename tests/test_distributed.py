@@ -62,6 +62,24 @@ def _records(run: Path) -> list[dict]:
   return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _wait_for_round_1(procs, out: Path, logs: Path) -> float:
+  """Until round 1 is recorded (the processes are in round 2); returns the deadline."""
+  deadline = time.time() + 400
+  while not ((out / "metrics.jsonl").exists() and _records(out)):
+    assert time.time() < deadline and all(p.poll() is None for p in procs), \
+        (logs / "process0.log").read_text()[-3000:]
+    time.sleep(0.2)
+  return deadline
+
+
+def _outcome(procs, logs: Path, timeout: float) -> tuple[list[int], list[str]]:
+  """Wait for every process: their exit codes and logs."""
+  for p in procs:
+    p.wait(timeout=timeout)
+  return [p.returncode for p in procs], [(logs / f"process{i}.log").read_text()
+                                         for i in range(len(procs))]
+
+
 def _final_state(run: Path):
   """The state in the run's last checkpoint, read in this one-device process."""
   import dataclasses
@@ -197,18 +215,12 @@ def test_a_stop_signal_to_one_process_stops_both_after_the_same_round(tmp_path):
   procs = _launch(["train", *ARGS, "--set", "rounds=6", "--set", "checkpoint_every=3",
                    "--out", str(out)], out, tmp_path)
   try:
-    deadline = time.time() + 400
-    while not ((out / "metrics.jsonl").exists() and _records(out)):  # round 1 recorded
-      assert time.time() < deadline and all(p.poll() is None for p in procs), \
-          (tmp_path / "process0.log").read_text()[-3000:]
-      time.sleep(0.2)
+    _wait_for_round_1(procs, out, tmp_path)
     procs[1].send_signal(signal.SIGINT)
-    for p in procs:
-      p.wait(timeout=300)
+    codes, logs = _outcome(procs, tmp_path, 300)
   finally:
     _end(procs)
-  logs = [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
-  assert [p.returncode for p in procs] == [130, 130], "\n".join(t[-3000:] for t in logs)
+  assert codes == [130, 130], "\n".join(t[-3000:] for t in logs)
   stop = [r for r in _records(out) if r.get("event") == "stopped"]
   assert len(stop) == 1, _records(out)
   rnd = stop[0]["round"]
@@ -227,11 +239,7 @@ def test_a_second_signal_to_one_process_ends_both_at_once(tmp_path):
   out = tmp_path / "run"
   procs = _launch(["train", *ARGS, "--set", "rounds=6", "--out", str(out)], out, tmp_path)
   try:
-    deadline = time.time() + 400
-    while not ((out / "metrics.jsonl").exists() and _records(out)):  # in round 2
-      assert time.time() < deadline and all(p.poll() is None for p in procs), \
-          (tmp_path / "process0.log").read_text()[-3000:]
-      time.sleep(0.2)
+    deadline = _wait_for_round_1(procs, out, tmp_path)  # now in round 2
     procs[1].send_signal(signal.SIGINT)
     # the second once the first was handled (Python handles signals that
     # arrive during one call into XLA once): process 1 says so
@@ -239,12 +247,10 @@ def test_a_second_signal_to_one_process_ends_both_at_once(tmp_path):
       assert time.time() < deadline and procs[1].poll() is None
       time.sleep(0.05)
     procs[1].send_signal(signal.SIGINT)
-    for p in procs:
-      p.wait(timeout=120)
+    codes, logs = _outcome(procs, tmp_path, 120)
   finally:
     _end(procs)
-  logs = [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
-  assert [p.returncode for p in procs] == [2, 130], "\n".join(t[-3000:] for t in logs)
+  assert codes == [2, 130], "\n".join(t[-3000:] for t in logs)
   line = "SIGINT: stopped at once, the round in flight is lost"
   assert logs[1].strip().splitlines()[-1] == f"hsee: {line}", logs[1][-2000:]
   assert logs[0].strip().splitlines()[-1] == \
