@@ -96,7 +96,7 @@ def rounds_ab(mode: str, args, name: str, replacement, model: str = "resnet18") 
   try:
     for on in (False, True):  # the choice is read while tracing, i.e. in the first round
       setattr(models, name, real if on else replacement)
-      strategies._PROGRAMS.clear()  # each run builds (and traces) its own programs
+      strategies.clear_shared_programs()  # each run builds (and traces) its own programs
       runs[on] = JaxExecution(mode, args.k, argparse.Namespace(**{**vars(args), "model": model}))
       runs[on].round()
   finally:

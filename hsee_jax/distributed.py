@@ -216,11 +216,8 @@ def fail(message: str, code: int) -> None:
 def stop_all(message: str, code: int) -> None:
   """With several processes, end this process with ``code`` and every other
   one with one line giving ``message`` (no return); alone, return."""
-  if several_processes():
-    _stop_all(message, code)
-
-
-def _stop_all(message: str, code: int) -> None:
+  if not several_processes():
+    return
   import jax
   _failing.set()
   client, me = _client(), jax.process_index()
