@@ -1,28 +1,46 @@
-"""Reproduce the paper's experiments: the grid, the baselines, tables and plots.
+"""Reproduce the paper's experiments: the grid, the baselines, tables, verdicts and plots.
 
-    python experiments/reproduce.py --scale cpu --out runs/reproduce           # this machine
-    python experiments/reproduce.py --scale paper --out runs/paper             # an accelerator
+    python experiments/reproduce.py --scale evidence --out runs/evidence     # the claims, this CPU
+    python experiments/reproduce.py --scale cpu --out runs/reproduce         # the short grid
+    python experiments/reproduce.py --scale gpu --out runs/gpu               # paper scale, 8 min of a GPU
+    python experiments/reproduce.py --scale paper --out runs/paper           # 200 rounds, an accelerator
     python experiments/reproduce.py --datasets cifar10,cifar100,stl10 --seeds 0,1,2 ...
     python experiments/reproduce.py --datasets imagefolder --data-dir imagefolder=/my/data ...
 
-Per dataset, every run of the grid (PAPER.md):
+Each scale has its grid of runs (``SCALES[scale]["grid"]``, a key of ``GRIDS``):
+
+* ``baseline`` (scales cpu, paper):
   hsee-averaging    Hetero-SplitEE, Averaging, heterogeneous cuts l = 3, 5, 7
   hsee-sequential   Hetero-SplitEE, Sequential, the same cuts
   homogeneous       split learning with every client at the same cut (l = 5), Averaging
   alone             each client on its own data with its exit head, no aggregation
   classical-split   the server gradient goes back to the client (no exit loss), cuts 3, 5, 7
   central           the uncut ResNet-18 trained on all the data
-Every run of the grid is trained for each of ``--seeds`` (default 0,1,2) through
-the sweep machinery (``hsee_jax.sweep``: the seeds of a run, and runs that
-differ only in program inputs, share their compiled programs); the tables and
-plots give the mean ± sample standard deviation over seeds.
-Outputs in --out: results.csv, results.md, plots (PNG), and each run's
-directory, ``<dataset>/<run>/seed<s>``.
+* ``evidence`` (scale evidence): the runs that test each claim of PAPER.md
+  ("The paper's claims"): the baseline runs with ``homogeneous-weak`` (every
+  client at l = 3) and ``homogeneous-mid`` (l = 5) in place of
+  ``homogeneous``, ``strong-only`` (the weak tier left out: clients at 5 and 7
+  on their two thirds of the data), and ``-noniid`` twins of hsee-averaging,
+  hsee-sequential, alone and homogeneous-weak on a Dirichlet(0.3) split;
+  ``results.md`` gets a verdict per claim (:func:`verdicts`) and a plot per claim.
+* ``gpu`` (scale gpu): the paper's scale (width 1.0, the whole CIFAR-10) for one
+  seed: hsee-averaging, hsee-sequential, homogeneous-weak, alone, central.
+
+Every run of the grid is trained for each of ``--seeds`` through the sweep
+machinery (``hsee_jax.sweep``: the seeds of a run, and runs that differ only in
+program inputs, share their compiled programs); each run loads its own data
+(the seed's training subset), so runs of one seed see the same images and,
+for a split, the same partition. The tables and plots give the mean ±
+sample standard deviation over seeds. ``--resume`` keeps the finished runs
+of an interrupted grid and trains the others.
+Outputs in --out: results.csv, results.md, results.json, plots (PNG), and each
+run's directory, ``<dataset>/<run>/seed<s>``.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -49,13 +67,22 @@ TIERS = {"client_flops_per_s": (2e9, 1e10, 5e10), "server_flops_per_s": 1e13,
 BUDGET_SHARES = (0.40, 0.70, 0.95)
 
 SCALES = {
-    # whole CIFAR-10 grid in well under an hour on 2 CPU cores
-    "cpu": dict(width=0.125, train_subset=10000, test_subset=0, rounds=8, batch_size=32,
-                lr=0.05, eval_every=1, checkpoint_every=0),
+    # the short grid: whole CIFAR-10 baseline grid in under an hour on 2 CPU cores
+    "cpu": dict(grid="baseline", width=0.125, train_subset=10000, test_subset=0, rounds=8,
+                batch_size=32, lr=0.05, eval_every=1, checkpoint_every=0),
+    # the claims at convergence on 2 CPU cores (docs/results.md): central's test
+    # accuracy levels off well before the last round
+    "evidence": dict(grid="evidence", width=0.125, train_subset=5000, test_subset=0, rounds=20,
+                     batch_size=32, lr=0.05, eval_every=4, checkpoint_every=0),
+    # the paper's network and data for as many rounds as fit in 8 minutes of an
+    # H200 with compilation (docs/results.md, "The paper's scale on a GPU")
+    "gpu": dict(grid="gpu", width=1.0, train_subset=0, test_subset=0, rounds=15, batch_size=128,
+                lr=0.1, eval_every=5, checkpoint_every=0),
     # the paper's setting (for an accelerator)
-    "paper": dict(width=1.0, train_subset=0, test_subset=0, rounds=200, batch_size=128,
-                  lr=0.1, eval_every=5, checkpoint_every=10),
+    "paper": dict(grid="baseline", width=1.0, train_subset=0, test_subset=0, rounds=200,
+                  batch_size=128, lr=0.1, eval_every=5, checkpoint_every=10),
 }
+NON_IID = dict(partition="dirichlet", dirichlet_alpha=0.3)
 RUNS = {
     "hsee-averaging": dict(strategy="averaging", cuts=HETERO_CUTS),
     "hsee-sequential": dict(strategy="sequential", cuts=HETERO_CUTS),
@@ -66,27 +93,62 @@ RUNS = {
     "central": dict(strategy="averaging", cuts=(1,), server_grad_to_client=True,
                     exit_loss_weight=0.0),
 }
+# ``data_share``: the run trains on this share of the scale's training images
+# (the weak tier's third left out), with the same images per client; the
+# devices keep their tiers' speeds (clients without their own are the
+# weak, middle and strong tier in turn).
+EVIDENCE_RUNS = {
+    "hsee-averaging": RUNS["hsee-averaging"],
+    "hsee-sequential": RUNS["hsee-sequential"],
+    "alone": RUNS["alone"],
+    "homogeneous-weak": dict(strategy="averaging", cuts=(3, 3, 3)),
+    "homogeneous-mid": dict(strategy="averaging", cuts=(5, 5, 5)),
+    "strong-only": dict(strategy="averaging", cuts=(5, 7), data_share=2 / 3,
+                        client_flops_per_s=TIERS["client_flops_per_s"][1:]),
+    "classical-split": RUNS["classical-split"],
+    "central": RUNS["central"],
+    "hsee-averaging-noniid": dict(RUNS["hsee-averaging"], **NON_IID),
+    "hsee-sequential-noniid": dict(RUNS["hsee-sequential"], **NON_IID),
+    "alone-noniid": dict(RUNS["alone"], **NON_IID),
+    "homogeneous-weak-noniid": dict(cuts=(3, 3, 3), **NON_IID),
+}
+GPU_RUNS = {name: EVIDENCE_RUNS[name] for name in
+            ("hsee-averaging", "hsee-sequential", "homogeneous-weak", "alone", "central")}
+GRIDS = {"baseline": RUNS, "evidence": EVIDENCE_RUNS, "gpu": GPU_RUNS}
 
 
 def grid(dataset: str, scale: str, overrides: list[str], data_dir: str = "") -> list[tuple[str, Config]]:
+  """The runs of ``scale``'s grid on ``dataset``: (run name, config), the
+  overrides applied to every run."""
+  fields_of_scale = {k: v for k, v in SCALES[scale].items() if k != "grid"}
   out = []
-  for name, fields in RUNS.items():
+  for name, fields in GRIDS[SCALES[scale]["grid"]].items():
+    fields = dict(fields)
+    share = fields.pop("data_share", 1.0)
     tiers = dict(TIERS)
     n = len(fields["cuts"])
     tiers["client_flops_per_s"] = tuple(TIERS["client_flops_per_s"][i % 3] for i in range(n))
-    cfg = Config(name=dataset, dataset=dataset, data_dir=data_dir,
-                 **SCALES[scale], **tiers, **fields)
-    out.append((name, config_lib.override(cfg, overrides)))
+    tiers.update({k: fields.pop(k) for k in list(fields) if k in tiers})
+    cfg = config_lib.override(Config(name=dataset, dataset=dataset, data_dir=data_dir,
+                                     **fields_of_scale, **tiers, **fields), overrides)
+    if share != 1.0:
+      if not cfg.train_subset:
+        raise config_lib.ConfigError(f"run {name}: trains on {share:.2f} of train_subset, "
+                                     f"which must be set (> 0)")
+      cfg = dataclasses.replace(cfg, train_subset=max(n, round(cfg.train_subset * share)))
+    out.append((name, cfg))
   return out
 
 
 def shrink_note(scale: str) -> str:
+  """What the scale keeps of the paper's setting, in one sentence."""
+  s = SCALES[scale]
   if scale == "paper":
     return "paper scale: width 1.0, the whole train and test sets, 200 rounds, batch 128"
-  s = SCALES["cpu"]
-  return (f"cpu scale shrinks the paper's setting: width {s['width']} (of 1.0), "
-          f"{s['train_subset']} training images (of all), {s['rounds']} rounds (of 200), "
-          f"batch {s['batch_size']} (of 128); the whole test set")
+  images = f"{s['train_subset']} training images (of all)" if s["train_subset"] else \
+      "the whole training set"
+  return (f"{scale} scale shrinks the paper's setting: width {s['width']} (of 1.0), {images}, "
+          f"{s['rounds']} rounds (of 200), batch {s['batch_size']} (of 128); the whole test set")
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -94,9 +156,10 @@ def _records(run_dir: Path) -> list[dict]:
 
 
 def run_grid(datasets, scale, out: Path, overrides=(), data_dirs=None, log=print,
-             report_only: bool = False, seeds=(0, 1, 2)) -> dict:
+             report_only: bool = False, seeds=(0, 1, 2), resume: bool = False) -> dict:
   """Train every run of the grid for every seed (or, ``report_only``, read the
-  finished runs in ``out``) and write the tables and plots."""
+  finished runs in ``out``; ``resume``: keep the finished ones and train the
+  others) and write the tables, verdicts and plots."""
   out.mkdir(parents=True, exist_ok=True)
   data_dirs = data_dirs or {}
   seeds = list(seeds)
@@ -115,7 +178,12 @@ def run_grid(datasets, scale, out: Path, overrides=(), data_dirs=None, log=print
       continue
     planned = sweep.plan_points([(name, {"run": name}, cfg) for name, cfg in runs], seeds)
     if not report_only:
-      sweep.train_runs(planned, out / ds_name, dataset=dataset, log=lambda s: log("    " + s))
+      failed = sweep.train_runs(planned, out / ds_name, resume=resume,
+                                log=lambda s: log("    " + s))
+      if failed:
+        raise train_lib.RunError(f"{len(failed)} run(s) of {ds_name} failed ({', '.join(failed)}; "
+                                 f"errors in their metrics.jsonl); the others are kept: "
+                                 f"finish with --resume")
     ds_res = results["datasets"][ds_name] = {"runs": {}}
     for name, _ in runs:
       ds_res["runs"][name] = [_load_run(out / ds_name / name / f"seed{s}") for s in seeds]
@@ -202,6 +270,137 @@ def _run_means(per_seed: list[dict]) -> dict:
           "full": sweep.mean_std([t["mean_full_acc"] for t in tests])}
 
 
+# -- the paper's claims ----------------------------------------------------------------------
+# A comparison: (run a, metric, cut, run b, metric, cut, kind). ``cut`` None is
+# the mean over the fleet; ``kind`` "better": a above b; "not_worse": a not
+# below b. Comparisons whose runs are not in the grid are left out.
+def _tiers(a: str, b: str, kind: str = "better") -> list:
+  return [(a, "exit_acc", c, b, "exit_acc", c, kind) for c in HETERO_CUTS]
+
+
+CLAIMS = [
+    (1, "One shared network from heterogeneous clients, at competitive accuracy "
+        "(full path against the split and central baselines)",
+     [("hsee-averaging", "full_acc", None, b, "full_acc", None, "not_worse")
+      for b in ("homogeneous-weak", "homogeneous-mid", "homogeneous", "classical-split", "central")]
+     + [("hsee-sequential", "full_acc", None, "homogeneous-weak", "full_acc", None, "not_worse")]),
+    (2, "Collaboration helps every device (each tier's exit against the same client alone)",
+     [c for sfx in ("", "-noniid") for c in
+      _tiers(f"hsee-averaging{sfx}", f"alone{sfx}") + _tiers(f"hsee-sequential{sfx}", f"alone{sfx}")
+      + [(f"hsee-averaging{sfx}", "full_acc", None, f"alone{sfx}", "full_acc", None, "better")]]),
+    (3, "Heterogeneity pays (deeper exits are better; the weak tier gains from the strong "
+        "tiers; leaving the weak tier out is worse)",
+     [("hsee-averaging", "exit_acc", 5, "hsee-averaging", "exit_acc", 3, "better"),
+      ("hsee-averaging", "exit_acc", 7, "hsee-averaging", "exit_acc", 5, "better"),
+      ("hsee-averaging", "exit_acc", 3, "homogeneous-weak", "exit_acc", 3, "better"),
+      ("hsee-averaging-noniid", "exit_acc", 3, "homogeneous-weak-noniid", "exit_acc", 3, "better"),
+      ("hsee-averaging", "full_acc", None, "strong-only", "full_acc", None, "better"),
+      ("hsee-averaging", "exit_acc", 5, "strong-only", "exit_acc", 5, "better"),
+      ("hsee-averaging", "exit_acc", 7, "strong-only", "exit_acc", 7, "better")]),
+    (4, "Sequential against Averaging: accuracy (its costs in the table below)",
+     [("hsee-sequential", "exit_acc", None, "hsee-averaging", "exit_acc", None, "not_worse"),
+      ("hsee-sequential", "full_acc", None, "hsee-averaging", "full_acc", None, "not_worse")]),
+]
+VERDICT_RULE = ("paired by seed (the runs of a seed share data, partition and initial "
+                "weights): d = a - b per seed, its mean and standard error se = sd / sqrt(n); "
+                "*better* holds when mean d > 2 se and does not hold when mean d < -2 se; "
+                "*not worse* holds when mean d > -2 se (better, or within the spread) and "
+                "does not hold when mean d < -2 se; otherwise the two cannot be told apart "
+                "from the spread. One seed gives no spread, hence no verdict; *equal in every "
+                "seed* marks two runs that compute the same thing.")
+
+
+def _value(run: dict, metric: str, cut: int | None) -> float:
+  """One finished run's final test accuracy: the fleet mean, or the mean over
+  the clients of one cut."""
+  test = run["summary"]["test"]
+  if cut is None:
+    return test[f"mean_{metric}"]
+  return next(c[metric]["mean"] for c in test["cuts"] if c["cut"] == cut)
+
+
+def _label(run: str, metric: str, cut: int | None) -> str:
+  return f"{run} {metric}" + (f" at cut {cut}" if cut is not None else " (fleet mean)")
+
+
+def verdicts(runs: dict) -> list[dict]:
+  """Each claim's comparisons on one dataset's finished runs (``runs``: run
+  name -> one finished run per seed): both sides' mean ± std over seeds, the
+  paired difference and the verdict (:data:`VERDICT_RULE`)."""
+  rows = []
+  for claim, text, comparisons in CLAIMS:
+    for a, ma, ca, b, mb, cb, kind in comparisons:
+      if a not in runs or b not in runs:
+        continue
+      try:
+        va = [_value(r, ma, ca) for r in runs[a]]
+        vb = [_value(r, mb, cb) for r in runs[b]]
+      except StopIteration:  # a cut the run does not have (a grid changed by --set)
+        continue
+      d = np.asarray(va) - np.asarray(vb)
+      se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+      mean = float(d.mean())
+      if not d.any():
+        verdict = "equal in every seed"   # the same computation (Sequential's exits and alone's)
+      elif not np.isfinite(se):
+        verdict = "one seed: no verdict"
+      elif kind == "better":
+        verdict = ("holds" if mean > 2 * se else "does not hold" if mean < -2 * se
+                   else "cannot be told apart from the spread")
+      else:
+        verdict = ("does not hold" if mean < -2 * se else
+                   "holds (better)" if mean > 2 * se else "holds (within the spread)")
+      rows.append({"claim": claim, "claim_text": text, "kind": kind,
+                   "a": _label(a, ma, ca), "b": _label(b, mb, cb),
+                   "a_value": sweep.mean_std(va), "b_value": sweep.mean_std(vb),
+                   "difference": (mean, se), "verdict": verdict})
+  return rows
+
+
+def convergence(runs: dict, run: str = "central") -> dict | None:
+  """Has ``run``'s test accuracy levelled off? The gain of its mean
+  ``full_acc`` (over seeds) over the last fifth of the rounds: from the last
+  evaluation at or before round 0.8 R to the last one."""
+  if run not in runs:
+    return None
+  curves = [[(rec["round"] + 1, rec["test"]["mean_full_acc"]) for rec in r["records"]
+             if "test" in rec] for r in runs[run]]
+  rounds = runs[run][0]["summary"]["rounds"]
+  before = [x for x in curves[0] if x[0] <= 0.8 * rounds]
+  if not before:
+    return None
+  at, end = before[-1][0], curves[0][-1][0]
+  pick = lambda curve, rnd: next(acc for r, acc in curve if r == rnd)
+  gain = float(np.mean([pick(c, end) - pick(c, at) for c in curves]))
+  return {"run": run, "from_round": at, "to_round": end, "gain": gain, "levelled": gain < 0.01}
+
+
+def server_costs(ds: dict) -> list[dict]:
+  """Per Hetero-SplitEE run (first seed; costs depend on the config only): the
+  server's persistent state (float32 parameters and SGD momentum: one server
+  part per client under Averaging, one shared from the shallowest cut under
+  Sequential), the server's training FLOPs per round and the simulated
+  seconds per round, beside the fleet's mean accuracies."""
+  table = {r["cut"]: r for r in ds["costs"]}
+  out = []
+  for name, per_seed in ds["runs"].items():
+    cfg, summ = per_seed[0]["config"], per_seed[0]["summary"]
+    if not name.startswith("hsee-"):
+      continue
+    cuts, steps = summ["cuts"], summ["local_steps"]
+    held = [min(cuts)] if cfg["strategy"] == "sequential" else cuts
+    means = _run_means(per_seed)
+    sim = ds["simulated"][name]
+    out.append({"run": name, "strategy": cfg["strategy"],
+                "server_parts": len(held),
+                "server_state_bytes": int(sum(2 * 4 * table[c]["server_params"] for c in held)),
+                "server_train_flops_per_round": float(sum(
+                    steps * cfg["batch_size"] * table[c]["server_train_flops"] for c in cuts)),
+                "simulated_seconds_per_round": sum(sim) / max(1, len(sim)),
+                "mean_exit_acc": means["exit"], "mean_full_acc": means["full"]})
+  return out
+
+
 def write_outputs(results: dict, out: Path, log=print) -> None:
   rows = []
   for ds_name, ds in results["datasets"].items():
@@ -217,6 +416,10 @@ def write_outputs(results: dict, out: Path, log=print) -> None:
                      "rounds": first["summary"]["rounds"],
                      "wall_seconds": round(float(np.mean([r["wall_seconds"] for r in per_seed])), 1),
                      "simulated_seconds": round(sum(ds["simulated"][name]), 1)})
+  for ds in results["datasets"].values():
+    ds["verdicts"] = verdicts(ds["runs"])
+    ds["convergence"] = convergence(ds["runs"])
+    ds["server_costs"] = server_costs(ds)
   if rows:
     with open(out / "results.csv", "w", newline="") as f:
       w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -224,7 +427,9 @@ def write_outputs(results: dict, out: Path, log=print) -> None:
       w.writerows(rows)
   (out / "results.md").write_text(_markdown(results, rows))
   (out / "results.json").write_text(json.dumps(
-      {k: v for k, v in results.items() if k != "datasets"} | {"rows": rows}, indent=2))
+      {k: v for k, v in results.items() if k != "datasets"} | {"rows": rows} | {
+          "claims": {name: {k: ds[k] for k in ("verdicts", "convergence", "server_costs")}
+                     for name, ds in results["datasets"].items()}}, indent=2))
   _plots(results, out, log)
   log(f"[reproduce] wrote {out}/results.csv, results.md and plots")
 
@@ -255,6 +460,7 @@ def _markdown(results: dict, rows: list[dict]) -> str:
     md += ["", "`central` has one client holding the whole network (its 'full' is the uncut "
            "ResNet-18); `classical-split` and `central` train no exit head (exit_loss_weight 0), "
            "so their exit accuracies are not meaningful.", ""]
+    md += _claims_markdown(ds_name, ds)
     hsee = [n for n in ("hsee-averaging", "hsee-sequential") if n in ds["runs"]]
     if hsee:
       taus = [r["threshold"] for r in _cut_rows(ds["runs"][hsee[0]])[0]["early_exit"]]
@@ -298,6 +504,44 @@ def _markdown(results: dict, rows: list[dict]) -> str:
                 f"{c['cut']} | {c['reason']} |")
     md.append("")
   return "\n".join(md)
+
+
+def _claims_markdown(ds_name: str, ds: dict) -> list[str]:
+  md = []
+  conv = ds["convergence"]
+  if conv:
+    md += ["### Convergence", "",
+           f"`{conv['run']}` mean `full_acc` gained {conv['gain'] * 100:+.2f} points from round "
+           f"{conv['from_round']} to round {conv['to_round']} (the last fifth of the rounds; mean "
+           f"over seeds): {'levelled off (under one point)' if conv['levelled'] else 'still rising (one point or more)'}"
+           f" (`{ds_name}_convergence.png`).", ""]
+  if ds["verdicts"]:
+    md += ["### The paper's claims", "", f"Verdict rule: {VERDICT_RULE}", "",
+           "| claim | a | b | a (mean ± std) | b (mean ± std) | a - b (mean ± se) | verdict |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for v in ds["verdicts"]:
+      want = ">" if v["kind"] == "better" else "≥"
+      md.append(f"| {v['claim']} | {v['a']} | {want} {v['b']} | {_pm(v['a_value'])} | "
+                f"{_pm(v['b_value'])} | {_pm(v['difference'])} | {v['verdict']} |")
+    md += ["", "Claims: " + "; ".join(f"{k}. {text}" for k, text, _ in CLAIMS
+                                       if any(v["claim"] == k for v in ds["verdicts"])) + ".", ""]
+  if ds["server_costs"]:
+    md += ["### Sequential against Averaging: the server's costs", "",
+           "Server state: float32 parameters and SGD momentum of the server parts the "
+           "server holds (Averaging: one per client; Sequential: one, from the shallowest "
+           "cut). Server FLOPs: training FLOPs of every client's server-side work per round "
+           "(`costs.cost_table`). Simulated time: `costs.simulated_round_seconds` with the "
+           "device tiers below.", "",
+           "| run | server parts | server state (MiB) | server train GFLOPs per round | "
+           "simulated s per round | mean `exit_acc` | mean `full_acc` |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for c in ds["server_costs"]:
+      md.append(f"| {c['run']} | {c['server_parts']} | {c['server_state_bytes'] / 2**20:.2f} | "
+                f"{c['server_train_flops_per_round'] / 1e9:,.1f} | "
+                f"{c['simulated_seconds_per_round']:.1f} | {_pm(c['mean_exit_acc'])} | "
+                f"{_pm(c['mean_full_acc'])} |")
+    md.append("")
+  return md
 
 
 def _plots(results: dict, out: Path, log=print) -> None:
@@ -369,6 +613,110 @@ def _plots(results: dict, out: Path, log=print) -> None:
     fig.tight_layout()
     fig.savefig(out / f"{ds_name}_early_exit.png", dpi=110)
     plt.close(fig)
+    _claim_plots(plt, ds_name, ds, out)
+
+
+def _bars(ax, groups: list[str], series: dict) -> None:
+  """Grouped bars: ``series[label]`` is one (mean, std) or None per group."""
+  width = 0.8 / max(1, len(series))
+  for j, (label, values) in enumerate(series.items()):
+    xs = [i + (j - (len(series) - 1) / 2) * width for i, v in enumerate(values) if v is not None]
+    ms = [v for v in values if v is not None]
+    ax.bar(xs, [m[0] for m in ms], width, yerr=[m[1] if np.isfinite(m[1]) else 0 for m in ms],
+           capsize=2, label=label)
+  ax.set_xticks(range(len(groups)), groups, fontsize=7)
+  ax.set_ylabel("test accuracy (mean ± std over seeds)")
+  ax.legend(fontsize=7)
+
+
+def _at_cut(runs: dict, name: str, cut: int, metric: str = "exit_acc"):
+  if name not in runs:
+    return None
+  return next((c[metric] for c in _cut_rows(runs[name]) if c["cut"] == cut), None)
+
+
+def _curve(per_seed: list[dict], metric: str):
+  """Rounds and the mean and std over seeds of a test metric at each evaluation."""
+  by_seed = [[rec for rec in r["records"] if "test" in rec] for r in per_seed]
+  xs = [rec["round"] + 1 for rec in by_seed[0]]
+  ys = np.asarray([[rec["test"][metric] for rec in rs] for rs in by_seed])
+  return xs, ys.mean(0), ys.std(0, ddof=1) if len(ys) > 1 else np.zeros(len(xs))
+
+
+def _claim_plots(plt, ds_name: str, ds: dict, out: Path) -> None:
+  """One plot per claim that the grid's runs can show, and the convergence curve."""
+  runs = ds["runs"]
+  # 1: the full path of every run
+  names = [n for n in runs if not n.endswith("-noniid")]
+  fig, ax = plt.subplots(figsize=(8, 4))
+  _bars(ax, names, {"full path (fleet mean)": [_run_means(runs[n])["full"] for n in names]})
+  ax.set_title(f"{ds_name}, claim 1: the shared network's accuracy (IID)")
+  ax.tick_params(axis="x", rotation=30)
+  fig.tight_layout()
+  fig.savefig(out / f"{ds_name}_claim1_full_path.png", dpi=110)
+  plt.close(fig)
+  # 2: each tier's exit, alone and in collaboration, IID and non-IID
+  splits = [sfx for sfx in ("", "-noniid") if f"alone{sfx}" in runs]
+  if splits:
+    fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4), squeeze=False)
+    for ax, sfx in zip(axes[0], splits):
+      _bars(ax, [f"cut {c}" for c in HETERO_CUTS],
+            {n: [_at_cut(runs, n + sfx, c) for c in HETERO_CUTS]
+             for n in ("alone", "hsee-averaging", "hsee-sequential") if n + sfx in runs})
+      ax.set_title(f"claim 2: exit accuracy per tier ({'non-IID' if sfx else 'IID'})")
+    fig.tight_layout()
+    fig.savefig(out / f"{ds_name}_claim2_exits_vs_alone.png", dpi=110)
+    plt.close(fig)
+  # 3: exits per tier with and without the other tiers
+  names = [n for n in ("hsee-averaging", "homogeneous-weak", "strong-only") if n in runs]
+  if len(names) > 1:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    _bars(ax, [f"exit at cut {c}" for c in HETERO_CUTS] + ["full path"],
+          {n: [_at_cut(runs, n, c) for c in HETERO_CUTS] + [_run_means(runs[n])["full"]]
+           for n in names})
+    ax.set_title(f"{ds_name}, claim 3: heterogeneous fleet, weak tier only, weak tier left out")
+    fig.tight_layout()
+    fig.savefig(out / f"{ds_name}_claim3_heterogeneity.png", dpi=110)
+    plt.close(fig)
+  # 4: server state and simulated time, Sequential against Averaging
+  costs_ = ds["server_costs"]
+  if costs_:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    labels = [c["run"] for c in costs_]
+    axes[0].bar(labels, [c["server_state_bytes"] / 2**20 for c in costs_], color="tab:purple")
+    axes[0].set_ylabel("server state (MiB)")
+    ax2 = axes[0].twinx()
+    ax2.plot(labels, [c["simulated_seconds_per_round"] for c in costs_], "ko-")
+    ax2.set_ylabel("simulated seconds per round (dots)")
+    axes[0].tick_params(axis="x", rotation=30, labelsize=7)
+    for c in costs_:
+      per = ds["simulated"][c["run"]]
+      xs, ys, sd = _curve(runs[c["run"]], "mean_exit_acc")
+      t = [sum(per[:r]) for r in xs]
+      axes[1].errorbar(t, ys, yerr=sd, capsize=2, label=f"{c['run']} exit (fleet mean)")
+    axes[1].set_xlabel("simulated seconds")
+    axes[1].set_ylabel("test accuracy")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"{ds_name}, claim 4: Sequential against Averaging")
+    fig.tight_layout()
+    fig.savefig(out / f"{ds_name}_claim4_sequential_vs_averaging.png", dpi=110)
+    plt.close(fig)
+  # convergence: test accuracy against round, mean ± std over seeds
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for name, metric in (("central", "mean_full_acc"), ("hsee-averaging", "mean_full_acc"),
+                       ("hsee-averaging", "mean_exit_acc"), ("alone", "mean_exit_acc"),
+                       ("hsee-sequential", "mean_exit_acc")):
+    if name in runs:
+      xs, ys, sd = _curve(runs[name], metric)
+      ax.plot(xs, ys, marker=".", label=f"{name} {metric}")
+      ax.fill_between(xs, ys - sd, ys + sd, alpha=0.2)
+  ax.set_xlabel("round")
+  ax.set_ylabel("test accuracy (mean ± std over seeds)")
+  ax.legend(fontsize=7)
+  ax.set_title(f"{ds_name}: test accuracy against round")
+  fig.tight_layout()
+  fig.savefig(out / f"{ds_name}_convergence.png", dpi=110)
+  plt.close(fig)
 
 
 def main(argv=None):
@@ -384,13 +732,16 @@ def main(argv=None):
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config field in every run (repeatable)")
   p.add_argument("--seeds", default="0,1,2", help="seeds of every run (comma list; default 0,1,2)")
+  p.add_argument("--resume", action="store_true",
+                 help="keep the finished runs in --out and train the others")
   p.add_argument("--report-only", action="store_true",
                  help="no training: rebuild the tables and plots from the finished runs in --out")
   args = p.parse_args(argv)
   data_dirs = dict(d.split("=", 1) for d in args.data_dir)
   try:
     run_grid(args.datasets.split(","), args.scale, Path(args.out), args.overrides, data_dirs,
-             report_only=args.report_only, seeds=sweep.parse_seeds(args.seeds))
+             report_only=args.report_only, seeds=sweep.parse_seeds(args.seeds),
+             resume=args.resume)
   except (config_lib.ConfigError, DataError, train_lib.RunError) as e:
     print(f"reproduce: error: {e}", file=sys.stderr)
     return 2

@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import write_image_zip
@@ -12,7 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import reproduce  # noqa: E402
 
 
-def test_grid_runner_on_tiny_image_folder(tmp_path, monkeypatch):
+def test_evidence_grid_on_tiny_image_folder(tmp_path, monkeypatch):
+  """The evidence grid end to end: every run for two seeds, the tables, the
+  verdict per claim from the finished runs, the plots, the skipped datasets."""
   monkeypatch.setenv("HSEE_CACHE_DIR", str(tmp_path / "cache"))
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # cifar100: no files, no tfds
   data = tmp_path / "tiny"
@@ -23,25 +26,25 @@ def test_grid_runner_on_tiny_image_folder(tmp_path, monkeypatch):
   broken = tmp_path / "stl10"   # present but truncated: skipped, and why
   broken.mkdir()
   (broken / "stl10_binary.tar.gz").write_bytes(b"\x1f\x8b\x08\x00 not a whole archive")
-  code = reproduce.main(["--scale", "cpu", "--out", str(out), "--datasets",
-                         "imagefolder,cifar100,stl10", "--data-dir", f"imagefolder={data}",
-                         "--data-dir", f"cifar100={tmp_path / 'none'}", "--data-dir",
-                         f"stl10={broken}",
-                         "--set", "rounds=1", "--set", "batch_size=8", "--set", "local_steps=1",
-                         "--set", "train_subset=0", "--set", "eval_batch_size=12",
-                         "--seeds", "0,1"])
-  assert code == 0
+  args = ["--scale", "evidence", "--out", str(out), "--datasets", "imagefolder,cifar100,stl10",
+          "--data-dir", f"imagefolder={data}", "--data-dir", f"cifar100={tmp_path / 'none'}",
+          "--data-dir", f"stl10={broken}",
+          "--set", "rounds=2", "--set", "eval_every=1", "--set", "batch_size=8",
+          "--set", "local_steps=1", "--set", "train_subset=30", "--set", "eval_batch_size=12",
+          "--seeds", "0,1"]
+  assert reproduce.main(args) == 0
   rows = list(csv.DictReader(open(out / "results.csv")))
-  runs = {r["run"] for r in rows}
-  assert runs == set(reproduce.RUNS)
+  assert {r["run"] for r in rows} == set(reproduce.EVIDENCE_RUNS)
   # one row per run and cut
-  assert len(rows) == sum(len(set(f["cuts"])) for f in reproduce.RUNS.values())
+  assert len(rows) == sum(len(set(f["cuts"])) for f in reproduce.EVIDENCE_RUNS.values())
   for r in rows:
     assert r["dataset"] == "imagefolder" and 0.0 <= float(r["exit_accuracy"]) <= 1.0
-    assert int(r["rounds"]) == 1 and float(r["simulated_seconds"]) > 0 and r["seeds"] == "2"
+    assert int(r["rounds"]) == 2 and float(r["simulated_seconds"]) > 0 and r["seeds"] == "2"
   # every run trained once per seed, in its own run directory; the table is their mean ± std
+  def summary(run, seed):
+    return json.loads((out / "imagefolder" / run / f"seed{seed}" / "summary.json").read_text())
   def final_exit(run, seed, cut_index):
-    summ = json.loads((out / "imagefolder" / run / f"seed{seed}" / "summary.json").read_text())
+    summ = summary(run, seed)
     assert summ["config"]["seed"] == seed
     return summ["test"]["cuts"][cut_index]["exit_acc"]["mean"]
   avg = [r for r in rows if r["run"] == "hsee-averaging"]
@@ -51,13 +54,118 @@ def test_grid_runner_on_tiny_image_folder(tmp_path, monkeypatch):
       abs(pair[0] - pair[1]) / 2 ** 0.5, abs=1e-4)
   seq = [r for r in rows if r["run"] == "hsee-sequential"]
   assert [int(r["cut"]) for r in seq] == [3, 5, 7]
+  # the weak tier left out: two thirds of the images, two clients
+  assert summary("strong-only", 0)["config"]["train_subset"] == 20
+  assert summary("strong-only", 0)["cuts"] == [5, 7]
   md = (out / "results.md").read_text()
   assert "cifar100 skipped: dataset cifar100: no files found" in md
   assert "stl10 skipped: dataset stl10: " in md and "is truncated or damaged" in md
   assert "### Cost per cut layer" in md and "mean ± sample standard deviation over the 2 seeds" in md
   assert " ± " in next(l for l in md.splitlines() if l.startswith("| hsee-averaging |"))
   assert "### Device budgets → cuts" in md and "### Simulated wall clock" in md
-  for png in ("exit_accuracy", "accuracy_vs_round", "accuracy_vs_simulated", "early_exit"):
+  # the verdicts, recomputed here from the finished runs' summaries
+  claims = json.loads((out / "results.json").read_text())["claims"]["imagefolder"]
+  verdict = next(v for v in claims["verdicts"] if v["a"] == "hsee-averaging exit_acc at cut 3"
+                 and v["b"] == "alone exit_acc at cut 3")
+  d = [final_exit("hsee-averaging", s, 0) - final_exit("alone", s, 0) for s in (0, 1)]
+  assert verdict["difference"][0] == pytest.approx(np.mean(d))
+  assert verdict["difference"][1] == pytest.approx(np.std(d, ddof=1) / 2 ** 0.5)
+  assert {v["claim"] for v in claims["verdicts"]} == {1, 2, 3, 4}
+  assert len(claims["verdicts"]) == sum(len(c[2]) for c in reproduce.CLAIMS) - 1  # no `homogeneous`
+  lines = [l for l in md.splitlines() if l.startswith("| 2 | hsee-averaging-noniid exit_acc at cut 7")]
+  assert len(lines) == 1 and lines[0].split("|")[-2].strip() == verdict_of(claims, lines[0])
+  assert "### The paper's claims" in md and "### Convergence" in md
+  costs = {c["run"]: c for c in claims["server_costs"]}
+  assert costs["hsee-sequential"]["server_parts"] == 1 and costs["hsee-averaging"]["server_parts"] == 3
+  assert costs["hsee-sequential"]["server_state_bytes"] < costs["hsee-averaging"]["server_state_bytes"]
+  assert (costs["hsee-sequential"]["server_train_flops_per_round"]
+          == costs["hsee-averaging"]["server_train_flops_per_round"])
+  assert claims["convergence"]["run"] == "central" and claims["convergence"]["to_round"] == 2
+  for png in ("exit_accuracy", "accuracy_vs_round", "accuracy_vs_simulated", "early_exit",
+              "claim1_full_path", "claim2_exits_vs_alone", "claim3_heterogeneity",
+              "claim4_sequential_vs_averaging", "convergence"):
     assert (out / f"imagefolder_{png}.png").stat().st_size > 1000
-  summary = json.loads((out / "results.json").read_text())
-  assert "cifar100" in summary["skipped"]
+  summary_json = json.loads((out / "results.json").read_text())
+  assert "cifar100" in summary_json["skipped"]
+  # --resume keeps every finished run (nothing retrains: the summaries stay as they were)
+  before = (out / "imagefolder" / "alone" / "seed1" / "summary.json").read_text()
+  assert reproduce.main(args + ["--resume"]) == 0
+  assert (out / "imagefolder" / "alone" / "seed1" / "summary.json").read_text() == before
+
+
+def verdict_of(claims, line):
+  a = line.split("|")[2].strip()
+  return next(v["verdict"] for v in claims["verdicts"] if v["a"] == a)
+
+
+def test_grids():
+  """What each scale trains: the evidence grid's runs compare like with like."""
+  cpu = dict(reproduce.grid("cifar10", "cpu", []))
+  assert set(cpu) == set(reproduce.RUNS) and all(c.rounds == 8 for c in cpu.values())
+  ev = dict(reproduce.grid("cifar10", "evidence", []))
+  assert set(ev) == set(reproduce.EVIDENCE_RUNS)
+  for name, cfg in ev.items():
+    # the same recipe everywhere: network, rounds, batch, learning rate, seedless
+    assert (cfg.width, cfg.rounds, cfg.batch_size, cfg.lr, cfg.local_steps) == (0.125, 20, 32, 0.05, 0)
+    assert (cfg.partition, cfg.dirichlet_alpha) == (
+        ("dirichlet", 0.3) if name.endswith("-noniid") else ("iid", cfg.dirichlet_alpha))
+    # every split client holds the same number of images (the local steps follow)
+    if name != "central":
+      assert cfg.train_subset / len(cfg.cuts) == pytest.approx(5000 / 3, abs=1)
+  assert ev["strong-only"].cuts == (5, 7) and ev["strong-only"].client_flops_per_s == (1e10, 5e10)
+  assert ev["homogeneous-weak"].cuts == (3, 3, 3) and ev["alone"].aggregate_every > ev["alone"].rounds
+  gpu = dict(reproduce.grid("cifar10", "gpu", []))
+  assert set(gpu) == {"hsee-averaging", "hsee-sequential", "homogeneous-weak", "alone", "central"}
+  assert all(c.width == 1.0 and c.train_subset == 0 for c in gpu.values())
+  with pytest.raises(reproduce.config_lib.ConfigError, match="strong-only"):
+    reproduce.grid("cifar10", "evidence", ["train_subset=0"])
+
+
+def test_non_iid_split_is_the_same_for_every_run_of_a_seed():
+  """The -noniid runs of one seed share their Dirichlet partition (and the
+  IID runs theirs); another seed draws another."""
+  from hsee_jax import data as data_lib
+  from hsee_jax.fleet import build_fleet
+  ds = data_lib.synthetic_dataset((8, 8, 10, 600, 10), 0)
+  ev = dict(reproduce.grid("synthetic", "evidence", []))
+  parts = lambda cfg, seed=0: build_fleet(reproduce.dataclasses.replace(cfg, seed=seed), ds).partitions
+  a, b = parts(ev["hsee-averaging-noniid"]), parts(ev["alone-noniid"])
+  assert all(np.array_equal(x, y) for x, y in zip(a, b))
+  assert all(np.array_equal(x, y) for x, y in zip(a, parts(ev["hsee-sequential-noniid"])))
+  iid = parts(ev["hsee-averaging"])
+  assert max(map(len, iid)) - min(map(len, iid)) <= 1
+  assert max(map(len, a)) - min(map(len, a)) > 30   # Dirichlet(0.3): unequal sizes
+  # skewed labels: some client holds under 5% of some class's images
+  share = [np.bincount(ds.train_labels[p], minlength=10) / np.bincount(ds.train_labels, minlength=10)
+           for p in a]
+  assert np.min(share) < 0.05
+  assert not all(np.array_equal(x, y) for x, y in zip(a, parts(ev["alone-noniid"], seed=1)))
+
+
+def _fake_run(exits: dict, full: float) -> dict:
+  cuts = [{"cut": c, "exit_acc": {"mean": e}, "full_acc": {"mean": full}} for c, e in exits.items()]
+  return {"summary": {"test": {"cuts": cuts, "mean_exit_acc": float(np.mean(list(exits.values()))),
+                               "mean_full_acc": full}}}
+
+
+def test_verdicts_follow_the_rule():
+  """Paired differences over seeds against twice their standard error."""
+  runs = {
+      "hsee-averaging": [_fake_run({3: 0.50 + e, 5: 0.55, 7: 0.60}, 0.70) for e in (0.0, 0.01, 0.02)],
+      "alone": [_fake_run({3: 0.40 + e, 5: 0.55 + e, 7: 0.70}, 0.60) for e in (0.0, 0.02, 0.0)],
+      "central": [_fake_run({1: 0.1}, f) for f in (0.70, 0.71, 0.69)],
+  }
+  v = {(r["a"], r["b"]): r for r in reproduce.verdicts(runs)}
+  tier = lambda run, c: f"{run} exit_acc at cut {c}"
+  assert v[(tier("hsee-averaging", 3), tier("alone", 3))]["verdict"] == "holds"
+  assert v[(tier("hsee-averaging", 5), tier("alone", 5))]["verdict"] == \
+      "cannot be told apart from the spread"
+  assert v[(tier("hsee-averaging", 7), tier("alone", 7))]["verdict"] == "does not hold"
+  full = ("hsee-averaging full_acc (fleet mean)", "central full_acc (fleet mean)")
+  assert v[full]["verdict"] == "holds (within the spread)" and v[full]["kind"] == "not_worse"
+  assert v[(tier("hsee-averaging", 5), tier("hsee-averaging", 3))]["verdict"] == "holds"
+  assert len(v) == 3 + 1 + 1 + 2   # claim 2 (tiers, full path), claim 1 (central), claim 3 (depth)
+  one_seed = reproduce.verdicts({k: r[:1] for k, r in runs.items()})
+  assert {r["verdict"] for r in one_seed if r["difference"][0] != 0} == {"one seed: no verdict"}
+  same = reproduce.verdicts({"hsee-sequential": runs["alone"], "alone": runs["alone"]})
+  assert {r["verdict"] for r in same} == {"equal in every seed"} and len(same) == 3
