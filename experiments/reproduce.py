@@ -21,7 +21,9 @@ Each scale has its grid of runs (``SCALES[scale]["grid"]``, a key of ``GRIDS``):
   client at l = 3) and ``homogeneous-mid`` (l = 5) in place of
   ``homogeneous``, ``strong-only`` (the weak tier left out: clients at 5 and 7
   on their two thirds of the data), and ``-noniid`` twins of hsee-averaging,
-  hsee-sequential, alone and homogeneous-weak on a Dirichlet(0.3) split;
+  hsee-sequential, alone and homogeneous-weak on a Dirichlet(0.3) split, and
+  ``hsee-sequential-agg`` (Sequential with the client parts aggregated across
+  layers, ``client_aggregation=cross_layer``; IID and non-IID);
   ``results.md`` gets a verdict per claim (:func:`verdicts`) and a plot per claim.
 * ``gpu`` (scale gpu): the paper's scale (width 1.0, the whole CIFAR-10) for one
   seed: hsee-averaging, hsee-sequential, homogeneous-weak, alone, central.
@@ -100,6 +102,7 @@ RUNS = {
 EVIDENCE_RUNS = {
     "hsee-averaging": RUNS["hsee-averaging"],
     "hsee-sequential": RUNS["hsee-sequential"],
+    "hsee-sequential-agg": dict(RUNS["hsee-sequential"], client_aggregation="cross_layer"),
     "alone": RUNS["alone"],
     "homogeneous-weak": dict(strategy="averaging", cuts=(3, 3, 3)),
     "homogeneous-mid": dict(strategy="averaging", cuts=(5, 5, 5)),
@@ -109,6 +112,8 @@ EVIDENCE_RUNS = {
     "central": RUNS["central"],
     "hsee-averaging-noniid": dict(RUNS["hsee-averaging"], **NON_IID),
     "hsee-sequential-noniid": dict(RUNS["hsee-sequential"], **NON_IID),
+    "hsee-sequential-agg-noniid": dict(RUNS["hsee-sequential"], client_aggregation="cross_layer",
+                                       **NON_IID),
     "alone-noniid": dict(RUNS["alone"], **NON_IID),
     "homogeneous-weak-noniid": dict(cuts=(3, 3, 3), **NON_IID),
 }
@@ -178,8 +183,9 @@ def run_grid(datasets, scale, out: Path, overrides=(), data_dirs=None, log=print
       continue
     planned = sweep.plan_points([(name, {"run": name}, cfg) for name, cfg in runs], seeds)
     if not report_only:
-      failed = sweep.train_runs(planned, out / ds_name, resume=resume,
-                                log=lambda s: log("    " + s))
+      with sweep.locked(out / ds_name, log):
+        failed = sweep.train_runs(planned, out / ds_name, resume=resume,
+                                  log=lambda s: log("    " + s))
       if failed:
         raise train_lib.RunError(f"{len(failed)} run(s) of {ds_name} failed ({', '.join(failed)}; "
                                  f"errors in their metrics.jsonl); the others are kept: "
@@ -287,6 +293,7 @@ CLAIMS = [
     (2, "Collaboration helps every device (each tier's exit against the same client alone)",
      [c for sfx in ("", "-noniid") for c in
       _tiers(f"hsee-averaging{sfx}", f"alone{sfx}") + _tiers(f"hsee-sequential{sfx}", f"alone{sfx}")
+      + _tiers(f"hsee-sequential-agg{sfx}", f"alone{sfx}")
       + [(f"hsee-averaging{sfx}", "full_acc", None, f"alone{sfx}", "full_acc", None, "better")]]),
     (3, "Heterogeneity pays (deeper exits are better; the weak tier gains from the strong "
         "tiers; leaving the weak tier out is worse)",
@@ -662,7 +669,8 @@ def _claim_plots(plt, ds_name: str, ds: dict, out: Path) -> None:
     for ax, sfx in zip(axes[0], splits):
       _bars(ax, [f"cut {c}" for c in HETERO_CUTS],
             {n: [_at_cut(runs, n + sfx, c) for c in HETERO_CUTS]
-             for n in ("alone", "hsee-averaging", "hsee-sequential") if n + sfx in runs})
+             for n in ("alone", "hsee-averaging", "hsee-sequential", "hsee-sequential-agg")
+             if n + sfx in runs})
       ax.set_title(f"claim 2: exit accuracy per tier ({'non-IID' if sfx else 'IID'})")
     fig.tight_layout()
     fig.savefig(out / f"{ds_name}_claim2_exits_vs_alone.png", dpi=110)

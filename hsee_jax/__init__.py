@@ -19,27 +19,42 @@ The pieces a researcher composes (see ``examples/custom_network.py``):
 * whole runs: :class:`Config`, :func:`load_config`, ``train.train(cfg,
   out_dir)``, :func:`evaluate`, :func:`run_sweep`.
 """
-from hsee_jax.config import Config, ConfigError
-from hsee_jax.config import load as load_config
-from hsee_jax.data import Dataset, DataError, load_dataset, partition
-from hsee_jax.engine import ClientRunner, ClientUpdate
-from hsee_jax.evaluation import early_exit_table, evaluate
-from hsee_jax.models import (CLASSIFIER, EXIT_HEAD, NETWORKS, SplitMobileNetV2, SplitNetwork,
-                             SplitResNet18, SplitVGG16BN, network)
-from hsee_jax.optim import PartState, direction, init_part
-from hsee_jax.strategies import (METRIC_NAMES, Algorithm, Context, Shared, averaging, cross_entropy,
-                                 cross_layer_average, make_shared, preprocessing, sequential,
-                                 split_update)
-from hsee_jax.sweep import run_sweep
-from hsee_jax import train  # the module: train.train(cfg, out_dir) runs a config
-from hsee_jax.train import Simulation, build
+import importlib
 
-__all__ = [
-    "Algorithm", "CLASSIFIER", "ClientRunner", "ClientUpdate", "Config", "ConfigError", "Context",
-    "DataError", "Dataset", "EXIT_HEAD", "METRIC_NAMES", "NETWORKS", "PartState", "Shared",
-    "Simulation", "SplitMobileNetV2", "SplitNetwork", "SplitResNet18", "SplitVGG16BN",
-    "averaging", "build", "cross_entropy", "cross_layer_average", "direction",
-    "early_exit_table", "evaluate", "init_part", "load_config", "load_dataset", "make_shared",
-    "network", "partition", "preprocessing", "run_sweep", "sequential", "split_update", "train",
-]
+# name -> (module, attribute; None: the module itself). Imported on first use
+# (PEP 562), so that ``hsee --help`` and config errors answer without JAX.
+_EXPORTS = {
+    **{n: ("hsee_jax.config", n) for n in ("Config", "ConfigError")},
+    "load_config": ("hsee_jax.config", "load"),
+    **{n: ("hsee_jax.data", n) for n in ("Dataset", "DataError", "load_dataset", "partition")},
+    **{n: ("hsee_jax.engine", n) for n in ("ClientRunner", "ClientUpdate")},
+    **{n: ("hsee_jax.evaluation", n) for n in ("early_exit_table", "evaluate")},
+    **{n: ("hsee_jax.models", n) for n in ("CLASSIFIER", "EXIT_HEAD", "NETWORKS",
+                                           "SplitMobileNetV2", "SplitNetwork", "SplitResNet18",
+                                           "SplitVGG16BN", "network")},
+    **{n: ("hsee_jax.optim", n) for n in ("PartState", "direction", "init_part")},
+    **{n: ("hsee_jax.strategies", n) for n in (
+        "METRIC_NAMES", "Algorithm", "Context", "Shared", "averaging", "cross_entropy",
+        "cross_layer_average", "make_shared", "preprocessing", "sequential", "split_update")},
+    "run_sweep": ("hsee_jax.sweep", "run_sweep"),
+    "train": ("hsee_jax.train", None),  # the module: train.train(cfg, out_dir) runs a config
+    **{n: ("hsee_jax.train", n) for n in ("Simulation", "build")},
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'hsee_jax' has no attribute {name!r}")
+  module, attr = _EXPORTS[name]
+  value = importlib.import_module(module)
+  value = value if attr is None else getattr(value, attr)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_EXPORTS))
+
+
 __version__ = "0.1.0"

@@ -88,19 +88,32 @@ def _field(d: dict, key: str, member: str):
   return d[key]
 
 
-def _names(values) -> tuple:
+def _names(values, member: str = "meta") -> tuple:
+  if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+    raise ArchiveError(f"{member}: the class names are a {type(values).__name__}, expected a list")
   return tuple(v.decode("latin1") if isinstance(v, bytes) else str(v) for v in values)
 
 
 def _cifar_images(d: dict, member: str) -> np.ndarray:
-  data = np.asarray(_field(d, "data", member))
+  try:
+    data = np.asarray(_field(d, "data", member))
+  except (ValueError, TypeError):
+    data = np.asarray(None)
   if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
     raise ArchiveError(f"{member}: 'data' is {data.dtype} {data.shape}, expected uint8 [N, 3072]")
   return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
 
 
 def _labels(values, n: int, classes: int, member: str, offset: int = 0) -> np.ndarray:
-  y = np.asarray(values).astype(np.int64).reshape(-1) - offset
+  try:
+    y = np.asarray(values)
+    if y.dtype.kind not in "iu" and not (y.dtype.kind == "O" and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in y.reshape(-1))):
+      raise TypeError
+    y = y.astype(np.int64).reshape(-1) - offset
+  except (ValueError, TypeError):
+    raise ArchiveError(f"{member}: the labels are not a list of integers "
+                       f"({type(values).__name__})") from None
   if len(y) != n:
     raise ArchiveError(f"{member}: {len(y)} labels for {n} images")
   if len(y) and (y.min() < 0 or y.max() >= classes):
@@ -111,7 +124,7 @@ def _labels(values, n: int, classes: int, member: str, offset: int = 0) -> np.nd
 
 def _decode_cifar10(files: dict, label_mode: str):
   classes = _names(_field(_unpickle(files["batches.meta"], "batches.meta"), "label_names",
-                          "batches.meta"))
+                          "batches.meta"), "batches.meta")
   out = {}
   for split, members in (("train", [f"data_batch_{i}" for i in range(1, 6)]),
                          ("test", ["test_batch"])):
@@ -127,7 +140,7 @@ def _decode_cifar10(files: dict, label_mode: str):
 
 def _decode_cifar100(files: dict, label_mode: str):
   meta = _unpickle(files["meta"], "meta")
-  classes = _names(_field(meta, f"{label_mode}_label_names", "meta"))
+  classes = _names(_field(meta, f"{label_mode}_label_names", "meta"), "meta")
   out = {}
   for split in ("train", "test"):
     d = _unpickle(files[split], split)

@@ -102,6 +102,15 @@ def _last_checkpoint(out: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
   """The ``hsee`` command. Exit codes: 0 done; 2 a user error (one line on
   stderr); 128 + signal number after SIGINT (130) or SIGTERM (143)."""
+  try:
+    return _main(argv)
+  except KeyboardInterrupt:  # before any work began (parsing, imports): nothing to keep
+    print("hsee: SIGINT: stopped before any work began; nothing was written", file=sys.stderr,
+          flush=True)
+    return 128 + signal.SIGINT
+
+
+def _main(argv: list[str] | None) -> int:
   args = _parser().parse_args(argv)
   # Imported late so that --help and config errors answer without loading JAX.
   from hsee_jax import rundir
@@ -141,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     return 128 + e.signum
   except (rundir.Abandoned, KeyboardInterrupt) as e:
     signum = getattr(e, "signum", signal.SIGINT)
+    if args.command == "eval":
+      print(f"hsee: {signal.Signals(signum).name}: evaluation stopped; nothing was written",
+            file=sys.stderr, flush=True)
+      return 128 + signum
     out = getattr(e, "out", None)
     where = (f"; last checkpoint: {_last_checkpoint(out)}; resume with: hsee train --resume {out}"
              if out is not None and _last_checkpoint(out) != "none" else "")

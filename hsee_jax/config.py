@@ -11,10 +11,9 @@ import ast
 import dataclasses
 import importlib.util
 import json
+import math
 import typing
 from pathlib import Path
-
-from hsee_jax import models
 
 DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
 STRATEGIES = ("averaging", "sequential")
@@ -106,7 +105,11 @@ class Config:
   def __post_init__(self):
     for f in dataclasses.fields(self):
       _check_type(f.name, getattr(self, f.name), _field_types()[f.name])
+      bad = _nonfinite(getattr(self, f.name))
+      if bad is not None:
+        raise ConfigError(f"{f.name}: every number must be finite, got {bad}")
     _one_of("dataset", self.dataset, DATASETS)
+    from hsee_jax import models  # flax: loaded once a config is made, not for `hsee --help`
     _one_of("model", self.model, tuple(models.NETWORKS))
     _one_of("strategy", self.strategy, STRATEGIES)
     _one_of("mode", self.mode, MODES)
@@ -144,6 +147,14 @@ class Config:
       raise ConfigError(f"lr: must be > 0, got {self.lr}")
     if not 0 <= self.momentum < 1:
       raise ConfigError(f"momentum: must be in [0, 1), got {self.momentum}")
+    if self.step_gamma <= 0:
+      raise ConfigError(f"step_gamma: the factor the learning rate is multiplied by at each "
+                        f"milestone, must be > 0, got {self.step_gamma}")
+    if self.weight_decay < 0:
+      raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+    for name in ("server_flops_per_s", "link_bytes_per_s"):
+      if getattr(self, name) <= 0:
+        raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
     if any(not 0.0 <= t <= 1.0 for t in self.exit_thresholds):
       raise ConfigError("exit_thresholds: each threshold is a normalised entropy in [0, 1]")
     if any(not 0.0 < m < 1.0 for m in self.step_milestones):
@@ -220,6 +231,7 @@ class Config:
 
   def _check_cut(self, name, c):
     try:
+      from hsee_jax import models
       models.NETWORKS[self.model].check_cut(c)
     except ValueError as e:
       raise ConfigError(f"{name}: {e}") from None
@@ -258,6 +270,15 @@ def field_defaults() -> dict:
 
 def _jsonable(v):
   return [_jsonable(x) for x in v] if isinstance(v, tuple) else v
+
+
+def _nonfinite(v):
+  """The first infinite or NaN float in ``v`` (tuples searched), else None."""
+  if isinstance(v, float) and not math.isfinite(v):
+    return v
+  if isinstance(v, tuple):
+    return next((b for b in map(_nonfinite, v) if b is not None), None)
+  return None
 
 
 def _check_budget(name, b):

@@ -196,11 +196,14 @@ def _cached(key: str, build) -> dict:
   return arrays
 
 
+DECODE_VERSION = 2  # in the decode cache's key: raised whenever decoding changes (2: rgb8)
+
+
 def _cached_decode(path: Path, digest: str, name: str):
   def build():
     images, labels, classes = decode_archive(path, name)
     return {"images": images, "labels": labels, "classes": np.array(classes)}
-  z = _cached(f"{path.stem}-{digest[:20]}", build)
+  z = _cached(f"{path.stem}-{digest[:20]}-d{DECODE_VERSION}", build)
   return z["images"], z["labels"], tuple(str(c) for c in z["classes"])
 
 
@@ -231,6 +234,34 @@ def load_publisher(name: str, path: Path, label_mode: str = "fine") -> Dataset:
                  classes)
 
 
+# Pillow's integer modes wider than 8 bits: 16-bit grayscale (PNG, TIFF) opens
+# as one of these, with values 0..65535; ``convert("RGB")`` would clip them to 255.
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def rgb8(im) -> np.ndarray:
+  """A Pillow image as uint8 RGB [H, W, 3], every mode scaled faithfully.
+
+  8-bit modes (``1``, ``L``, ``P``, ``RGB``, ``RGBA``, ``LA``, ``CMYK``,
+  ``YCbCr``, ...) go through Pillow's conversion (alpha dropped); Pillow
+  already reads 16-bit-per-channel colour PNGs as 8-bit ``RGB``. 16-bit
+  grayscale (``I;16*``, and ``I`` holding values in 0..65535) is scaled by
+  255 / 65535. Other modes (32-bit float ``F``, ``I`` outside 16 bits)
+  raise :class:`DataError` saying what the image is.
+  """
+  if im.mode in WIDE_MODES:
+    a = np.asarray(im).astype(np.int64)
+    if a.size and (a.min() < 0 or a.max() > 65535):
+      raise DataError(f"is a 32-bit integer image (mode {im.mode}, values {a.min()}..{a.max()}) "
+                      f"with no 8-bit scale; convert it to 8-bit RGB")
+    gray = np.round(a * (255 / 65535)).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
+  if im.mode == "F":
+    raise DataError("is a 32-bit float image (mode F) with no 8-bit scale; convert it to "
+                    "8-bit RGB")
+  return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
 def decode_archive(path: Path, name: str = "imagefolder"):
   """Decode every ``<class>/<file>`` image of a zip to uint8 [N, H, W, 3]."""
   from PIL import Image
@@ -250,7 +281,9 @@ def decode_archive(path: Path, name: str = "imagefolder"):
     for m in members:
       try:
         with Image.open(io.BytesIO(zf.read(m))) as im:
-          arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+          arr = rgb8(im)
+      except DataError as e:
+        raise DataError(f"dataset {name}: {m} in {path} {e}") from None
       except Exception as e:  # noqa: BLE001  (zip CRC errors, truncated images, ...)
         raise DataError(f"dataset {name}: cannot read {m} in {path} "
                         f"({type(e).__name__}: {e})") from None

@@ -99,9 +99,14 @@ class RunLock:
     left = os.pread(fd, 512, 0).decode(errors="replace").strip()
     if left:  # the kernel freed the lock: whoever wrote this is gone
       log(f"[hsee] {self.out}: taking over the lock left by {left}, which is no longer running")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (f"hsee process {os.getpid()} on {socket.gethostname()} since "
-                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n").encode(), 0)
+    try:
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, (f"hsee process {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n").encode(), 0)
+    except OSError as e:  # a full disk: the lock holds, its note cannot be written
+      fcntl.flock(fd, fcntl.LOCK_UN)
+      os.close(fd)
+      raise RunError(f"cannot write the lock file {self.path}: {e.strerror or e}") from None
     self.fd = fd
     return self
 
@@ -175,17 +180,29 @@ def read_records(path: Path, log: Callable[[str], None] = print) -> list[dict]:
   last line is dropped with a note, a damaged line before it is an error."""
   if not path.exists():
     return []
-  lines = [(i + 1, line) for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
+  try:
+    text = path.read_text(encoding="utf-8")
+  except UnicodeDecodeError as e:
+    raise RunError(f"{path}: not UTF-8 text (byte {e.start}); the metrics history is "
+                   f"damaged") from None
+  except OSError as e:
+    raise RunError(f"cannot read {path}: {e.strerror or e}") from None
+  lines = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
   records = []
   for j, (number, line) in enumerate(lines):
     try:
-      records.append(current_names(json.loads(line)))
+      record = json.loads(line)
     except json.JSONDecodeError as e:
       if j == len(lines) - 1:
         log(f"[hsee] {path}: dropped a half-written last line (line {number}; a crash mid-write)")
         break
       raise RunError(f"{path}: line {number} is not JSON ({e.msg}); the metrics history is "
                      f"damaged") from None
+    if not isinstance(record, dict) or not isinstance(record.get("round"), int) or \
+        isinstance(record.get("round"), bool):
+      raise RunError(f"{path}: line {number} is not a round record (a JSON object with an "
+                     f"integer \"round\"); the metrics history is damaged")
+    records.append(current_names(record))
   return records
 
 

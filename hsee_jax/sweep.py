@@ -29,8 +29,11 @@ against the field, error bars over seeds).
 from __future__ import annotations
 
 import ast
+import collections
+import contextlib
 import csv
 import dataclasses
+import hashlib
 import itertools
 import json
 import re
@@ -111,13 +114,39 @@ def batch_key(cfg: Config) -> tuple:
                if f.name not in INPUT_FIELDS)
 
 
+NAME_LIMIT = 120  # characters of a point's folder name (file systems allow 255 bytes)
+
+
+def point_names(points: list[dict]) -> list[str]:
+  """A folder name per grid point, distinct for distinct points by construction.
+
+  The readable name is ``field=value,...`` with every character a folder name
+  should not hold replaced by ``_``. Points whose readable names coincide
+  (values that differ only in such characters, or only in letter case, which
+  some file systems ignore) and names longer than :data:`NAME_LIMIT` get
+  ``~`` and 8 hex digits of a hash of the point's values: no readable name
+  holds ``~``, so a hashed name never meets a readable one.
+  """
+  readable = [",".join(f"{f}={_slug(v)}" for f, v in p.items()) or "base" for p in points]
+  counts = collections.Counter(n.casefold() for n in readable)
+  names = []
+  for n, p in zip(readable, points):
+    if counts[n.casefold()] > 1 or len(n) > NAME_LIMIT:
+      digest = hashlib.sha256(repr(sorted((f, repr(v)) for f, v in p.items())).encode())
+      n = f"{n[:NAME_LIMIT - 9]}~{digest.hexdigest()[:8]}"
+    names.append(n)
+  if len({n.casefold() for n in names}) != len(names):  # a hash collision: never seen
+    raise ConfigError("grid: two points hash to the same run directory name; rename a value")
+  return names
+
+
 def grid_points(base: Config, grid: dict) -> list[tuple[str, dict, Config]]:
-  """The product of the grid: (point name, swept values, config) per point."""
+  """The product of the grid: (point name, swept values, config) per point;
+  point names come from :func:`point_names`."""
   fields = list(grid)
+  points = [dict(zip(fields, values)) for values in itertools.product(*(grid[f] for f in fields))]
   out = []
-  for values in itertools.product(*(grid[f] for f in fields)):
-    point = dict(zip(fields, values))
-    pname = ",".join(f"{f}={_slug(v)}" for f, v in point.items()) or "base"
+  for pname, point in zip(point_names(points), points):
     try:
       out.append((pname, point, dataclasses.replace(base, **point)))
     except ConfigError as e:
@@ -179,6 +208,26 @@ def run_sweep(base: Config, grid: dict, seeds: list[int], out: str | Path, *,
   """
   out = Path(out)
   runs = plan(base, grid, seeds)
+  with locked(out, log):
+    return _run_sweep(base, grid, seeds, out, runs, resume, overwrite, stack, log)
+
+
+@contextlib.contextmanager
+def locked(out: Path, log: Callable[[str], None] = print):
+  """The sweep directory ``out``, created and locked (``rundir.RunLock``)
+  for as long as the sweep trains and writes in it: a second sweep into
+  it, ``--overwrite`` or ``--resume`` included, stops with one line naming
+  the holder. With several processes, process 0 holds the lock."""
+  if not distributed.is_writer():
+    yield
+    return
+  rundir.make_dir(out)
+  with rundir.RunLock(out).acquire(log):
+    yield
+
+
+def _run_sweep(base, grid, seeds, out: Path, runs: list[Run], resume: bool, overwrite: bool,
+               stack: int, log) -> list[dict]:
   plan_file = out / PLAN
   if plan_file.exists() and not (resume or overwrite):
     raise ConfigError(f"{out} holds a sweep; resume it with: hsee sweep --resume {out} "
@@ -186,8 +235,6 @@ def run_sweep(base: Config, grid: dict, seeds: list[int], out: str | Path, *,
   writer = distributed.is_writer()  # several processes: process 0 writes and reports
   log = distributed.writer_log(log)
   distributed.barrier("sweep-checked")  # every process has looked before process 0 writes
-  if writer:
-    rundir.make_dir(out)
   if writer and not resume:
     rundir.write_atomic(plan_file, json.dumps(
         {"config": base.to_dict(), "grid": {f: [config_lib._jsonable(v) for v in vs]
@@ -196,10 +243,13 @@ def run_sweep(base: Config, grid: dict, seeds: list[int], out: str | Path, *,
                                                               for k, v in r.point.items()},
                                    "seed": r.seed, "batch": r.batch} for r in runs]}, indent=2))
   t0 = time.time()
-  failed = train_runs(runs, out, resume=resume, stack=stack, log=log)
-  rows = collect(out, runs) if writer else []   # the other processes return no rows
-  if writer:
-    write_results(out, grid, rows)
+  errors: dict = {}
+  try:
+    failed = train_runs(runs, out, resume=resume, stack=stack, log=log, errors=errors)
+  finally:  # a stop signal too: the finished runs' tables are written
+    rows = collect(out, runs, errors) if writer else []   # the other processes return no rows
+    if writer:
+      write_results(out, grid, rows)
   log(f"[sweep] done: {len(runs)} runs in {time.time() - t0:.1f} s; results in "
       f"{out / 'sweep.csv'}, {out / 'sweep.md'}")
   if failed:
@@ -210,7 +260,8 @@ def run_sweep(base: Config, grid: dict, seeds: list[int], out: str | Path, *,
 
 
 def train_runs(runs: list[Run], out: Path, *, resume: bool = False, dataset=None,
-               stack: int = 1, log: Callable[[str], None] = print) -> list[str]:
+               stack: int = 1, log: Callable[[str], None] = print,
+               errors: dict | None = None) -> list[str]:
   """Train ``runs`` into ``out/<run name>``, batch by batch; with ``resume``,
   keep the finished ones and resume the others from their newest checkpoint.
 
@@ -220,10 +271,13 @@ def train_runs(runs: list[Run], out: Path, *, resume: bool = False, dataset=None
   on this CPU and on an H200 (docs/performance.md, Sweeps). Stacked or not,
   a run's metrics are those of the run trained alone (bit for bit on the
   CPU). A run that fails (non-finite values, say) stops with its error in
-  its ``metrics.jsonl``; the others go on. Returns the failed runs' names.
+  its ``metrics.jsonl``; a run that cannot start (its data missing, a config
+  its dataset cannot serve) is recorded in ``errors`` (run name -> the
+  one-line error); the others go on. Returns the failed runs' names.
   ``dataset``: one already loaded for every run (else each run loads its
   own)."""
   from hsee_jax import train as train_lib
+  from hsee_jax.data import DataError
   n_batches = len({r.batch for r in runs})
   seeds = len({r.seed for r in runs})
   log(f"[sweep] {len(runs)} runs ({len(runs) // seeds} points x {seeds} seeds) in {n_batches} "
@@ -251,14 +305,19 @@ def train_runs(runs: list[Run], out: Path, *, resume: bool = False, dataset=None
         + ", ".join(r.name + (" (resumed)" if rs else "") for r, rs in zip(group, resumed))
         + f"; done {done}/{len(runs)} runs, left {len(left)} runs in "
           f"{len({r.batch for r in left})} batch(es)")
-    summaries = train_lib.train_together(
-        [r.cfg for r in group], dirs, overwrite=True, resume=resumed,
-        logs=[lambda s, name=r.name: log(f"  [{name}] {s}") for r in group],
-        datasets=[dataset] * len(group), log=log, raise_errors=False)
+    try:
+      summaries = train_lib.train_together(
+          [r.cfg for r in group], dirs, overwrite=True, resume=resumed,
+          logs=[lambda s, name=r.name: log(f"  [{name}] {s}") for r in group],
+          datasets=[dataset] * len(group), log=log, raise_errors=False)
+    except (DataError, ConfigError, rundir.RunError) as e:  # the group could not start
+      summaries = [rundir.RunError(str(e))] * len(group)
     for r, summary in zip(group, summaries):
       done += 1
       if isinstance(summary, rundir.RunError):
         failed.append(r.name)
+        if errors is not None:
+          errors[r.name] = str(summary)
         log(f"[sweep] run {done}/{len(runs)} {r.name} failed: {summary}")
         continue
       test = summary["test"] or {}
@@ -277,25 +336,36 @@ def resume_sweep(out: str | Path, stack: int = 1,
     saved = json.loads((out / PLAN).read_text())
   except OSError:
     raise ConfigError(f"--resume: {out} holds no sweep (no {PLAN})") from None
-  except ValueError as e:
+  except ValueError as e:  # not JSON, not UTF-8
     raise ConfigError(f"--resume: {out / PLAN} is damaged ({e})") from None
-  base = config_lib.from_dict(saved["config"])
-  grid = {f: [config_lib._tuples(v) for v in vs] for f, vs in saved["grid"].items()}
-  return run_sweep(base, grid, saved["seeds"], out, resume=True, stack=stack, log=log)
+  try:
+    base = config_lib.from_dict(saved["config"])
+    grid = {f: [config_lib._tuples(v) for v in vs] for f, vs in saved["grid"].items()}
+    seeds = [int(s) for s in saved["seeds"]]
+  except ConfigError as e:
+    raise ConfigError(f"--resume: {out / PLAN} is damaged (its config: {e})") from None
+  except (TypeError, KeyError, AttributeError, ValueError):
+    raise ConfigError(f"--resume: {out / PLAN} is damaged (not a sweep plan: it needs "
+                      f"\"config\", \"grid\" and \"seeds\")") from None
+  return run_sweep(base, grid, seeds, out, resume=True, stack=stack, log=log)
 
 
-def collect(out: Path, runs: list[Run]) -> list[dict]:
+def collect(out: Path, runs: list[Run], errors: dict | None = None) -> list[dict]:
   """One row per run from its ``summary.json``; a run without one is
-  ``failed``, with the error its ``metrics.jsonl`` ends on."""
+  ``failed``, with the error its ``metrics.jsonl`` ends on, else its entry
+  in ``errors``, else "did not finish"."""
+  errors = errors or {}
   rows = []
   for run in runs:
     row = {"run": run.name, **{f: _cell(v) for f, v in run.point.items()}, "seed": run.seed,
            "batch": run.batch}
     if not _done(out / run.name):
-      records = rundir.read_records(out / run.name / "metrics.jsonl", lambda s: None) \
-          if (out / run.name / "metrics.jsonl").exists() else []
+      try:
+        records = rundir.read_records(out / run.name / "metrics.jsonl", lambda s: None)
+      except rundir.RunError as e:   # the run's history is damaged: say so in its row
+        records = [{"event": "stopped", "error": str(e)}]
       error = next((r.get("error") for r in reversed(records) if r.get("event") == "stopped"),
-                   "did not finish")
+                   None) or errors.get(run.name, "did not finish")
       rows.append({**row, "status": "failed", "error": error})
       continue
     summary = rundir.read_summary(out / run.name)

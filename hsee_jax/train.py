@@ -98,7 +98,60 @@ def build(cfg: Config, dataset: data_lib.Dataset | None = None,
     data, offset, row = shared
   ctx = strategies.Context(cfg, net, tx, fleet, data, dataset.image_shape, offset=offset, row=row)
   algorithm = strategies.STRATEGIES[cfg.strategy](ctx)
-  return dataset, Simulation(cfg, fleet, ctx, algorithm, steps, schedule)
+  sim = Simulation(cfg, fleet, ctx, algorithm, steps, schedule)
+  check_fits(sim, dataset)
+  return dataset, sim
+
+
+def available_memory_bytes() -> int | None:
+  """Memory the run's arrays can still take: on the CPU the host's
+  ``MemAvailable`` (``/proc/meminfo``), on an accelerator the first device's
+  limit less what is in use; None where neither is known."""
+  if jax.default_backend() == "cpu":
+    try:
+      for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+      return None
+    return None
+  stats = jax.devices()[0].memory_stats() or {}
+  if "bytes_limit" not in stats:
+    return None
+  return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def check_fits(sim: Simulation, dataset: data_lib.Dataset) -> None:
+  """Refuse, in one line and before any state is made, work that cannot run:
+  a batch larger than the whole training set (a client whose data is smaller
+  than a batch repeats its images within the batch; docs/usage.md), or a
+  persistent state plus one compiled call's activations (a lower bound:
+  every unit's output, float32, for each image of a batch of every client
+  trained in the call) beyond :func:`available_memory_bytes`."""
+  cfg = sim.cfg
+  n_train = len(dataset.train_labels)
+  if cfg.batch_size > n_train:
+    raise RunError(f"batch_size: {cfg.batch_size} is more than the {n_train} training images "
+                   f"of {dataset.name}; a batch draws from one client's data")
+  available = available_memory_bytes()
+  if available is None:
+    return
+  state = _nbytes(sim.abstract_state())
+  per_image = 4 * sum(math.prod(sim.net.unit_output_shape(k, dataset.image_shape))
+                      for k in range(1, sim.net.num_units + 1))
+  parallel = sim.ctx.chunk if sim.ctx.mode in ("vmap", "unrolled") else 1
+  step = per_image * cfg.batch_size * min(parallel, cfg.cohort_size)
+  if state + step > available:
+    gib = lambda b: f"{b / 2**30:.1f} GiB"
+    raise RunError(f"this run needs at least {gib(state + step)} (persistent state "
+                   f"{gib(state)} for {cfg.fleet_size} clients, activations of one step "
+                   f"{gib(step)}), more than the {gib(available)} available on "
+                   f"{jax.default_backend()}; lower batch_size, client_chunk or the number of "
+                   f"clients, or use client_state=reset")
+
+
+def _nbytes(tree) -> int:
+  return int(sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)))
 
 
 def build_runs(cfgs: list[Config], datasets: list | None = None,
@@ -529,8 +582,11 @@ def evaluate_run(run_dir: str | Path, step: int | None = None,
             "test": evaluation.evaluate(sim, state, dataset, cfg.exit_thresholds,
                                         cfg.eval_batch_size)}
   path = run / f"eval_round{meta['round']}.json"
-  rundir.write_atomic(path, json.dumps(result, indent=2))
   log(f"[hsee] {run}: checkpoint after round {meta['round']}")
-  log(evaluation.format_table(result["test"]))
+  log(evaluation.format_table(result["test"]))   # first: a write that fails loses nothing shown
+  try:
+    rundir.write_atomic(path, json.dumps(result, indent=2))
+  except RunError as e:
+    raise RunError(f"{e}; the metrics above were not saved") from None
   log(f"[hsee] written {path}")
   return result

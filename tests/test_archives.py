@@ -240,3 +240,23 @@ print(json.dumps(out))
   assert out["stl10/fine"]["train"] == [12, 96, 96, 3] and out["stl10/fine"]["classes"] == 10
   assert all(v["dtype"] == "uint8" and v["test"][0] == 12 and v["labels"][0] >= 0
              for v in out.values())
+
+
+def test_batches_with_fields_of_the_wrong_type_are_one_line_errors(tmp_path):
+  """The right container, the wrong contents: labels that are not integers,
+  class names that are not a list, images that are not an array."""
+  files, _ = cifar10_files(np.random.default_rng(4))
+  good = pickle.loads(files["data_batch_2"], encoding="bytes")
+  cases = [
+      ("data_batch_2", {**good, b"labels": "0123"}, "data_batch_2: the labels are not a list of integers (str)"),
+      ("data_batch_2", {**good, b"labels": [0.5, 1.5, 2.5]}, "the labels are not a list of integers"),
+      ("data_batch_2", {**good, b"labels": [None, 1, 2]}, "the labels are not a list of integers"),
+      ("data_batch_2", {**good, b"data": {"a": 1}}, "data_batch_2: 'data' is object"),
+      ("batches.meta", {b"label_names": 10}, "batches.meta: the class names are a int, expected a list"),
+  ]
+  for i, (member, d, msg) in enumerate(cases):
+    broken = dict(files, **{member: pickle.dumps(d, protocol=2)})
+    folder = write("cifar10", tmp_path / f"b{i}", broken, archive=False)
+    with pytest.raises(DataError) as e:
+      data_lib.load_dataset(Config(dataset="cifar10", data_dir=str(folder.parent)))
+    assert msg in str(e.value) and "\n" not in str(e.value), str(e.value)

@@ -172,3 +172,51 @@ def test_augment_crops_and_flips():
   assert any((o == 0).any() for o in outs)                            # a shifted crop (zero pad)
   for o in outs:  # every non-padding pixel comes from the image
     assert set(np.unique(o[0])) <= set(np.unique(x[0])) | {0.0}
+
+
+def _zip_of(path, images: dict):
+  """A one-class-per-image archive: name -> (Pillow image, format)."""
+  import io
+
+  with zipfile.ZipFile(path, "w") as zf:
+    for i, (name, (im, fmt)) in enumerate(images.items()):
+      buf = io.BytesIO()
+      im.save(buf, format=fmt)
+      zf.writestr(f"{name}/{i:03d}.{fmt.lower()}", buf.getvalue())
+
+
+def test_every_image_mode_is_scaled_to_8_bits_or_refused(tmp_path):
+  """16-bit grayscale is scaled by 255/65535 (Pillow's RGB conversion would
+  clip it to white), 8-bit modes convert as Pillow does, float images are
+  refused in one line naming the file."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  wide = rng.integers(0, 65536, (4, 4)).astype(np.uint16)
+  rgb = rng.integers(0, 256, (4, 4, 3)).astype(np.uint8)
+  images = {
+      "a16": (Image.fromarray(wide), "PNG"),                               # mode I;16
+      "b32": (Image.fromarray(wide.astype(np.int32)), "TIFF"),            # mode I, 16-bit values
+      "c_gray": (Image.fromarray(rgb[..., 0]), "PNG"),                     # L
+      "d_rgba": (Image.fromarray(np.dstack([rgb, rgb[..., :1]])), "PNG"),  # RGBA: alpha dropped
+      "e_pal": (Image.fromarray(rgb).quantize(8), "PNG"),                  # P
+      "f_bits": (Image.fromarray(rgb[..., 0] > 127), "PNG"),              # 1
+  }
+  _zip_of(tmp_path / "ok.zip", images)
+  got, labels, classes = data_lib.decode_archive(tmp_path / "ok.zip")
+  want16 = np.round(wide * (255 / 65535)).astype(np.uint8)
+  assert classes == tuple(images) and list(labels) == list(range(6))
+  np.testing.assert_array_equal(got[0], np.repeat(want16[..., None], 3, -1))
+  np.testing.assert_array_equal(got[1], got[0])
+  np.testing.assert_array_equal(got[2], np.repeat(rgb[..., :1], 3, -1))
+  np.testing.assert_array_equal(got[3], rgb)
+  np.testing.assert_array_equal(got[4], np.asarray(images["e_pal"][0].convert("RGB")))
+  np.testing.assert_array_equal(got[5], np.repeat(np.where(rgb[..., :1] > 127, 255, 0), 3, -1))
+  assert got[0].max() < 255 or want16.max() == 255        # not clipped to white
+  # a float image and a 32-bit integer image beyond 16 bits: one line each, the file named
+  for name, im in (("g_float", Image.fromarray(rng.random((4, 4)).astype(np.float32))),
+                   ("h_int", Image.fromarray(np.full((4, 4), 70000, np.int32)))):
+    _zip_of(tmp_path / f"{name}.zip", {name: (im, "TIFF"), "zz": (Image.fromarray(rgb), "PNG")})
+    with pytest.raises(DataError) as e:
+      data_lib.decode_archive(tmp_path / f"{name}.zip")
+    msg = str(e.value)
+    assert f"{name}/000.tiff in " in msg and "no 8-bit scale" in msg and "\n" not in msg

@@ -397,3 +397,98 @@ def test_run_directories_with_the_old_metric_names_read_back_with_the_new(straig
   (run / "summary.json").unlink()
   train_lib.train(CFG, run, resume=True, **QUIET)
   assert _records(run) == _records(straight)
+
+
+def test_non_finite_and_out_of_range_numbers_are_refused():
+  """inf and nan anywhere in a config, and step_gamma, weight_decay and the
+  simulated clock's rates outside their ranges: one line naming the field."""
+  for fields, msg in [(dict(lr=float("inf")), "lr: every number must be finite, got inf"),
+                      (dict(dirichlet_alpha=float("inf")), "dirichlet_alpha: every number must be finite"),
+                      (dict(momentum=float("nan")), "momentum: every number must be finite, got nan"),
+                      (dict(exit_thresholds=(0.1, float("nan"))), "exit_thresholds: every number"),
+                      (dict(client_budgets=((float("inf"), 0),)), "client_budgets: every number"),
+                      (dict(step_gamma=0.0), "step_gamma: the factor"),
+                      (dict(step_gamma=-0.5), r"step_gamma: .* must be > 0, got -0.5"),
+                      (dict(weight_decay=-1e-4), "weight_decay: must be >= 0"),
+                      (dict(link_bytes_per_s=0), "link_bytes_per_s: must be > 0")]:
+    with pytest.raises(ConfigError, match=msg):
+      Config(**fields)
+  assert Config(step_gamma=2.0).step_gamma == 2.0   # a step up is allowed
+
+
+def test_work_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch):
+  """A batch beyond the training set, and a state that the memory left
+  cannot hold: one line, before any state is made, and no run written."""
+  with pytest.raises(rundir.RunError, match=r"^batch_size: 200 is more than the 96 training images"):
+    train_lib.build(config_lib.override(CFG, ["batch_size=200"]))
+  _, sim = train_lib.build(CFG)
+  state = train_lib._nbytes(sim.abstract_state())
+  monkeypatch.setattr(train_lib, "available_memory_bytes", lambda: state // 2)
+  with pytest.raises(rundir.RunError) as e:
+    train_lib.train(CFG, tmp_path / "run", **QUIET)
+  msg = str(e.value)
+  assert "this run needs at least" in msg and "for 2 clients" in msg and "\n" not in msg
+  assert not (tmp_path / "run" / "checkpoints").exists()
+  monkeypatch.setattr(train_lib, "available_memory_bytes", lambda: None)
+  assert train_lib.build(CFG)[1].cfg == CFG       # unknown memory: no refusal
+
+
+def test_eval_prints_its_table_before_a_write_that_fails(straight, tmp_path, capsys, monkeypatch):
+  """``hsee eval`` on a run it cannot write into: the table first, then one
+  line saying the metrics were not saved (exit code 2)."""
+  run = _copy(straight, tmp_path)
+  def refuse(path, text):
+    raise rundir.RunError(f"cannot write {path}: Read-only file system")
+  monkeypatch.setattr(rundir, "write_atomic", refuse)
+  assert cli.main(["eval", "--run", str(run)]) == 2
+  out, err = capsys.readouterr()
+  assert "early exit (per cut" in out and "exit_acc" in out
+  assert err.strip().endswith("Read-only file system; the metrics above were not saved")
+  assert err.count("\n") == 1 and not list(run.glob("eval_round*.json"))
+
+
+def test_damaged_records_plans_and_a_lock_on_a_full_disk_are_one_line(straight, tmp_path, capsys,
+                                                                     monkeypatch):
+  run = _copy(straight, tmp_path)
+  good = (run / "metrics.jsonl").read_text()
+  # valid JSON that is not a record, and bytes that are not UTF-8
+  (run / "metrics.jsonl").write_text("[1, 2]\n" + good)
+  _one_line(capsys, ["train", "--resume", str(run)], "line 1 is not a round record")
+  (run / "metrics.jsonl").write_bytes(b"\xff\xfe\x00" + good.encode())
+  _one_line(capsys, ["train", "--resume", str(run)], "metrics.jsonl: not UTF-8 text (byte 0)")
+  # a sweep plan that is not one
+  sw = tmp_path / "sw"
+  sw.mkdir()
+  for text in ("[1, 2]", '{"config": {}, "grid": {}}', '{"config": {"lr": -1}, "grid": {}, "seeds": [0]}'):
+    (sw / "sweep.json").write_text(text)
+    _one_line(capsys, ["sweep", "--resume", str(sw)], "sweep.json is damaged")
+  # the lock's note cannot be written (a full disk): one line, and the lock is free again
+  real = os.pwrite
+  monkeypatch.setattr(os, "pwrite", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+  with pytest.raises(rundir.RunError, match=r"cannot write the lock file .*No space left on device"):
+    rundir.RunLock(tmp_path).acquire(lambda s: None)
+  monkeypatch.setattr(os, "pwrite", real)
+  rundir.RunLock(tmp_path).acquire(lambda s: None).release()
+
+
+def test_help_answers_without_loading_jax():
+  code = ("import sys\nfrom hsee_jax import cli\ntry:\n  cli.main(['--help'])\nexcept SystemExit:\n  pass\n"
+          "print('LOADED', sorted(m for m in ('jax', 'flax', 'optax') if m in sys.modules))")
+  r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                     timeout=120)
+  assert "usage: hsee" in r.stdout and "LOADED []" in r.stdout, r.stdout + r.stderr
+
+
+def test_ctrl_c_before_any_work_and_during_eval_is_one_line(straight, tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(cli, "_parser", lambda: (_ for _ in ()).throw(KeyboardInterrupt()))
+  assert cli.main(["train"]) == 130
+  err = capsys.readouterr().err
+  assert err == "hsee: SIGINT: stopped before any work began; nothing was written\n"
+  monkeypatch.undo()
+  run = _copy(straight, tmp_path)
+  from hsee_jax import evaluation
+  monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+  assert cli.main(["eval", "--run", str(run)]) == 130
+  err = capsys.readouterr().err
+  assert err == "hsee: SIGINT: evaluation stopped; nothing was written\n"
+  assert not list(run.glob("eval_round*.json"))

@@ -125,3 +125,49 @@ def test_a_failed_run_is_recorded_and_the_others_finish(tmp_path):
   assert "Failed, left out: lr=1e+30/seed0" in md
   assert any(l.startswith("| 0.05 | 1 |") for l in md.splitlines())
   assert not any(l.startswith("| 1e+30 |") for l in md.splitlines())
+
+
+def test_distinct_points_never_share_a_run_directory():
+  """Values that differ only in characters a folder name cannot hold, or in
+  letter case, get a hash each; long names are cut and hashed; the rest keep
+  their readable names."""
+  grid = {"data_dir": ["/data/a b", "/data/a_b", "/data/ä b", "/data/ö b", "/DATA/A_B", "/data/c"]}
+  names = [p[0] for p in sweep.grid_points(BASE, grid)]
+  assert len({n.casefold() for n in names}) == 6
+  assert names[-1] == "data_dir=_data_c"                       # no collision: readable
+  assert all("~" in n and n.startswith("data_dir=_") for n in names[:5])
+  assert names == [p[0] for p in sweep.grid_points(BASE, grid)]  # the same plan, the same names
+  long = sweep.grid_points(BASE, {"data_dir": ["/x/" + "y" * 300]})[0][0]
+  assert len(long) == sweep.NAME_LIMIT and "~" in long
+  plain = sweep.plan(BASE, {"lr": [0.05, 0.1]}, [0])
+  assert [r.name for r in plain] == ["lr=0.05/seed0", "lr=0.1/seed0"]
+
+
+def test_a_sweep_directory_in_use_is_refused_whole(tmp_path):
+  """While a sweep holds its directory, a second one, --overwrite or
+  --resume included, stops at once in one line and writes nothing."""
+  out = tmp_path / "sw"
+  with sweep.locked(out):
+    for kw in ({}, {"overwrite": True}):
+      with pytest.raises(RunError, match=f"{out} is in use by hsee process"):
+        sweep.run_sweep(BASE, {"lr": [0.05]}, [0], out, log=lambda s: None, **kw)
+    (out / sweep.PLAN).write_text(json.dumps({"config": BASE.to_dict(), "grid": {"lr": [0.05]},
+                                              "seeds": [0]}))
+    with pytest.raises(RunError, match="is in use by"):
+      sweep.resume_sweep(out, log=lambda s: None)
+    assert sorted(p.name for p in out.iterdir()) == [".hsee.lock", sweep.PLAN]
+
+
+def test_a_point_that_cannot_start_is_named_and_the_others_are_written(tmp_path, monkeypatch):
+  """Missing data for one point: the sweep goes on, writes sweep.csv and
+  sweep.md for the finished runs and names the failed one with its error."""
+  monkeypatch.setitem(__import__("sys").modules, "tensorflow_datasets", None)
+  out = tmp_path / "sw"
+  base = dataclasses.replace(BASE, rounds=1, data_dir=str(tmp_path / "nothing"))
+  with pytest.raises(RunError, match=r"1 of 2 runs failed \(dataset=cifar100/seed0\)"):
+    sweep.run_sweep(base, {"dataset": ["synthetic", "cifar100"]}, [0], out, log=lambda s: None)
+  table = {r["run"]: r for r in csv.DictReader(open(out / "sweep.csv"))}
+  assert table["dataset=synthetic/seed0"]["status"] == "done"
+  bad = table["dataset=cifar100/seed0"]
+  assert bad["status"] == "failed" and "cifar100" in bad["error"] and "no files" in bad["error"]
+  assert "Failed, left out: dataset=cifar100/seed0" in (out / "sweep.md").read_text()
