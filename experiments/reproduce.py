@@ -579,9 +579,7 @@ def _plots(results: dict, out: Path, log=print) -> None:
     ax.set_ylabel("test accuracy")
     ax.legend(["exit head", "full path"], fontsize=8)
     ax.set_title(f"{ds_name}: accuracy per client exit (mean ± std over seeds)")
-    fig.tight_layout()
-    fig.savefig(out / f"{ds_name}_exit_accuracy.png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out / f"{ds_name}_exit_accuracy.png")
     # test accuracy against round, and against simulated time
     for kind in ("round", "simulated"):
       fig, ax = plt.subplots(figsize=(6, 4))
@@ -602,9 +600,7 @@ def _plots(results: dict, out: Path, log=print) -> None:
       ax.set_ylabel("mean test accuracy over clients and seeds")
       ax.legend(fontsize=6)
       ax.set_title(f"{ds_name}: test accuracy against {'round' if kind == 'round' else 'simulated time'}")
-      fig.tight_layout()
-      fig.savefig(out / f"{ds_name}_accuracy_vs_{kind}.png", dpi=110)
-      plt.close(fig)
+      _save(plt, fig, out / f"{ds_name}_accuracy_vs_{kind}.png")
     # entropy early-exit curves
     names = [n for n in ("hsee-averaging", "hsee-sequential") if n in runs]
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
@@ -617,10 +613,15 @@ def _plots(results: dict, out: Path, log=print) -> None:
       ax.set_ylabel("accuracy")
       ax.set_title(f"{ds_name} {name}: entropy early exit")
       ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / f"{ds_name}_early_exit.png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out / f"{ds_name}_early_exit.png")
     _claim_plots(plt, ds_name, ds, out)
+
+
+def _save(plt, fig, path: Path) -> None:
+  """Write a finished figure (tight layout, 110 dpi) and free it."""
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def _bars(ax, groups: list[str], series: dict) -> None:
@@ -659,9 +660,7 @@ def _claim_plots(plt, ds_name: str, ds: dict, out: Path) -> None:
   _bars(ax, names, {"full path (fleet mean)": [_run_means(runs[n])["full"] for n in names]})
   ax.set_title(f"{ds_name}, claim 1: the shared network's accuracy (IID)")
   ax.tick_params(axis="x", rotation=30)
-  fig.tight_layout()
-  fig.savefig(out / f"{ds_name}_claim1_full_path.png", dpi=110)
-  plt.close(fig)
+  _save(plt, fig, out / f"{ds_name}_claim1_full_path.png")
   # 2: each tier's exit, alone and in collaboration, IID and non-IID
   splits = [sfx for sfx in ("", "-noniid") if f"alone{sfx}" in runs]
   if splits:
@@ -672,9 +671,7 @@ def _claim_plots(plt, ds_name: str, ds: dict, out: Path) -> None:
              for n in ("alone", "hsee-averaging", "hsee-sequential", "hsee-sequential-agg")
              if n + sfx in runs})
       ax.set_title(f"claim 2: exit accuracy per tier ({'non-IID' if sfx else 'IID'})")
-    fig.tight_layout()
-    fig.savefig(out / f"{ds_name}_claim2_exits_vs_alone.png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out / f"{ds_name}_claim2_exits_vs_alone.png")
   # 3: exits per tier with and without the other tiers
   names = [n for n in ("hsee-averaging", "homogeneous-weak", "strong-only") if n in runs]
   if len(names) > 1:
@@ -683,9 +680,7 @@ def _claim_plots(plt, ds_name: str, ds: dict, out: Path) -> None:
           {n: [_at_cut(runs, n, c) for c in HETERO_CUTS] + [_run_means(runs[n])["full"]]
            for n in names})
     ax.set_title(f"{ds_name}, claim 3: heterogeneous fleet, weak tier only, weak tier left out")
-    fig.tight_layout()
-    fig.savefig(out / f"{ds_name}_claim3_heterogeneity.png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out / f"{ds_name}_claim3_heterogeneity.png")
   # 4: server state and simulated time, Sequential against Averaging
   costs_ = ds["server_costs"]
   if costs_:
@@ -706,9 +701,7 @@ def _claim_plots(plt, ds_name: str, ds: dict, out: Path) -> None:
     axes[1].set_ylabel("test accuracy")
     axes[1].legend(fontsize=7)
     fig.suptitle(f"{ds_name}, claim 4: Sequential against Averaging")
-    fig.tight_layout()
-    fig.savefig(out / f"{ds_name}_claim4_sequential_vs_averaging.png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out / f"{ds_name}_claim4_sequential_vs_averaging.png")
   # convergence: test accuracy against round, mean ± std over seeds
   fig, ax = plt.subplots(figsize=(7, 4))
   for name, metric in (("central", "mean_full_acc"), ("hsee-averaging", "mean_full_acc"),
@@ -722,9 +715,7 @@ def _claim_plots(plt, ds_name: str, ds: dict, out: Path) -> None:
   ax.set_ylabel("test accuracy (mean ± std over seeds)")
   ax.legend(fontsize=7)
   ax.set_title(f"{ds_name}: test accuracy against round")
-  fig.tight_layout()
-  fig.savefig(out / f"{ds_name}_convergence.png", dpi=110)
-  plt.close(fig)
+  _save(plt, fig, out / f"{ds_name}_convergence.png")
 
 
 def main(argv=None):
