@@ -106,12 +106,13 @@ def test_grids():
   assert set(ev) == set(reproduce.EVIDENCE_RUNS)
   for name, cfg in ev.items():
     # the same recipe everywhere: network, rounds, batch, learning rate, seedless
-    assert (cfg.width, cfg.rounds, cfg.batch_size, cfg.lr, cfg.local_steps) == (0.125, 20, 32, 0.05, 0)
+    assert (cfg.width, cfg.rounds, cfg.batch_size, cfg.lr, cfg.local_steps) == (0.125, 40, 32, 0.05, 0)
+    assert (cfg.schedule, cfg.eval_every) == ("step", 8)
     assert (cfg.partition, cfg.dirichlet_alpha) == (
         ("dirichlet", 0.3) if name.endswith("-noniid") else ("iid", cfg.dirichlet_alpha))
     # every split client holds the same number of images (the local steps follow)
     if name != "central":
-      assert cfg.train_subset / len(cfg.cuts) == pytest.approx(5000 / 3, abs=1)
+      assert cfg.train_subset / len(cfg.cuts) == pytest.approx(2500 / 3, abs=1)
   assert ev["strong-only"].cuts == (5, 7) and ev["strong-only"].client_flops_per_s == (1e10, 5e10)
   assert ev["homogeneous-weak"].cuts == (3, 3, 3) and ev["alone"].aggregate_every > ev["alone"].rounds
   gpu = dict(reproduce.grid("cifar10", "gpu", []))
