@@ -204,7 +204,7 @@ def _load_run(run_dir: Path) -> dict:
 
 def _account(ds_res: dict, dataset, cfg: Config) -> None:
   """Cost table, budgets -> cuts and simulated time for one dataset's runs."""
-  net = models.network(cfg.model, dataset.num_classes, cfg.width, cfg.exit_head)
+  net = models.for_config(cfg, dataset.num_classes)
   table = {r["cut"]: r for r in costs.cost_table(net, dataset.image_shape)}
   ds_res["costs"] = list(table.values())
   deepest = table[max(table)]["client_train_flops"] * cfg.batch_size

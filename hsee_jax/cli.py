@@ -157,7 +157,11 @@ def _main(argv: list[str] | None) -> int:
     out = getattr(e, "out", None)
     where = (f"; last checkpoint: {_last_checkpoint(out)}; resume with: hsee train --resume {out}"
              if out is not None and _last_checkpoint(out) != "none" else "")
-    message = f"{signal.Signals(signum).name}: stopped at once, the round in flight is lost{where}"
+    # a KeyboardInterrupt came before the run's signal handlers were set (JAX
+    # starting, the run directory being locked): no round was in flight
+    what = ("the round in flight is lost" if isinstance(e, rundir.Abandoned) else
+            "before any round began")
+    message = f"{signal.Signals(signum).name}: stopped at once, {what}{where}"
     print(f"hsee: {message}", file=sys.stderr, flush=True)
     distributed.stop_all(message, 128 + signum)  # several processes: the others stop too
     return 128 + signum

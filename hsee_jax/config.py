@@ -49,6 +49,8 @@ class Config:
   model: str = "resnet18"       # resnet18 (the paper's) | vgg16_bn | mobilenet_v2 (models.NETWORKS)
   width: float = 1.0            # channel multiplier; 1.0 = the published network
   exit_head: str = "linear"     # linear | conv  ([choice] pool+linear, or conv-BN-ReLU first)
+  precision: str = "auto"       # float32 | bfloat16 | auto (bfloat16 on GPU/TPU, float32 on CPU);
+                                # compute dtype, parameters stay float32 (hsee_jax/precision.py)
   # the fleet: which clients exist and where each one cuts (resnet18: l in 1..8,
   # PAPER.md; each model's allowed cuts: models.NETWORKS[model].allowed_cuts()).
   # One of: `cuts`, one cut layer per client (the default); `cut_tiers`, device
@@ -101,6 +103,7 @@ class Config:
   seed: int = 0
   checkpoint_every: int = run_only(5)  # rounds; 0 = only at the end
   keep_checkpoints: int = run_only(3)
+  tensorboard: bool = run_only(False)  # also write metrics to <run>/tensorboard (writers.py)
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
@@ -115,6 +118,9 @@ class Config:
     _one_of("mode", self.mode, MODES)
     _one_of("partition", self.partition, ("iid", "dirichlet"))
     _one_of("exit_head", self.exit_head, ("linear", "conv"))
+    _one_of("precision", self.precision, ("float32", "bfloat16", "auto"))
+    if self.tensorboard and importlib.util.find_spec("tensorboardX") is None:
+      raise ConfigError("tensorboard: True needs tensorboardX: pip install -e '.[tensorboard]'")
     _one_of("optimizer", self.optimizer, ("sgd", "adam"))
     _one_of("schedule", self.schedule, ("cosine", "step", "constant"))
     _one_of("client_aggregation", self.client_aggregation, ("none", "cross_layer"))
@@ -263,9 +269,37 @@ def run_fields() -> frozenset:
                    if not f.metadata.get("changes_results", True))
 
 
+# What a field is to compilation, said once here (run-only, a separate matter,
+# is marked on the field): *program* fields are read by the compiled programs
+# (``strategies.PROGRAM_FIELDS``: simulations agreeing on them share their
+# programs); *input* fields reach the programs as data or not at all
+# (``sweep.INPUT_FIELDS``: a sweep batches runs that differ only in them);
+# every other field is a *shape* field (the data, the fleet, the layout of the
+# work), which the runs of a batch share.
+PROGRAM_FIELDS = ("model", "width", "exit_head", "precision", "optimizer", "nesterov", "augment",
+                  "augment_pad", "server_grad_to_client", "client_state", "aggregate_every")
+INPUT_FIELDS = (
+    "name", "seed", "lr", "momentum", "weight_decay", "exit_loss_weight", "schedule",
+    "step_milestones", "step_gamma", "rounds", "partition", "dirichlet_alpha", "train_subset",
+    "test_subset", "eval_every", "eval_batch_size", "eval_clients", "exit_thresholds",
+    "checkpoint_every", "keep_checkpoints", "tensorboard", "client_flops_per_s",
+    "server_flops_per_s", "link_bytes_per_s", "data_dir")
+
+
+def field_role(name: str) -> str:
+  """``program``, ``input`` or ``shape`` (see ``PROGRAM_FIELDS``)."""
+  return "program" if name in PROGRAM_FIELDS else "input" if name in INPUT_FIELDS else "shape"
+
+
+# What a saved config that predates a field ran with, where that is not the
+# field's default (runs before ``precision`` computed in float32).
+PREDATED = {"precision": "float32"}
+
+
 def field_defaults() -> dict:
-  """Every field's default, as ``Config.to_dict`` writes values."""
-  return {f.name: _jsonable(f.default) for f in dataclasses.fields(Config)}
+  """Every field's value in a saved config that predates it: its default, as
+  ``Config.to_dict`` writes values, or what runs before it used (``PREDATED``)."""
+  return {**{f.name: _jsonable(f.default) for f in dataclasses.fields(Config)}, **PREDATED}
 
 
 def _jsonable(v):
@@ -311,12 +345,13 @@ def _check_type(name, value, typ):
 
 
 def from_dict(d: dict) -> Config:
-  """Config from a plain dict (e.g. a saved ``config.json``); unknown keys are errors."""
+  """Config from a saved dict (``config.json``, a sweep plan); unknown keys are
+  errors, a missing field takes what runs before it used (``PREDATED``)."""
   known = {f.name for f in dataclasses.fields(Config)}
   unknown = sorted(set(d) - known)
   if unknown:
     raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
-  return Config(**{k: _tuples(v) for k, v in d.items()})
+  return Config(**{k: _tuples(v) for k, v in {**PREDATED, **d}.items()})
 
 
 def _tuples(v):

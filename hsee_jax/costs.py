@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hsee_jax import models
+from hsee_jax import precision as precision_lib
 
 
 def _count(tree) -> int:
@@ -31,17 +32,19 @@ def _nbytes(tree) -> int:
   return int(sum(np.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(tree)))
 
 
-def _module_cost(module, params, stats, in_shape, input_grad: bool) -> dict:
+def _module_cost(net, module, params, stats, in_shape, input_grad: bool) -> dict:
   """FLOPs of one training forward+backward of ``module`` on one image (XLA's
-  cost analysis of the lowered gradient; a loss-free sum stands in for the
-  rest of the network), and the bytes of activations it keeps for backward."""
+  cost analysis of the lowered gradient, in ``net``'s precision; a loss-free
+  sum stands in for the rest of the network), and the bytes of activations it
+  keeps for backward."""
   x = jnp.zeros((1,) + tuple(in_shape), jnp.float32)
   variables = lambda p: {"params": p, **({"batch_stats": stats} if stats else {})}
 
   def f(p, x):
-    out = module.apply(variables(p), x, train=True, mutable=["batch_stats"] if stats else False)
+    out = net.apply_module(module, variables(p), x, train=True,
+                           mutable=["batch_stats"] if stats else False)
     y = out[0] if stats else out
-    return jnp.sum(y * y)
+    return jnp.sum(y * y, dtype=jnp.float32)
   argnums = (0, 1) if input_grad else 0
   grad = jax.jit(jax.grad(f, argnums=argnums))
   analysis = grad.lower(params, x).cost_analysis()
@@ -66,14 +69,14 @@ def _pieces(net: models.SplitNetwork, image_shape: tuple) -> dict:
     p, s = net.init_unit(key, k, image_shape)
     for input_grad in (False, True):
       out[(models.unit_name(k), input_grad)] = _module_cost(
-          net.unit(k), p, s, net.input_shape(k, image_shape), input_grad)
+          net, net.unit(k), p, s, net.input_shape(k, image_shape), input_grad)
   for cut in net.allowed_cuts():
     shape = net.unit_output_shape(cut, image_shape)
     p, s = net.init_head(key, models.EXIT_HEAD, shape)
-    out[(models.EXIT_HEAD, cut)] = _module_cost(net.head(models.EXIT_HEAD), p, s, shape, True)
+    out[(models.EXIT_HEAD, cut)] = _module_cost(net, net.head(models.EXIT_HEAD), p, s, shape, True)
   shape = net.unit_output_shape(net.num_units, image_shape)
   p, s = net.init_head(key, models.CLASSIFIER, shape)
-  out[models.CLASSIFIER] = _module_cost(net.head(models.CLASSIFIER), p, s, shape, True)
+  out[models.CLASSIFIER] = _module_cost(net, net.head(models.CLASSIFIER), p, s, shape, True)
   return out
 
 
@@ -95,7 +98,7 @@ def cut_costs(net: models.SplitNetwork, cut: int, image_shape: tuple,
   server = _part([unit(k, k == cut + 1 and not server_grad_to_client)
                   for k in range(cut + 1, net.num_units + 1)] + [pieces[models.CLASSIFIER]])
   h_shape = net.unit_output_shape(cut, image_shape)
-  h_bytes = 4 * math.prod(h_shape)
+  h_bytes = precision_lib.itemsize(net.precision) * math.prod(h_shape)  # in the compute dtype
   return {
       "cut": cut,
       "client_params": client["params"],

@@ -116,7 +116,7 @@ def build_fleet(cfg: Config, dataset: data_lib.Dataset,
 
 
 def _budget_cuts(cfg, dataset, budgets, what: str, reasons: list) -> list[int]:
-  net = models.network(cfg.model, dataset.num_classes, cfg.width, cfg.exit_head)
+  net = models.for_config(cfg, dataset.num_classes)
   try:
     choices = costs.choose_cuts(net, dataset.image_shape, budgets, cfg.batch_size)
   except ValueError as e:

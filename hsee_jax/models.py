@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hsee_jax import precision as precision_lib
+
 Params = dict[str, Any]
 
 EXIT_HEAD = "exit_head"
@@ -116,8 +118,10 @@ class Head(nn.Module):
 class SplitNetwork:
   """A network cut into units 1..``num_units``; subclasses give the units.
 
-  Fields: ``num_classes``, ``width`` (channel multiplier) and ``exit_head``
-  (``linear``: pool + dense; ``conv``: a 3x3 conv-BN-ReLU first). A subclass
+  Fields: ``num_classes``, ``width`` (channel multiplier), ``exit_head``
+  (``linear``: pool + dense; ``conv``: a 3x3 conv-BN-ReLU first) and
+  ``precision`` (``float32`` or ``bfloat16``: the compute dtype of every unit
+  and head, :mod:`hsee_jax.precision`; parameters stay float32). A subclass
   is a frozen dataclass that sets ``name`` and ``num_units`` and defines
   :meth:`unit`; it may override :meth:`allowed_cuts` and :meth:`head`.
   Everything else (shapes, initialisation, spans, the split forward pass) is
@@ -129,6 +133,7 @@ class SplitNetwork:
   num_classes: int
   width: float = 1.0
   exit_head: str = "linear"  # linear | conv
+  precision: str = "float32"  # float32 | bfloat16 (precision.resolve)
 
   def unit(self, k: int) -> nn.Module:
     """The Flax module of unit ``k`` (1-based); called as ``module(x, train=...)``."""
@@ -248,6 +253,7 @@ class SplitNetwork:
     logits = None
     if head is not None:
       logits, s = self._apply(self.head(head), params, stats, head, x, train)
+      logits = logits.astype(jnp.float32)  # losses and entropies in float32 (a no-op in float32)
       if s is not None:
         new_stats[head] = s
       else:
@@ -281,15 +287,18 @@ class SplitNetwork:
       raise ValueError(f"{self.name}: cut layers must increase within 1..{self.num_units}: "
                        f"cannot take units {first}..{last}")
 
-  @staticmethod
-  def _apply(module, params, stats, name, x, train):
+  def apply_module(self, module, variables: dict, x, **kwargs):
+    """``module.apply(variables, x, **kwargs)`` in this network's ``precision``."""
+    return precision_lib.apply(module, variables, x, self.precision, **kwargs)
+
+  def _apply(self, module, params, stats, name, x, train):
     variables = {"params": params[name]}
     if name in stats:
       variables["batch_stats"] = stats[name]
     if train and name in stats:
-      y, updated = module.apply(variables, x, train=True, mutable=["batch_stats"])
+      y, updated = self.apply_module(module, variables, x, train=True, mutable=["batch_stats"])
       return y, updated["batch_stats"]
-    return module.apply(variables, x, train=train), stats.get(name)
+    return self.apply_module(module, variables, x, train=train), stats.get(name)
 
 
 @functools.lru_cache(maxsize=None)
@@ -525,8 +534,14 @@ NETWORKS: dict[str, type[SplitNetwork]] = {
 
 
 def network(name: str, num_classes: int, width: float = 1.0,
-            exit_head: str = "linear") -> SplitNetwork:
-  """The shipped network ``name`` (``NETWORKS``) for ``num_classes`` classes."""
+            exit_head: str = "linear", precision: str = "float32") -> SplitNetwork:
+  """The shipped network ``name`` (``NETWORKS``) for ``num_classes`` classes;
+  ``precision`` as ``Config.precision`` (``auto`` resolved for this backend)."""
   if name not in NETWORKS:
     raise ValueError(f"unknown model {name!r}; expected one of {', '.join(NETWORKS)}")
-  return NETWORKS[name](num_classes, width, exit_head)
+  return NETWORKS[name](num_classes, width, exit_head, precision_lib.resolve(precision))
+
+
+def for_config(cfg, num_classes: int) -> SplitNetwork:
+  """The network a run of ``cfg`` trains (model, width, exit head, precision)."""
+  return network(cfg.model, num_classes, cfg.width, cfg.exit_head, cfg.precision)

@@ -44,7 +44,8 @@ class Stopped(Exception):
   def __init__(self, signum: int, rounds_done: int, out: Path, sweep: str | Path | None = None):
     self.signum, self.rounds_done, self.out = signum, rounds_done, out
     how = f"hsee sweep --resume {sweep}" if sweep else f"hsee train --resume {out}"
-    super().__init__(f"{signal.Signals(signum).name}: stopped after round {rounds_done}"
+    when = f"after round {rounds_done}" if rounds_done else "before round 1"
+    super().__init__(f"{signal.Signals(signum).name}: stopped {when}"
                      f"{f' of {out}' if sweep else ''}; resume with: {how}")
 
 

@@ -47,14 +47,10 @@ from hsee_jax import config as config_lib
 from hsee_jax import distributed, rundir
 from hsee_jax.config import Config, ConfigError
 
-# Fields the compiled programs take as inputs: runs differing only in these
-# share a batch (and its compilations).
-INPUT_FIELDS = frozenset({
-    "name", "seed", "lr", "momentum", "weight_decay", "exit_loss_weight", "schedule",
-    "step_milestones", "step_gamma", "rounds", "partition", "dirichlet_alpha", "train_subset",
-    "test_subset", "eval_every", "eval_batch_size", "eval_clients", "exit_thresholds",
-    "checkpoint_every", "keep_checkpoints", "client_flops_per_s", "server_flops_per_s",
-    "link_bytes_per_s", "data_dir"})
+# Fields the compiled programs take as inputs (declared in
+# ``config.INPUT_FIELDS``): runs differing only in these share a batch (and
+# its compilations).
+INPUT_FIELDS = frozenset(config_lib.INPUT_FIELDS)
 PLAN = "sweep.json"
 
 

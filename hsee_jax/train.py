@@ -17,7 +17,7 @@ import numpy as np
 from hsee_jax import config as config_lib
 from hsee_jax import data as data_lib
 from hsee_jax import distributed
-from hsee_jax import evaluation, models, optim, rundir, strategies
+from hsee_jax import evaluation, models, optim, rundir, strategies, writers
 from hsee_jax import fleet as fleet_lib
 from hsee_jax.checkpoint import (CheckpointError, Checkpointer, config_differences,
                                  key_from_json, meta_for)
@@ -89,7 +89,7 @@ def build(cfg: Config, dataset: data_lib.Dataset | None = None,
   except fleet_lib.FleetError as e:
     raise RunError(str(e)) from None
   steps = cfg.local_steps or max(1, math.ceil(float(np.mean(fleet.sizes)) / cfg.batch_size))
-  net = models.network(cfg.model, dataset.num_classes, cfg.width, cfg.exit_head)
+  net = models.for_config(cfg, dataset.num_classes)
   tx = optim.make_optimizer(cfg)
   schedule = optim.make_schedule(cfg, cfg.rounds * steps)
   if shared is None:
@@ -441,9 +441,15 @@ class _Run:
   def __enter__(self):
     self.mfile = (None if self.finished_before or not self.writer
                   else open(self.out / "metrics.jsonl", "a"))
+    # the metric writers besides metrics.jsonl (writers.py), process 0 only
+    self.writers = [] if self.mfile is None else writers.for_config(self.cfg, self.out)
+    for w in self.writers:
+      w.write_config(self.cfg)
     return self
 
   def __exit__(self, *exc):
+    for w in self.writers:
+      w.close()
     if self.mfile is not None:
       self.mfile.close()
 
@@ -524,6 +530,8 @@ class _Run:
         return self._fail(f"round {rnd + 1}: {e}; the checkpoint before it is intact: "
                           f"{self._last()}", local=True)
     self.records.append(rec)
+    for w in self.writers:
+      w.write_round(rec)
     self.log(_format_round(rec, cfg.rounds))
     self.rnd += 1
 

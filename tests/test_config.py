@@ -56,3 +56,19 @@ def test_shipped_configs_load(name):
 def test_missing_config_file():
   with pytest.raises(ConfigError, match="config file not found"):
     config_lib.load("configs/nope.py")
+
+
+def test_each_field_has_one_compilation_role():
+  """program, input or shape, declared once in config (the lists the
+  strategies and sweeps read are those)."""
+  import dataclasses
+
+  from hsee_jax import strategies, sweep
+  names = [f.name for f in dataclasses.fields(Config)]
+  assert not set(config_lib.PROGRAM_FIELDS) & set(config_lib.INPUT_FIELDS)
+  assert set(config_lib.PROGRAM_FIELDS) | set(config_lib.INPUT_FIELDS) <= set(names)
+  assert strategies.PROGRAM_FIELDS is config_lib.PROGRAM_FIELDS
+  assert sweep.INPUT_FIELDS == set(config_lib.INPUT_FIELDS)
+  roles = {n: config_lib.field_role(n) for n in names}
+  assert roles["precision"] == roles["width"] == "program" and roles["lr"] == "input"
+  assert roles["cuts"] == roles["batch_size"] == roles["mode"] == "shape"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import pytest
 from jax import lax
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,3 +112,30 @@ def test_bench_fleet_end_to_end(tmp_path):
   # the state's growth with N from the state tree)
   assert all(b == 0 for b in rows[0]["per_client_state_bytes"].values())
   assert (out / "bench_fleet.csv").exists() and (out / "bench_fleet.png").exists()
+
+
+def test_gpu_check_writes_its_tables_and_goals(tmp_path):
+  """The prepared GPU check, shrunk to this CPU: every section measured and
+  written, the goals computed from the rows (no peak known here: not met or unknown)."""
+  import gpu_check
+  out = tmp_path / "check"
+  assert gpu_check.main(["--out", str(out), "--width", "0.0625", "--ks", "1,2", "--batches", "4",
+                         "--precisions", "float32,bfloat16", "--executions", "loop",
+                         "--torch", "", "--steps", "1", "--reps", "1", "--accuracy-rounds", "1",
+                         "--data-dir", str(tmp_path),
+                         "--accuracy-set", "dataset=synthetic", "--accuracy-set", "width=0.0625",
+                         "--accuracy-set", "synthetic_shape=(16, 16, 4, 48, 16)",
+                         "--accuracy-set", "batch_size=8", "--accuracy-set", "local_steps=1",
+                         "--accuracy-set", "cuts=(2, 6)"]) == 0
+  result = json.loads((out / "gpu_check.json").read_text())
+  assert {(r["precision"], r["clients"]) for r in result["rows"]} == {
+      ("float32", 1), ("float32", 2), ("bfloat16", 1), ("bfloat16", 2)}
+  assert all(r["execution"] == "loop" and r["images_per_s"] > 0 for r in result["rows"])
+  acc = result["accuracy"]
+  assert 0.0 <= acc["float32"] <= 1.0 and 0.0 <= acc["bfloat16"] <= 1.0
+  goals = {g["goal"].split(":")[0]: g for g in result["goals"]}
+  assert len(goals) == 4 and goals["configs/averaging.py"]["measured"] == pytest.approx(
+      abs(acc["bfloat16"] - acc["float32"]) * 100)
+  assert all(g["measured"] is None for g in result["goals"][:3])  # no peak, no torch here
+  md = (out / "gpu_check.md").read_text()
+  assert md.count("| 4 | ") == 4 and "| goal | target | measured | met |" in md

@@ -3,6 +3,7 @@ damaged checkpoints and metrics, stop signals, extending a finished run, and
 one-line errors (exit code 2) for what a user gets wrong."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -97,8 +98,9 @@ def test_busy_run_directory_and_a_preempted_process(tmp_path):
     first.wait()
   assert first.returncode == 143, out + err
   assert "Traceback" not in out + err
-  done = int(err.split("stopped after round ")[1].split(";")[0])
-  assert err == f"hsee: SIGTERM: stopped after round {done}; resume with: hsee train --resume {run}\n"
+  done = int(re.search(r"stopped (?:after round (\d+)|before round 1);", err).group(1) or 0)
+  when = f"after round {done}" if done else "before round 1"
+  assert err == f"hsee: SIGTERM: stopped {when}; resume with: hsee train --resume {run}\n"
   with Checkpointer(run / "checkpoints", create=False) as ck:
     assert ck.steps() == [done]   # resumable (the in-process test resumes bit for bit)
   assert (run / rundir.LOCK_NAME).read_text() == ""   # released on the way out
@@ -262,6 +264,35 @@ def test_sigint_between_rounds_saves_and_resumes_exactly(straight, tmp_path):
   train_lib.train(cfg, run, resume=True, **QUIET)
   assert _records(run) == _records(straight)
   chex.assert_trees_all_equal(_state(run, cfg), _state(straight, CFG))
+
+
+def test_signal_while_the_run_is_built_stops_before_round_1(tmp_path, capsys, monkeypatch):
+  """SIGINT or SIGTERM while the data loads and the programs compile (before
+  round 1): the run stops there with the documented one line, and a resume
+  trains it from round 1."""
+  real = train_lib.build_runs
+
+  def build_then_signal(*a, **k):
+    out = real(*a, **k)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return out
+  monkeypatch.setattr(train_lib, "build_runs", build_then_signal)
+  run = tmp_path / "run"
+  cfg_file = _config_file(tmp_path, CFG)
+  assert cli.main(["train", "--config", str(cfg_file), "--out", str(run)]) == 143
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f"hsee: SIGTERM: stopped before round 1; resume with: hsee train --resume {run}"]
+  assert _records(run) == [{"round": 0, "event": "stopped", "error": "SIGTERM after round 0"}]
+  assert not (run / "summary.json").exists()
+  # Ctrl-C before the handlers are set (JAX starting up): one line, no round spoken of
+  def interrupted(*a, **k):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(train_lib, "train", interrupted)
+  assert cli.main(["train", "--config", str(cfg_file), "--out", str(tmp_path / "other")]) == 130
+  assert capsys.readouterr().err == "hsee: SIGINT: stopped at once, before any round began\n"
+  monkeypatch.undo()
+  train_lib.train(CFG, run, resume=True, **QUIET)
+  assert [r["round"] for r in _records(run)] == list(range(CFG.rounds))
 
 
 def test_second_signal_abandons_at_once(tmp_path, capsys, monkeypatch):

@@ -121,3 +121,56 @@ def test_every_network_trains_with_budgets_checkpoints_and_evaluation(tmp_path, 
   seconds = costs.simulated_round_seconds(strategy, cuts, {r["cut"]: r for r in table}, 1, 8,
                                           [1e10, 1e10], 1e13, 1.25e6)
   assert np.isfinite(seconds) and seconds > 0
+
+
+def _event_scalars(logdir):
+  """(tag, step) -> value and the text tags of the event files in ``logdir``
+  (TFRecord framing read here; the Event protos through tensorboardX's own)."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+  scalars, texts = {}, set()
+  for path in sorted(logdir.glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    at = 0
+    while at < len(data):
+      (n,) = struct.unpack("<Q", data[at:at + 8])
+      event = event_pb2.Event.FromString(data[at + 12:at + 12 + n])
+      at += 12 + n + 4
+      for v in event.summary.value:
+        if v.HasField("tensor") and v.metadata.plugin_data.plugin_name == "text":
+          texts.add(v.tag)
+        else:
+          scalars[(v.tag, event.step)] = v.simple_value
+  return scalars, texts
+
+
+def test_tensorboard_writer_gets_every_round(tmp_path, monkeypatch):
+  """tensorboard=True: per round the train metrics (fleet and per cut), at the
+  evaluated rounds each cut's test accuracies, and the config as text; the
+  values are metrics.jsonl's."""
+  cfg = dataclasses.replace(SYNTH, tensorboard=True, rounds=3, eval_every=2)
+  train_lib.train(cfg, tmp_path, log=lambda s: None)
+  scalars, texts = _event_scalars(tmp_path / "tensorboard")
+  assert any(t.startswith("config") for t in texts)
+  recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  for r in recs:
+    step = r["round"] + 1
+    for k, v in r["train"].items():
+      assert scalars[(f"train/{k}", step)] == pytest.approx(v, rel=1e-6)
+    for c in r["train_per_client"]:   # one client per cut here
+      assert scalars[(f"train/cut{c['cut']}/exit_acc", step)] == pytest.approx(c["exit_acc"])
+    evaluated = "test" in r
+    assert evaluated == (step in (2, 3))
+    for c in r.get("test", {}).get("cuts", []):
+      assert scalars[(f"test/cut{c['cut']}/full_acc", step)] == pytest.approx(c["full_acc"]["mean"])
+    assert (("test/mean_exit_acc", step) in scalars) == evaluated
+  # a config without it writes none; a missing library is a one-line config error
+  train_lib.train(SYNTH, tmp_path / "plain", log=lambda s: None)
+  assert not (tmp_path / "plain" / "tensorboard").exists()
+  import importlib.util
+
+  from hsee_jax.config import ConfigError
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+  with pytest.raises(ConfigError, match=r"^tensorboard: True needs tensorboardX: pip install"):
+    dataclasses.replace(SYNTH, tensorboard=True)
