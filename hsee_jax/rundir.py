@@ -17,6 +17,7 @@ clean stop.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -152,6 +153,8 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.write_text(text)
     os.replace(tmp, path)
   except OSError as e:
+    with contextlib.suppress(OSError):
+      tmp.unlink(missing_ok=True)   # a part written on a full disk goes too
     raise RunError(f"cannot write {path}: {e.strerror or e}") from None
 
 

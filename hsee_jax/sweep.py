@@ -34,6 +34,7 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import io
 import itertools
 import json
 import re
@@ -411,11 +412,14 @@ def _fmt(ms) -> str:
 
 
 def write_results(out: Path, grid: dict, rows: list[dict]) -> None:
+  """``sweep.csv``, ``sweep.md`` (each whole or not at all: a failed write is
+  a one-line ``RunError`` and leaves the file as it was) and the plots."""
   cols = list(dict.fromkeys(k for r in rows for k in r))
-  with open(out / "sweep.csv", "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=cols)
-    w.writeheader()
-    w.writerows(rows)
+  text = io.StringIO()
+  w = csv.DictWriter(text, fieldnames=cols)
+  w.writeheader()
+  w.writerows(rows)
+  rundir.write_atomic(out / "sweep.csv", text.getvalue())
   points = summarise(grid, rows)
   failed = [r for r in rows if r.get("status") == "failed"]
   fields = list(grid)
@@ -431,9 +435,13 @@ def write_results(out: Path, grid: dict, rows: list[dict]) -> None:
   for p in points:
     md.append("| " + " | ".join([str(p[f]) for f in fields] + [str(p["seeds"])]
                                 + [_fmt(p[m]) if m in p else "" for m in metrics]) + " |")
-  (out / "sweep.md").write_text("\n".join(md) + "\n")
+  rundir.write_atomic(out / "sweep.md", "\n".join(md) + "\n")
   if points:
-    _plots(out, grid, points)
+    try:
+      _plots(out, grid, points)
+    except OSError as e:
+      raise rundir.RunError(f"cannot write the plots in {out}: {e.strerror or e}; "
+                            f"sweep.csv and sweep.md are written") from None
 
 
 def _plots(out: Path, grid: dict, points: list[dict]) -> None:

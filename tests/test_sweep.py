@@ -171,3 +171,17 @@ def test_a_point_that_cannot_start_is_named_and_the_others_are_written(tmp_path,
   bad = table["dataset=cifar100/seed0"]
   assert bad["status"] == "failed" and "cifar100" in bad["error"] and "no files" in bad["error"]
   assert "Failed, left out: dataset=cifar100/seed0" in (out / "sweep.md").read_text()
+
+
+def test_results_written_whole_or_one_line(tmp_path):
+  """A write of the sweep's tables that fails (here: sweep.md is a folder;
+  a full disk is the same) is one line; what was written is whole."""
+  from hsee_jax import rundir
+  rows = [{"run": f"lr=0.1/seed{s}", "lr": 0.1, "seed": s, "batch": 0, "status": "done",
+           "mean_exit_acc": 0.3 + s / 100, "mean_full_acc": 0.4} for s in (0, 1)]
+  (tmp_path / "sweep.md").mkdir()
+  with pytest.raises(rundir.RunError, match=r"^cannot write .*sweep\.md: Is a directory$"):
+    sweep.write_results(tmp_path, {"lr": [0.1]}, rows)
+  table = list(csv.DictReader(open(tmp_path / "sweep.csv")))
+  assert [r["run"] for r in table] == ["lr=0.1/seed0", "lr=0.1/seed1"]
+  assert not list(tmp_path.glob("*.tmp"))
