@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -99,15 +100,30 @@ def _last_checkpoint(out: Path) -> str:
   return f"after round {max(steps)}" if steps else "none"
 
 
+class _Terminated(BaseException):
+  """SIGTERM before a run's own handlers are set: ends the command as Ctrl-C does."""
+  signum = signal.SIGTERM
+
+
+def _terminate(signum, frame):
+  raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
   """The ``hsee`` command. Exit codes: 0 done; 2 a user error (one line on
   stderr); 128 + signal number after SIGINT (130) or SIGTERM (143)."""
+  main_thread = threading.current_thread() is threading.main_thread()
+  old = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
   try:
     return _main(argv)
-  except KeyboardInterrupt:  # before any work began (parsing, imports): nothing to keep
-    print("hsee: SIGINT: stopped before any work began; nothing was written", file=sys.stderr,
-          flush=True)
-    return 128 + signal.SIGINT
+  except (KeyboardInterrupt, _Terminated) as e:  # before any work began (parsing, imports)
+    signum = getattr(e, "signum", signal.SIGINT)
+    print(f"hsee: {signal.Signals(signum).name}: stopped before any work began; nothing was "
+          f"written", file=sys.stderr, flush=True)
+    return 128 + signum
+  finally:
+    if main_thread:
+      signal.signal(signal.SIGTERM, old)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -148,7 +164,7 @@ def _main(argv: list[str] | None) -> int:
       e = rundir.Stopped(e.signum, e.rounds_done, e.out, sweep=args.resume or args.out)
     print(f"hsee: {e}", file=sys.stderr)
     return 128 + e.signum
-  except (rundir.Abandoned, KeyboardInterrupt) as e:
+  except (rundir.Abandoned, KeyboardInterrupt, _Terminated) as e:
     signum = getattr(e, "signum", signal.SIGINT)
     if args.command == "eval":
       print(f"hsee: {signal.Signals(signum).name}: evaluation stopped; nothing was written",

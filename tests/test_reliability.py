@@ -515,6 +515,13 @@ def test_ctrl_c_before_any_work_and_during_eval_is_one_line(straight, tmp_path, 
   assert cli.main(["train"]) == 130
   err = capsys.readouterr().err
   assert err == "hsee: SIGINT: stopped before any work began; nothing was written\n"
+  # SIGTERM there too (before a run's handlers are set): one line, 143; the handler restored
+  before = signal.getsignal(signal.SIGTERM)
+  monkeypatch.setattr(cli, "_parser", lambda: os.kill(os.getpid(), signal.SIGTERM))
+  assert cli.main(["train"]) == 143
+  assert capsys.readouterr().err == ("hsee: SIGTERM: stopped before any work began; nothing was "
+                                     "written\n")
+  assert signal.getsignal(signal.SIGTERM) is before
   monkeypatch.undo()
   run = _copy(straight, tmp_path)
   from hsee_jax import evaluation
