@@ -169,9 +169,11 @@ def simulated_round_seconds(strategy: str, cuts, table: dict, steps: int, batch_
     client and server pipeline, so a turn takes ``max(c_i + u_i, s_i)`` and the
     round is their sum.
   * Averaging: clients run in parallel and the one server machine does every
-    client's server work: ``max(max_i(c_i + u_i), sum_i s_i)``, plus, when
-    aggregating, every client sending and receiving its client part
-    (``max_i 2 * 4 * params_i / bandwidth``).
+    client's server work: ``max(max_i(c_i + u_i), sum_i s_i)``.
+
+  Plus, with ``aggregate`` (Averaging's cross-layer aggregation, Sequential's
+  with ``client_aggregation``), every client sending and receiving its
+  client part in float32 (``max_i 2 * 4 * params_i / bandwidth``).
   """
   n = steps * batch_size
   c, u, s, agg = [], [], [], []
@@ -182,6 +184,7 @@ def simulated_round_seconds(strategy: str, cuts, table: dict, steps: int, batch_
     s.append(n * row["server_train_flops"] / server_flops_per_s)
     agg.append(2 * 4 * row["client_params"] / link_bytes_per_s)
   if strategy == "sequential":
-    return float(sum(max(ci + ui, si) for ci, ui, si in zip(c, u, s)))
-  t = max(max(ci + ui for ci, ui in zip(c, u)), sum(s))
+    t = sum(max(ci + ui, si) for ci, ui, si in zip(c, u, s))
+  else:
+    t = max(max(ci + ui for ci, ui in zip(c, u)), sum(s))
   return float(t + (max(agg) if aggregate else 0.0))

@@ -77,6 +77,9 @@ def test_simulated_round_sequential_waits_averaging_runs_in_parallel(table):
   assert seq == pytest.approx(sum(c), rel=1e-3) and avg == pytest.approx(max(c), rel=1e-3)
   with_agg = costs.simulated_round_seconds("averaging", (3, 5, 7), aggregate=True, **args)
   assert with_agg == pytest.approx(avg + 2 * 4 * t[7]["client_params"] / 1e9, rel=1e-6)
+  # Sequential with its client parts aggregated (client_aggregation) pays the same exchange
+  seq_agg = costs.simulated_round_seconds("sequential", (3, 5, 7), aggregate=True, **args)
+  assert seq_agg == pytest.approx(seq + 2 * 4 * t[7]["client_params"] / 1e9, rel=1e-6)
 
 
 def test_config_budgets_choose_the_cuts(table, tmp_path):
