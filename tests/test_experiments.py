@@ -119,7 +119,7 @@ def test_gpu_check_writes_its_tables_and_goals(tmp_path):
   written, the goals computed from the rows (no peak known here: not met or unknown)."""
   import gpu_check
   out = tmp_path / "check"
-  assert gpu_check.main(["--out", str(out), "--width", "0.0625", "--ks", "1,2", "--batches", "4",
+  assert gpu_check.main(["--out", str(out), "--width", "0.0625", "--ks", "1", "--batches", "4",
                          "--precisions", "float32,bfloat16", "--executions", "loop",
                          "--torch", "", "--steps", "1", "--reps", "1", "--accuracy-rounds", "1",
                          "--data-dir", str(tmp_path),
@@ -128,8 +128,8 @@ def test_gpu_check_writes_its_tables_and_goals(tmp_path):
                          "--accuracy-set", "batch_size=8", "--accuracy-set", "local_steps=1",
                          "--accuracy-set", "cuts=(2, 6)"]) == 0
   result = json.loads((out / "gpu_check.json").read_text())
-  assert {(r["precision"], r["clients"]) for r in result["rows"]} == {
-      ("float32", 1), ("float32", 2), ("bfloat16", 1), ("bfloat16", 2)}
+  assert [(r["precision"], r["clients"]) for r in result["rows"]] == [
+      ("float32", 1), ("bfloat16", 1)]
   assert all(r["execution"] == "loop" and r["images_per_s"] > 0 for r in result["rows"])
   acc = result["accuracy"]
   assert 0.0 <= acc["float32"] <= 1.0 and 0.0 <= acc["bfloat16"] <= 1.0
@@ -138,4 +138,4 @@ def test_gpu_check_writes_its_tables_and_goals(tmp_path):
       abs(acc["bfloat16"] - acc["float32"]) * 100)
   assert all(g["measured"] is None for g in result["goals"][:3])  # no peak, no torch here
   md = (out / "gpu_check.md").read_text()
-  assert md.count("| 4 | ") == 4 and "| goal | target | measured | met |" in md
+  assert md.count("| 4 | 1 | loop |") == 2 and "| goal | target | measured | met |" in md
