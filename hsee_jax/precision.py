@@ -1,7 +1,9 @@
 """Mixed precision: the one place that decides which dtype a computation runs in.
 
 ``Config.precision``: ``float32``, ``bfloat16``, or ``auto`` (bfloat16 on a
-GPU or TPU, float32 on the CPU, where bfloat16 measured no faster). Under
+GPU or TPU; float32 on the CPU, where bfloat16 gained at most a few percent
+in docs/performance.md's measurement and float32 keeps the CPU's results as
+they were). Under
 bfloat16 the policy is the usual one for training convolutional networks
 (Flax's ``examples/imagenet`` ``half_precision``, Micikevicius et al. 2018):
 
