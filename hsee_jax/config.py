@@ -113,12 +113,13 @@ class Config:
         raise ConfigError(f"{f.name}: every number must be finite, got {bad}")
     _one_of("dataset", self.dataset, DATASETS)
     from hsee_jax import models  # flax: loaded once a config is made, not for `hsee --help`
+    from hsee_jax import precision as precision_lib
     _one_of("model", self.model, tuple(models.NETWORKS))
     _one_of("strategy", self.strategy, STRATEGIES)
     _one_of("mode", self.mode, MODES)
     _one_of("partition", self.partition, ("iid", "dirichlet"))
     _one_of("exit_head", self.exit_head, ("linear", "conv"))
-    _one_of("precision", self.precision, ("float32", "bfloat16", "auto"))
+    _one_of("precision", self.precision, precision_lib.PRECISIONS)
     if self.tensorboard and importlib.util.find_spec("tensorboardX") is None:
       raise ConfigError("tensorboard: True needs tensorboardX: pip install -e '.[tensorboard]'")
     _one_of("optimizer", self.optimizer, ("sgd", "adam"))

@@ -3,9 +3,9 @@
 ``Config.precision``: ``float32``, ``bfloat16``, or ``auto`` (bfloat16 on a
 GPU or TPU; float32 on the CPU, where bfloat16 gained at most a few percent
 in docs/performance.md's measurement and float32 keeps the CPU's results as
-they were). Under
-bfloat16 the policy is the usual one for training convolutional networks
-(Flax's ``examples/imagenet`` ``half_precision``, Micikevicius et al. 2018):
+they were). Under bfloat16 the policy is the usual one for training
+convolutional networks (Flax's ``examples/imagenet`` ``half_precision``,
+Micikevicius et al. 2018):
 
 * kept in float32: parameters, optimiser state, batch-norm statistics (and
   the normalisation's mean and variance), checkpoints, the cross-layer

@@ -61,13 +61,14 @@ METRIC_NAMES = ("exit_loss", "full_loss", "exit_acc", "full_acc")
 
 # -- programs shared across simulations in one process ----------------------------
 # The config fields a round's compiled programs read (besides the network's
-# class count and the cut; declared in ``config.PROGRAM_FIELDS``). Simulations in one process whose configs agree on
-# them (tests, sweeps, a run built twice) share their compiled programs;
-# everything else (seed, learning rate and schedule, rounds, the fleet, the
-# data; momentum, weight decay and exit-loss weight as ``Cohort.hparams``)
-# reaches the programs as inputs. Programs are built from
-# :func:`program_config`, which holds these fields only, so a program that
-# reads a field not listed here fails at once instead of being shared wrongly.
+# class count and the cut), declared in ``config.PROGRAM_FIELDS``. Simulations
+# in one process whose configs agree on them (tests, sweeps, a run built
+# twice) share their compiled programs; everything else (seed, learning rate
+# and schedule, rounds, the fleet, the data; momentum, weight decay and
+# exit-loss weight as ``Cohort.hparams``) reaches the programs as inputs.
+# Programs are built from :func:`program_config`, which holds these fields
+# only, so a program that reads a field not listed here fails at once instead
+# of being shared wrongly.
 PROGRAM_FIELDS = config_lib.PROGRAM_FIELDS
 PROGRAM_CACHE_SIZE = 64
 _PROGRAMS: collections.OrderedDict = collections.OrderedDict()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hsee_jax.config import Config, ConfigError
+from hsee_jax.config import Config
 from hsee_jax.strategies import METRIC_NAMES
 
 TENSORBOARD_DIR = "tensorboard"
@@ -31,11 +31,7 @@ class TensorBoard:
   """Per-round scalars and the config, written by ``tensorboardX.SummaryWriter``."""
 
   def __init__(self, logdir: str | Path):
-    try:
-      from tensorboardX import SummaryWriter
-    except ImportError:
-      raise ConfigError("tensorboard=True needs tensorboardX: pip install -e '.[tensorboard]'"
-                        ) from None
+    from tensorboardX import SummaryWriter  # present: Config checks it for tensorboard=True
     self.writer = SummaryWriter(str(logdir))
 
   def write_config(self, cfg: Config) -> None:
