@@ -29,7 +29,7 @@ class SmallNet(hsee.SplitNetwork):  # the interface: a name, num_units and unit(
 
 def main(rounds=3, steps=4, batch=32, cuts=(1, 2)):
   data = hsee.load_dataset(hsee.Config(train_subset=1024, test_subset=500))  # shipped CIFAR-10
-  net, key, (shared, _, _) = SmallNet(10), jax.random.PRNGKey(0), hsee.make_shared([data])
+  net, key, train_set = SmallNet(10), jax.random.PRNGKey(0), hsee.put_train_set(data)
   tx, shards = hsee.direction("sgd", False, 0.9, 5e-4), hsee.partition(data.train_labels, len(cuts))
   parts = {(side, i): hsee.init_part(tx, *net.init_span(key, *span(c), data.image_shape))
            for i, c in enumerate(cuts)  # client part + exit head, and its own server part
@@ -41,7 +41,7 @@ def main(rounds=3, steps=4, batch=32, cuts=(1, 2)):
       idx = np.random.default_rng([rnd, i]).choice(shards[i], (steps, batch)).astype(np.int32)
       state = (parts["client", i], parts["server", i], jax.random.PRNGKey(rnd * 9 + i))
       (parts["client", i], parts["server", i]), m = runners[c].one(
-          shared, state, (idx, hparams, np.zeros(steps, np.int32)))
+          train_set, state, (idx, hparams))
       print(f"round {rnd + 1} cut {c}:", *(f"{k} {v:.3f}" for k, v in zip(hsee.METRIC_NAMES, m)))
     parts = {k: jax.tree.map(lambda a: a[0], p) for k, p in hsee.cross_layer_average(  # aggregation
         {k: jax.tree.map(lambda a: a[None], p) for k, p in parts.items()},

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_throughput import JaxExecution  # noqa: E402
 from hsee_jax import engine, models, strategies  # noqa: E402
+from hsee_jax.strategies.parts import stack_copies  # noqa: E402
 
 
 def _ms(fn, reps=20):
@@ -47,7 +48,7 @@ def tree_helpers(args) -> dict:
   run = JaxExecution("loop", args.k, args)
   cut = min(run.strategy.fleet.groups)
   k = len(run.strategy.fleet.groups[cut])
-  part = strategies._stack_copies(strategies.client_server_parts(run.state, cut, run.strategy.ctx.tx), k)
+  part = stack_copies(strategies.client_server_parts(run.state, cut, run.strategy.ctx.tx), k)
   parts = [engine.tree_slice(part, i) for i in range(k)]
   return {"leaves": len(jax.tree.leaves(part)), "clients": k,
           "slice_eager_ms": _ms(lambda: engine.tree_slice.__wrapped__(part, 1)),
@@ -96,7 +97,7 @@ def rounds_ab(mode: str, args, name: str, replacement, model: str = "resnet18") 
   try:
     for on in (False, True):  # the choice is read while tracing, i.e. in the first round
       setattr(models, name, real if on else replacement)
-      strategies.clear_shared_programs()  # each run builds (and traces) its own programs
+      strategies.clear_program_cache()  # each run builds (and traces) its own programs
       runs[on] = JaxExecution(mode, args.k, argparse.Namespace(**{**vars(args), "model": model}))
       runs[on].round()
   finally:

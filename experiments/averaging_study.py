@@ -94,14 +94,16 @@ def run_variant(cfg: Config, dataset, log=print) -> dict:
   for rnd in range(cfg.rounds):
     state, _, _ = sim.run_round(state, rnd, train_key)
     if rnd + 1 in {cfg.rounds // 2, cfg.rounds - 1, cfg.rounds}:
-      test = evaluation.evaluate(sim, state, dataset, (0.0,), 500)
+      test = evaluation.evaluate(sim.net, sim.fleet, sim.algorithm.eval_models(state), dataset,
+                                 (0.0,), 500)
       evaluated[rnd + 1] = _accuracies(test)
   out = {"rounds": evaluated, "seconds": time.time() - t0}
   if cfg.strategy == "averaging" and cfg.aggregate_every == 1:
     model = recompute_bn(sim.net, state.model, dataset.train_images, jnp.asarray(dataset.mean),
                          jnp.asarray(dataset.std))
-    out["bn_recomputed"] = _accuracies(evaluation.evaluate(sim, state.replace(model=model),
-                                                           dataset, (0.0,), 500))
+    out["bn_recomputed"] = _accuracies(evaluation.evaluate(
+        sim.net, sim.fleet, sim.algorithm.eval_models(state.replace(model=model)), dataset,
+        (0.0,), 500))
   return out
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hsee_jax import rundir  # noqa: E402
 from hsee_jax import train as train_lib  # noqa: E402
 from hsee_jax.checkpoint import Checkpointer, meta_for  # noqa: E402
 from hsee_jax.config import Config  # noqa: E402
@@ -41,7 +42,7 @@ def measure(k: int, width: float, workdir: Path) -> dict:
     ck.finish(1)
     total = time.perf_counter() - t0
     t0 = time.perf_counter()
-    restored = train_lib.restore_state(strategy, ck, cfg)[0]
+    restored = rundir.restore_state(strategy, ck, cfg)[0]
     jax.block_until_ready(restored)
     restore = time.perf_counter() - t0
   on_disk = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())

@@ -1,17 +1,15 @@
-"""R seeds of one config: as R processes, as one sweep, as one stacked sweep.
+"""R seeds of one config: as R processes, and as one sweep.
 
     python experiments/bench_sweep.py --out runs/bench_sweep --runs 1,2,4,8
 
 For each R in --runs, as child processes of this script, one after another:
   separate  ``hsee train --config CONFIG --set seed=s`` for each of R seeds, one
             process after the other (each starts, loads and compiles for itself)
-  sweep     ``hsee sweep --seeds 0..R-1 --stack 1``: one process; the runs train
+  sweep     ``hsee sweep --seeds 0..R-1``: one process; the runs train
             one after another and share their compiled programs
-  stacked   ``hsee sweep --seeds 0..R-1 --stack 0``: one process; the runs train
-            their rounds together, stacked in the same compiled calls
 Per (R, mode): wall seconds including start-up, loading and compilation; images/s
-of training (all images trained / the training rounds' seconds, a stacked
-round counted once; each run's first round, which compiles, left out); the
+of training (all images trained / the training rounds' seconds; each run's
+first round, which compiles, left out); the
 peak RSS of the child process(es); the ratio to ``separate``; and whether every
 run's metrics equal those of the first mode (they must: same config, same
 seed). Writes bench_sweep.json, bench_sweep.csv and
@@ -31,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_io  # noqa: E402
-MODES = ("separate", "sweep", "stacked")
-VOLATILE = ("seconds", "images_per_s", "stacked_runs")
+MODES = ("separate", "sweep")
+VOLATILE = ("seconds", "images_per_s")
 
 
 def _hsee(args: list[str], log: Path) -> tuple[float, float]:
@@ -56,12 +54,12 @@ def _records(run_dir: Path) -> list[dict]:
 
 def _training(run_dirs: list[Path]) -> tuple[int, float]:
   """(images trained, seconds of training) over runs, each run's first round
-  (which compiles) left out; a stacked round's seconds counted once."""
+  (which compiles) left out."""
   images = seconds = 0.0
   for d in run_dirs:
     for r in _records(d)[1:]:
-      images += r["images_per_s"] * r["seconds"] / r.get("stacked_runs", 1)
-      seconds += r["seconds"] / r.get("stacked_runs", 1)
+      images += r["images_per_s"] * r["seconds"]
+      seconds += r["seconds"]
   return int(round(images)), seconds
 
 
@@ -91,7 +89,7 @@ def main(argv=None):
       else:
         wall, peak = _hsee(["sweep", "--config", args.config, *sets,
                             "--seeds", ",".join(map(str, seeds)), "--out", str(where),
-                            "--overwrite", "--stack", "1" if mode == "sweep" else "0"],
+                            "--overwrite"],
                            out / f"r{n}_{mode}.log")
       dirs = [where / "base" / f"seed{s}" for s in seeds]
       metrics = [[{k: v for k, v in r.items() if k not in VOLATILE} for r in _records(d)]

@@ -176,28 +176,27 @@ def profile_jax(args) -> dict:
 
   step = jax.jit(split_step, donate_argnums=1)
   client, server = strategies.client_server_parts(state, args.cut, strategy.ctx.tx)
-  carry = update.init(strategy.ctx.shared, (client, server, jax.random.PRNGKey(1)))
-  n = strategy.ctx.shared.labels.shape[0]
+  carry = update.init(strategy.ctx.train_set, (client, server, jax.random.PRNGKey(1)))
+  n = strategy.ctx.train_set.labels.shape[0]
   xs = [(jnp.asarray((jnp.arange(args.batch) * 7 + s * args.batch) % n),
-         jnp.asarray([0.05, cfg.momentum, cfg.weight_decay, cfg.exit_loss_weight], jnp.float32),
-         jnp.int32(0))
+         jnp.asarray([0.05, cfg.momentum, cfg.weight_decay, cfg.exit_loss_weight], jnp.float32))
         for s in range(args.steps + 3)]
   for x in xs[:3]:
-    carry = step(strategy.ctx.shared, carry, x)
+    carry = step(strategy.ctx.train_set, carry, x)
   jax.block_until_ready(carry)
   state_box = [carry]
 
   def run(n):  # untraced steps, for the wall time (the profiler adds overhead)
     c = state_box[0]
     for i in range(n):
-      c = step(strategy.ctx.shared, c, xs[3 + i % args.steps])
+      c = step(strategy.ctx.train_set, c, xs[3 + i % args.steps])
     state_box[0] = jax.block_until_ready(c)
 
   carry = state_box[0]
   trace_dir = tempfile.mkdtemp(prefix="hsee_trace_")
   jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
   for x in xs[3:]:
-    carry = step(strategy.ctx.shared, carry, x)
+    carry = step(strategy.ctx.train_set, carry, x)
   state_box[0] = jax.block_until_ready(carry)
   jax.profiler.stop_trace()
 

@@ -10,7 +10,7 @@ The pieces a researcher composes (see ``examples/custom_network.py``):
   loss and preprocessing as arguments; :func:`cross_entropy`,
   :func:`preprocessing`), run over clients by :class:`ClientRunner`;
   parts are :class:`PartState` (:func:`init_part`, optimiser :func:`direction`);
-  the train set on device is a :class:`Shared` (:func:`make_shared`);
+  the train set on device is a :class:`TrainSet` (:func:`put_train_set`);
 * cross-layer aggregation: :func:`cross_layer_average`;
 * the strategies as values: :func:`averaging`, :func:`sequential`
   (:class:`Algorithm`), each built from a run's :class:`Context`; :func:`build`
@@ -34,11 +34,12 @@ _EXPORTS = {
                                            "SplitVGG16BN", "network")},
     **{n: ("hsee_jax.optim", n) for n in ("PartState", "direction", "init_part")},
     **{n: ("hsee_jax.strategies", n) for n in (
-        "METRIC_NAMES", "Algorithm", "Context", "Shared", "averaging", "cross_entropy",
-        "cross_layer_average", "make_shared", "preprocessing", "sequential", "split_update")},
+        "METRIC_NAMES", "Algorithm", "Context", "Shared", "TrainSet", "averaging",
+        "cross_entropy", "cross_layer_average", "preprocessing", "put_train_set", "sequential",
+        "split_update")},
     "run_sweep": ("hsee_jax.sweep", "run_sweep"),
     "train": ("hsee_jax.train", None),  # the module: train.train(cfg, out_dir) runs a config
-    **{n: ("hsee_jax.train", n) for n in ("Simulation", "build")},
+    **{n: ("hsee_jax.train", n) for n in ("Simulation", "build", "run_rounds")},
 }
 __all__ = sorted(_EXPORTS)
 

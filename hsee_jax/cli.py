@@ -40,9 +40,6 @@ def _parser() -> argparse.ArgumentParser:
   w.add_argument("--out", help="the sweep directory")
   w.add_argument("--overwrite", action="store_true", help="start again over a sweep in --out")
   w.add_argument("--resume", metavar="DIR", help="finish every unfinished run of the sweep in DIR")
-  w.add_argument("--stack", type=int, default=1, metavar="R",
-                 help="runs of a batch trained together in the same compiled calls (0: all; "
-                      "default 1: one after another, sharing compiled programs)")
   for q in (t, w):
     d = q.add_argument_group("several processes (jax.distributed)")
     d.add_argument("--distributed", action="store_true",
@@ -69,7 +66,8 @@ def _train_config(args) -> tuple[config_lib.Config, Path]:
       raise config_lib.ConfigError("--resume DIR and --out name different directories")
     if args.config:
       return config_lib.load(args.config, args.overrides), out
-    if not (out / "config.json").exists():
+    from hsee_jax.rundir import CONFIG
+    if not (out / CONFIG).exists():
       raise config_lib.ConfigError(f"--resume: {out} holds no run (no config.json)")
     return config_lib.override(config_lib.load_run_config(out), args.overrides), out
   if not args.config or not args.out:
@@ -79,25 +77,17 @@ def _train_config(args) -> tuple[config_lib.Config, Path]:
 
 def _sweep(args) -> None:
   from hsee_jax import sweep
-  if args.stack < 0:
-    raise config_lib.ConfigError(f"--stack {args.stack}: give a number of runs >= 1, or 0 for all")
   if args.resume:
     if args.config or args.grid or args.out:
       raise config_lib.ConfigError("sweep --resume DIR takes no --config, --grid or --out "
                                    "(the plan is in DIR/sweep.json)")
-    sweep.resume_sweep(args.resume, stack=args.stack)
+    sweep.resume_sweep(args.resume)
     return
   if not args.config or not args.out:
     raise config_lib.ConfigError("sweep needs --config and --out (or --resume DIR)")
   base = config_lib.load(args.config, args.overrides)
   sweep.run_sweep(base, sweep.parse_grid(args.grid), sweep.parse_seeds(args.seeds), args.out,
-                  overwrite=args.overwrite, stack=args.stack)
-
-
-def _last_checkpoint(out: Path) -> str:
-  ckpts = out / "checkpoints"
-  steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.is_dir() else []
-  return f"after round {max(steps)}" if steps else "none"
+                  overwrite=args.overwrite)
 
 
 class _Terminated(BaseException):
@@ -129,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
   args = _parser().parse_args(argv)
   # Imported late so that --help and config errors answer without loading JAX.
-  from hsee_jax import rundir
+  from hsee_jax import rundir, stopping
   from hsee_jax.data import DataError
   from hsee_jax.train import RunError, evaluate_run, train
   from hsee_jax import distributed
@@ -159,23 +149,23 @@ def _main(argv: list[str] | None) -> int:
     distributed.yield_to_watcher()
     distributed.fail(f"{e}", 2)  # several processes: the others stop too
     return 2
-  except rundir.Stopped as e:
+  except stopping.Stopped as e:
     if args.command == "sweep":
-      e = rundir.Stopped(e.signum, e.rounds_done, e.out, sweep=args.resume or args.out)
+      e = stopping.Stopped(e.signum, e.rounds_done, e.out, sweep=args.resume or args.out)
     print(f"hsee: {e}", file=sys.stderr)
     return 128 + e.signum
-  except (rundir.Abandoned, KeyboardInterrupt, _Terminated) as e:
+  except (stopping.Abandoned, KeyboardInterrupt, _Terminated) as e:
     signum = getattr(e, "signum", signal.SIGINT)
     if args.command == "eval":
       print(f"hsee: {signal.Signals(signum).name}: evaluation stopped; nothing was written",
             file=sys.stderr, flush=True)
       return 128 + signum
     out = getattr(e, "out", None)
-    where = (f"; last checkpoint: {_last_checkpoint(out)}; resume with: hsee train --resume {out}"
-             if out is not None and _last_checkpoint(out) != "none" else "")
+    last = rundir.RunDir(out).last_checkpoint() if out is not None else "none"
+    where = f"; last checkpoint: {last}; resume with: hsee train --resume {out}" if last != "none" else ""
     # a KeyboardInterrupt came before the run's signal handlers were set (JAX
     # starting, the run directory being locked): no round was in flight
-    what = ("the round in flight is lost" if isinstance(e, rundir.Abandoned) else
+    what = ("the round in flight is lost" if isinstance(e, stopping.Abandoned) else
             "before any round began")
     message = f"{signal.Signals(signum).name}: stopped at once, {what}{where}"
     print(f"hsee: {message}", file=sys.stderr, flush=True)

@@ -24,32 +24,50 @@ class ConfigError(ValueError):
   """A config that cannot run; the message is one line naming the field."""
 
 
-def run_only(default):
+# Each field declares what it is to compilation (``role``), once, on the field:
+# *program* fields are read by the compiled programs (runs agreeing on them
+# share their programs: ``strategies.cached_program``); *input* fields reach
+# the programs as data or not at all (a sweep batches runs that differ only in
+# them); every other field is a *shape* field (the data, the fleet, the layout
+# of the work), which the runs of a batch share. *Run-only* fields, a separate
+# matter, do not change a run's results.
+def program(default):
+  """A field the compiled programs read."""
+  return dataclasses.field(default=default, metadata={"role": "program"})
+
+
+def input_field(default):
+  """A field that reaches the compiled programs as data, or not at all."""
+  return dataclasses.field(default=default, metadata={"role": "input"})
+
+
+def run_only(default, role: str = "input"):
   """A field that does not change a run's results (what is evaluated or saved
-  when, how the work is laid out): a checkpoint resumes under another value."""
-  return dataclasses.field(default=default, metadata={"changes_results": False})
+  when, how the work is laid out): a checkpoint resumes under another value.
+  ``role``: what it is to compilation (``input`` or ``shape``)."""
+  return dataclasses.field(default=default, metadata={"role": role, "changes_results": False})
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Every knob of a run. ``[choice]`` fields are PAPER.md's project choices."""
-  name: str = run_only("default")
+  name: str = run_only("default", "input")
   # data
   dataset: str = "cifar10"
-  data_dir: str = ""            # "" -> $HSEE_DATA_DIR, then <repo>/../shared/data
-  train_subset: int = 0         # 0 = whole train set; else a seeded random subset
-  test_subset: int = 0          # 0 = whole test set
+  data_dir: str = input_field("")  # "" -> $HSEE_DATA_DIR, then <repo>/../shared/data
+  train_subset: int = input_field(0)  # 0 = whole train set; else a seeded random subset
+  test_subset: int = input_field(0)  # 0 = whole test set
   synthetic_shape: tuple = (32, 32, 10, 512, 256)  # H, W, classes, train, test
-  partition: str = "iid"        # iid | dirichlet
-  dirichlet_alpha: float = 0.5
-  augment: bool = True          # random crop of the padded image + horizontal flip, on device
-  augment_pad: float = 0.125    # crop padding as a share of the image side (4 px at 32, 12 at 96)
-  label_mode: str = "fine"      # cifar100: fine (100 classes) | coarse (20 superclasses)
+  partition: str = input_field("iid")  # iid | dirichlet
+  dirichlet_alpha: float = input_field(0.5)
+  augment: bool = program(True)  # random crop of the padded image + horizontal flip, on device
+  augment_pad: float = program(0.125)  # crop padding as a share of the image side (4 px at 32, 12 at 96)
+  label_mode: str = "fine"  # cifar100: fine (100 classes) | coarse (20 superclasses)
   # model
-  model: str = "resnet18"       # resnet18 (the paper's) | vgg16_bn | mobilenet_v2 (models.NETWORKS)
-  width: float = 1.0            # channel multiplier; 1.0 = the published network
-  exit_head: str = "linear"     # linear | conv  ([choice] pool+linear, or conv-BN-ReLU first)
-  precision: str = "auto"       # float32 | bfloat16 | auto (bfloat16 on GPU/TPU, float32 on CPU);
+  model: str = program("resnet18")  # resnet18 (the paper's) | vgg16_bn | mobilenet_v2 (models.NETWORKS)
+  width: float = program(1.0)  # channel multiplier; 1.0 = the published network
+  exit_head: str = program("linear")  # linear | conv  ([choice] pool+linear, or conv-BN-ReLU first)
+  precision: str = program("auto")  # float32 | bfloat16 | auto (bfloat16 on GPU/TPU, float32 on CPU);
                                 # compute dtype, parameters stay float32 (hsee_jax/precision.py)
   # the fleet: which clients exist and where each one cuts (resnet18: l in 1..8,
   # PAPER.md; each model's allowed cuts: models.NETWORKS[model].allowed_cuts()).
@@ -59,51 +77,51 @@ class Config:
   # share) whose cut is the deepest that fits; `client_budgets` (below), one
   # budget per client. `cuts` is ignored when tiers or budgets are given.
   cuts: tuple = (3, 5, 7)
-  num_clients: int = 0          # 0 -> len(cuts) (or len(client_budgets)); needed with tiers
+  num_clients: int = 0  # 0 -> len(cuts) (or len(client_budgets)); needed with tiers
   cut_tiers: tuple = ()
   budget_tiers: tuple = ()
-  clients_per_round: int = -1   # the cohort C sampled each round; -1 = every client
-  client_state: str = "keep"    # keep | reset: client optimiser state across rounds
+  clients_per_round: int = -1  # the cohort C sampled each round; -1 = every client
+  client_state: str = program("keep")  # keep | reset: client optimiser state across rounds
                                 # (reset = the federated-learning convention)
-  client_chunk: int = run_only(0)  # clients per compiled call (vmap/unrolled); 0 = auto per backend
+  client_chunk: int = run_only(0, "shape")  # clients per compiled call (vmap/unrolled); 0 = auto per backend
   # training
-  strategy: str = "averaging"   # averaging | sequential
-  rounds: int = 10
-  local_steps: int = 0          # 0 -> about one pass over an average partition
-  batch_size: int = 32          # per client and step
-  optimizer: str = "sgd"        # sgd | adam
-  lr: float = 0.05
-  momentum: float = 0.9
-  nesterov: bool = False
-  weight_decay: float = 5e-4
-  schedule: str = "cosine"      # cosine | step | constant
-  step_milestones: tuple = (0.5, 0.75)  # fractions of training, for schedule=step
-  step_gamma: float = 0.1
-  aggregate_every: int = 1      # rounds between cross-layer aggregations
-  server_grad_to_client: bool = False   # True = classical split learning baseline
-  exit_loss_weight: float = 1.0         # 0 with server_grad_to_client: the uncut network's
+  strategy: str = "averaging"  # averaging | sequential
+  rounds: int = input_field(10)
+  local_steps: int = 0  # 0 -> about one pass over an average partition
+  batch_size: int = 32  # per client and step
+  optimizer: str = program("sgd")  # sgd | adam
+  lr: float = input_field(0.05)
+  momentum: float = input_field(0.9)
+  nesterov: bool = program(False)
+  weight_decay: float = input_field(5e-4)
+  schedule: str = input_field("cosine")  # cosine | step | constant
+  step_milestones: tuple = input_field((0.5, 0.75))  # fractions of training, for schedule=step
+  step_gamma: float = input_field(0.1)
+  aggregate_every: int = program(1)  # rounds between cross-layer aggregations
+  server_grad_to_client: bool = program(False)  # True = classical split learning baseline
+  exit_loss_weight: float = input_field(1.0)  # 0 with server_grad_to_client: the uncut network's
                                         # training (central / classical baselines)
-  client_aggregation: str = "none"      # sequential only: none | cross_layer
-  mode: str = run_only("auto")  # auto | loop | vmap | unrolled | debug
-  shard_clients: bool = run_only(False)  # lay the client axis over jax.devices() (averaging; vmap/unrolled)
+  client_aggregation: str = "none"  # sequential only: none | cross_layer
+  mode: str = run_only("auto", "shape")  # auto | loop | vmap | unrolled | debug
+  shard_clients: bool = run_only(False, "shape")  # lay the client axis over jax.devices() (averaging; vmap/unrolled)
   # evaluation
-  eval_every: int = run_only(1)
-  eval_batch_size: int = run_only(500)
-  eval_clients: int = run_only(0)  # where clients differ: clients evaluated per cut (seeded); 0 = all
-  exit_thresholds: tuple = run_only((0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0))
+  eval_every: int = run_only(1, "input")
+  eval_batch_size: int = run_only(500, "input")
+  eval_clients: int = run_only(0, "input")  # where clients differ: clients evaluated per cut (seeded); 0 = all
+  exit_thresholds: tuple = run_only((0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0), "input")
   # device budgets -> cuts (experiments/reproduce.py, costs.choose_cuts): one
   # (client FLOPs per training step, client memory bytes) pair per client, 0 = no
   # limit; when given, each client's cut is the deepest that fits (cuts is ignored)
   client_budgets: tuple = ()
   # simulated wall clock (costs.simulated_round_seconds)
-  client_flops_per_s: tuple = ()  # one per client, or one per tier; () = 1e10 each
-  server_flops_per_s: float = 1e13
-  link_bytes_per_s: float = 1.25e6  # 10 Mbit/s
+  client_flops_per_s: tuple = input_field(())  # one per client, or one per tier; () = 1e10 each
+  server_flops_per_s: float = input_field(1e13)
+  link_bytes_per_s: float = input_field(1.25e6)  # 10 Mbit/s
   # runs
-  seed: int = 0
-  checkpoint_every: int = run_only(5)  # rounds; 0 = only at the end
-  keep_checkpoints: int = run_only(3)
-  tensorboard: bool = run_only(False)  # also write metrics to <run>/tensorboard (writers.py)
+  seed: int = input_field(0)
+  checkpoint_every: int = run_only(5, "input")  # rounds; 0 = only at the end
+  keep_checkpoints: int = run_only(3, "input")
+  tensorboard: bool = run_only(False, "input")  # also write metrics to <run>/tensorboard (writers.py)
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
@@ -270,26 +288,14 @@ def run_fields() -> frozenset:
                    if not f.metadata.get("changes_results", True))
 
 
-# What a field is to compilation, said once here (run-only, a separate matter,
-# is marked on the field): *program* fields are read by the compiled programs
-# (``strategies.PROGRAM_FIELDS``: simulations agreeing on them share their
-# programs); *input* fields reach the programs as data or not at all
-# (``sweep.INPUT_FIELDS``: a sweep batches runs that differ only in them);
-# every other field is a *shape* field (the data, the fleet, the layout of the
-# work), which the runs of a batch share.
-PROGRAM_FIELDS = ("model", "width", "exit_head", "precision", "optimizer", "nesterov", "augment",
-                  "augment_pad", "server_grad_to_client", "client_state", "aggregate_every")
-INPUT_FIELDS = (
-    "name", "seed", "lr", "momentum", "weight_decay", "exit_loss_weight", "schedule",
-    "step_milestones", "step_gamma", "rounds", "partition", "dirichlet_alpha", "train_subset",
-    "test_subset", "eval_every", "eval_batch_size", "eval_clients", "exit_thresholds",
-    "checkpoint_every", "keep_checkpoints", "tensorboard", "client_flops_per_s",
-    "server_flops_per_s", "link_bytes_per_s", "data_dir")
-
-
 def field_role(name: str) -> str:
-  """``program``, ``input`` or ``shape`` (see ``PROGRAM_FIELDS``)."""
-  return "program" if name in PROGRAM_FIELDS else "input" if name in INPUT_FIELDS else "shape"
+  """``program``, ``input`` or ``shape``: what field ``name`` is to compilation."""
+  return {f.name: f.metadata.get("role", "shape") for f in dataclasses.fields(Config)}[name]
+
+
+# The program and input fields, in field order (derived from the declarations).
+PROGRAM_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if field_role(f.name) == "program")
+INPUT_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if field_role(f.name) == "input")
 
 
 # What a saved config that predates a field ran with, where that is not the
@@ -414,7 +420,8 @@ def load(path: str | Path, assignments: list[str] | None = None) -> Config:
 
 def load_run_config(run: str | Path) -> Config:
   """The config a run directory was trained with (its ``config.json``)."""
-  path = Path(run) / "config.json"
+  from hsee_jax.rundir import CONFIG
+  path = Path(run) / CONFIG
   if not path.is_file():
     raise ConfigError(f"{run} holds no run (no config.json)")
   try:

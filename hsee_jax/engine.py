@@ -28,11 +28,14 @@ step so tests can check that a run does not recompile.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,15 +61,22 @@ def _unrolled(f):
   return g
 
 
-def resolve_mode(mode: str) -> str:
-  """``auto``: what experiments/bench_throughput.py measured fastest:
-  ``unrolled`` on CPU (``vmap``'s per-client weights become grouped
-  convolutions there), ``loop`` on accelerators (``unrolled`` compiles a
-  program that grows with the chunk). Figures: docs/performance.md, Throughput.
+def resolve_mode(mode: str, strategy: str = "averaging", shard_clients: bool = False) -> str:
+  """The execution mode of a run, decided here only. ``auto``: ``loop`` for
+  Sequential (it trains one client at a time: the server part is shared);
+  else what experiments/bench_throughput.py measured fastest, ``unrolled``
+  on CPU (``vmap``'s per-client weights become grouped convolutions there),
+  ``loop`` on accelerators (``unrolled`` compiles a program that grows with
+  the chunk), and ``vmap`` where ``loop`` would be chosen but the client
+  axis is laid over a mesh (``shard_clients``). Figures:
+  docs/performance.md, Throughput.
   """
   if mode != "auto":
     return mode
-  return "unrolled" if jax.default_backend() == "cpu" else "loop"
+  if strategy == "sequential":
+    return "loop"
+  best = "unrolled" if jax.default_backend() == "cpu" else "loop"
+  return "vmap" if shard_clients and best == "loop" else best
 
 
 # Clients per compiled call when ``client_chunk = 0``. CPU: 2, the fastest of
@@ -84,6 +94,58 @@ def resolve_chunk(chunk: int) -> int:
   if chunk:
     return chunk
   return AUTO_CHUNK.get(jax.default_backend(), AUTO_CHUNK_ACCELERATOR)
+
+
+# A rest of at most this many clients runs unpadded (chunk_plan).
+EXACT_CHUNK_SIZES = 4
+
+
+def chunk_plan(n: int, chunk: int, pad: bool) -> list[tuple[int, int]]:
+  """Split ``n`` clients into calls of at most ``chunk``: (real, size) pairs.
+
+  Full chunks, then the rest. With ``pad`` (sampled cohorts in a stacked
+  mode, whose group sizes change from round to round) a rest above
+  ``EXACT_CHUNK_SIZES`` is padded with zero-weight clients up to the next
+  power of two, so at most ``EXACT_CHUNK_SIZES + log2(chunk / 4)`` sizes
+  compile per cut and serve every round; a rest of 1..4 runs as it is (no
+  wasted clients at a chunk of 4). Without ``pad`` (the same clients every
+  round, or one call per client) the rest runs unpadded.
+  """
+  out = [(chunk, chunk)] * (n // chunk)
+  rest = n % chunk
+  if rest:
+    size = rest
+    if pad and rest > EXACT_CHUNK_SIZES:
+      size = min(chunk, 1 << math.ceil(math.log2(rest)))
+    out.append((rest, size))
+  return out
+
+
+def blocks(positions: np.ndarray, chunk: int, pad: bool):
+  """``positions`` (of clients in a cohort) in calls of :func:`chunk_plan`:
+  yields ``(padded, real)``, the positions of one call padded to its size
+  by repeating the first (their results are dropped), and how many are real
+  (after FedJAX's ``_blockify``)."""
+  start = 0
+  for real, size in chunk_plan(len(positions), chunk, pad):
+    pos = positions[start:start + real]
+    start += real
+    yield np.concatenate([pos, np.full(size - real, pos[0])]), real
+
+
+class ClientMesh:
+  """The devices as one ``clients`` mesh axis (``shard_clients``): a chunk of
+  clients is laid over it when its size divides evenly, else replicated."""
+
+  def __init__(self, devices):
+    self.mesh = jax.sharding.Mesh(np.asarray(devices), ("clients",))
+    self.sharded_chunks = 0   # chunks laid over the mesh (a count for tests)
+
+  def place(self, tree, k: int):
+    """``tree`` (a chunk of ``k`` clients on the leading axis) on the mesh."""
+    spec = P("clients") if k % self.mesh.devices.size == 0 else P()
+    self.sharded_chunks += spec == P("clients")
+    return jax.device_put(tree, NamedSharding(self.mesh, spec))
 
 
 # The tree helpers are jitted: one dispatch for the whole tree instead of one

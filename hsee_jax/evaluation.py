@@ -86,10 +86,12 @@ def path_logits(net, cuts, clients, server, images, mean, std, batch_size):
   return [np.concatenate(x) for x in zip(*outs_e)], np.concatenate(outs_s)
 
 
-def evaluate(sim, state, dataset: data_lib.Dataset, thresholds, batch_size: int) -> dict:
-  """Test metrics of the fleet.
+def evaluate(net: models.SplitNetwork, fleet, evaluated: list, dataset: data_lib.Dataset,
+             thresholds, batch_size: int) -> dict:
+  """Test metrics of the fleet (a :class:`hsee_jax.fleet.Fleet`).
 
-  Runs every model the strategy names (``Algorithm.eval_models``): after an
+  Runs every model in ``evaluated``, the strategy's
+  ``Algorithm.eval_models(state)`` (``strategies.EvalModel``): after an
   Averaging aggregation the clients of every cut hold one whole network,
   evaluated in one forward pass that yields every cut's exit on the way to
   the full path; where clients differ (Sequential client parts,
@@ -102,33 +104,31 @@ def evaluate(sim, state, dataset: data_lib.Dataset, thresholds, batch_size: int)
   labels = dataset.test_labels
   mean, std = jnp.asarray(dataset.mean), jnp.asarray(dataset.std)
   batch_size = min(batch_size, len(labels))
-  evaluated = sim.algorithm.eval_models(state)
   logits = {}
-  whole_net = sorted((m for m in evaluated if m.shared), key=lambda m: m.cut)
+  whole_net = sorted((m for m in evaluated if m.one_network), key=lambda m: m.cut)
   if whole_net:  # one whole network: every exit and the full path in one pass
-    exits, whole = path_logits(sim.net, [m.cut for m in whole_net], [m.client for m in whole_net],
+    exits, whole = path_logits(net, [m.cut for m in whole_net], [m.client for m in whole_net],
                                whole_net[-1].server, dataset.test_images, mean, std, batch_size)
     logits.update({id(m): (e, whole) for m, e in zip(whole_net, exits)})
   for m in evaluated:
-    if not m.shared:
-      (e,), s = path_logits(sim.net, [m.cut], [m.client], m.server, dataset.test_images,
+    if not m.one_network:
+      (e,), s = path_logits(net, [m.cut], [m.client], m.server, dataset.test_images,
                             mean, std, batch_size)
       logits[id(m)] = (e, s)
   rows = []
   for m in evaluated:
     e_logits, s_logits = logits[id(m)]
     rows.append((m, {
-        "client": None if m.shared else m.clients[0], "cut": m.cut,
+        "client": None if m.one_network else m.clients[0], "cut": m.cut,
         "exit_acc": float(np.mean(np.argmax(e_logits, -1) == labels)),
         "full_acc": float(np.mean(np.argmax(s_logits, -1) == labels)),
         "early_exit": early_exit_table(e_logits, s_logits, labels, thresholds),
     }))
-  fleet = sim.fleet
   per_client = {"exit_acc": np.full(fleet.size, np.nan), "full_acc": np.full(fleet.size, np.nan)}
   cuts = []
   for cut, ids in fleet.groups.items():
     mine = [(m, r) for m, r in rows if m.cut == cut]
-    shared = any(m.shared for m, _ in mine)
+    shared = any(m.one_network for m, _ in mine)
     summary = {"cut": cut, "clients": int(len(ids)),
                "evaluated": "one model shared by every client of the cut" if shared
                else len(mine)}
@@ -147,7 +147,7 @@ def evaluate(sim, state, dataset: data_lib.Dataset, thresholds, batch_size: int)
     cuts.append(summary)
   return {
       "cuts": cuts,
-      "clients": [r for m, r in rows if not m.shared],
+      "clients": [r for m, r in rows if not m.one_network],
       "mean_exit_acc": float(np.mean(per_client["exit_acc"])),
       "mean_full_acc": float(np.mean(per_client["full_acc"])),
   }

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Callable
 
 import jax
@@ -184,27 +183,3 @@ def make_cohort(fleet: Fleet, cfg: Config, rnd: int, local_steps: int, schedule,
   return Cohort(round=rnd, ids=ids, cuts=fleet.cuts[ids], slots=fleet.slots[ids],
                 indices=indices, hparams=hparams, weights=fleet.sizes[ids], keys=keys)
 
-
-# Chunk sizes up to this run exactly; a larger rest is padded to a power of two.
-EXACT_CHUNK_SIZES = 4
-
-
-def chunk_plan(n: int, chunk: int, pad: bool) -> list[tuple[int, int]]:
-  """Split ``n`` clients into calls of at most ``chunk``: (real, size) pairs.
-
-  Full chunks, then the rest. With ``pad`` (sampled cohorts in a stacked
-  mode, whose group sizes change from round to round) a rest above
-  ``EXACT_CHUNK_SIZES`` is padded with zero-weight clients up to the next
-  power of two, so at most ``EXACT_CHUNK_SIZES + log2(chunk / 4)`` sizes
-  compile per cut and serve every round; a rest of 1..4 runs as it is (no
-  wasted clients at the CPU default chunk of 4). Without ``pad`` (the same
-  clients every round, or one call per client) the rest runs unpadded.
-  """
-  out = [(chunk, chunk)] * (n // chunk)
-  rest = n % chunk
-  if rest:
-    size = rest
-    if pad and rest > EXACT_CHUNK_SIZES:
-      size = min(chunk, 1 << math.ceil(math.log2(rest)))
-    out.append((rest, size))
-  return out

@@ -1,64 +1,50 @@
-"""A run directory kept safe: one process at a time, files hsee owns, the
-metrics history read back after a crash, and stop signals turned into a
-clean stop.
+"""A run directory and every file in it, owned by :class:`RunDir`.
+
+``DIR/config.json`` (the config), ``DIR/fleet.json`` (the clients, their
+cuts and data sizes), ``DIR/metrics.jsonl`` (one record per round),
+``DIR/summary.json`` (written when the run ends), ``DIR/checkpoints/<round>``
+and ``DIR/.hsee.lock``. :class:`RunDir` writes them (process 0 only, with
+several processes), reads them back and holds the resume rules; nothing
+else in the package names these files.
 
 * :class:`RunLock`: an exclusive ``flock`` on ``DIR/.hsee.lock`` held while a
   process trains in ``DIR``; the file names the holder (pid, host, start).
   The kernel drops the lock when its process dies, so a lock file left by a
   dead process is taken over (and said so).
-* :func:`prepare`: creates ``DIR`` (one-line errors for a file, a path under a
-  file, a read-only or unwritable place) and, with ``overwrite``, removes
-  everything an earlier run wrote there.
+* :meth:`RunDir.prepare`: one-line errors for a file, a path under a file, a
+  read-only or unwritable place; with ``overwrite``, removes everything an
+  earlier run wrote there.
 * :func:`read_records`: ``metrics.jsonl`` with a half-written last line (a
   crash mid-write) dropped with a note.
-* :class:`StopSignals`: SIGINT and SIGTERM ask the run to stop after the round
-  in flight (which then saves a checkpoint); a second signal abandons the
-  round at once.
+* :meth:`RunDir.resume`: the state, round and key a run goes on from, and
+  the records it keeps (below).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
 import shutil
-import signal
 import socket
-import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+# former home of these names, kept for one release
+from hsee_jax.stopping import Abandoned, StopSignals, Stopped  # noqa: F401
 
 LOCK_NAME = ".hsee.lock"
+CONFIG, FLEET, METRICS, SUMMARY, CHECKPOINTS = ("config.json", "fleet.json", "metrics.jsonl",
+                                                "summary.json", "checkpoints")
 # What a run writes into its directory (``--overwrite`` removes all of it).
-RUN_FILES = ("config.json", "fleet.json", "metrics.jsonl", "metrics.jsonl.tmp", "summary.json")
+RUN_FILES = (CONFIG, FLEET, METRICS, METRICS + ".tmp", SUMMARY)
 RUN_GLOBS = ("eval_round*.json",)
 
 
 class RunError(RuntimeError):
   """A run that cannot go on; the message is one line naming the problem."""
-
-
-class Stopped(Exception):
-  """The run stopped on a signal after ``rounds_done`` rounds, all saved."""
-
-  def __init__(self, signum: int, rounds_done: int, out: Path, sweep: str | Path | None = None):
-    self.signum, self.rounds_done, self.out = signum, rounds_done, out
-    how = f"hsee sweep --resume {sweep}" if sweep else f"hsee train --resume {out}"
-    when = f"after round {rounds_done}" if rounds_done else "before round 1"
-    super().__init__(f"{signal.Signals(signum).name}: stopped {when}"
-                     f"{f' of {out}' if sweep else ''}; resume with: {how}")
-
-
-class Abandoned(BaseException):
-  """A second stop signal: the round in flight is abandoned, nothing more is saved.
-
-  A ``BaseException`` (like ``KeyboardInterrupt``) so that no ``except
-  Exception`` on the way up swallows it."""
-
-  def __init__(self, signum: int):
-    self.signum = signum
-    super().__init__(signal.Signals(signum).name)
 
 
 def _oserror(out: Path, e: OSError) -> RunError:
@@ -125,27 +111,6 @@ class RunLock:
     self.release()
 
 
-def prepare(out: Path, config_json: str, overwrite: bool, resume: bool) -> None:
-  """Check ``out`` for a new run, a resume or an overwrite (the lock is held)."""
-  ckpt_dir = out / "checkpoints"
-  if resume:
-    if not ckpt_dir.is_dir():
-      raise RunError(f"--resume: no checkpoints in {out} (expected {ckpt_dir})")
-    return
-  if (out / "metrics.jsonl").exists() or ckpt_dir.exists():
-    if not overwrite:
-      raise RunError(f"output directory {out} already holds a run; pass --resume to continue "
-                     f"it or --overwrite to replace it")
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-  if overwrite:
-    for name in RUN_FILES:
-      (out / name).unlink(missing_ok=True)
-    for pattern in RUN_GLOBS:
-      for p in out.glob(pattern):
-        p.unlink()
-  write_atomic(out / "config.json", config_json)
-
-
 def write_atomic(path: Path, text: str) -> None:
   """``path`` holds either its old or its new text, never a part."""
   tmp = path.with_name(path.name + ".tmp")
@@ -176,7 +141,7 @@ def current_names(obj):
 
 def read_summary(run: Path) -> dict:
   """A run's ``summary.json`` (current metric names)."""
-  return current_names(json.loads((Path(run) / "summary.json").read_text()))
+  return current_names(json.loads((Path(run) / SUMMARY).read_text()))
 
 
 def read_records(path: Path, log: Callable[[str], None] = print) -> list[dict]:
@@ -210,36 +175,238 @@ def read_records(path: Path, log: Callable[[str], None] = print) -> list[dict]:
   return records
 
 
-class StopSignals:
-  """Turn SIGINT / SIGTERM into a stop after the round in flight.
 
-  ``requested`` is the first signal's number (None until one arrives); the
-  training loop checks it between rounds. A second signal raises
-  :class:`Abandoned` at once. Handlers are installed only in the main thread
-  (signal handlers cannot be set elsewhere) and restored on exit.
-  """
 
-  SIGNALS = (signal.SIGINT, signal.SIGTERM)
+class MetricsFile:
+  """``metrics.jsonl`` as a metric writer (``hsee_jax.writers``): each
+  round's record appended and flushed, and kept in ``records`` (on every
+  process; only a writing process writes the file)."""
 
-  def __init__(self, log: Callable[[str], None] = print):
-    self.log = log
-    self.requested: int | None = None
-    self._old: dict = {}
+  def __init__(self, path: Path, records: list[dict], write: bool):
+    self.path, self.records = path, records
+    self.file = open(path, "a") if write else None
 
-  def _handle(self, signum, frame):
-    if self.requested is not None:
-      raise Abandoned(signum)
-    self.requested = signum
-    self.log(f"[hsee] {signal.Signals(signum).name}: stopping after the round in flight and "
-             f"saving a checkpoint (send it again to stop at once, unsaved)")
+  def write_config(self, cfg) -> None:
+    pass  # config.json holds it
 
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for s in self.SIGNALS:
-        self._old[s] = signal.signal(s, self._handle)
-    return self
+  def write_round(self, record: dict) -> None:
+    self.write(record)
+    self.records.append(record)
 
-  def __exit__(self, *exc):
-    for s, h in self._old.items():
-      signal.signal(s, h)
-    self._old = {}
+  def write(self, record: dict) -> None:
+    """Append one line (a round's record or a stop event)."""
+    if self.file is None:
+      return
+    try:
+      self.file.write(json.dumps(record) + "\n")
+      self.file.flush()
+    except OSError as e:
+      raise RunError(f"cannot write {self.path}: {e.strerror or e}") from None
+
+  def close(self) -> None:
+    if self.file is not None:
+      self.file.close()
+
+
+def recorded_rounds(records: list[dict]) -> int:
+  """How many rounds ``metrics.jsonl`` holds a record of (stop events aside)."""
+  return 1 + max((r["round"] for r in records if "event" not in r), default=-1)
+
+
+@dataclasses.dataclass
+class Resumed:
+  """Where a resumed run goes on from: its state after round ``start``, the
+  training key, the records it keeps (rounds before ``start``), and
+  ``finished``: the run had ended already (nothing to train)."""
+  state: Any
+  start: int
+  train_key: Any
+  records: list
+  finished: bool
+
+
+class RunDir:
+  """A run directory: its lock, ``config.json``, ``fleet.json``,
+  ``metrics.jsonl``, ``summary.json``, checkpoints, and the resume rules.
+  ``writer``: this process writes the files (process 0 of several); the
+  others read them."""
+
+  def __init__(self, path: str | Path, writer: bool = True):
+    self.path = Path(path)
+    self.writer = writer
+    self.metrics_path = self.path / METRICS
+    self.summary_path = self.path / SUMMARY
+    self.checkpoint_dir = self.path / CHECKPOINTS
+
+  @contextlib.contextmanager
+  def locked(self, log: Callable[[str], None] = print):
+    """The directory created and locked (:class:`RunLock`) for the block."""
+    if not self.writer:
+      yield self
+      return
+    make_dir(self.path)
+    with RunLock(self.path).acquire(log):
+      yield self
+
+  def prepare(self, cfg, overwrite: bool, resume: bool) -> None:
+    """Check the directory for a new run, a resume or an overwrite (the lock
+    is held); a new run's ``config.json`` is written."""
+    if not self.writer:
+      return
+    out = self.path
+    if resume:
+      if not self.checkpoint_dir.is_dir():
+        raise RunError(f"--resume: no checkpoints in {out} (expected {self.checkpoint_dir})")
+      return
+    if self.metrics_path.exists() or self.checkpoint_dir.exists():
+      if not overwrite:
+        raise RunError(f"output directory {out} already holds a run; pass --resume to continue "
+                       f"it or --overwrite to replace it")
+      shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+    if overwrite:
+      for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+      for pattern in RUN_GLOBS:
+        for p in out.glob(pattern):
+          p.unlink()
+    self.write_config(cfg)
+
+  def _write(self, name: str, text: str) -> None:
+    if self.writer:
+      write_atomic(self.path / name, text)
+
+  def write_config(self, cfg) -> None:
+    self._write(CONFIG, json.dumps(cfg.to_dict(), indent=2))
+
+  def write_fleet(self, description: dict) -> None:
+    self._write(FLEET, json.dumps(description))
+
+  def write_summary(self, summary: dict) -> None:
+    self._write(SUMMARY, json.dumps(summary, indent=2))
+
+  def read_summary(self) -> dict:
+    return read_summary(self.path)
+
+  def read_records(self, log: Callable[[str], None] = print) -> list[dict]:
+    return read_records(self.metrics_path, log)
+
+  def metrics_file(self, records: list[dict]) -> MetricsFile:
+    """``metrics.jsonl`` rewritten to hold ``records`` (one atomic replace),
+    then open for the new rounds' records."""
+    self._write(METRICS, "".join(json.dumps(r) + "\n" for r in records))
+    return MetricsFile(self.metrics_path, list(records), self.writer)
+
+  def checkpointer(self, keep: int, create: bool = True):
+    """The run's :class:`hsee_jax.checkpoint.Checkpointer`; a one-line
+    :class:`RunError` where it cannot be opened."""
+    from hsee_jax.checkpoint import CheckpointError, Checkpointer
+    try:
+      return Checkpointer(self.checkpoint_dir, keep=keep, create=create)
+    except CheckpointError as e:
+      raise RunError(str(e)) from None
+
+  def last_checkpoint(self) -> str:
+    """The newest checkpoint on disk, in words (for messages)."""
+    ckpts = self.checkpoint_dir
+    steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.is_dir() else []
+    return f"after round {max(steps)}" if steps else "none"
+
+  def resume(self, sim, cfg, ckpt, keys: tuple, log: Callable[[str], None] = print) -> Resumed:
+    """Where a run goes on from (``keys``: its init and training keys from the seed).
+
+    A checkpoint is complete on disk before its round's record is written
+    (the save runs beside the evaluation whose results the record holds); a
+    run stopped between the two has a checkpoint ahead of ``metrics.jsonl``.
+    An older checkpoint is then used and the rounds after it recomputed,
+    exactly; the checkpoints after it are set aside. Every checkpoint ahead
+    of the records (killed before round 1's record): round 1 on, from the
+    seed. ``rounds`` may be raised to extend a run (said plainly: the
+    schedule changes). With several processes every one reads the records
+    and checkpoints before process 0 moves or rewrites any.
+    """
+    from hsee_jax import distributed
+    records = self.read_records(log)
+    recorded = recorded_rounds(records)
+    steps = ckpt.steps()
+    if steps and min(steps) > recorded:
+      log(f"[hsee] metrics.jsonl records {recorded} rounds, every checkpoint of {self.path} is "
+          f"after a later round: training again from round 1")
+      state, start, train_key = sim.init_state(keys[0]), 0, keys[1]
+      self.write_config(cfg)
+    else:
+      state, start, train_key = self._restore(sim, cfg, ckpt, recorded, log)
+    finished = start == cfg.rounds and self.summary_path.exists()
+    if finished:
+      log(f"[hsee] {self.path} is finished ({start} rounds); nothing to train. To train longer: "
+          f"hsee train --resume {self.path} --set rounds=N (N > {start})")
+    distributed.barrier("resume-read")
+    for later in [s for s in steps if s > start]:
+      if self.writer:
+        why = "damaged" if later <= recorded else "unrecorded"
+        log(f"[hsee] moved the {why} checkpoint after round {later} to "
+            f"{ckpt.set_aside(later, why)}")
+    if not finished:
+      log(f"[hsee] resuming {self.path} from checkpoint after round {start}")
+    return Resumed(state, start, train_key, [r for r in records if r["round"] < start], finished)
+
+  def _restore(self, sim, cfg, ckpt, recorded: int, log):
+    from hsee_jax.checkpoint import key_from_json
+    state, meta = restore_state(sim, ckpt, cfg, log=log, allowed=("rounds",), prefer_upto=recorded)
+    start, old_rounds = int(meta["round"]), int(meta["config"]["rounds"])
+    if start > recorded:
+      log(f"[hsee] metrics.jsonl has no record of rounds {recorded + 1}-{start}; they were trained "
+          f"before the checkpoint after round {start}, which is the newest intact one")
+    if start > cfg.rounds:
+      raise RunError(f"rounds: {cfg.rounds}, but the checkpoint in {self.path} is after round "
+                     f"{start}; give rounds >= {start}")
+    if cfg.rounds != old_rounds:
+      lr = float(sim.schedule(start * sim.local_steps))
+      how = ("the learning rate is constant, so this is exactly a run of "
+             f"{cfg.rounds} rounds" if cfg.schedule == "constant" else
+             f"the {cfg.schedule} schedule now spans {cfg.rounds} rounds and goes on from its "
+             f"value at round {start + 1} (lr {lr:.4g}); rounds 1-{start} ran under the "
+             f"{old_rounds}-round schedule, so this is not a {cfg.rounds}-round run from scratch "
+             f"(with schedule=constant it would be)")
+      log(f"[hsee] extending {self.path} from {old_rounds} to {cfg.rounds} rounds: {how}")
+      self.write_config(cfg)
+    return state, start, key_from_json(meta["train_key"])
+
+
+def restore_state(sim, ckpt, cfg, step: int | None = None, log: Callable[[str], None] = print,
+                  allowed=(), prefer_upto: int | None = None):
+  """(state, meta) from the newest intact checkpoint of ``ckpt``, or from ``step``.
+
+  A checkpoint from another config is refused (fields in ``allowed`` may
+  differ). Without ``step``, a damaged checkpoint is skipped with a note
+  saying which and why, and the next older one is tried; with
+  ``prefer_upto``, checkpoints after rounds <= it are tried first."""
+  from hsee_jax.checkpoint import CheckpointError, config_differences
+  steps = ckpt.steps()
+  if not steps:
+    raise RunError(f"no complete checkpoint in {ckpt.directory}")
+  if step is not None and step not in steps:
+    raise RunError(f"no checkpoint after round {step} in {ckpt.directory}; have rounds {steps}")
+  order = steps[::-1]
+  if prefer_upto is not None:
+    order = [s for s in order if s <= prefer_upto] + [s for s in order if s > prefer_upto]
+  damaged = []
+  for s in ([step] if step is not None else order):
+    try:
+      _, meta = ckpt.restore_meta(s)
+      diff = config_differences(meta["config"], cfg, allowed)
+      if diff:
+        raise RunError(f"checkpoint in {ckpt.directory} is from a different config: "
+                       + "; ".join(diff))
+      state = ckpt.restore_state(sim.abstract_state(), s)
+    except CheckpointError as e:
+      if step is not None:
+        others = [o for o in steps if o != s]
+        raise RunError(f"{e}" + (f"; other checkpoints: after rounds {others}" if others else ""))
+      log(f"[hsee] skipping: {e}")
+      damaged.append(s)
+      continue
+    if damaged:
+      log(f"[hsee] using the newest intact checkpoint, after round {s}")
+    return state, meta
+  raise RunError(f"no intact checkpoint in {ckpt.directory} (damaged: after rounds "
+                 f"{sorted(damaged)})")

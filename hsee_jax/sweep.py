@@ -12,12 +12,10 @@ Runs are grouped into *batches*: runs whose configs differ only in fields the
 compiled programs take as inputs (seed, learning rate and schedule,
 momentum, weight decay, exit-loss weight, rounds, the partition, ...) form
 one batch. The runs of a batch share one set of compiled programs
-(``strategies.shared_program``): the first run compiles, the others reuse
-it. They train one after another, or with ``stack`` (``hsee sweep --stack
-R``) R at a time with their rounds stacked in the same compiled calls
-(``train.train_together``). A field that changes array shapes or program
-structure (width, cuts, batch size, dataset, strategy, ...) starts another
-batch. A run that fails is recorded and the others go on.
+(``strategies.cached_program``): the first run compiles, the others reuse
+it; runs train one after another. A field that changes array shapes or
+program structure (width, cuts, batch size, dataset, strategy, ...) starts
+another batch. A run that fails is recorded and the others go on.
 
 Results: ``DIR/sweep.csv`` (one row per run: the swept fields, the seed, its
 status (done / failed, with the error), ``mean_exit_acc`` and
@@ -179,7 +177,7 @@ def _done(run_dir: Path) -> bool:
 
 
 def run_sweep(base: Config, grid: dict, seeds: list[int], out: str | Path, *,
-              resume: bool = False, overwrite: bool = False, stack: int = 1,
+              resume: bool = False, overwrite: bool = False,
               log: Callable[[str], None] = print) -> list[dict]:
   """Train every run of a sweep and write its tables.
 
@@ -191,9 +189,6 @@ def run_sweep(base: Config, grid: dict, seeds: list[int], out: str | Path, *,
       ``sweep.md``, plots).
     resume: finish the unfinished runs of the plan already in ``out``.
     overwrite: start again in an ``out`` that holds a sweep.
-    stack: runs of a batch trained together, their rounds in the same
-      compiled calls (1: one after another; 0: the whole batch; see
-      :func:`train_runs`).
     log: progress lines.
   Returns:
     One dict per run (the rows of ``sweep.csv``: grid point, seed,
@@ -206,7 +201,7 @@ def run_sweep(base: Config, grid: dict, seeds: list[int], out: str | Path, *,
   out = Path(out)
   runs = plan(base, grid, seeds)
   with locked(out, log):
-    return _run_sweep(base, grid, seeds, out, runs, resume, overwrite, stack, log)
+    return _run_sweep(base, grid, seeds, out, runs, resume, overwrite, log)
 
 
 @contextlib.contextmanager
@@ -224,7 +219,7 @@ def locked(out: Path, log: Callable[[str], None] = print):
 
 
 def _run_sweep(base, grid, seeds, out: Path, runs: list[Run], resume: bool, overwrite: bool,
-               stack: int, log) -> list[dict]:
+               log) -> list[dict]:
   plan_file = out / PLAN
   if plan_file.exists() and not (resume or overwrite):
     raise ConfigError(f"{out} holds a sweep; resume it with: hsee sweep --resume {out} "
@@ -242,7 +237,7 @@ def _run_sweep(base, grid, seeds, out: Path, runs: list[Run], resume: bool, over
   t0 = time.time()
   errors: dict = {}
   try:
-    failed = train_runs(runs, out, resume=resume, stack=stack, log=log, errors=errors)
+    failed = train_runs(runs, out, resume=resume, log=log, errors=errors)
   finally:  # a stop signal too: the finished runs' tables are written
     rows = collect(out, runs, errors) if writer else []   # the other processes return no rows
     if writer:
@@ -257,29 +252,23 @@ def _run_sweep(base, grid, seeds, out: Path, runs: list[Run], resume: bool, over
 
 
 def train_runs(runs: list[Run], out: Path, *, resume: bool = False, dataset=None,
-               stack: int = 1, log: Callable[[str], None] = print,
+               log: Callable[[str], None] = print,
                errors: dict | None = None) -> list[str]:
-  """Train ``runs`` into ``out/<run name>``, batch by batch; with ``resume``,
-  keep the finished ones and resume the others from their newest checkpoint.
+  """Train ``runs`` into ``out/<run name>``, batch by batch, one after
+  another; with ``resume``, keep the finished ones and resume the others
+  from their newest checkpoint.
 
-  ``stack``: runs of a batch trained together, their rounds stacked into the
-  same compiled calls (``train.train_together``); 0 = the whole batch. The
-  default, 1, trains them one after another: measured faster than stacking
-  on this CPU and on an H200 (docs/performance.md, Sweeps). Stacked or not,
-  a run's metrics are those of the run trained alone (bit for bit on the
-  CPU). A run that fails (non-finite values, say) stops with its error in
-  its ``metrics.jsonl``; a run that cannot start (its data missing, a config
-  its dataset cannot serve) is recorded in ``errors`` (run name -> the
-  one-line error); the others go on. Returns the failed runs' names.
-  ``dataset``: one already loaded for every run (else each run loads its
-  own)."""
+  A run that fails (non-finite values, say) stops with its error in its
+  ``metrics.jsonl``; a run that cannot start (its data missing, a config its
+  dataset cannot serve) is recorded in ``errors`` (run name -> the one-line
+  error); the others go on. Returns the failed runs' names. ``dataset``:
+  one already loaded for every run (else each run loads its own)."""
   from hsee_jax import train as train_lib
   from hsee_jax.data import DataError
   n_batches = len({r.batch for r in runs})
   seeds = len({r.seed for r in runs})
   log(f"[sweep] {len(runs)} runs ({len(runs) // seeds} points x {seeds} seeds) in {n_batches} "
-      f"batch(es); the runs of a batch share their compiled programs"
-      + (f" and train {'all' if stack == 0 else stack} at a time, stacked" if stack != 1 else ""))
+      f"batch(es); the runs of a batch share their compiled programs")
   todo = []
   for i, run in enumerate(runs):
     if resume and _done(out / run.name):
@@ -287,45 +276,36 @@ def train_runs(runs: list[Run], out: Path, *, resume: bool = False, dataset=None
     else:
       todo.append(run)
   distributed.barrier("sweep-planned")  # every process has read what is done
-  groups = []
-  for b in sorted({r.batch for r in todo}):
-    members = [r for r in todo if r.batch == b]
-    size = stack or len(members)
-    groups += [members[j:j + size] for j in range(0, len(members), size)]
+  todo.sort(key=lambda r: r.batch)  # stable: plan order within a batch
   done, failed = len(runs) - len(todo), []
-  for group in groups:
-    dirs = [out / r.name for r in group]
-    resumed = [resume and (d / "checkpoints").is_dir()
-               and any(p.name.isdigit() for p in (d / "checkpoints").iterdir()) for d in dirs]
-    left = [r for g in groups[groups.index(group):] for r in g]
-    log(f"[sweep] batch {group[0].batch + 1}/{n_batches}: "
-        + ", ".join(r.name + (" (resumed)" if rs else "") for r, rs in zip(group, resumed))
+  for j, r in enumerate(todo):
+    run_dir = rundir.RunDir(out / r.name)
+    resumed = resume and run_dir.checkpoint_dir.is_dir() and any(
+        p.name.isdigit() for p in run_dir.checkpoint_dir.iterdir())
+    left = todo[j:]
+    log(f"[sweep] batch {r.batch + 1}/{n_batches}: {r.name}" + (" (resumed)" if resumed else "")
         + f"; done {done}/{len(runs)} runs, left {len(left)} runs in "
-          f"{len({r.batch for r in left})} batch(es)")
+          f"{len({x.batch for x in left})} batch(es)")
     try:
-      summaries = train_lib.train_together(
-          [r.cfg for r in group], dirs, overwrite=True, resume=resumed,
-          logs=[lambda s, name=r.name: log(f"  [{name}] {s}") for r in group],
-          datasets=[dataset] * len(group), log=log, raise_errors=False)
-    except (DataError, ConfigError, rundir.RunError) as e:  # the group could not start
-      summaries = [rundir.RunError(str(e))] * len(group)
-    for r, summary in zip(group, summaries):
-      done += 1
-      if isinstance(summary, rundir.RunError):
-        failed.append(r.name)
-        if errors is not None:
-          errors[r.name] = str(summary)
-        log(f"[sweep] run {done}/{len(runs)} {r.name} failed: {summary}")
-        continue
-      test = summary["test"] or {}
-      log(f"[sweep] run {done}/{len(runs)} {r.name} done: mean_exit_acc "
-          f"{test.get('mean_exit_acc', float('nan')):.4f}, mean_full_acc "
-          f"{test.get('mean_full_acc', float('nan')):.4f}, {summary['wall_seconds']:.1f} s")
+      summary = train_lib.train(r.cfg, run_dir.path, overwrite=True, resume=resumed,
+                                log=lambda s, name=r.name: log(f"  [{name}] {s}"), dataset=dataset)
+    except (DataError, ConfigError, rundir.RunError) as e:
+      summary = rundir.RunError(str(e))
+    done += 1
+    if isinstance(summary, rundir.RunError):
+      failed.append(r.name)
+      if errors is not None:
+        errors[r.name] = str(summary)
+      log(f"[sweep] run {done}/{len(runs)} {r.name} failed: {summary}")
+      continue
+    test = summary["test"] or {}
+    log(f"[sweep] run {done}/{len(runs)} {r.name} done: mean_exit_acc "
+        f"{test.get('mean_exit_acc', float('nan')):.4f}, mean_full_acc "
+        f"{test.get('mean_full_acc', float('nan')):.4f}, {summary['wall_seconds']:.1f} s")
   return failed
 
 
-def resume_sweep(out: str | Path, stack: int = 1,
-                 log: Callable[[str], None] = print) -> list[dict]:
+def resume_sweep(out: str | Path, log: Callable[[str], None] = print) -> list[dict]:
   """Finish every unfinished run of the sweep in ``out``, exactly (each run
   resumes from its newest checkpoint)."""
   out = Path(out)
@@ -344,7 +324,7 @@ def resume_sweep(out: str | Path, stack: int = 1,
   except (TypeError, KeyError, AttributeError, ValueError):
     raise ConfigError(f"--resume: {out / PLAN} is damaged (not a sweep plan: it needs "
                       f"\"config\", \"grid\" and \"seeds\")") from None
-  return run_sweep(base, grid, seeds, out, resume=True, stack=stack, log=log)
+  return run_sweep(base, grid, seeds, out, resume=True, log=log)
 
 
 def collect(out: Path, runs: list[Run], errors: dict | None = None) -> list[dict]:
@@ -358,7 +338,7 @@ def collect(out: Path, runs: list[Run], errors: dict | None = None) -> list[dict
            "batch": run.batch}
     if not _done(out / run.name):
       try:
-        records = rundir.read_records(out / run.name / "metrics.jsonl", lambda s: None)
+        records = rundir.RunDir(out / run.name).read_records(lambda s: None)
       except rundir.RunError as e:   # the run's history is damaged: say so in its row
         records = [{"event": "stopped", "error": str(e)}]
       error = next((r.get("error") for r in reversed(records) if r.get("event") == "stopped"),

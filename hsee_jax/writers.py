@@ -1,9 +1,13 @@
-"""Metric writers: what a run does with each round's record besides ``metrics.jsonl``.
+"""Metric writers: what a run does with each round's record.
 
-A writer has ``write_config(cfg)``, ``write_round(record)`` (the record
-``metrics.jsonl`` gets, after it got it) and ``close()``; the training loop
-calls the run's writers in order (process 0 only). :func:`for_config`
-gives a run's writers from its config:
+A writer has ``write_config(cfg)``, ``write_round(record)`` and ``close()``;
+:func:`hsee_jax.train.run_rounds` calls the run's writers in order after
+each round. A run's writers are :class:`hsee_jax.rundir.MetricsFile` (the
+record appended to ``metrics.jsonl``, first: what a resume trusts), then
+those of :func:`for_config` (process 0 only):
+
+* :class:`Progress`: the round's line on the log (losses and accuracies,
+  the test means at evaluated rounds, images/s and seconds);
 
 * ``tensorboard=True``: :class:`TensorBoard`, event files in
   ``<run>/tensorboard`` through ``tensorboardX`` (``pip install -e
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from hsee_jax.config import Config
 from hsee_jax.strategies import METRIC_NAMES
@@ -67,6 +72,32 @@ class TensorBoard:
     self.writer.close()
 
 
-def for_config(cfg: Config, out: Path) -> list:
-  """The writers ``cfg`` asks for, for a run in ``out``."""
-  return [TensorBoard(Path(out) / TENSORBOARD_DIR)] if cfg.tensorboard else []
+def format_metrics(m: dict) -> str:
+  return "  ".join(f"{k} {m[k]:.3f}" for k in METRIC_NAMES)
+
+
+class Progress:
+  """Each round's line on ``log``."""
+
+  def __init__(self, rounds: int, log: Callable[[str], None] = print):
+    self.rounds, self.log = rounds, log
+
+  def write_config(self, cfg: Config) -> None:
+    pass  # the run's header lines say what it trains
+
+  def write_round(self, record: dict) -> None:
+    line = f"round {record['round'] + 1:>3}/{self.rounds}  train {format_metrics(record['train'])}"
+    if "test" in record:
+      line += (f" | test mean_exit_acc {record['test']['mean_exit_acc']:.3f} "
+               f"mean_full_acc {record['test']['mean_full_acc']:.3f}")
+    self.log(line + f" | {record['images_per_s']:.0f} img/s {record['seconds']:.1f}s")
+
+  def close(self) -> None:
+    pass
+
+
+def for_config(cfg: Config, out: Path, log: Callable[[str], None] = print) -> list:
+  """The writers ``cfg`` asks for, for a run in ``out``: the progress line,
+  and TensorBoard with ``tensorboard=True``."""
+  return [Progress(cfg.rounds, log)] + ([TensorBoard(Path(out) / TENSORBOARD_DIR)]
+                                        if cfg.tensorboard else [])

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from hsee_jax import config as config_lib
+from hsee_jax import rundir
 from hsee_jax import train as train_lib
 from hsee_jax.checkpoint import Checkpointer
 from hsee_jax.config import Config
@@ -51,7 +52,7 @@ def _records(run):
 def _final_state(run, cfg):
   _, strategy = train_lib.build(cfg)
   with Checkpointer(run / "checkpoints", create=False) as ck:
-    state, meta = train_lib.restore_state(strategy, ck, cfg)
+    state, meta = rundir.restore_state(strategy, ck, cfg)
   return state, meta
 
 
@@ -160,5 +161,5 @@ def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path):
   # the kept checkpoint is finite
   _, strategy = train_lib.build(cfg)
   with Checkpointer(tmp_path / "checkpoints", create=False) as ck:
-    state, _ = train_lib.restore_state(strategy, ck, cfg)
+    state, _ = rundir.restore_state(strategy, ck, cfg)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))

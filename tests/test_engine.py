@@ -10,7 +10,8 @@ from hsee_jax import train as train_lib
 from hsee_jax.config import Config
 from hsee_jax.engine import ClientRunner
 from hsee_jax.optim import init_part
-from hsee_jax.strategies import _stack_copies, split_update, step_inputs
+from hsee_jax.strategies import split_update, step_inputs
+from hsee_jax.strategies.parts import stack_copies
 
 CFG = Config(dataset="synthetic", synthetic_shape=(16, 16, 4, 96, 32), width=0.125,
              cuts=(4, 4), batch_size=8, local_steps=3, rounds=2, augment=True)
@@ -21,13 +22,13 @@ def _run(mode, scan_steps):
   state = sim.init_state(jax.random.PRNGKey(0))
   params = {**state.model.params, "exit_head": state.exit_heads["cut_4"].params}
   stats = state.model.batch_stats
-  part = lambda names: _stack_copies(init_part(sim.ctx.tx, {n: params[n] for n in names},
+  part = lambda names: stack_copies(init_part(sim.ctx.tx, {n: params[n] for n in names},
                                                {n: stats[n] for n in names if n in stats}), 2)
   runner = ClientRunner(split_update(sim.net, 4), mode, scan_steps=scan_steps)
   cohort = sim.cohort(0, jax.random.PRNGKey(1))
-  xs = step_inputs(sim.ctx, cohort, np.arange(2))
+  xs = step_inputs(cohort, np.arange(2))
   start = part(sim.net.client_names(4))
-  (client, server), metrics = runner(sim.ctx.shared, (start, part(sim.net.server_names(4)), cohort.keys), xs)
+  (client, server), metrics = runner(sim.ctx.train_set, (start, part(sim.net.server_names(4)), cohort.keys), xs)
   return client, server, metrics, start
 
 
@@ -58,7 +59,7 @@ def test_backends_agree_with_debug(reference, mode, scan_steps):
                                            ("sequential", "loop")])
 def test_one_compilation_per_cut_and_none_after_first_round(strategy, mode):
   cfg = dataclasses.replace(CFG, cuts=(2, 5, 5, 7, 2), strategy=strategy, mode=mode, rounds=3)
-  strategies.clear_shared_programs()   # earlier tests may have compiled the same programs
+  strategies.clear_program_cache()   # earlier tests may have compiled the same programs
   _, sim = train_lib.build(cfg)
   state = sim.init_state(jax.random.PRNGKey(0))
   key = jax.random.PRNGKey(1)
@@ -78,7 +79,7 @@ def test_sampled_cohorts_compile_once_per_cut_and_chunk_size():
   cfg = dataclasses.replace(CFG, num_clients=24, cut_tiers=((2, 0.5), (6, 0.5)),
                             clients_per_round=7, client_chunk=2, mode="vmap",
                             local_steps=1, synthetic_shape=(16, 16, 4, 200, 32))
-  strategies.clear_shared_programs()
+  strategies.clear_program_cache()
   _, sim = train_lib.build(cfg)
   state = sim.init_state(jax.random.PRNGKey(0))
   for rnd in range(4):
@@ -97,7 +98,7 @@ def test_simulations_share_compiled_programs_by_program_fields():
   fleet) reuses the first one's compiled runners: nothing is traced again, and
   its results equal those of the same config compiled afresh. A field the
   programs read (augment) gets programs of its own."""
-  strategies.clear_shared_programs()
+  strategies.clear_program_cache()
   base = dataclasses.replace(CFG, cuts=(2, 5), rounds=2, mode="loop")
 
   def one_round(cfg):
@@ -111,7 +112,7 @@ def test_simulations_share_compiled_programs_by_program_fields():
   second, state, metrics = one_round(other)
   assert all(second.runners[c] is first.runners[c] for c in (2, 5))
   assert {c: r.num_traces for c, r in second.runners.items()} == traced
-  strategies.clear_shared_programs()
+  strategies.clear_program_cache()
   fresh, state2, metrics2 = one_round(other)
   assert fresh.runners[2] is not first.runners[2]
   np.testing.assert_array_equal(metrics, metrics2)

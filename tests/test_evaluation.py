@@ -39,10 +39,11 @@ def test_shared_model_evaluated_in_one_pass_equal_to_each_cut_alone(monkeypatch)
   real = evaluation.path_logits
   monkeypatch.setattr(evaluation, "path_logits",
                       lambda net, cuts, *a: calls.append(tuple(cuts)) or real(net, cuts, *a))
-  test = evaluation.evaluate(sim, state, dataset, [0.5], 16)
+  test = evaluation.evaluate(sim.net, sim.fleet, sim.algorithm.eval_models(state), dataset,
+                              [0.5], 16)
   assert calls == [(2, 5, 7)]   # one pass for the three cuts
   ms = sim.algorithm.eval_models(state)
-  assert all(m.shared for m in ms) and [m.cut for m in ms] == [2, 5, 7]
+  assert all(m.one_network for m in ms) and [m.cut for m in ms] == [2, 5, 7]
   data = (dataset.test_images, dataset.mean, dataset.std, 16)
   exits, whole = real(sim.net, [2, 5, 7], [m.client for m in ms], ms[-1].server, *data)
   labels = dataset.test_labels

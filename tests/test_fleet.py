@@ -11,7 +11,8 @@ import pytest
 
 from hsee_jax import train as train_lib
 from hsee_jax.config import Config, ConfigError
-from hsee_jax.fleet import assign_tiers, chunk_plan, sample_cohort, tier_counts
+from hsee_jax.engine import chunk_plan
+from hsee_jax.fleet import assign_tiers, sample_cohort, tier_counts
 from hsee_jax.strategies import step_inputs
 
 CFG = Config(dataset="synthetic", synthetic_shape=(16, 16, 4, 240, 32), width=0.125,
@@ -115,9 +116,9 @@ def _reference_round(sim, state_clients, state_servers, rnd, key):
   metrics = np.zeros((cohort.size, 4), np.float32)
   for cut, ids in sim.fleet.groups.items():
     g = f"cut_{cut}"
-    xs = step_inputs(sim.ctx, cohort, ids)
+    xs = step_inputs(cohort, ids)
     (state_clients[g], state_servers[g]), m = sim.runners[cut](
-        sim.ctx.shared, (state_clients[g], state_servers[g], cohort.keys[ids]), xs)
+        sim.ctx.train_set, (state_clients[g], state_servers[g], cohort.keys[ids]), xs)
     metrics[ids] = np.asarray(m)
   parts = {**{f"client/{g}": p for g, p in state_clients.items()},
            **{f"server/{g}": p for g, p in state_servers.items()}}
@@ -134,7 +135,8 @@ def test_cohort_of_everyone_matches_the_reference_round():
   models, to float32 rounding: the reference adds the same weighted sums in
   the same order, but as one program, which XLA fuses (and so rounds)
   differently from the per-chunk sums."""
-  from hsee_jax.strategies import _stack_copies, client_server_parts
+  from hsee_jax.strategies import client_server_parts
+  from hsee_jax.strategies.parts import stack_copies
   cfg = dataclasses.replace(CFG, cuts=(2, 4, 2, 6), mode="unrolled")
   _, sim = train_lib.build(cfg)
   key = jax.random.PRNGKey(1)
@@ -142,7 +144,7 @@ def test_cohort_of_everyone_matches_the_reference_round():
   clients, servers = {}, {}
   for cut, ids in sim.fleet.groups.items():
     c, s = client_server_parts(state, cut, sim.ctx.tx)
-    clients[f"cut_{cut}"], servers[f"cut_{cut}"] = _stack_copies(c, len(ids)), _stack_copies(s, len(ids))
+    clients[f"cut_{cut}"], servers[f"cut_{cut}"] = stack_copies(c, len(ids)), stack_copies(s, len(ids))
   for rnd in range(2):
     clients, servers, ref_metrics = _reference_round(sim, clients, servers, rnd, key)
     state, metrics, _ = sim.run_round(state, rnd, key)
@@ -204,12 +206,12 @@ def test_persistent_state_grows_only_by_the_per_client_state(strategy, state_kw,
 def test_averaging_evaluates_once_per_cut_and_sequential_a_seeded_sample():
   _, sim = train_lib.build(FLEET)
   models = sim.algorithm.eval_models(sim.init_state(jax.random.PRNGKey(0)))
-  assert [m.cut for m in models] == [2, 4, 6] and all(m.shared for m in models)
+  assert [m.cut for m in models] == [2, 4, 6] and all(m.one_network for m in models)
   assert sum(len(m.clients) for m in models) == 20
   _, sim = train_lib.build(dataclasses.replace(FLEET, strategy="sequential", mode="loop",
                                                eval_clients=2))
   models = sim.algorithm.eval_models(sim.init_state(jax.random.PRNGKey(0)))
-  assert [m.cut for m in models] == [2, 2, 4, 4, 6, 6] and not any(m.shared for m in models)
+  assert [m.cut for m in models] == [2, 2, 4, 4, 6, 6] and not any(m.one_network for m in models)
   again = sim.algorithm.eval_models(sim.init_state(jax.random.PRNGKey(0)))
   assert [m.clients for m in models] == [m.clients for m in again]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import chex
 import pytest
 
-from hsee_jax import cli, rundir
+from hsee_jax import cli, rundir, stopping
 from hsee_jax import config as config_lib
 from hsee_jax import train as train_lib
 from hsee_jax.checkpoint import Checkpointer
@@ -50,7 +50,7 @@ def _records(run):
 def _state(run, cfg, step=None):
   _, sim = train_lib.build(cfg)
   with Checkpointer(run / "checkpoints", create=False) as ck:
-    return train_lib.restore_state(sim, ck, cfg, step, **QUIET)[0]
+    return rundir.restore_state(sim, ck, cfg, step, **QUIET)[0]
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +254,7 @@ def test_sigint_between_rounds_saves_and_resumes_exactly(straight, tmp_path):
     if line.startswith("round   1/"):
       os.kill(os.getpid(), signal.SIGINT)
 
-  with pytest.raises(rundir.Stopped) as stopped:
+  with pytest.raises(stopping.Stopped) as stopped:
     train_lib.train(cfg, run, log=log)
   assert stopped.value.signum == signal.SIGINT and stopped.value.rounds_done == 1
   assert str(stopped.value) == f"SIGINT: stopped after round 1; resume with: hsee train --resume {run}"
@@ -270,13 +270,13 @@ def test_signal_while_the_run_is_built_stops_before_round_1(tmp_path, capsys, mo
   """SIGINT or SIGTERM while the data loads and the programs compile (before
   round 1): the run stops there with the documented one line, and a resume
   trains it from round 1."""
-  real = train_lib.build_runs
+  real = train_lib.build
 
   def build_then_signal(*a, **k):
     out = real(*a, **k)
     os.kill(os.getpid(), signal.SIGTERM)
     return out
-  monkeypatch.setattr(train_lib, "build_runs", build_then_signal)
+  monkeypatch.setattr(train_lib, "build", build_then_signal)
   run = tmp_path / "run"
   cfg_file = _config_file(tmp_path, CFG)
   assert cli.main(["train", "--config", str(cfg_file), "--out", str(run)]) == 143
@@ -303,7 +303,7 @@ def test_second_signal_abandons_at_once(tmp_path, capsys, monkeypatch):
       os.kill(os.getpid(), signal.SIGTERM)
       os.kill(os.getpid(), signal.SIGTERM)   # the second raises here
 
-  with pytest.raises(rundir.Abandoned) as abandoned:
+  with pytest.raises(stopping.Abandoned) as abandoned:
     train_lib.train(CFG, run, log=log)
   assert abandoned.value.signum == signal.SIGTERM and abandoned.value.out == run
   with Checkpointer(run / "checkpoints", create=False) as ck:
@@ -318,7 +318,7 @@ def test_second_signal_abandons_at_once(tmp_path, capsys, monkeypatch):
                  f"after round 1; resume with: hsee train --resume {run}\n")
   # and a stop after a round, by Ctrl-C: one line, 130
   def stopped(*a, **k):
-    raise rundir.Stopped(signal.SIGINT, 3, run)
+    raise stopping.Stopped(signal.SIGINT, 3, run)
   monkeypatch.setattr(train_lib, "train", stopped)
   assert cli.main(["train", "--resume", str(run)]) == 130
   assert capsys.readouterr().err == (f"hsee: SIGINT: stopped after round 3; resume with: "
@@ -358,9 +358,9 @@ def test_extending_a_finished_run(straight, tmp_path, capsys):
 def test_overwrite_removes_everything_the_old_run_wrote(straight, tmp_path):
   run = _copy(straight, tmp_path)
   (run / "eval_round2.json").write_text("{}")
-  rundir.prepare(run, "{}", overwrite=True, resume=False)
+  rundir.RunDir(run).prepare(CFG, overwrite=True, resume=False)
   assert sorted(p.name for p in run.iterdir()) == ["config.json"]
-  assert (run / "config.json").read_text() == "{}"
+  assert json.loads((run / "config.json").read_text()) == CFG.to_dict()
 
 
 # -- one-line errors --------------------------------------------------------------------------

@@ -1,5 +1,4 @@
-"""The client axis (and the run axis of stacked runs) laid over a device mesh
-gives the single-device result.
+"""The client axis laid over a device mesh gives the single-device result.
 
 Runs in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4,
 since the device count is fixed when JAX starts."""
@@ -12,7 +11,6 @@ from hsee_jax import distributed
 SCRIPT = r'''
 import dataclasses, jax, numpy as np
 assert jax.device_count() == 4, jax.devices()
-from hsee_jax import strategies
 from hsee_jax import train as train_lib
 from hsee_jax.config import Config
 cfg = Config(dataset="synthetic", synthetic_shape=(16, 16, 4, 128, 16), width=0.125,
@@ -22,19 +20,16 @@ _, sim = train_lib.build(cfg)                       # seed 0 alone, one device
 one = sim.init_state(jax.random.PRNGKey(0))
 for r in range(2):
   one, m1, _ = sim.run_round(one, r, jax.random.PRNGKey(1))
-# sharded: two runs (seeds 0 and 1) stacked, the run axis folded into the client axis
-# and laid over the mesh: per round, cut 3 one chunk of 4 + 4 clients (over the mesh),
-# cut 6 one of 4 + 4 (over the mesh) and one of 1 + 1 (replicated)
-cfgs = [dataclasses.replace(cfg, shard_clients=True, seed=s) for s in (0, 1)]
-sims = [sim for _, sim in train_lib.build_runs(cfgs)]
-states = [sim.init_state(jax.random.PRNGKey(s)) for s, sim in enumerate(sims)]
+# sharded: the client axis laid over the mesh: per round, cut 3 one chunk of 4
+# clients (over the mesh), cut 6 one of 4 (over the mesh) and one of 1 (replicated)
+_, sharded = train_lib.build(dataclasses.replace(cfg, shard_clients=True))
+two = sharded.init_state(jax.random.PRNGKey(0))
 for r in range(2):
-  cohorts = [sim.cohort(r, jax.random.PRNGKey(1)) for sim in sims]
-  states, ms = strategies.apply_runs([sim.algorithm for sim in sims], states, cohorts)
-assert sims[0].ctx.sharded_chunks == 4, sims[0].ctx.sharded_chunks
-for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(states[0])):
+  two, m2, _ = sharded.run_round(two, r, jax.random.PRNGKey(1))
+assert sharded.ctx.mesh.sharded_chunks == 4, sharded.ctx.mesh.sharded_chunks
+for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
-np.testing.assert_allclose(m1, np.asarray(ms[0]), rtol=1e-4, atol=1e-5)
+np.testing.assert_allclose(m1, m2, rtol=1e-4, atol=1e-5)
 print("SHARDING-OK")
 '''
 

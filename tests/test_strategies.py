@@ -29,8 +29,8 @@ def test_sequential_server_continues_from_each_clients_cut():
   cohort = sim.cohort(0, jax.random.PRNGKey(1))
   client = jax.tree.map(lambda a: a[0], state.clients[group_key(7)])
   sub = server.subset(sim.net.server_names(7))
-  xs = step_inputs(sim.ctx, cohort, 0)
-  (_, sub), _ = sim.runners[7].one(sim.ctx.shared, (client, sub, cohort.keys[0]), xs)
+  xs = step_inputs(cohort, 0)
+  (_, sub), _ = sim.runners[7].one(sim.ctx.train_set, (client, sub, cohort.keys[0]), xs)
   after = server.merge(sub)
   for k in (4, 5, 6, 7):
     chex.assert_trees_all_equal(after.params[models.unit_name(k)], server.params[models.unit_name(k)])

@@ -51,28 +51,28 @@ def _records(run_dir):
 
 
 def _strip(rec):
-  return {k: v for k, v in rec.items() if k not in ("seconds", "images_per_s", "stacked_runs")}
+  return {k: v for k, v in rec.items() if k not in ("seconds", "images_per_s")}
 
 
 def test_sweep_compiles_once_per_batch_equals_solo_runs_and_resumes_exactly(tmp_path, capsys):
-  strategies.clear_shared_programs()
+  strategies.clear_program_cache()
   out = tmp_path / "sw"
-  grid = {"lr": [0.05, 0.1], "exit_loss_weight": [0.5, 1.0]}
+  grid = {"lr": [0.05, 0.1], "exit_loss_weight": [1.0]}
   rows = sweep.run_sweep(BASE, grid, [0, 1], out, log=lambda s: None)
-  assert len(rows) == 8
+  assert len(rows) == 4
   # one batch: every run used the same compiled client step, traced once per cut
-  runners = [v for k, v in strategies._PROGRAMS.items() if k[0] == "runner"]
+  runners = [v for k, v in strategies.algorithm._PROGRAMS.items() if k[0] == "runner"]
   assert len(runners) == 2 and all(r.num_traces == 1 for r in runners)
   # a run of the sweep equals the same config trained alone, compiled afresh
-  strategies.clear_shared_programs()
-  solo_cfg = dataclasses.replace(BASE, lr=0.1, exit_loss_weight=0.5, seed=1,
-                                 name=f"{BASE.name}/lr=0.1,exit_loss_weight=0.5/seed1")
+  strategies.clear_program_cache()
+  solo_cfg = dataclasses.replace(BASE, lr=0.1, exit_loss_weight=1.0, seed=1,
+                                 name=f"{BASE.name}/lr=0.1,exit_loss_weight=1.0/seed1")
   train_lib.train(solo_cfg, tmp_path / "solo", log=lambda s: None)
-  mine = out / "lr=0.1,exit_loss_weight=0.5" / "seed1"
+  mine = out / "lr=0.1,exit_loss_weight=1.0" / "seed1"
   assert [_strip(r) for r in _records(mine)] == [_strip(r) for r in _records(tmp_path / "solo")]
   # results: one row per run, mean ± std per grid point, a plot per swept field
   table = list(csv.DictReader(open(out / "sweep.csv")))
-  assert len(table) == 8 and {r["seed"] for r in table} == {"0", "1"}
+  assert len(table) == 4 and {r["seed"] for r in table} == {"0", "1"}
   assert {"lr", "exit_loss_weight", "mean_exit_acc", "mean_full_acc", "exit_acc_cut2",
           "full_acc_cut4", "wall_seconds"} <= set(table[0])
   row = next(r for r in rows if r["run"] == "lr=0.05,exit_loss_weight=1.0/seed0")
@@ -93,16 +93,11 @@ def test_sweep_compiles_once_per_batch_equals_solo_runs_and_resumes_exactly(tmp_
   lines = (cut_short / "metrics.jsonl").read_text().splitlines()
   (cut_short / "metrics.jsonl").write_text(lines[0] + "\n")
   shutil.rmtree(out / "lr=0.1,exit_loss_weight=1.0/seed1")
-  # resumed stacked: the run at round 0 trains alone until the other's round,
-  # then both train their rounds together in the same compiled calls
   logs = []
-  sweep.resume_sweep(out, stack=0, log=logs.append)
-  assert sum("finished before, kept" in l for l in logs) == 6
+  sweep.resume_sweep(out, log=logs.append)
+  assert sum("finished before, kept" in l for l in logs) == 2
   assert any("lr=0.1,exit_loss_weight=1.0/seed0 (resumed)" in l for l in logs)
-  assert any(l.startswith("[batch] round 2: 2 runs") for l in logs)
-  assert not any(l.startswith("[batch] round 1:") for l in logs)
-  assert _records(out / "lr=0.1,exit_loss_weight=1.0/seed1")[1]["stacked_runs"] == 2
-  for n, recs in before.items():   # stacked, each run equals itself trained alone, bit for bit
+  for n, recs in before.items():   # each run equals itself trained without a break, bit for bit
     assert [_strip(r) for r in _records(out / n)] == [_strip(r) for r in recs], n
   # the CLI refuses a second sweep into the same directory, in one line
   code = cli.main(["sweep", "--config", "configs/smoke.py", "--grid", "lr=0.1,0.2",

@@ -1,0 +1,112 @@
+"""Cross-layer aggregation (PAPER.md, "Averaging"): every unit averaged over
+all the models that hold a copy of it, weighted by the clients' data sizes.
+
+Two forms that give the same floats: :func:`cross_layer_average`, the
+reference over stacked parts, and the streaming form training uses,
+:func:`chunk_sums` per chunk of clients then :func:`combine_sums` once per
+round, so memory holds one weighted sum per cut, never the cohort.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from hsee_jax import models
+from hsee_jax.optim import PartState
+from hsee_jax.strategies.parts import group_key, stack_copies
+
+
+def _weighted_sum(tree, w):
+  return jax.tree.map(lambda a: jnp.tensordot(w.astype(a.dtype), a, axes=1), tree)
+
+
+def cross_layer_average(parts: dict[str, PartState], weights: dict[str, Any]) -> dict[str, PartState]:
+  """Average every unit over all the models that hold a copy of it (reference form).
+
+  ``parts`` maps a name to a stacked PartState (client parts and/or server
+  parts of one or more groups); ``weights[name]`` is the [K] data size of its
+  clients. For each unit and the final classifier, the parameters and batch
+  statistics of every copy are averaged, weighted by data size, and written
+  back to every copy. Exit heads are averaged only within a part's own stack
+  (clients that share a cut); optimiser states stay local. Training uses the
+  streaming form (:func:`chunk_sums`, :func:`combine_sums`), which computes
+  the same average from one weighted sum per cut.
+  """
+  names = sorted({n for part in parts.values() for n in part.params})
+  new = {k: (dict(p.params), dict(p.batch_stats)) for k, p in parts.items()}
+  for name in names:
+    holders = [k for k, p in parts.items() if name in p.params]
+    groups = [[k] for k in holders] if name == models.EXIT_HEAD else [holders]
+    for group in groups:
+      total = sum(jnp.sum(weights[k]) for k in group)
+      summed = None
+      for k in group:
+        leaf = (parts[k].params[name], parts[k].batch_stats.get(name, {}))
+        s = _weighted_sum(leaf, weights[k])
+        summed = s if summed is None else jax.tree.map(jnp.add, summed, s)
+      avg = jax.tree.map(lambda a: a / total, summed)
+      for k in group:
+        kk = jax.tree.leaves(parts[k].params[name])[0].shape[0]
+        p_avg, s_avg = stack_copies(avg, kk)
+        new[k][0][name] = p_avg
+        if name in parts[k].batch_stats:
+          new[k][1][name] = s_avg
+  return {k: PartState(params=new[k][0], batch_stats=new[k][1], opt_state=parts[k].opt_state)
+          for k in parts}
+
+
+def chunk_sums(part: PartState, weights, acc: dict | None) -> dict:
+  """Add a chunk's data-size-weighted sums of every subtree to ``acc``.
+
+  ``part``: parameters and batch statistics with a leading client axis [K];
+  ``weights`` [K] (0 for padding, which so drops out). ``acc`` (None for the
+  first chunk of a cut) holds ``params``, ``batch_stats`` and ``total``.
+  """
+  sums = {"params": _weighted_sum(part.params, weights),
+          "batch_stats": _weighted_sum(part.batch_stats, weights),
+          "total": jnp.sum(weights)}
+  return sums if acc is None else jax.tree.map(jnp.add, acc, sums)
+
+
+def combine_sums(model: PartState, exit_heads: dict, sums: dict) -> tuple[PartState, dict]:
+  """The cross-layer average from one weighted sum per cut (``sums[cut]``).
+
+  Unit k is averaged over every client: from its client part where k <= cut,
+  else its server part; the classifier over all; an exit head over its cut.
+  The sums are added in the order :func:`cross_layer_average` adds its parts
+  (client parts by cut, then server parts by cut), so both give the same
+  floats. A name no client held (zero total) keeps its old value.
+  """
+  cuts = sorted(sums)
+
+  def average(name, holders):
+    summed, total = None, 0
+    for c in holders:
+      leaf = (sums[c]["params"][name], sums[c]["batch_stats"].get(name, {}))
+      summed = leaf if summed is None else jax.tree.map(jnp.add, summed, leaf)
+      total = total + sums[c]["total"]
+    return jax.tree.map(lambda a: a / total, summed), total
+
+  def pick(avg, total, old):
+    return jax.tree.map(lambda a, o: jnp.where(total > 0, a, o), avg, old)
+
+  params, stats = dict(model.params), dict(model.batch_stats)
+  for name in model.params:
+    k = models.unit_index(name)  # None: the classifier, held by every server part
+    holders = ([c for c in cuts if c >= k] + [c for c in cuts if c < k] if k is not None
+               else list(cuts))
+    (p, s), total = average(name, holders)
+    params[name] = pick(p, total, model.params[name])
+    if name in stats:
+      stats[name] = pick(s, total, model.batch_stats[name])
+  heads = dict(exit_heads)
+  for c in cuts:
+    g = group_key(c)
+    (p, s), total = average(models.EXIT_HEAD, [c])
+    old = exit_heads[g]
+    heads[g] = PartState(params=pick(p, total, old.params),
+                         batch_stats=pick(s, total, old.batch_stats) if old.batch_stats else {},
+                         opt_state={})
+  return PartState(params=params, batch_stats=stats, opt_state={}), heads

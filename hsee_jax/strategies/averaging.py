@@ -1,0 +1,183 @@
+"""Hetero-SplitEE Averaging: a server part per client, all clients in
+parallel, cross-layer aggregation every ``aggregate_every`` rounds.
+
+Between rounds the state holds one copy of every unit and of the classifier
+(``model``), one exit head per cut (``exit_heads``), and per client only what
+persists (``clients[cut]``, leaves [N_cut, ...]): the optimiser state with
+``client_state=keep``, the whole model when aggregation is not every round.
+The per-client copies of client and server parts exist only for the clients
+of the current chunk (``engine.blocks``): each chunk's data-size-weighted
+sums go into one accumulator per cut (:func:`aggregation.chunk_sums`), so
+memory holds a chunk of models and one sum per cut, never the cohort.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hsee_jax import engine
+from hsee_jax.fleet import Cohort
+from hsee_jax.optim import PartState
+from hsee_jax.strategies import aggregation
+from hsee_jax.strategies.algorithm import (Algorithm, Context, EvalModel, cached_program,
+                                           step_inputs)
+from hsee_jax.strategies.parts import (bad_rows, cut_variables, finite, group_key, opt_init, put,
+                                       stack_copies, take)
+from hsee_jax.strategies.update import METRIC_NAMES
+
+
+@flax.struct.dataclass
+class AveragingState:
+  model: PartState       # one copy of every unit and the classifier (no optimiser state)
+  exit_heads: dict       # group_key(cut) -> PartState of that cut's exit head
+  clients: dict          # group_key(cut) -> per-client PartState, leaves [N_cut, ...]
+
+
+def client_server_parts(state: AveragingState, cut: int, tx) -> tuple[PartState, PartState]:
+  """A client's client part and server part at ``cut`` taken from an Averaging
+  state's shared model, with fresh optimiser state (benchmarks, profiles)."""
+  full = cut_variables(state.model, state.exit_heads[group_key(cut)])
+  full = full.replace(opt_state=opt_init(tx, full.params))
+  return full.split(cut)
+
+
+def _programs(tx, keep_opt: bool, keep_models: bool):
+  """The jitted helpers of a round: (prepare, finish) a chunk of clients."""
+
+  def prepare(cut, model, head, kept, slots):
+    """Client and server parts of the chunk's clients (leading axis [K])."""
+    full = cut_variables(model, head)
+    if keep_models:
+      full = PartState(params=take(kept.params, slots), batch_stats=take(kept.batch_stats, slots),
+                       opt_state={})
+    else:
+      full = stack_copies(full, len(slots))
+    opt = (take(kept.opt_state, slots) if keep_opt
+           else stack_copies(opt_init(tx, take(full.params, 0)), len(slots)))
+    return full.replace(opt_state=opt).split(cut)
+
+  def finish(kept, acc, client, server, weights, slots, due):
+    """The chunk's clients back into the per-client store; their weighted
+    sums into the cut's accumulator when the round aggregates."""
+    full = client.merge(server)
+    kept = PartState(params=put(kept.params, slots, full.params) if keep_models else {},
+                     batch_stats=put(kept.batch_stats, slots, full.batch_stats) if keep_models else {},
+                     opt_state=put(kept.opt_state, slots, full.opt_state) if keep_opt else {})
+    return kept, aggregation.chunk_sums(full, weights, acc) if due else acc
+
+  return (jax.jit(prepare, static_argnums=0),
+          jax.jit(finish, static_argnums=6, donate_argnums=(0, 1)))
+
+
+_combine = jax.jit(aggregation.combine_sums)
+
+
+@jax.jit
+def _spread(kept, model, heads):
+  """After an aggregation with per-client models: every client takes the average."""
+  out = {}
+  for g, part in kept.items():
+    n = jax.tree.leaves(part.params)[0].shape[0]
+    avg = stack_copies(cut_variables(model, heads[g]), n)
+    out[g] = PartState(params=avg.params, batch_stats=avg.batch_stats, opt_state=part.opt_state)
+  return out
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _scatter_rows(buf, ms, pos):
+  """``buf`` [C, 4] with a chunk's metrics [K, 4] written at its cohort
+  positions (padding, at position C, dropped); one compilation per K."""
+  return buf.at[pos].set(ms, mode="drop")
+
+
+def averaging(ctx: Context) -> Algorithm:
+  """Hetero-SplitEE Averaging as an :class:`Algorithm`.
+
+  Args:
+    ctx: the run's :class:`Context` (config, network, optimiser, fleet,
+      train set, client runners); :func:`hsee_jax.build` makes one from a config.
+  Returns:
+    ``init(key)`` gives the state (one client part and one server part per
+    client, stored per cut), ``apply(state, cohort)`` trains one round of
+    the cohort's clients.
+  """
+  cfg, net, tx, fleet = ctx.cfg, ctx.net, ctx.tx, ctx.fleet
+  keep_opt = cfg.client_state == "keep"
+  keep_models = cfg.aggregate_every > 1  # clients' models differ between aggregations
+
+  def init(key) -> AveragingState:
+    """Every unit starts from the same weights wherever it is held (unit k's
+    init depends on (key, k) only; an exit head's on (key, cut))."""
+    p, s = net.init_span(key, *net.full_span(), ctx.image_shape)
+    model = PartState(params=p, batch_stats=s, opt_state={})
+    heads, clients = {}, {}
+    for cut, ids in fleet.groups.items():
+      hp, hs = net.init_exit_head(key, cut, ctx.image_shape)
+      heads[group_key(cut)] = PartState(params=hp, batch_stats=hs, opt_state={})
+      full = cut_variables(model, heads[group_key(cut)])
+      kept = PartState(params=full.params if keep_models else {},
+                       batch_stats=full.batch_stats if keep_models else {},
+                       opt_state=opt_init(tx, full.params) if keep_opt else {})
+      clients[group_key(cut)] = stack_copies(kept, len(ids))
+    return AveragingState(model=model, exit_heads=heads, clients=clients)
+
+  prepare, finish = cached_program(("averaging", ctx.program_key),
+                                   lambda: _programs(tx, keep_opt, keep_models))
+
+  def apply(state: AveragingState, cohort: Cohort):
+    """One round: the cohort's clients of each cut, chunk by chunk; then the
+    cross-layer aggregation when the round is due."""
+    due = (cohort.round + 1) % cfg.aggregate_every == 0
+    kept, sums = dict(state.clients), {}
+    metrics = jnp.zeros((cohort.size, len(METRIC_NAMES)), jnp.float32)
+    for cut in sorted(int(c) for c in np.unique(cohort.cuts)):
+      g, n_cut = group_key(cut), len(fleet.groups[cut])
+      pad = cfg.samples_clients and ctx.runners[cut].stacked
+      for pos, real in engine.blocks(np.flatnonzero(cohort.cuts == cut), ctx.chunk, pad):
+        k = len(pos)
+        slots = np.concatenate([cohort.slots[pos[:real]], np.full(k - real, n_cut)])
+        weights = np.concatenate([cohort.weights[pos[:real]], np.zeros(k - real, np.float32)])
+        client, server = prepare(cut, state.model, state.exit_heads[g], kept[g], slots)
+        parts, xs, keys = (client, server), step_inputs(cohort, pos), cohort.keys[pos]
+        if ctx.mesh is not None:
+          parts, xs, keys = ctx.mesh.place((parts, xs, keys), k)
+        (client, server), m = ctx.runners[cut](ctx.train_set, (*parts, keys), xs)
+        kept[g], sums[cut] = finish(kept[g], sums.get(cut), client, server, weights, slots, due)
+        metrics = _scatter_rows(metrics, m, np.concatenate([pos[:real],
+                                                            np.full(k - real, cohort.size)]))
+    model, heads = state.model, state.exit_heads
+    if due:
+      model, heads = _combine(model, heads, sums)
+      if keep_models:
+        kept = _spread(kept, model, heads)
+    return AveragingState(model=model, exit_heads=heads, clients=kept), metrics
+
+  def eval_models(state: AveragingState) -> list[EvalModel]:
+    out = []
+    for cut, ids in fleet.groups.items():
+      g = group_key(cut)
+      if keep_models:  # clients differ: a seeded sample of them
+        for i in ctx.eval_sample(cut):
+          full = take(state.clients[g], int(fleet.slots[i]))
+          out.append(EvalModel(cut, (int(i),), *full.split(cut), False))
+        continue
+      full = cut_variables(state.model, state.exit_heads[g])
+      out.append(EvalModel(cut, tuple(int(i) for i in ids), *full.split(cut), True))
+    return out
+
+  def nonfinite_parts(state: AveragingState, ids=None) -> list[str]:
+    flags = jax.device_get(finite({
+        **{f"model {n}": (p, state.model.batch_stats.get(n, {})) for n, p in state.model.params.items()},
+        **{f"exit head of cut {g.split('_')[1]}": (h.params, h.batch_stats)
+           for g, h in state.exit_heads.items()}}))
+    bad = [name for name, ok in flags.items() if not ok]
+    if keep_models:
+      bad += bad_rows(fleet, state.clients, "model", ids)
+    return bad
+
+  return Algorithm("averaging", init, apply, eval_models, nonfinite_parts,
+                   ctx.per_client_bytes(init))

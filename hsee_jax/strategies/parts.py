@@ -1,0 +1,82 @@
+"""Parts of a network as the strategies store them: per-client parts stacked
+per cut (leaves [N_cut, ...]), taken and put back by slot, and checked for
+non-finite values."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hsee_jax import models
+from hsee_jax.optim import PartState
+
+
+def group_key(cut: int) -> str:
+  """The state's key of the clients at ``cut``."""
+  return f"cut_{cut}"
+
+
+def stack_copies(tree, k: int):
+  """``k`` copies of ``tree`` on a new leading axis."""
+  return jax.tree.map(lambda a: jnp.broadcast_to(a, (k,) + a.shape), tree)
+
+
+def take(tree, slots):
+  """Rows ``slots`` of a stacked tree (out-of-range slots, padding, clipped)."""
+  return jax.tree.map(lambda a: jnp.take(a, slots, axis=0, mode="clip"), tree)
+
+
+def put(tree, slots, values):
+  """``tree`` with rows ``slots`` set to ``values``; out-of-range slots (padding) are dropped."""
+  return jax.tree.map(lambda a, v: a.at[slots].set(v, mode="drop"), tree, values)
+
+
+def opt_init(tx, params: dict) -> dict:
+  """Fresh optimiser state, one per subtree (unit, head) of ``params``."""
+  return {n: tx.init(p) for n, p in params.items()}
+
+
+def cut_variables(model: PartState, head: PartState) -> PartState:
+  """The whole network of a client (client part with its exit head, and
+  server part) from one copy of every unit and its cut's exit head."""
+  params = {**model.params, models.EXIT_HEAD: head.params}
+  stats = {**model.batch_stats, **({models.EXIT_HEAD: head.batch_stats} if head.batch_stats else {})}
+  return PartState(params=params, batch_stats=stats, opt_state={})
+
+
+def nbytes(tree) -> int:
+  """Bytes of every array of ``tree`` (shapes and dtypes: abstract trees too)."""
+  return int(sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)))
+
+
+@jax.jit
+def finite(trees: dict) -> dict:
+  """Name -> is every array of that subtree finite? (one compiled call per check)"""
+  def ok(tree):
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.stack([jnp.isfinite(a).all() for a in leaves])) if leaves else jnp.bool_(True)
+  return {name: ok(tree) for name, tree in trees.items()}
+
+
+@jax.jit
+def _finite_rows(tree, slots) -> jax.Array:
+  """[len(slots)]: is every array of row ``slots[i]`` finite?"""
+  leaves = jax.tree.leaves(take(tree, slots))
+  return jnp.all(jnp.stack([jnp.isfinite(a.reshape(a.shape[0], -1)).all(1) for a in leaves]), 0)
+
+
+def bad_rows(fleet, stores: dict, side: str, ids=None) -> list[str]:
+  """Clients whose per-client parameters (``stores[group_key(cut)]``) hold a
+  NaN or Inf; only ``ids`` (the clients that just trained) when given, so
+  the check costs O(cohort), not O(fleet)."""
+  bad = []
+  for cut, members in fleet.groups.items():
+    part = stores[group_key(cut)]
+    if not jax.tree.leaves((part.params, part.batch_stats)):
+      continue
+    who = members if ids is None else np.intersect1d(members, ids)
+    if not len(who):
+      continue
+    ok = np.asarray(_finite_rows((part.params, part.batch_stats), fleet.slots[who]))
+    bad += [f"client {who[j]} (cut {cut}) {side}" for j in np.flatnonzero(~ok)]
+  return bad
