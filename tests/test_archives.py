@@ -187,6 +187,7 @@ def test_damaged_archives_give_one_line_errors(tmp_path, published):
   assert all("\n" not in str(err) for err in errors)
 
 
+@pytest.mark.long
 def test_stl10_trains_at_96_with_proportional_padding(tmp_path, published):
   import jax
 

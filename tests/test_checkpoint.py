@@ -81,6 +81,7 @@ def _wait_for_step(run, step, proc, timeout=300):
   raise TimeoutError(f"no checkpoint {step}")
 
 
+@pytest.mark.long
 def test_sigkill_then_resume_is_bitwise_identical(straight, tmp_path):
   run = tmp_path / "run"
   proc = _cli("train", "--config", str(_config_file(tmp_path, CFG)), "--out", str(run), wait=False)
@@ -102,6 +103,7 @@ def test_sigkill_then_resume_is_bitwise_identical(straight, tmp_path):
   assert summary["test"] == json.loads((straight / "summary.json").read_text())["test"]
 
 
+@pytest.mark.long
 def test_kill_during_checkpoint_write_falls_back_to_previous(straight, tmp_path):
   run = tmp_path / "run"
   code, out = _cli("train", "--config", str(_config_file(tmp_path, CFG)), "--out", str(run),

@@ -16,6 +16,8 @@ import pytest
 
 from hsee_jax import distributed
 
+pytestmark = pytest.mark.long  # run by .ci/run after the default run
+
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--config", str(REPO / "configs" / "smoke.py"), "--set", "dataset=synthetic",
         "--set", "synthetic_shape=(16,16,4,128,32)", "--set", "cuts=(3,3,6,6)",

@@ -35,6 +35,7 @@ def test_classify_tells_the_three_convolutions_apart():
   assert counts["elementwise"] >= 1  # the ReLU mask
 
 
+@pytest.mark.long
 def test_profile_step_end_to_end(tmp_path):
   out = tmp_path / "prof"
   r = subprocess.run([sys.executable, str(REPO / "experiments" / "profile_step.py"), "--width", "0.125",
@@ -50,6 +51,7 @@ def test_profile_step_end_to_end(tmp_path):
   assert (out / "profile.csv").read_text().startswith("implementation,category,ms_per_step")
 
 
+@pytest.mark.long
 def test_bench_throughput_writes_its_tables(tmp_path):
   out = tmp_path / "bench"
   r = subprocess.run([sys.executable, str(REPO / "experiments" / "bench_throughput.py"), "--ks", "1,2",
@@ -68,6 +70,7 @@ def test_bench_throughput_writes_its_tables(tmp_path):
   assert (out / "bench.csv").read_text().startswith("execution,clients")
 
 
+@pytest.mark.long
 def test_ab_cpu_speedups_compares_like_with_like(tmp_path):
   import ab_cpu_speedups
   from hsee_jax import models
@@ -92,6 +95,7 @@ def test_ab_cpu_speedups_compares_like_with_like(tmp_path):
   assert all(r["grouped_ms"] > 0 and r["shifted_ms"] > 0 for r in ab["depthwise_layers"])
 
 
+@pytest.mark.long
 def test_bench_fleet_end_to_end(tmp_path):
   out = tmp_path / "fleet"
   r = subprocess.run([sys.executable, str(REPO / "experiments" / "bench_fleet.py"), "--out", str(out),
@@ -114,6 +118,7 @@ def test_bench_fleet_end_to_end(tmp_path):
   assert (out / "bench_fleet.csv").exists() and (out / "bench_fleet.png").exists()
 
 
+@pytest.mark.long
 def test_gpu_check_writes_its_tables_and_goals(tmp_path):
   """The prepared GPU check, shrunk to this CPU: every section measured and
   written, the goals computed from the rows (no peak known here: not met or unknown)."""

@@ -22,6 +22,8 @@ import pytest
 from hsee_jax import config as config_lib
 from hsee_jax import train
 
+pytestmark = pytest.mark.long  # run by .ci/run after the default run
+
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).with_name("golden") / "metrics.json"
 SHRINK = ["train_subset=192", "test_subset=96", "rounds=2", "eval_every=1", "eval_batch_size=96",

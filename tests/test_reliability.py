@@ -68,6 +68,7 @@ def _copy(run, tmp_path):
 
 
 # -- the lock ---------------------------------------------------------------------------------
+@pytest.mark.long
 def test_busy_run_directory_and_a_preempted_process(tmp_path):
   """The issue's case: a second ``hsee train`` into the ``--out`` of a running
   one (before, both exited 0 with their files mixed) is refused in one line.

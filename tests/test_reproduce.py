@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import reproduce  # noqa: E402
 
 
+@pytest.mark.long
 def test_evidence_grid_on_tiny_image_folder(tmp_path, monkeypatch):
   """The evidence grid end to end: every run for two seeds, the tables, the
   verdict per claim from the finished runs, the plots, the skipped datasets."""

@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from hsee_jax import distributed
+
+pytestmark = pytest.mark.long  # run by .ci/run after the default run
 
 SCRIPT = r'''
 import dataclasses, jax, numpy as np

@@ -16,7 +16,7 @@ SYNTH = Config(dataset="synthetic", synthetic_shape=(16, 16, 4, 96, 40), width=0
 @pytest.mark.parametrize("strategy", ["averaging", "sequential"])
 def test_training_lowers_loss_on_real_cifar10(cifar10_small, tmp_path, strategy):
   cfg = Config(dataset="cifar10", width=0.125, cuts=(2, 5, 7), strategy=strategy, rounds=5,
-               batch_size=32, lr=0.05, augment=False, schedule="constant",
+               batch_size=32, lr=0.05, augment=False, schedule="constant", eval_every=5,
                exit_thresholds=(0.0, 0.5, 1.0))
   summary = train_lib.train(cfg, tmp_path, dataset=cifar10_small, log=lambda s: None)
   recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]

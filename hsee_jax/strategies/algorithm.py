@@ -35,7 +35,6 @@ class Algorithm:
     Inf (per-client parts: of clients ``ids`` only, when given);
   * ``per_client_bytes``: bytes of persistent state per client, by cut.
   """
-  name: str
   init: Callable
   apply: Callable
   eval_models: Callable

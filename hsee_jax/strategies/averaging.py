@@ -179,5 +179,5 @@ def averaging(ctx: Context) -> Algorithm:
       bad += bad_rows(fleet, state.clients, "model", ids)
     return bad
 
-  return Algorithm("averaging", init, apply, eval_models, nonfinite_parts,
+  return Algorithm(init, apply, eval_models, nonfinite_parts,
                    ctx.per_client_bytes(init))

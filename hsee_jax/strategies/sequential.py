@@ -104,5 +104,5 @@ def sequential(ctx: Context) -> Algorithm:
       bad.append("shared server part")
     return bad
 
-  return Algorithm("sequential", init, apply, eval_models, nonfinite_parts,
+  return Algorithm(init, apply, eval_models, nonfinite_parts,
                    ctx.per_client_bytes(init))
