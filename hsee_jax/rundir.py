@@ -305,11 +305,16 @@ class RunDir:
     except CheckpointError as e:
       raise RunError(str(e)) from None
 
+  def checkpoint_rounds(self) -> list[int]:
+    """The rounds after which a checkpoint folder exists (complete or not), read
+    without orbax."""
+    ckpts = self.checkpoint_dir
+    return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
+
   def last_checkpoint(self) -> str:
     """The newest checkpoint on disk, in words (for messages)."""
-    ckpts = self.checkpoint_dir
-    steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.is_dir() else []
-    return f"after round {max(steps)}" if steps else "none"
+    rounds = self.checkpoint_rounds()
+    return f"after round {rounds[-1]}" if rounds else "none"
 
   def resume(self, sim, cfg, ckpt, keys: tuple, log: Callable[[str], None] = print) -> Resumed:
     """Where a run goes on from (``keys``: its init and training keys from the seed).

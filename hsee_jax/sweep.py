@@ -280,8 +280,7 @@ def train_runs(runs: list[Run], out: Path, *, resume: bool = False, dataset=None
   done, failed = len(runs) - len(todo), []
   for j, r in enumerate(todo):
     run_dir = rundir.RunDir(out / r.name)
-    resumed = resume and run_dir.checkpoint_dir.is_dir() and any(
-        p.name.isdigit() for p in run_dir.checkpoint_dir.iterdir())
+    resumed = resume and bool(run_dir.checkpoint_rounds())
     left = todo[j:]
     log(f"[sweep] batch {r.batch + 1}/{n_batches}: {r.name}" + (" (resumed)" if resumed else "")
         + f"; done {done}/{len(runs)} runs, left {len(left)} runs in "
