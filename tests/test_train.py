@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import signal
 
 import numpy as np
 import pytest
@@ -174,3 +175,49 @@ def test_tensorboard_writer_gets_every_round(tmp_path, monkeypatch):
   monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
   with pytest.raises(ConfigError, match=r"^tensorboard: True needs tensorboardX: pip install"):
     dataclasses.replace(SYNTH, tensorboard=True)
+
+
+def test_run_rounds_fixes_the_order_of_a_round_and_stops_when_asked():
+  """Each round: train, then the save starts, evaluation, the writers, the save
+  finishes; evaluation every eval_every rounds and after the last; a stop
+  asked before a round ends the loop there."""
+  import jax
+  cfg = dataclasses.replace(SYNTH, rounds=3, eval_every=2)
+  _, sim = train_lib.build(cfg)
+  events = []
+
+  class Writer:
+    def write_round(self, record):
+      events.append(("write", record["round"], "test" in record))
+
+  class Checkpoints:   # what run_rounds asks of train.RoundCheckpoints
+    def due(self, rounds_done):
+      return rounds_done == 2
+
+    def last(self):
+      return "none"
+
+    def save(self, rounds_done, state):
+      events.append(("save", rounds_done))
+
+    def finish(self, rounds_done):
+      events.append(("finish", rounds_done))
+
+  def evaluate(state):
+    events.append(("evaluate",))
+    return {"mean_exit_acc": 0.5}
+
+  key = jax.random.PRNGKey(1)
+  state, done, signum = train_lib.run_rounds(sim, sim.init_state(jax.random.PRNGKey(0)), 0, key,
+                                             evaluate=evaluate, checkpoints=Checkpoints(),
+                                             writers=[Writer()])
+  assert (done, signum) == (3, None)
+  assert events == [("write", 0, False),
+                    ("save", 2), ("evaluate",), ("write", 1, True), ("finish", 2),
+                    ("evaluate",), ("write", 2, True)]
+  # from round 2 on, a stop asked before the second round it would train
+  events.clear()
+  asked = iter([None, signal.SIGINT])
+  _, done, signum = train_lib.run_rounds(sim, state, 1, key, writers=[Writer()],
+                                         stop=lambda: next(asked))
+  assert (done, signum) == (2, signal.SIGINT) and events == [("write", 1, False)]
