@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
   w.add_argument("--out", help="the sweep directory")
   w.add_argument("--overwrite", action="store_true", help="start again over a sweep in --out")
   w.add_argument("--resume", metavar="DIR", help="finish every unfinished run of the sweep in DIR")
+  w.add_argument("--stack", help=argparse.SUPPRESS)  # removed; said plainly in _sweep
   for q in (t, w):
     d = q.add_argument_group("several processes (jax.distributed)")
     d.add_argument("--distributed", action="store_true",
@@ -77,6 +78,9 @@ def _train_config(args) -> tuple[config_lib.Config, Path]:
 
 def _sweep(args) -> None:
   from hsee_jax import sweep
+  if args.stack is not None:
+    raise config_lib.ConfigError("--stack: stacking the runs of a sweep was removed (it measured "
+                                 "slower than one run after another); drop the flag")
   if args.resume:
     if args.config or args.grid or args.out:
       raise config_lib.ConfigError("sweep --resume DIR takes no --config, --grid or --out "

@@ -379,6 +379,8 @@ def test_user_errors_are_one_line_with_exit_code_2(straight, tmp_path, capsys):
   _one_line(capsys, ["train", "--config", str(cfg_file), "--out", str(a_file / "run")],
             "cannot use")
   _one_line(capsys, ["train", "--config", str(cfg_file), "--out", "/proc/hsee/run"], "cannot use")
+  _one_line(capsys, ["sweep", "--config", str(cfg_file), "--out", str(tmp_path / "sw"),
+                     "--stack", "0"], "--stack: stacking the runs of a sweep was removed")
   for value, pattern in [("seed=-1", "seed: must be an int in 0..2147483647, got -1"),
                          ("cuts=(True,)", "cut layer True out of range")]:
     _one_line(capsys, ["train", "--config", str(cfg_file), "--out", str(tmp_path / "o"),
