@@ -17,7 +17,8 @@ The pieces a researcher composes (see ``examples/custom_network.py``):
   makes both for a config;
 * data: :func:`load_dataset`, :func:`partition`, :class:`Dataset`;
 * whole runs: :class:`Config`, :func:`load_config`, ``train.train(cfg,
-  out_dir)``, :func:`evaluate`, :func:`run_sweep`.
+  out_dir)``, :func:`run_rounds` (the loop over rounds, for a loop of your
+  own with :func:`build`), :func:`evaluate`, :func:`run_sweep`.
 """
 import importlib
 
