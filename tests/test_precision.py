@@ -119,6 +119,7 @@ def _records(run):
           for l in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.long
 def test_bfloat16_run_trains_resumes_exactly_and_evaluates(tmp_path):
   bf16 = dataclasses.replace(SYNTH, precision="bfloat16")
   summary = train_lib.train(bf16, tmp_path / "bf16", log=lambda s: None)

@@ -97,6 +97,7 @@ def test_same_seed_same_metrics(tmp_path):
   assert strip(tmp_path / "c") != strip(tmp_path / "a")
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("model,strategy", [("vgg16_bn", "sequential"),
                                             ("mobilenet_v2", "averaging")])
 def test_every_network_trains_with_budgets_checkpoints_and_evaluation(tmp_path, model, strategy):
