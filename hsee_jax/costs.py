@@ -20,16 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hsee_jax import models
+from hsee_jax import engine, models
 from hsee_jax import precision as precision_lib
 
 
 def _count(tree) -> int:
   return int(sum(np.prod(a.shape) for a in jax.tree.leaves(tree)))
-
-
-def _nbytes(tree) -> int:
-  return int(sum(np.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(tree)))
 
 
 def _module_cost(net, module, params, stats, in_shape, input_grad: bool) -> dict:
@@ -56,7 +52,7 @@ def _module_cost(net, module, params, stats, in_shape, input_grad: bool) -> dict
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
   residuals = jax.eval_shape(lambda p, x: jax.vjp(f, p, x)[1], params, x)
   return {"flops": float(analysis.get("flops", float("nan"))),
-          "activation_bytes": max(0, _nbytes(residuals) - _nbytes(params)),
+          "activation_bytes": max(0, engine.tree_bytes(residuals) - engine.tree_bytes(params)),
           "params": _count(params)}
 
 

@@ -150,6 +150,11 @@ class ClientMesh:
 
 # The tree helpers are jitted: one dispatch for the whole tree instead of one
 # per leaf (a client state has ~170 leaves; experiments/ab_cpu_speedups.py).
+def tree_bytes(tree) -> int:
+  """Bytes of every array of ``tree`` (from shapes and dtypes: abstract trees too)."""
+  return int(sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)))
+
+
 @jax.jit
 def tree_slice(tree, i):
   """Client ``i`` of a stacked tree."""

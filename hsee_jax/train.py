@@ -18,7 +18,7 @@ import numpy as np
 from hsee_jax import config as config_lib
 from hsee_jax import data as data_lib
 from hsee_jax import distributed
-from hsee_jax import evaluation, models, optim, rundir, stopping, strategies
+from hsee_jax import engine, evaluation, models, optim, rundir, stopping, strategies
 from hsee_jax import fleet as fleet_lib
 from hsee_jax import writers as writers_lib
 from hsee_jax.checkpoint import CheckpointError, meta_for
@@ -137,7 +137,7 @@ def check_fits(sim: Simulation, dataset: data_lib.Dataset) -> None:
   available = available_memory_bytes()
   if available is None:
     return
-  state = _nbytes(sim.abstract_state())
+  state = engine.tree_bytes(sim.abstract_state())
   per_image = 4 * sum(math.prod(sim.net.unit_output_shape(k, dataset.image_shape))
                       for k in range(1, sim.net.num_units + 1))
   parallel = sim.ctx.chunk if sim.ctx.mode in ("vmap", "unrolled") else 1
@@ -149,10 +149,6 @@ def check_fits(sim: Simulation, dataset: data_lib.Dataset) -> None:
                    f"{gib(step)}), more than the {gib(available)} available on "
                    f"{jax.default_backend()}; lower batch_size, client_chunk or the number of "
                    f"clients, or use client_state=reset")
-
-
-def _nbytes(tree) -> int:
-  return int(sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)))
 
 
 
@@ -223,6 +219,10 @@ def _record(rnd: int, metrics: np.ndarray, cohort: fleet_lib.Cohort, seconds: fl
                                for i, c, m in zip(cohort.ids, cohort.cuts, metrics)]}
 
 
+def _last(checkpoints: RoundCheckpoints | None) -> str:
+  return checkpoints.last() if checkpoints is not None else "none"
+
+
 def run_rounds(sim: Simulation, state, start: int, train_key, *,
                evaluate: Callable | None = None, checkpoints: RoundCheckpoints | None = None,
                writers: list = (), stop: Callable[[], int | None] | None = None):
@@ -254,11 +254,10 @@ def run_rounds(sim: Simulation, state, start: int, train_key, *,
     jax.block_until_ready(state)
     seconds = time.time() - t0
     metrics = np.asarray(metrics)
-    last = checkpoints.last() if checkpoints is not None else "none"
     try:
       _check_finite(sim, state, metrics, rnd, cohort)
     except RunError as e:
-      raise RoundError(f"{e}; last good checkpoint: {last}", rnd) from None
+      raise RoundError(f"{e}; last good checkpoint: {_last(checkpoints)}", rnd) from None
     record = _record(rnd, metrics, cohort, seconds, images)
     done = rnd + 1
     saving = checkpoints is not None and checkpoints.due(done)
@@ -270,8 +269,7 @@ def run_rounds(sim: Simulation, state, start: int, train_key, *,
       try:
         w.write_round(record)
       except RunError as e:
-        last = checkpoints.last() if checkpoints is not None else "none"
-        raise RoundError(f"{e}; newest checkpoint: {last}", rnd, local=True) from None
+        raise RoundError(f"{e}; newest checkpoint: {_last(checkpoints)}", rnd, local=True) from None
     if saving:
       checkpoints.finish(done)
   return state, cfg.rounds, None
@@ -378,7 +376,7 @@ def _log_header(sim: Simulation, dataset, state, log) -> None:
       f"{len(dataset.test_labels)} test, width {cfg.width}, {sim.local_steps} local steps x "
       f"batch {cfg.batch_size}, mode {sim.ctx.mode} (chunks of {sim.ctx.chunk}), "
       f"backend {jax.default_backend()}")
-  log(f"[hsee] persistent state: {_nbytes(state) / 2**20:.1f} MiB; per client "
+  log(f"[hsee] persistent state: {engine.tree_bytes(state) / 2**20:.1f} MiB; per client "
       + ", ".join(f"{b / 2**10:.1f} KiB at cut {c}"
                   for c, b in sim.algorithm.per_client_bytes.items()))
 

@@ -18,7 +18,7 @@ from hsee_jax import engine, models
 from hsee_jax.config import Config, ConfigError
 from hsee_jax.fleet import Cohort, Fleet
 from hsee_jax.optim import PartState
-from hsee_jax.strategies.parts import group_key, nbytes
+from hsee_jax.strategies.parts import group_key
 from hsee_jax.strategies.update import TrainSet, preprocessing, split_update
 
 
@@ -147,7 +147,7 @@ class Context:
     groups = self.fleet.groups
     def make():
       shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
-      return {cut: nbytes(shapes.clients[group_key(cut)]) // len(ids) for cut, ids in groups.items()}
+      return {cut: engine.tree_bytes(shapes.clients[group_key(cut)]) // len(ids) for cut, ids in groups.items()}
     return cached_program(("per_client_bytes", self.cfg.strategy, self.program_key,
                            self.image_shape, tuple((c, len(ids)) for c, ids in groups.items())),
                           make)

@@ -44,11 +44,6 @@ def cut_variables(model: PartState, head: PartState) -> PartState:
   return PartState(params=params, batch_stats=stats, opt_state={})
 
 
-def nbytes(tree) -> int:
-  """Bytes of every array of ``tree`` (shapes and dtypes: abstract trees too)."""
-  return int(sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)))
-
-
 @jax.jit
 def finite(trees: dict) -> dict:
   """Name -> is every array of that subtree finite? (one compiled call per check)"""
