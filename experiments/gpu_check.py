@@ -1,9 +1,9 @@
 """The GPU check: throughput in float32 and bfloat16 against fair PyTorch loops,
-and bfloat16's accuracy against float32, in one command of at most 8 minutes
-of an H200.
+bfloat16's accuracy against float32, and one layer with per-client weights
+four ways, in one command of about 8 minutes of an H200.
 
     mkdir -p data && cp -r ../shared/data/cifar10 data/    # data/ is git-ignored
-    python3 experiments/gpu_check.py --out OUT              # the device tool: carry=["data"]
+    python3 experiments/gpu_check.py --out OUT --time-limit 420   # the device tool: carry=["data"]
 
 Throughput (``bench_throughput.measure``; ResNet-18 width 1.0, one Averaging
 round, cuts 3/5/7, 3 local steps): for each batch (32, 128) and precision
@@ -14,7 +14,18 @@ and ``vmap``; with each batch's first precision the PyTorch columns ``torch``
 (torch_fair under autocast bfloat16). Then accuracy:
 ``configs/averaging.py`` for ``--accuracy-rounds`` rounds in float32 and in
 bfloat16 at the same seed (on the CIFAR-10 of ``--data-dir``; left out,
-said, where there is none).
+said, where there is none). Then why client-parallel loses (experiments/
+client_conv.py, ``--layer-stages``): one 3x3 layer with per-client weights at
+K = the largest of ``--ks``, each batch and precision, as K separate
+convolutions, as ``vmap`` makes it (grouped convolutions), and as batched
+matrix products (im2col, nine shifted products), with the cuDNN calls XLA
+chose for each.
+
+``mode = auto`` (hsee_jax.engine.AUTO_MODE) is compared with what was
+measured: for each batch and precision, the execution the table picks and the
+fastest one measured at the largest K. ``--time-limit`` seconds: no section
+starts after it (those left are named in the outputs), so a check given a
+fixed slot of device time returns what it measured.
 
 Writes OUT/gpu_check.json and OUT/gpu_check.md after every section, so a
 check cut short keeps what it measured, and the issue's goals: bfloat16 at
@@ -34,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_throughput as bench  # noqa: E402
+import client_conv  # noqa: E402
 
 GOALS = {"bf16_b128_peak_share": 0.25, "vs_torch_amp_b32": 1.5, "vs_torch_amp_b128": 1.2,
          "bf16_accuracy_points": 1.0}
@@ -55,7 +67,32 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--accuracy-set", action="append", default=[],
                  help="config override for the accuracy runs (tests shrink them)")
   p.add_argument("--data-dir", default="data/cifar10")
+  p.add_argument("--layer-stages", default="1,3",
+                 help="ResNet-18 stages for the per-client convolution section ('' for none)")
+  p.add_argument("--layer-forms", default=",".join(client_conv.FORMS))
+  p.add_argument("--time-limit", type=float, default=0.0,
+                 help="seconds: start no section after this many (0: no limit)")
   return p
+
+
+def auto_choices(result: dict) -> list[dict]:
+  """For each (batch, precision) measured: what ``mode = auto`` picks on this
+  backend and the fastest hsee_jax execution at the largest K."""
+  from hsee_jax import engine
+  rows = result["rows"]
+  k = max((r["clients"] for r in rows), default=None)
+  out = []
+  for batch, prec in dict.fromkeys((r["batch"], r["precision"]) for r in rows
+                                   if r["execution"] in bench.JAX_EXECUTIONS):
+    mine = [r for r in rows if r["batch"] == batch and r["precision"] == prec
+            and r["clients"] == k and r["execution"] in bench.JAX_EXECUTIONS]
+    fastest = max(mine, key=lambda r: r["images_per_s"])
+    picked = engine.auto_mode(prec, batch, result["backend"])
+    by = {r["execution"]: r["images_per_s"] for r in mine}
+    out.append({"batch": batch, "precision": prec, "clients": k, "auto": picked,
+                "fastest": fastest["execution"],
+                "auto_vs_fastest": by[picked] / fastest["images_per_s"] if picked in by else None})
+  return out
 
 
 def best(rows, execution_prefix, batch, k, precision=None):
@@ -96,6 +133,7 @@ def goals(result: dict) -> list[dict]:
 
 def write(out: Path, result: dict) -> None:
   result["goals"] = goals(result)
+  result["auto"] = auto_choices(result)
   (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
   lines = [f"# GPU check: {result['device_kind'] or result['device']} ({result['backend']}, "
            f"jax {result['jax']})", "",
@@ -116,6 +154,21 @@ def write(out: Path, result: dict) -> None:
               f"{a['seconds']['float32']:.0f} / {a['seconds']['bfloat16']:.0f}."]
   elif result.get("accuracy_skipped"):
     lines += ["", f"Accuracy: not measured ({result['accuracy_skipped']})."]
+  if result["auto"]:
+    lines += ["", "`mode = auto` (engine.AUTO_MODE) against the fastest execution measured:", "",
+              "| batch | precision | K | auto picks | fastest | auto's images/s / fastest's |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for a in result["auto"]:
+      ratio = "not measured" if a["auto_vs_fastest"] is None else f"{a['auto_vs_fastest']:.2f}"
+      lines.append(f"| {a['batch']} | {a['precision']} | {a['clients']} | {a['auto']} | "
+                   f"{a['fastest']} | {ratio} |")
+  if result.get("layers"):
+    forms = result["args"]["layer_forms"].split(",")
+    lines += ["", "One 3x3 layer with per-client weights (experiments/client_conv.py), forward + "
+              "both gradients, ms:", ""] + client_conv.markdown(result["layers"], forms)
+  if result.get("skipped"):
+    lines += ["", f"Not run (--time-limit {result['args']['time_limit']:.0f} s reached): "
+              + "; ".join(result["skipped"]) + "."]
   lines += ["", "| goal | target | measured | met |", "| --- | --- | --- | --- |"]
   for g in result["goals"]:
     m = "–" if g["measured"] is None else f"{g['measured']:.2f}"
@@ -150,10 +203,21 @@ def main(argv=None) -> int:
   t0 = time.perf_counter()
   info = bench.device_info()
   peak = next((v[0] for k, v in bench.PEAK_FLOPS.items() if k in info["device_kind"]), None)
-  result = {**info, "args": vars(args), "rows": [], "seconds": 0.0, "peak_bf16_flops": peak}
+  result = {**info, "args": vars(args), "rows": [], "seconds": 0.0, "peak_bf16_flops": peak,
+            "skipped": []}
+
+  def may_start(section: str) -> bool:
+    if args.time_limit and time.perf_counter() - t0 > args.time_limit:
+      result["skipped"].append(section)
+      log(f"[gpu_check] time limit: not running {section}")
+      return False
+    return True
+
   torch_execs = bench.usable_executions([e for e in args.torch.split(",") if e], log)
   for batch in map(int, args.batches.split(",")):
     for i, prec in enumerate(args.precisions.split(",")):
+      if not may_start(f"throughput batch {batch} {prec}"):
+        continue
       execs = bench.usable_executions(args.executions.split(","), log) + \
           (torch_execs if i == 0 else [])
       section = types.SimpleNamespace(ks=args.ks, width=args.width, batch=batch, steps=args.steps,
@@ -162,11 +226,25 @@ def main(argv=None) -> int:
       result["rows"] += bench.measure(section, execs, log)
       result["seconds"] = time.perf_counter() - t0
       write(out, result)
-  if args.accuracy_rounds:
+  if args.accuracy_rounds and may_start("accuracy"):
     if Path(args.data_dir).is_dir():
       result["accuracy"] = accuracy(args, log)
     else:
       result["accuracy_skipped"] = f"no CIFAR-10 at {args.data_dir}"
+    result["seconds"] = time.perf_counter() - t0
+    write(out, result)
+  if args.layer_stages and may_start("per-client convolution layers"):
+    layers_left = lambda: may_start("per-client convolution layers, the rest")
+    layers = types.SimpleNamespace(
+        width=args.width, stages=args.layer_stages, ks=max(map(int, args.ks.split(","))),
+        batches=args.batches, precisions=args.precisions, forms=args.layer_forms,
+        reps=args.reps, iters=10)
+
+    def on_shape(rows):
+      result["layers"] = rows
+      result["seconds"] = time.perf_counter() - t0
+      write(out, result)
+    client_conv.measure(layers, log, on_shape, layers_left)
   result["seconds"] = time.perf_counter() - t0
   write(out, result)
   log(f"[gpu_check] {result['seconds']:.0f}s; wrote {out}/gpu_check.json and gpu_check.md")

@@ -158,7 +158,7 @@ def _matmul_gflops(matmul, a, wait, reps=5) -> float:
   wait(matmul(a, a))
   t0 = time.perf_counter()
   for _ in range(reps):
-    r = wait(matmul(a, a))
+    wait(matmul(a, a))
   return 2 * a.shape[0] ** 3 * reps / (time.perf_counter() - t0) / 1e9
 
 

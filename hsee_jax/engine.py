@@ -61,21 +61,49 @@ def _unrolled(f):
   return g
 
 
-def resolve_mode(mode: str, strategy: str = "averaging", shard_clients: bool = False) -> str:
+# What ``mode = auto`` runs for Averaging, by backend (``cpu``, or
+# ``accelerator`` for GPU and TPU) and resolved precision: (largest batch, mode)
+# pairs, the first whose batch bound holds (None: any batch). From
+# docs/performance.md, Throughput. CPU: ``unrolled``, 1.11-1.20x ``loop`` at
+# K = 4..16 in float32 (``vmap`` 2.8-5.5x slower there: its grouped
+# convolutions); in bfloat16 the two within 2% of each other. GPU float32 (H200,
+# H100, width 1.0): ``loop`` at batch 32 and 128 (``vmap`` 1.2x slower at 32,
+# 2.2-2.7x at 128; ``unrolled`` at batch 32 within the run-to-run spread of
+# ``loop`` and 3x its compile time). GPU bfloat16: not measured yet, as float32;
+# experiments/gpu_check.py measures every entry of the accelerator rows and says
+# where its figures disagree with this table. TPU: as GPU (not measured).
+AUTO_MODE = {
+    ("cpu", "float32"): ((None, "unrolled"),),
+    ("cpu", "bfloat16"): ((None, "unrolled"),),
+    ("accelerator", "float32"): ((None, "loop"),),
+    ("accelerator", "bfloat16"): ((None, "loop"),),
+}
+
+
+def auto_mode(precision: str, batch: int, backend: str | None = None) -> str:
+  """The Averaging execution ``AUTO_MODE`` gives for ``precision`` (resolved:
+  float32 or bfloat16) and ``batch`` on ``backend`` (default: JAX's)."""
+  kind = "cpu" if (backend or jax.default_backend()) == "cpu" else "accelerator"
+  for bound, mode in AUTO_MODE[(kind, precision)]:
+    if bound is None or batch <= bound:
+      return mode
+  raise ValueError(f"AUTO_MODE[{(kind, precision)}]: no entry for batch {batch}")
+
+
+def resolve_mode(mode: str, strategy: str = "averaging", shard_clients: bool = False,
+                 precision: str = "float32", batch: int = 32) -> str:
   """The execution mode of a run, decided here only. ``auto``: ``loop`` for
   Sequential (it trains one client at a time: the server part is shared);
-  else what experiments/bench_throughput.py measured fastest, ``unrolled``
-  on CPU (``vmap``'s per-client weights become grouped convolutions there),
-  ``loop`` on accelerators (``unrolled`` compiles a program that grows with
-  the chunk), and ``vmap`` where ``loop`` would be chosen but the client
-  axis is laid over a mesh (``shard_clients``). Figures:
-  docs/performance.md, Throughput.
+  for Averaging what experiments/bench_throughput.py measured fastest on
+  this backend at this precision and batch (:data:`AUTO_MODE`), except that
+  ``vmap`` replaces ``loop`` where the client axis is laid over a mesh
+  (``shard_clients``). ``precision`` is the resolved one (float32 or bfloat16).
   """
   if mode != "auto":
     return mode
   if strategy == "sequential":
     return "loop"
-  best = "unrolled" if jax.default_backend() == "cpu" else "loop"
+  best = auto_mode(precision, batch)
   return "vmap" if shard_clients and best == "loop" else best
 
 

@@ -126,3 +126,26 @@ def test_simulations_share_compiled_programs_by_program_fields():
   view = strategies.program_config(base)
   with pytest.raises(AttributeError):
     view.lr   # noqa: B018  (programs cannot read fields outside PROGRAM_FIELDS)
+
+
+def test_auto_mode_follows_the_table_by_backend_precision_and_batch(monkeypatch):
+  from hsee_jax import engine
+  assert engine.resolve_mode("auto", "sequential") == "loop"
+  assert engine.resolve_mode("loop", "averaging", precision="bfloat16") == "loop"
+  assert engine.auto_mode("float32", 32, backend="cpu") == "unrolled"
+  assert engine.auto_mode("bfloat16", 128, backend="gpu") == "loop"
+  assert engine.auto_mode("float32", 128, backend="tpu") == "loop"
+  # a table with a batch bound: small batches one way, larger ones another
+  table = dict(engine.AUTO_MODE)
+  table[("cpu", "bfloat16")] = ((32, "vmap"), (None, "loop"))
+  table[("cpu", "float32")] = ((64, "loop"),)
+  monkeypatch.setattr(engine, "AUTO_MODE", table)
+  assert engine.resolve_mode("auto", precision="bfloat16", batch=32) == "vmap"
+  assert engine.resolve_mode("auto", precision="bfloat16", batch=33) == "loop"
+  assert engine.resolve_mode("auto", shard_clients=True, precision="bfloat16", batch=128) == "vmap"
+  with pytest.raises(ValueError, match="no entry for batch 128"):
+    engine.resolve_mode("auto", precision="float32", batch=128)
+  # a run's context asks with its resolved precision and its batch size
+  cfg = dataclasses.replace(CFG, precision="bfloat16", batch_size=8)
+  assert train_lib.build(cfg)[1].ctx.mode == "vmap"
+  assert train_lib.build(dataclasses.replace(cfg, precision="auto"))[1].ctx.mode == "loop"

@@ -11,6 +11,7 @@ from jax import lax
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
+import client_conv  # noqa: E402
 import profile_step  # noqa: E402
 
 
@@ -33,6 +34,33 @@ def test_classify_tells_the_three_convolutions_apart():
   assert counts["conv kernel-grad"] == 2, kinds
   assert counts["conv input-grad"] == 1, kinds
   assert counts["elementwise"] >= 1  # the ReLU mask
+
+
+def test_client_conv_formulations_agree_and_vmap_is_the_grouped_one(tmp_path):
+  """The four ways of one per-client 3x3 layer give the same loss and
+  gradients; only ``vmap``'s program holds grouped convolutions (feature
+  groups forward and for the input gradient, batch groups for the kernel
+  gradient), the matrix-product ones none at all; the script writes its tables."""
+  agreement = client_conv.check()
+  assert set(agreement) == {"vmap", "im2col", "matmul9"}
+  assert all(d < 1e-5 for d in agreement.values()), agreement
+  data = client_conv.inputs(3, 2, 6, 4)
+  ops = {f: client_conv.program_ops(client_conv.train_layer(f, jnp.float32), *data)["lowered"]
+         for f in client_conv.FORMS}
+  assert ops["separate"] == {"convolution plain": 9}           # 3 clients x (forward, dx, dw)
+  assert ops["vmap"] == {"convolution feature_groups=3": 2, "convolution batch_groups=3": 1}
+  assert ops["im2col"] == {"dot_general": 3} and ops["matmul9"] == {"dot_general": 27}
+  out = tmp_path / "cc"
+  assert client_conv.main(["--out", str(out), "--width", "0.0625", "--stages", "3,4", "--ks", "2",
+                           "--batches", "2", "--precisions", "float32,bfloat16",
+                           "--reps", "1", "--iters", "1"]) == 0
+  result = json.loads((out / "client_conv.json").read_text())
+  assert len(result["rows"]) == 2 * 2 * 4 and all(r["ms"] > 0 for r in result["rows"])
+  described = [(r["form"], r["precision"]) for r in result["rows"] if r["ops"]]
+  assert sorted(described) == sorted((f, p) for f in client_conv.FORMS
+                                     for p in ("float32", "bfloat16"))
+  md = (out / "client_conv.md").read_text()
+  assert "| 3 (8x8x16) | 2 | 2 | bfloat16 |" in md and "| vmap | 1 convolution batch_groups=2" in md
 
 
 @pytest.mark.long
@@ -131,7 +159,8 @@ def test_gpu_check_writes_its_tables_and_goals(tmp_path):
                          "--accuracy-set", "dataset=synthetic", "--accuracy-set", "width=0.0625",
                          "--accuracy-set", "synthetic_shape=(16, 16, 4, 48, 16)",
                          "--accuracy-set", "batch_size=8", "--accuracy-set", "local_steps=1",
-                         "--accuracy-set", "cuts=(2, 6)"]) == 0
+                         "--accuracy-set", "cuts=(2, 6)", "--layer-stages", "4",
+                         "--layer-forms", "separate,vmap"]) == 0
   result = json.loads((out / "gpu_check.json").read_text())
   assert [(r["precision"], r["clients"]) for r in result["rows"]] == [
       ("float32", 1), ("bfloat16", 1)]
@@ -142,5 +171,31 @@ def test_gpu_check_writes_its_tables_and_goals(tmp_path):
   assert len(goals) == 4 and goals["configs/averaging.py"]["measured"] == pytest.approx(
       abs(acc["bfloat16"] - acc["float32"]) * 100)
   assert all(g["measured"] is None for g in result["goals"][:3])  # no peak, no torch here
+  # mode = auto against what was measured: loop is the only execution here
+  assert [(a["batch"], a["precision"], a["fastest"]) for a in result["auto"]] == [
+      (4, "float32", "loop"), (4, "bfloat16", "loop")]
+  assert all(a["auto"] == "unrolled" and a["auto_vs_fastest"] is None for a in result["auto"])
+  assert [(r["form"], r["precision"]) for r in result["layers"]] == [
+      ("separate", "float32"), ("vmap", "float32"), ("separate", "bfloat16"), ("vmap", "bfloat16")]
+  assert result["skipped"] == []
   md = (out / "gpu_check.md").read_text()
   assert md.count("| 4 | 1 | loop |") == 2 and "| goal | target | measured | met |" in md
+  assert "| 4 | float32 | 1 | unrolled | loop | not measured |" in md
+  assert "| 4 (4x4x32) | 4 | 1 | bfloat16 |" in md
+
+
+def test_gpu_check_stops_starting_sections_at_its_time_limit(tmp_path):
+  """A check whose --time-limit has passed (a tiny one) measures its first
+  section only and names the ones it left out, in both files."""
+  import gpu_check
+  out = tmp_path / "check"
+  assert gpu_check.main(["--out", str(out), "--width", "0.0625", "--ks", "1", "--batches", "4",
+                         "--precisions", "float32,bfloat16", "--executions", "loop",
+                         "--torch", "", "--steps", "1", "--reps", "1", "--accuracy-rounds", "1",
+                         "--layer-stages", "4", "--time-limit", "1e-9"]) == 0
+  result = json.loads((out / "gpu_check.json").read_text())
+  assert result["rows"] == [] and "layers" not in result and "accuracy" not in result
+  assert result["skipped"] == ["throughput batch 4 float32", "throughput batch 4 bfloat16",
+                               "accuracy", "per-client convolution layers"]
+  assert "Not run (--time-limit 0 s reached): throughput batch 4 float32;" in (
+      out / "gpu_check.md").read_text()

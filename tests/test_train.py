@@ -93,7 +93,7 @@ def test_same_seed_same_metrics(tmp_path):
                      for l in (p / "metrics.jsonl").read_text().splitlines()]
   assert strip(tmp_path / "a") == strip(tmp_path / "b")
   assert a["test"] == b["test"]
-  c = train_lib.train(dataclasses.replace(SYNTH, seed=1), tmp_path / "c", log=lambda s: None)
+  train_lib.train(dataclasses.replace(SYNTH, seed=1), tmp_path / "c", log=lambda s: None)
   assert strip(tmp_path / "c") != strip(tmp_path / "a")
 
 

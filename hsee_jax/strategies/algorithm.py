@@ -15,6 +15,7 @@ import optax
 
 from hsee_jax import config as config_lib
 from hsee_jax import engine, models
+from hsee_jax import precision as precision_lib
 from hsee_jax.config import Config, ConfigError
 from hsee_jax.fleet import Cohort, Fleet
 from hsee_jax.optim import PartState
@@ -116,7 +117,8 @@ class Context:
 
   def __post_init__(self):
     cfg = self.cfg
-    self.mode = engine.resolve_mode(cfg.mode, cfg.strategy, cfg.shard_clients)
+    self.mode = engine.resolve_mode(cfg.mode, cfg.strategy, cfg.shard_clients,
+                                    precision_lib.resolve(cfg.precision), cfg.batch_size)
     self.chunk = engine.resolve_chunk(cfg.client_chunk)
     self.program_key = (self.net.num_classes,) + tuple(getattr(cfg, f) for f in PROGRAM_FIELDS)
     view = program_config(cfg)
