@@ -11,15 +11,15 @@ round, cuts 3/5/7, 3 local steps): for each batch (32, 128) and precision
 and ``vmap``; with each batch's first precision the PyTorch columns ``torch``
 (the first reference: eager float32, a host read per step), ``torch_fair``
 (no host read inside a round, channels_last, float32) and ``torch_amp``
-(torch_fair under autocast bfloat16). Then accuracy:
+(torch_fair under autocast bfloat16). Then why client-parallel loses
+(experiments/client_conv.py, ``--layer-stages``, ``--layer-batches``): one
+3x3 layer with per-client weights at K = the largest of ``--ks``, in each
+precision, as K separate convolutions, as ``vmap`` makes it (grouped
+convolutions), and as batched matrix products (im2col, nine shifted
+products), with the cuDNN calls XLA chose for each. Then accuracy:
 ``configs/averaging.py`` for ``--accuracy-rounds`` rounds in float32 and in
 bfloat16 at the same seed (on the CIFAR-10 of ``--data-dir``; left out,
-said, where there is none). Then why client-parallel loses (experiments/
-client_conv.py, ``--layer-stages``): one 3x3 layer with per-client weights at
-K = the largest of ``--ks``, each batch and precision, as K separate
-convolutions, as ``vmap`` makes it (grouped convolutions), and as batched
-matrix products (im2col, nine shifted products), with the cuDNN calls XLA
-chose for each.
+said, where there is none).
 
 ``mode = auto`` (hsee_jax.engine.AUTO_MODE) is compared with what was
 measured: for each batch and precision, the execution the table picks and the
@@ -69,6 +69,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--data-dir", default="data/cifar10")
   p.add_argument("--layer-stages", default="1,3",
                  help="ResNet-18 stages for the per-client convolution section ('' for none)")
+  p.add_argument("--layer-batches", default="128")
   p.add_argument("--layer-forms", default=",".join(client_conv.FORMS))
   p.add_argument("--time-limit", type=float, default=0.0,
                  help="seconds: start no section after this many (0: no limit)")
@@ -226,18 +227,11 @@ def main(argv=None) -> int:
       result["rows"] += bench.measure(section, execs, log)
       result["seconds"] = time.perf_counter() - t0
       write(out, result)
-  if args.accuracy_rounds and may_start("accuracy"):
-    if Path(args.data_dir).is_dir():
-      result["accuracy"] = accuracy(args, log)
-    else:
-      result["accuracy_skipped"] = f"no CIFAR-10 at {args.data_dir}"
-    result["seconds"] = time.perf_counter() - t0
-    write(out, result)
   if args.layer_stages and may_start("per-client convolution layers"):
     layers_left = lambda: may_start("per-client convolution layers, the rest")
     layers = types.SimpleNamespace(
         width=args.width, stages=args.layer_stages, ks=max(map(int, args.ks.split(","))),
-        batches=args.batches, precisions=args.precisions, forms=args.layer_forms,
+        batches=args.layer_batches, precisions=args.precisions, forms=args.layer_forms,
         reps=args.reps, iters=10)
 
     def on_shape(rows):
@@ -245,6 +239,13 @@ def main(argv=None) -> int:
       result["seconds"] = time.perf_counter() - t0
       write(out, result)
     client_conv.measure(layers, log, on_shape, layers_left)
+  if args.accuracy_rounds and may_start("accuracy"):
+    if Path(args.data_dir).is_dir():
+      result["accuracy"] = accuracy(args, log)
+    else:
+      result["accuracy_skipped"] = f"no CIFAR-10 at {args.data_dir}"
+    result["seconds"] = time.perf_counter() - t0
+    write(out, result)
   result["seconds"] = time.perf_counter() - t0
   write(out, result)
   log(f"[gpu_check] {result['seconds']:.0f}s; wrote {out}/gpu_check.json and gpu_check.md")

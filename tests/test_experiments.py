@@ -160,7 +160,7 @@ def test_gpu_check_writes_its_tables_and_goals(tmp_path):
                          "--accuracy-set", "synthetic_shape=(16, 16, 4, 48, 16)",
                          "--accuracy-set", "batch_size=8", "--accuracy-set", "local_steps=1",
                          "--accuracy-set", "cuts=(2, 6)", "--layer-stages", "4",
-                         "--layer-forms", "separate,vmap"]) == 0
+                         "--layer-batches", "4", "--layer-forms", "separate,vmap"]) == 0
   result = json.loads((out / "gpu_check.json").read_text())
   assert [(r["precision"], r["clients"]) for r in result["rows"]] == [
       ("float32", 1), ("bfloat16", 1)]
@@ -196,6 +196,6 @@ def test_gpu_check_stops_starting_sections_at_its_time_limit(tmp_path):
   result = json.loads((out / "gpu_check.json").read_text())
   assert result["rows"] == [] and "layers" not in result and "accuracy" not in result
   assert result["skipped"] == ["throughput batch 4 float32", "throughput batch 4 bfloat16",
-                               "accuracy", "per-client convolution layers"]
+                               "per-client convolution layers", "accuracy"]
   assert "Not run (--time-limit 0 s reached): throughput batch 4 float32;" in (
       out / "gpu_check.md").read_text()
