@@ -130,6 +130,26 @@ def _groups(line: str) -> str:
   return "plain" if f == b == 1 else f"feature_groups={f}" if b == 1 else f"batch_groups={b}"
 
 
+def _kind(line: str) -> str | None:
+  """What one instruction of an optimised HLO module is: a cuDNN convolution
+  (by kind and group count), a convolution, a matrix product (a cuBLAS call
+  or a dot, also the one inside a Triton GEMM fusion) or a transpose; None
+  for anything else, fusion call sites included (what they fuse is counted
+  where it is written)."""
+  m = _CUDNN.search(line)
+  if m:
+    return f"cudnn {m.group(1)} {_groups(line)}"
+  if re.search(r"\bfusion\(", line):
+    return None
+  if re.search(r"\bconvolution\(", line):
+    return "convolution " + _groups(line)
+  if "__cublas" in line or re.search(r"\bdot\(", line):
+    return "matrix product"
+  if re.search(r"\btranspose\(", line):
+    return "transpose"
+  return None
+
+
 def program_ops(fn, *args) -> dict:
   """What XLA made of ``fn``: the lowered program's convolutions by group kind
   and its matrix products; the compiled program's convolutions (on a GPU the
@@ -141,18 +161,7 @@ def program_ops(fn, *args) -> dict:
       low["convolution " + _groups(line)] += 1
     elif "stablehlo.dot_general" in line:
       low["dot_general"] += 1
-  compiled = collections.Counter()
-  for line in lowered.compile().as_text().splitlines():
-    m = _CUDNN.search(line)
-    if m:
-      compiled[f"cudnn {m.group(1)} {_groups(line)}"] += 1
-    elif re.search(r"= \S+ convolution\(", line):
-      compiled["convolution " + _groups(line)] += 1
-    elif re.search(r"= \S+ (dot|custom-call)\(", line) and ("dot(" in line or "gemm" in line.lower()
-                                                          or "matmul" in line.lower()):
-      compiled["matrix product"] += 1
-    elif re.search(r"= \S+ transpose\(", line):
-      compiled["transpose"] += 1
+  compiled = collections.Counter(k for k in map(_kind, lowered.compile().as_text().splitlines()) if k)
   return {"lowered": dict(low), "compiled": dict(compiled)}
 
 
