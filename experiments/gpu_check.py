@@ -56,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True)
   p.add_argument("--width", type=float, default=1.0)
   p.add_argument("--ks", default="8,16")
-  p.add_argument("--batches", default="32,128")
+  p.add_argument("--batches", default="32,128", help="of the throughput section ('' for none)")
   p.add_argument("--precisions", default="float32,bfloat16")
   p.add_argument("--executions", default="loop,vmap")
   p.add_argument("--torch", default="torch,torch_fair,torch_amp",
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     return True
 
   torch_execs = bench.usable_executions([e for e in args.torch.split(",") if e], log)
-  for batch in map(int, args.batches.split(",")):
+  for batch in [int(b) for b in args.batches.split(",") if b]:   # '': no throughput section
     for i, prec in enumerate(args.precisions.split(",")):
       if not may_start(f"throughput batch {batch} {prec}"):
         continue
