@@ -170,11 +170,19 @@ def stage_shape(stage: int, width: float) -> tuple[int, int]:
   return 32 >> (stage - 1), max(1, int(64 * width)) << (stage - 1)
 
 
+def one_line(e: BaseException) -> str:
+  """An exception as one line: its type and the first line of its message."""
+  first = (str(e).strip().splitlines() or [""])[0]
+  return f"{type(e).__name__}: {first[:300]}"
+
+
 def measure(args, log=print, on_shape=None, keep_going=lambda: True) -> list[dict]:
   """One row per (stage, batch, K, precision, formulation); the first row of
   each (formulation, K, precision) carries what XLA made of its program
-  (``ops``: a second compilation, so only once). ``on_shape(rows)`` after
-  each shape; no new shape starts once ``keep_going()`` is false."""
+  (``ops``: a second compilation, so only once). A formulation that fails
+  (out of memory, say) gets ``error`` in its row and the others go on.
+  ``on_shape(rows)`` after each shape; no new shape starts once
+  ``keep_going()`` is false."""
   rows, described = [], set()
   forms = [f for f in args.forms.split(",") if f]
   bad = [f for f in forms if f not in FORMS]
@@ -188,32 +196,46 @@ def measure(args, log=print, on_shape=None, keep_going=lambda: True) -> list[dic
           if not keep_going():
             return rows
           data = inputs(k, batch, size, ch)
-          fns, first = {}, {}
+          fns, first, failed = {}, {}, {}
           for f in forms:
-            fns[f] = train_layer(f, jnp.dtype(prec))
-            t0 = time.perf_counter()
-            jax.block_until_ready(fns[f](*data))
-            first[f] = time.perf_counter() - t0
-          times = {f: [] for f in forms}
-          for rep in range(args.reps):
-            for f in forms[rep % len(forms):] + forms[:rep % len(forms)]:
+            try:
+              fns[f] = train_layer(f, jnp.dtype(prec))
+              t0 = time.perf_counter()
+              jax.block_until_ready(fns[f](*data))
+              first[f] = time.perf_counter() - t0
+            except Exception as e:  # e.g. out of memory: said in its row, the others go on
+              failed[f] = one_line(e)
+              fns.pop(f, None)
+          ok = [f for f in forms if f not in failed]
+          times = {f: [] for f in ok}
+          for rep in range(args.reps if ok else 0):
+            for f in ok[rep % len(ok):] + ok[:rep % len(ok)]:
               t0 = time.perf_counter()
               for _ in range(args.iters):
                 r = fns[f](*data)
               jax.block_until_ready(r)
               times[f].append((time.perf_counter() - t0) / args.iters * 1e3)
           flops = 3 * 2 * 9 * k * batch * size * size * ch * ch   # forward, dx, dw
-          base = statistics.median(times[forms[0]])
+          base = statistics.median(times[forms[0]]) if forms[0] in times else None
           for f in forms:
+            row = {"stage": stage, "size": size, "channels": ch, "batch": batch, "clients": k,
+                   "precision": prec, "form": f, "ms": None, "vs_first": None, "tflops": None,
+                   "compile_seconds": None, "ops": None, "error": failed.get(f)}
+            rows.append(row)
+            if f in failed:
+              log(f"[client_conv] stage {stage} B={batch} K={k} {prec} {f:>8}: failed: {failed[f]}")
+              continue
             ms = statistics.median(times[f])
-            rows.append({"stage": stage, "size": size, "channels": ch, "batch": batch,
-                         "clients": k, "precision": prec, "form": f, "ms": ms,
-                         "vs_first": ms / base, "tflops": flops / ms / 1e9,
-                         "compile_seconds": max(0.0, first[f] - ms / 1e3),
-                         "ops": None if (f, k, prec) in described else program_ops(fns[f], *data)})
-            described.add((f, k, prec))
+            row.update(ms=ms, vs_first=ms / base if base else None, tflops=flops / ms / 1e9,
+                       compile_seconds=max(0.0, first[f] - ms / 1e3))
+            if (f, k, prec) not in described:
+              try:
+                row["ops"] = program_ops(fns[f], *data)
+                described.add((f, k, prec))
+              except Exception as e:
+                log(f"[client_conv] {f}: no program census ({one_line(e)})")
             log(f"[client_conv] stage {stage} ({size}x{size}x{ch}) B={batch} K={k} {prec} "
-                f"{f:>8}: {ms:8.2f} ms  x{ms / base:.2f}  {rows[-1]['tflops']:.2f} TFLOP/s")
+                f"{f:>8}: {ms:8.2f} ms  {row['tflops']:.2f} TFLOP/s")
           del data, fns
           if on_shape:
             on_shape(rows)
@@ -232,9 +254,14 @@ def markdown(rows: list[dict], forms: list[str]) -> list[str]:
     keyed.setdefault((r["stage"], r["size"], r["channels"], r["batch"], r["clients"],
                       r["precision"]), {})[r["form"]] = r
   for (stage, size, ch, b, k, prec), by in keyed.items():
-    cells = [f"{by[f]['ms']:.2f}" + ("" if f == first else f" ({by[f]['vs_first']:.2f})")
-             if f in by else "–" for f in forms]
+    cells = ["–" if f not in by else "failed" if by[f]["error"] else
+             f"{by[f]['ms']:.2f}" + ("" if f == first or by[f]["vs_first"] is None
+                                    else f" ({by[f]['vs_first']:.2f})") for f in forms]
     lines.append(f"| {stage} ({size}x{size}x{ch}) | {b} | {k} | {prec} | " + " | ".join(cells) + " |")
+  errors = [f"{r['form']} at stage {r['stage']}, batch {r['batch']}, K {r['clients']}, "
+            f"{r['precision']}: {r['error']}" for r in rows if r["error"]]
+  if errors:
+    lines += ["", "Failed: " + "; ".join(errors) + "."]
   seen = {}
   for r in rows:
     if r["ops"]:

@@ -28,9 +28,11 @@ starts after it (those left are named in the outputs), so a check given a
 fixed slot of device time returns what it measured.
 
 Writes OUT/gpu_check.json and OUT/gpu_check.md after every section, so a
-check cut short keeps what it measured, and the issue's goals: bfloat16 at
-batch 128 against 25% of the dense bf16 peak, hsee_jax against the fair AMP
-loop at batch 32 (1.5x) and 128 (1.2x), bfloat16's accuracy within a point.
+check cut short keeps what it measured; a section that fails (out of memory,
+say) is recorded in one line under ``errors`` and the next one runs. Both
+files carry the issue's goals: bfloat16 at batch 128 against 25% of the
+dense bf16 peak, hsee_jax against the fair AMP loop at batch 32 (1.5x) and
+128 (1.2x), bfloat16's accuracy within a point.
 """
 from __future__ import annotations
 
@@ -170,6 +172,8 @@ def write(out: Path, result: dict) -> None:
   if result.get("skipped"):
     lines += ["", f"Not run (--time-limit {result['args']['time_limit']:.0f} s reached): "
               + "; ".join(result["skipped"]) + "."]
+  if result.get("errors"):
+    lines += ["", "Failed: " + "; ".join(result["errors"]) + "."]
   lines += ["", "| goal | target | measured | met |", "| --- | --- | --- | --- |"]
   for g in result["goals"]:
     m = "–" if g["measured"] is None else f"{g['measured']:.2f}"
@@ -205,7 +209,7 @@ def main(argv=None) -> int:
   info = bench.device_info()
   peak = next((v[0] for k, v in bench.PEAK_FLOPS.items() if k in info["device_kind"]), None)
   result = {**info, "args": vars(args), "rows": [], "seconds": 0.0, "peak_bf16_flops": peak,
-            "skipped": []}
+            "skipped": [], "errors": []}
 
   def may_start(section: str) -> bool:
     if args.time_limit and time.perf_counter() - t0 > args.time_limit:
@@ -214,21 +218,30 @@ def main(argv=None) -> int:
       return False
     return True
 
+  def guarded(section: str, fn) -> None:
+    """``fn()``; an error (out of memory, a library missing) is recorded as
+    one line under ``errors`` and the check goes on with the next section."""
+    try:
+      fn()
+    except Exception as e:
+      result["errors"].append(f"{section}: {client_conv.one_line(e)}")
+      log(f"[gpu_check] {section} failed: {result['errors'][-1]}")
+    result["seconds"] = time.perf_counter() - t0
+    write(out, result)
+
   torch_execs = bench.usable_executions([e for e in args.torch.split(",") if e], log)
   for batch in [int(b) for b in args.batches.split(",") if b]:   # '': no throughput section
     for i, prec in enumerate(args.precisions.split(",")):
-      if not may_start(f"throughput batch {batch} {prec}"):
+      name = f"throughput batch {batch} {prec}"
+      if not may_start(name):
         continue
       execs = bench.usable_executions(args.executions.split(","), log) + \
           (torch_execs if i == 0 else [])
       section = types.SimpleNamespace(ks=args.ks, width=args.width, batch=batch, steps=args.steps,
                                       reps=args.reps, precision=prec)
       log(f"[gpu_check] batch {batch}, {prec}: {', '.join(execs)}")
-      result["rows"] += bench.measure(section, execs, log)
-      result["seconds"] = time.perf_counter() - t0
-      write(out, result)
+      guarded(name, lambda: result["rows"].extend(bench.measure(section, execs, log)))
   if args.layer_stages and may_start("per-client convolution layers"):
-    layers_left = lambda: may_start("per-client convolution layers, the rest")
     layers = types.SimpleNamespace(
         width=args.width, stages=args.layer_stages, ks=max(map(int, args.ks.split(","))),
         batches=args.layer_batches, precisions=args.precisions, forms=args.layer_forms,
@@ -238,14 +251,13 @@ def main(argv=None) -> int:
       result["layers"] = rows
       result["seconds"] = time.perf_counter() - t0
       write(out, result)
-    client_conv.measure(layers, log, on_shape, layers_left)
+    guarded("per-client convolution layers", lambda: client_conv.measure(
+        layers, log, on_shape, lambda: may_start("per-client convolution layers, the rest")))
   if args.accuracy_rounds and may_start("accuracy"):
     if Path(args.data_dir).is_dir():
-      result["accuracy"] = accuracy(args, log)
+      guarded("accuracy", lambda: result.update(accuracy=accuracy(args, log)))
     else:
       result["accuracy_skipped"] = f"no CIFAR-10 at {args.data_dir}"
-    result["seconds"] = time.perf_counter() - t0
-    write(out, result)
   result["seconds"] = time.perf_counter() - t0
   write(out, result)
   log(f"[gpu_check] {result['seconds']:.0f}s; wrote {out}/gpu_check.json and gpu_check.md")

@@ -199,3 +199,40 @@ def test_gpu_check_stops_starting_sections_at_its_time_limit(tmp_path):
                                "per-client convolution layers", "accuracy"]
   assert "Not run (--time-limit 0 s reached): throughput batch 4 float32;" in (
       out / "gpu_check.md").read_text()
+
+
+def test_gpu_check_goes_on_after_a_failing_section(tmp_path, monkeypatch):
+  """A section that raises (here: the first throughput section, as if out of
+  memory) is one line under ``errors``; the sections after it still run, and a
+  failing layer formulation is marked in its row while the others are timed."""
+  import bench_throughput
+  import gpu_check
+  real = bench_throughput.measure
+  calls = []
+
+  def measure(section, execs, log):
+    calls.append(section.precision)
+    if len(calls) == 1:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate\nmore lines")
+    return real(section, execs, log)
+
+  def no_im2col(x, w):
+    raise RuntimeError("im2col: no room")
+  monkeypatch.setattr(bench_throughput, "measure", measure)
+  monkeypatch.setitem(client_conv.CONVS, "im2col", no_im2col)
+  out = tmp_path / "check"
+  assert gpu_check.main(["--out", str(out), "--width", "0.0625", "--ks", "1", "--batches", "4",
+                         "--precisions", "float32,bfloat16", "--executions", "loop", "--torch", "",
+                         "--steps", "1", "--reps", "1", "--accuracy-rounds", "0",
+                         "--layer-stages", "4", "--layer-batches", "2",
+                         "--layer-forms", "separate,im2col"]) == 0
+  result = json.loads((out / "gpu_check.json").read_text())
+  assert result["errors"] == ["throughput batch 4 float32: RuntimeError: RESOURCE_EXHAUSTED: "
+                              "Out of memory while trying to allocate"]
+  assert [r["precision"] for r in result["rows"]] == ["bfloat16"]
+  layers = {(r["form"], r["precision"]): r for r in result["layers"]}
+  assert layers[("im2col", "float32")]["error"] == "RuntimeError: im2col: no room"
+  assert layers[("im2col", "float32")]["ms"] is None and layers[("separate", "float32")]["ms"] > 0
+  md = (out / "gpu_check.md").read_text()
+  assert "Failed: throughput batch 4 float32: RuntimeError: RESOURCE_EXHAUSTED" in md
+  assert "| 4 (4x4x32) | 2 | 1 | float32 |" in md and "| failed |" in md
