@@ -301,17 +301,12 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
-def device_info() -> dict:
-  device = jax.devices()[0]
-  return {"device": str(device), "device_kind": getattr(device, "device_kind", ""),
-          "backend": jax.default_backend(), "jax": jax.__version__}
-
-
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   log = lambda s: print(s, flush=True)
+  from bench_throughput import device_info
   result = {**device_info(), "args": vars(args), "agreement": check(), "rows": []}
 
   def on_shape(rows):
