@@ -20,6 +20,7 @@ from hsee_jax import data as data_lib
 from hsee_jax import distributed
 from hsee_jax import engine, evaluation, models, optim, rundir, stopping, strategies
 from hsee_jax import fleet as fleet_lib
+from hsee_jax import precision as precision_lib
 from hsee_jax import writers as writers_lib
 from hsee_jax.checkpoint import CheckpointError, meta_for
 from hsee_jax.config import Config
@@ -122,13 +123,26 @@ def available_memory_bytes() -> int | None:
   return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
 
 
+def memory_need(sim: Simulation, image_shape: tuple) -> tuple[int, int]:
+  """(persistent state, one compiled call's activations) in bytes, the lower
+  bound :func:`check_fits` holds against the memory left: the state as
+  stored (float32), and every unit's output for each image of a batch of
+  every client trained in one call, in the compute dtype (``precision``:
+  bfloat16 counts half of float32)."""
+  cfg = sim.cfg
+  state = engine.tree_bytes(sim.abstract_state())
+  values = sum(math.prod(sim.net.unit_output_shape(k, image_shape))
+               for k in range(1, sim.net.num_units + 1))
+  parallel = sim.ctx.chunk if sim.ctx.mode in ("vmap", "unrolled") else 1
+  itemsize = precision_lib.itemsize(precision_lib.resolve(cfg.precision))
+  return state, itemsize * values * cfg.batch_size * min(parallel, cfg.cohort_size)
+
+
 def check_fits(sim: Simulation, dataset: data_lib.Dataset) -> None:
   """Refuse, in one line and before any state is made, work that cannot run:
   a batch larger than the whole training set (a client whose data is smaller
-  than a batch repeats its images within the batch; docs/usage.md), or a
-  persistent state plus one compiled call's activations (a lower bound:
-  every unit's output, float32, for each image of a batch of every client
-  trained in the call) beyond :func:`available_memory_bytes`."""
+  than a batch repeats its images within the batch; docs/usage.md), or the
+  lower bound of :func:`memory_need` beyond :func:`available_memory_bytes`."""
   cfg = sim.cfg
   n_train = len(dataset.train_labels)
   if cfg.batch_size > n_train:
@@ -137,11 +151,7 @@ def check_fits(sim: Simulation, dataset: data_lib.Dataset) -> None:
   available = available_memory_bytes()
   if available is None:
     return
-  state = engine.tree_bytes(sim.abstract_state())
-  per_image = 4 * sum(math.prod(sim.net.unit_output_shape(k, dataset.image_shape))
-                      for k in range(1, sim.net.num_units + 1))
-  parallel = sim.ctx.chunk if sim.ctx.mode in ("vmap", "unrolled") else 1
-  step = per_image * cfg.batch_size * min(parallel, cfg.cohort_size)
+  state, step = memory_need(sim, dataset.image_shape)
   if state + step > available:
     gib = lambda b: f"{b / 2**30:.1f} GiB"
     raise RunError(f"this run needs at least {gib(state + step)} (persistent state "
@@ -149,7 +159,6 @@ def check_fits(sim: Simulation, dataset: data_lib.Dataset) -> None:
                    f"{gib(step)}), more than the {gib(available)} available on "
                    f"{jax.default_backend()}; lower batch_size, client_chunk or the number of "
                    f"clients, or use client_state=reset")
-
 
 
 class RoundError(RunError):

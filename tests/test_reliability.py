@@ -465,6 +465,17 @@ def test_work_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch)
   assert not (tmp_path / "run" / "checkpoints").exists()
   monkeypatch.setattr(train_lib, "available_memory_bytes", lambda: None)
   assert train_lib.build(CFG)[1].cfg == CFG       # unknown memory: no refusal
+  # activations count at the compute dtype's size: memory that holds a
+  # bfloat16 run's step but not a float32 one's refuses only the float32 run
+  f32 = config_lib.override(CFG, ["precision=float32"])
+  bf16 = config_lib.override(CFG, ["precision=bfloat16"])
+  state32, step32 = train_lib.memory_need(train_lib.build(f32)[1], (16, 16, 3))
+  state16, step16 = train_lib.memory_need(train_lib.build(bf16)[1], (16, 16, 3))
+  assert state16 == state32 and step16 * 2 == step32 > 0
+  monkeypatch.setattr(train_lib, "available_memory_bytes", lambda: state32 + step16 + step16 // 2)
+  assert train_lib.build(bf16)[1].cfg == bf16
+  with pytest.raises(rundir.RunError, match="this run needs at least"):
+    train_lib.build(f32)
 
 
 def test_eval_prints_its_table_before_a_write_that_fails(straight, tmp_path, capsys, monkeypatch):
