@@ -26,8 +26,8 @@ interleaved), and what XLA made of each program: the convolutions of the
 lowered program by their group counts, and the convolution kernels, matrix
 products and transposes of the compiled one (on a GPU, the cuDNN calls by
 kind: forward, backward-input, backward-filter, with their group counts).
-:func:`check` tells whether the four agree. Writes client_conv.json and
-client_conv.md into --out after every shape (:func:`measure` is the same for
+:func:`check` tells whether the four agree. Writes client_conv.json, .csv,
+.md and .png into --out after every shape (:func:`measure` is the same for
 experiments/gpu_check.py).
 """
 from __future__ import annotations
@@ -44,6 +44,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_io  # noqa: E402
 
 FORMS = ("separate", "vmap", "im2col", "matmul9")
 DN = ("NHWC", "HWIO", "NHWC")
@@ -276,7 +279,21 @@ def markdown(rows: list[dict], forms: list[str]) -> list[str]:
 
 
 def write(out: Path, result: dict) -> None:
+  """client_conv.json (everything), client_conv.csv (the rows), client_conv.md
+  and client_conv.png (ms per layer against the channels, one line per
+  formulation and precision, at the first batch and K)."""
+  rows = result["rows"]
   (out / "client_conv.json").write_text(json.dumps(result, indent=2))
+  if rows:
+    bench_io.write_tables(out, "client_conv", result, rows, drop=("ops",))
+    b, k = rows[0]["batch"], rows[0]["clients"]
+    bench_io.line_plot(out / "client_conv.png",
+                       [dict(r, line=f"{r['form']}, {r['precision']}") for r in rows
+                        if r["batch"] == b and r["clients"] == k and r["ms"] is not None],
+                       "line", "channels", "ms", xlabel="channels (stage 1..4)",
+                       ylabel="ms per layer, forward + both gradients",
+                       title=f"one 3x3 layer, per-client weights, K={k}, batch {b}, "
+                             f"{result['backend']}")
   forms = result["args"]["forms"].split(",")
   head = [f"# Per-client convolution, {result['device_kind'] or result['device']} "
           f"({result['backend']}, jax {result['jax']})", "",

@@ -59,6 +59,7 @@ def test_client_conv_formulations_agree_and_vmap_is_the_grouped_one(tmp_path):
   described = [(r["form"], r["precision"]) for r in result["rows"] if r["ops"]]
   assert sorted(described) == sorted((f, p) for f in client_conv.FORMS
                                      for p in ("float32", "bfloat16"))
+  assert (out / "client_conv.csv").read_text().count("\n") == 1 + 2 * 2 * 4
   md = (out / "client_conv.md").read_text()
   assert "| 3 (8x8x16) | 2 | 2 | bfloat16 |" in md and "| vmap | 1 convolution batch_groups=2" in md
 
