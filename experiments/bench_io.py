@@ -19,9 +19,9 @@ def write_tables(out: Path, stem: str, result: dict, rows: list[dict], drop=()) 
 
 
 def line_plot(path: Path, rows: list[dict], series: str, x: str, y: str, *, xlabel: str,
-              ylabel: str, title: str, size=(6, 4)) -> bool:
-  """One line per value of ``rows[series]``, ``y`` against ``x`` (log2 x axis);
-  False where matplotlib is not installed."""
+              ylabel: str, title: str, size=(6, 4), ylog: bool = False) -> bool:
+  """One line per value of ``rows[series]``, ``y`` against ``x`` (log2 x axis;
+  ``ylog``: log10 y axis); False where matplotlib is not installed."""
   try:
     import matplotlib
     matplotlib.use("Agg")
@@ -33,6 +33,8 @@ def line_plot(path: Path, rows: list[dict], series: str, x: str, y: str, *, xlab
     rs = [r for r in rows if r[series] == name]
     ax.plot([r[x] for r in rs], [r[y] for r in rs], marker="o", label=name)
   ax.set_xscale("log", base=2)
+  if ylog:
+    ax.set_yscale("log")
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.set_title(title, fontsize=8)

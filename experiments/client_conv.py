@@ -293,7 +293,7 @@ def write(out: Path, result: dict) -> None:
                        "line", "channels", "ms", xlabel="channels (stage 1..4)",
                        ylabel="ms per layer, forward + both gradients",
                        title=f"one 3x3 layer, per-client weights, K={k}, batch {b}, "
-                             f"{result['backend']}")
+                             f"{result['backend']}", ylog=True)
   forms = result["args"]["forms"].split(",")
   head = [f"# Per-client convolution, {result['device_kind'] or result['device']} "
           f"({result['backend']}, jax {result['jax']})", "",
