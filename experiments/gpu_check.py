@@ -98,6 +98,24 @@ def auto_choices(result: dict) -> list[dict]:
   return out
 
 
+def suggested_auto(choices: list[dict], backend: str) -> dict:
+  """The ``engine.AUTO_MODE`` entries that ``auto_choices`` measured: per
+  precision, the fastest execution at each batch, runs of equal ones merged,
+  the last without a bound: ``{(kind, precision): ((largest batch | None, mode), ...)}``."""
+  kind = "cpu" if backend == "cpu" else "accelerator"
+  table = {}
+  for prec in dict.fromkeys(c["precision"] for c in choices):
+    pairs = []
+    for c in sorted((c for c in choices if c["precision"] == prec), key=lambda c: c["batch"]):
+      if pairs and pairs[-1][1] == c["fastest"]:
+        pairs[-1] = (c["batch"], c["fastest"])
+      else:
+        pairs.append((c["batch"], c["fastest"]))
+    pairs[-1] = (None, pairs[-1][1])
+    table[(kind, prec)] = tuple(pairs)
+  return table
+
+
 def best(rows, execution_prefix, batch, k, precision=None):
   """The fastest row of the executions named ``execution_prefix``* (hsee_jax's
   when the prefix is ``hsee``) at ``batch`` and ``k``."""
@@ -165,6 +183,9 @@ def write(out: Path, result: dict) -> None:
       ratio = "not measured" if a["auto_vs_fastest"] is None else f"{a['auto_vs_fastest']:.2f}"
       lines.append(f"| {a['batch']} | {a['precision']} | {a['clients']} | {a['auto']} | "
                    f"{a['fastest']} | {ratio} |")
+    lines += ["", "The engine.AUTO_MODE entries these figures give (hsee_jax/engine.py):", ""]
+    lines += [f"    {key!r}: {pairs!r}," for key, pairs in
+              suggested_auto(result["auto"], result["backend"]).items()]
   if result.get("layers"):
     forms = result["args"]["layer_forms"].split(",")
     lines += ["", "One 3x3 layer with per-client weights (experiments/client_conv.py), forward + "

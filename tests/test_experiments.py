@@ -182,6 +182,7 @@ def test_gpu_check_writes_its_tables_and_goals(tmp_path):
   md = (out / "gpu_check.md").read_text()
   assert md.count("| 4 | 1 | loop |") == 2 and "| goal | target | measured | met |" in md
   assert "| 4 | float32 | 1 | unrolled | loop | not measured |" in md
+  assert "    ('cpu', 'bfloat16'): ((None, 'loop'),)," in md   # the AUTO_MODE entry it gives
   assert "| 4 (4x4x32) | 4 | 1 | bfloat16 |" in md
 
 
@@ -237,3 +238,20 @@ def test_gpu_check_goes_on_after_a_failing_section(tmp_path, monkeypatch):
   md = (out / "gpu_check.md").read_text()
   assert "Failed: throughput batch 4 float32: RuntimeError: RESOURCE_EXHAUSTED" in md
   assert "| 4 (4x4x32) | 2 | 1 | float32 |" in md and "| failed |" in md
+
+
+def test_gpu_check_suggests_auto_mode_entries_from_what_it_measured():
+  """Per precision, the fastest execution at each batch, equal neighbours
+  merged, the largest batch left unbounded: entries in AUTO_MODE's form."""
+  import gpu_check
+  from hsee_jax import engine
+  choices = [{"batch": 128, "precision": "float32", "fastest": "loop"},
+             {"batch": 32, "precision": "float32", "fastest": "unrolled"},
+             {"batch": 32, "precision": "bfloat16", "fastest": "loop"},
+             {"batch": 128, "precision": "bfloat16", "fastest": "loop"},
+             {"batch": 64, "precision": "float32", "fastest": "unrolled"}]
+  table = gpu_check.suggested_auto(choices, "gpu")
+  assert table == {("accelerator", "float32"): ((64, "unrolled"), (None, "loop")),
+                   ("accelerator", "bfloat16"): ((None, "loop"),)}
+  assert set(table) <= set(engine.AUTO_MODE)
+  assert gpu_check.suggested_auto(choices[:1], "cpu") == {("cpu", "float32"): ((None, "loop"),)}
