@@ -46,7 +46,9 @@ import jax.numpy as jnp
 from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_io  # noqa: E402
+from hsee_jax.checkpoint import first_line  # noqa: E402
 
 FORMS = ("separate", "vmap", "im2col", "matmul9")
 DN = ("NHWC", "HWIO", "NHWC")
@@ -173,12 +175,6 @@ def stage_shape(stage: int, width: float) -> tuple[int, int]:
   return 32 >> (stage - 1), max(1, int(64 * width)) << (stage - 1)
 
 
-def one_line(e: BaseException) -> str:
-  """An exception as one line: its type and the first line of its message."""
-  first = (str(e).strip().splitlines() or [""])[0]
-  return f"{type(e).__name__}: {first[:300]}"
-
-
 def measure(args, log=print, on_shape=None, keep_going=lambda: True) -> list[dict]:
   """One row per (stage, batch, K, precision, formulation); the first row of
   each (formulation, K, precision) carries what XLA made of its program
@@ -207,7 +203,7 @@ def measure(args, log=print, on_shape=None, keep_going=lambda: True) -> list[dic
               jax.block_until_ready(fns[f](*data))
               first[f] = time.perf_counter() - t0
             except Exception as e:  # e.g. out of memory: said in its row, the others go on
-              failed[f] = one_line(e)
+              failed[f] = first_line(e)
               fns.pop(f, None)
           ok = [f for f in forms if f not in failed]
           times = {f: [] for f in ok}
@@ -236,7 +232,7 @@ def measure(args, log=print, on_shape=None, keep_going=lambda: True) -> list[dic
                 row["ops"] = program_ops(fns[f], *data)
                 described.add((f, k, prec))
               except Exception as e:
-                log(f"[client_conv] {f}: no program census ({one_line(e)})")
+                log(f"[client_conv] {f}: no program census ({first_line(e)})")
             log(f"[client_conv] stage {stage} ({size}x{size}x{ch}) B={batch} K={k} {prec} "
                 f"{f:>8}: {ms:8.2f} ms  {row['tflops']:.2f} TFLOP/s")
           del data, fns

@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_throughput as bench  # noqa: E402
 import client_conv  # noqa: E402
+from hsee_jax.checkpoint import first_line  # noqa: E402
 
 GOALS = {"bf16_b128_peak_share": 0.25, "vs_torch_amp_b32": 1.5, "vs_torch_amp_b128": 1.2,
          "bf16_accuracy_points": 1.0}
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
     try:
       fn()
     except Exception as e:
-      result["errors"].append(f"{section}: {client_conv.one_line(e)}")
+      result["errors"].append(f"{section}: {first_line(e)}")
       log(f"[gpu_check] {section} failed: {result['errors'][-1]}")
     result["seconds"] = time.perf_counter() - t0
     write(out, result)
