@@ -1,5 +1,3 @@
-import sys
+from hsee_jax.cli import entry
 
-from hsee_jax.cli import main
-
-sys.exit(main())
+entry()

@@ -10,13 +10,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
-import threading
 import traceback
 from pathlib import Path
 
 from hsee_jax import config as config_lib
+from hsee_jax import stopping
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
   w.add_argument("--config", help="the base config (a configs/*.py file)")
   w.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                  help="a swept field and its values (repeatable; the grid is their product)")
-  w.add_argument("--seeds", default="0", help="comma list of seeds, each run for every grid point")
+  w.add_argument("--seeds", help="comma list of seeds, each run for every grid point (default 0)")
   w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                  help="override a base config field (repeatable)")
   w.add_argument("--out", help="the sweep directory")
@@ -82,52 +83,62 @@ def _sweep(args) -> None:
     raise config_lib.ConfigError("--stack: stacking the runs of a sweep was removed (it measured "
                                  "slower than one run after another); drop the flag")
   if args.resume:
-    if args.config or args.grid or args.out:
-      raise config_lib.ConfigError("sweep --resume DIR takes no --config, --grid or --out "
-                                   "(the plan is in DIR/sweep.json)")
-    sweep.resume_sweep(args.resume)
+    given = [o for o, v in (("--config", args.config), ("--grid", args.grid), ("--out", args.out),
+                            ("--seeds", args.seeds), ("--overwrite", args.overwrite)) if v]
+    if given:
+      raise config_lib.ConfigError(f"sweep --resume DIR takes no {', '.join(given)} (the plan "
+                                   f"is in DIR/sweep.json; --set rounds=N extends every run)")
+    rounds = None
+    for a in args.overrides:
+      key, _, value = a.partition("=")
+      if key.strip() != "rounds" or not value.strip().isdigit():
+        raise config_lib.ConfigError(f"sweep --resume: --set {a!r}: only rounds=N (extending "
+                                     f"every run) may change; the plan fixes the rest")
+      rounds = int(value)
+    sweep.resume_sweep(args.resume, rounds=rounds)
     return
   if not args.config or not args.out:
     raise config_lib.ConfigError("sweep needs --config and --out (or --resume DIR)")
   base = config_lib.load(args.config, args.overrides)
-  sweep.run_sweep(base, sweep.parse_grid(args.grid), sweep.parse_seeds(args.seeds), args.out,
-                  overwrite=args.overwrite)
-
-
-class _Terminated(BaseException):
-  """SIGTERM before a run's own handlers are set: ends the command as Ctrl-C does."""
-  signum = signal.SIGTERM
-
-
-def _terminate(signum, frame):
-  raise _Terminated()
+  sweep.run_sweep(base, sweep.parse_grid(args.grid), sweep.parse_seeds(args.seeds or "0"),
+                  args.out, overwrite=args.overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:
   """The ``hsee`` command. Exit codes: 0 done; 2 a user error (one line on
   stderr); 128 + signal number after SIGINT (130) or SIGTERM (143)."""
-  main_thread = threading.current_thread() is threading.main_thread()
-  old = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
   try:
-    return _main(argv)
-  except (KeyboardInterrupt, _Terminated) as e:  # before any work began (parsing, imports)
+    with stopping.early_signals():
+      return _main(argv)
+  except (KeyboardInterrupt, stopping.Early) as e:  # before any work began (parsing, imports)
     signum = getattr(e, "signum", signal.SIGINT)
     print(f"hsee: {signal.Signals(signum).name}: stopped before any work began; nothing was "
           f"written", file=sys.stderr, flush=True)
     return 128 + signum
-  finally:
-    if main_thread:
-      signal.signal(signal.SIGTERM, old)
+
+
+def entry() -> None:
+  """The console script: :func:`main`, then the exit. After a signal (exit
+  code above 128) the process ends without the interpreter's teardown: every
+  file is closed and every lock released by then, and tearing Python down
+  under XLA's and orbax's still-running threads can crash it (exit 139)."""
+  code = main()
+  if code > 128:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)
 
 
 def _main(argv: list[str] | None) -> int:
   args = _parser().parse_args(argv)
   # Imported late so that --help and config errors answer without loading JAX.
-  from hsee_jax import rundir, stopping
+  from hsee_jax import rundir
   from hsee_jax.data import DataError
   from hsee_jax.train import RunError, evaluate_run, train
   from hsee_jax import distributed
   _quiet_library_logs()
+  stopping.check_early()   # a signal during the imports, swallowed where it was raised
   try:
     if args.command in ("train", "sweep"):
       given = [o for o, v in (("--coordinator", args.coordinator),
@@ -158,7 +169,7 @@ def _main(argv: list[str] | None) -> int:
       e = stopping.Stopped(e.signum, e.rounds_done, e.out, sweep=args.resume or args.out)
     print(f"hsee: {e}", file=sys.stderr)
     return 128 + e.signum
-  except (stopping.Abandoned, KeyboardInterrupt, _Terminated) as e:
+  except (stopping.Abandoned, KeyboardInterrupt, stopping.Early) as e:
     signum = getattr(e, "signum", signal.SIGINT)
     if args.command == "eval":
       print(f"hsee: {signal.Signals(signum).name}: evaluation stopped; nothing was written",
@@ -217,4 +228,4 @@ def _quiet_library_logs() -> None:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  entry()

@@ -391,10 +391,13 @@ def override(cfg: Config, assignments: list[str]) -> Config:
 
 
 def load(path: str | Path, assignments: list[str] | None = None) -> Config:
-  """Load ``get_config()`` from a config file and apply overrides."""
+  """Load ``get_config()`` from a config file (or the config of a run: its
+  ``config.json``) and apply overrides."""
   path = Path(path)
   if not path.is_file():
     raise ConfigError(f"config file not found: {path}")
+  if path.suffix == ".json":
+    return override(_read_json_config(path), assignments or [])
   spec = importlib.util.spec_from_file_location(f"hsee_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   try:
@@ -424,6 +427,10 @@ def load_run_config(run: str | Path) -> Config:
   path = Path(run) / CONFIG
   if not path.is_file():
     raise ConfigError(f"{run} holds no run (no config.json)")
+  return _read_json_config(path)
+
+
+def _read_json_config(path: Path) -> Config:
   try:
     data = json.loads(path.read_text())
   except json.JSONDecodeError as e:

@@ -2,7 +2,8 @@
 
 ``DIR/config.json`` (the config), ``DIR/fleet.json`` (the clients, their
 cuts and data sizes), ``DIR/metrics.jsonl`` (one record per round),
-``DIR/summary.json`` (written when the run ends), ``DIR/checkpoints/<round>``
+``DIR/summary.json`` (written when the run ends), ``DIR/checkpoints/<round>``,
+``DIR/tensorboard/`` (event files, by :class:`hsee_jax.writers.TensorBoard`)
 and ``DIR/.hsee.lock``. :class:`RunDir` writes them (process 0 only, with
 several processes), reads them back and holds the resume rules; nothing
 else in the package names these files.
@@ -36,8 +37,8 @@ from typing import Any, Callable
 from hsee_jax.stopping import Abandoned, StopSignals, Stopped  # noqa: F401
 
 LOCK_NAME = ".hsee.lock"
-CONFIG, FLEET, METRICS, SUMMARY, CHECKPOINTS = ("config.json", "fleet.json", "metrics.jsonl",
-                                                "summary.json", "checkpoints")
+CONFIG, FLEET, METRICS, SUMMARY, CHECKPOINTS, TENSORBOARD = (
+    "config.json", "fleet.json", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard")
 # What a run writes into its directory (``--overwrite`` removes all of it).
 RUN_FILES = (CONFIG, FLEET, METRICS, METRICS + ".tmp", SUMMARY)
 RUN_GLOBS = ("eval_round*.json",)
@@ -179,19 +180,22 @@ def read_records(path: Path, log: Callable[[str], None] = print) -> list[dict]:
 
 class MetricsFile:
   """``metrics.jsonl`` as a metric writer (``hsee_jax.writers``): each
-  round's record appended and flushed, and kept in ``records`` (on every
-  process; only a writing process writes the file)."""
+  round's record appended and flushed (only a writing process writes the
+  file). Of the records it keeps only ``last_test``, the newest record's
+  test metrics (on every process): a long run's memory stays flat."""
 
   def __init__(self, path: Path, records: list[dict], write: bool):
-    self.path, self.records = path, records
+    self.path = path
+    self.last_test = next((r["test"] for r in reversed(records) if "test" in r), None)
     self.file = open(path, "a") if write else None
 
-  def write_config(self, cfg) -> None:
-    pass  # config.json holds it
+  def begin(self, cfg, records: list[dict]) -> None:
+    pass  # config.json holds the config, and the file holds the records already
 
   def write_round(self, record: dict) -> None:
     self.write(record)
-    self.records.append(record)
+    if "test" in record:
+      self.last_test = record["test"]
 
   def write(self, record: dict) -> None:
     """Append one line (a round's record or a stop event)."""
@@ -256,7 +260,8 @@ class RunDir:
     out = self.path
     if resume:
       if not self.checkpoint_dir.is_dir():
-        raise RunError(f"--resume: no checkpoints in {out} (expected {self.checkpoint_dir})")
+        raise RunError(f"--resume: no checkpoints in {out} (expected {self.checkpoint_dir})"
+                       f"{self._start_again()}")
       return
     if self.metrics_path.exists() or self.checkpoint_dir.exists():
       if not overwrite:
@@ -264,12 +269,21 @@ class RunDir:
                        f"it or --overwrite to replace it")
       shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
     if overwrite:
+      if (out / TENSORBOARD).is_dir():
+        shutil.rmtree(out / TENSORBOARD, ignore_errors=True)
       for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
       for pattern in RUN_GLOBS:
         for p in out.glob(pattern):
           p.unlink()
     self.write_config(cfg)
+
+  def _start_again(self) -> str:
+    """The way out of a run that cannot be resumed, for its error line."""
+    if not (self.path / CONFIG).is_file():
+      return ""
+    return (f"; to train it again from round 1: hsee train --config {self.path / CONFIG} "
+            f"--out {self.path} --overwrite")
 
   def _write(self, name: str, text: str) -> None:
     if self.writer:
@@ -294,7 +308,7 @@ class RunDir:
     """``metrics.jsonl`` rewritten to hold ``records`` (one atomic replace),
     then open for the new rounds' records."""
     self._write(METRICS, "".join(json.dumps(r) + "\n" for r in records))
-    return MetricsFile(self.metrics_path, list(records), self.writer)
+    return MetricsFile(self.metrics_path, records, self.writer)
 
   def checkpointer(self, keep: int, create: bool = True):
     """The run's :class:`hsee_jax.checkpoint.Checkpointer`; a one-line
@@ -333,6 +347,9 @@ class RunDir:
     records = self.read_records(log)
     recorded = recorded_rounds(records)
     steps = ckpt.steps()
+    if not steps:
+      raise RunError(f"--resume: no complete checkpoint in {ckpt.directory} (the run stopped "
+                     f"before its first one){self._start_again()}")
     if steps and min(steps) > recorded:
       log(f"[hsee] metrics.jsonl records {recorded} rounds, every checkpoint of {self.path} is "
           f"after a later round: training again from round 1")

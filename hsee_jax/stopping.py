@@ -1,12 +1,70 @@
-"""Stopping a run on a signal: SIGINT and SIGTERM ask the run to stop after
-the round in flight (which then saves a checkpoint, :class:`Stopped`); a
-second signal abandons the round at once (:class:`Abandoned`)."""
+"""Stopping on a signal: SIGINT and SIGTERM ask a run to stop after the
+round in flight (which then saves a checkpoint, :class:`Stopped`); a second
+signal abandons the round at once (:class:`Abandoned`). Before a run's
+handlers are set (the command starting, JAX loading, the run being built)
+and during ``hsee eval``, :func:`early_signals` stops the command at once
+(:class:`Early`), and remembers the signal, so that one raised where Python
+cannot pass it on (a garbage-collector callback, a ``__del__``) still stops
+the command at the next :func:`check_early`."""
 from __future__ import annotations
 
+import contextlib
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Callable
+
+_early: int | None = None   # the first signal :func:`early_signals` caught, until it ends
+
+
+class Early(BaseException):
+  """A stop signal before a run's handlers were set (or during an evaluation)."""
+
+  def __init__(self, signum: int):
+    self.signum = signum
+    super().__init__(signal.Signals(signum).name)
+
+
+def _early_handler(signum, frame):
+  global _early
+  if _early is None:
+    _early = signum
+  raise Early(signum)
+
+
+def check_early() -> None:
+  """Raise :class:`Early` if a signal came while :func:`early_signals` was on
+  (it may have been raised where it was swallowed)."""
+  if _early is not None:
+    raise Early(_early)
+
+
+@contextlib.contextmanager
+def early_signals():
+  """SIGINT and SIGTERM stop the command at once (:class:`Early`) for the
+  block, and are remembered (:func:`check_early`); the handlers before it
+  come back after. Only the main thread can set handlers; elsewhere a no-op."""
+  global _early
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  old = {s: signal.signal(s, _early_handler) for s in StopSignals.SIGNALS}
+  _early = None
+  default_hook = sys.unraisablehook
+
+  def hook(unraisable):  # swallowed where it was raised: remembered, said in one line later
+    if not (isinstance(unraisable.exc_type, type) and issubclass(unraisable.exc_type, Early)):
+      default_hook(unraisable)
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)
+    if sys.unraisablehook is hook:
+      sys.unraisablehook = default_hook
+    _early = None
 
 
 class Stopped(Exception):
@@ -55,6 +113,7 @@ class StopSignals:
              f"saving a checkpoint (send it again to stop at once, unsaved)")
 
   def __enter__(self):
+    check_early()  # a signal swallowed before the run's handlers were set stops it here
     if threading.current_thread() is threading.main_thread():
       for s in self.SIGNALS:
         self._old[s] = signal.signal(s, self._handle)

@@ -2,7 +2,7 @@
 
     hsee sweep --config configs/X.py --grid lr=0.05,0.1 --grid exit_loss_weight=0.5,1.0 \\
         --seeds 0,1,2 --out DIR [--set ...]
-    hsee sweep --resume DIR
+    hsee sweep --resume DIR [--set rounds=N]
 
 Each run is an ordinary run directory, ``DIR/<point>/seed<s>`` (``config.json``,
 ``metrics.jsonl``, ``summary.json``, checkpoints), which ``hsee eval`` and
@@ -169,9 +169,11 @@ def plan(base: Config, grid: dict, seeds: list[int]) -> list[Run]:
   return plan_points(grid_points(base, grid), seeds)
 
 
-def _done(run_dir: Path) -> bool:
+def _done(run_dir: Path, rounds: int) -> bool:
+  """The run in ``run_dir`` finished all ``rounds`` rounds."""
   try:
-    return rundir.read_summary(run_dir)["test"] is not None
+    summary = rundir.read_summary(run_dir)
+    return summary["test"] is not None and summary["rounds"] == rounds
   except (OSError, ValueError, KeyError, TypeError):
     return False
 
@@ -271,7 +273,7 @@ def train_runs(runs: list[Run], out: Path, *, resume: bool = False, dataset=None
       f"batch(es); the runs of a batch share their compiled programs")
   todo = []
   for i, run in enumerate(runs):
-    if resume and _done(out / run.name):
+    if resume and _done(out / run.name, run.cfg.rounds):
       log(f"[sweep] run {i + 1}/{len(runs)} {run.name}: finished before, kept")
     else:
       todo.append(run)
@@ -304,9 +306,12 @@ def train_runs(runs: list[Run], out: Path, *, resume: bool = False, dataset=None
   return failed
 
 
-def resume_sweep(out: str | Path, log: Callable[[str], None] = print) -> list[dict]:
+def resume_sweep(out: str | Path, log: Callable[[str], None] = print,
+                 rounds: int | None = None) -> list[dict]:
   """Finish every unfinished run of the sweep in ``out``, exactly (each run
-  resumes from its newest checkpoint)."""
+  resumes from its newest checkpoint). ``rounds`` above the plan's extends
+  every run to that many rounds, as ``hsee train --resume --set rounds=N``
+  does one (the plan records it)."""
   out = Path(out)
   try:
     saved = json.loads((out / PLAN).read_text())
@@ -323,6 +328,19 @@ def resume_sweep(out: str | Path, log: Callable[[str], None] = print) -> list[di
   except (TypeError, KeyError, AttributeError, ValueError):
     raise ConfigError(f"--resume: {out / PLAN} is damaged (not a sweep plan: it needs "
                       f"\"config\", \"grid\" and \"seeds\")") from None
+  if rounds is not None and rounds != base.rounds:
+    if "rounds" in grid:
+      raise ConfigError("sweep --resume --set rounds=N: rounds is swept in this sweep's grid; "
+                        "it cannot be set for every run")
+    if rounds < base.rounds:
+      raise ConfigError(f"sweep --resume --set rounds={rounds}: the sweep's runs have "
+                        f"{base.rounds} rounds; give rounds >= {base.rounds}")
+    log(f"[sweep] extending every run of {out} from {base.rounds} to {rounds} rounds")
+    base = dataclasses.replace(base, rounds=rounds)
+    if distributed.is_writer():
+      with locked(out, log):
+        saved["config"] = base.to_dict()
+        rundir.write_atomic(out / PLAN, json.dumps(saved, indent=2))
   return run_sweep(base, grid, seeds, out, resume=True, log=log)
 
 
@@ -335,7 +353,7 @@ def collect(out: Path, runs: list[Run], errors: dict | None = None) -> list[dict
   for run in runs:
     row = {"run": run.name, **{f: _cell(v) for f, v in run.point.items()}, "seed": run.seed,
            "batch": run.batch}
-    if not _done(out / run.name):
+    if not _done(out / run.name, run.cfg.rounds):
       try:
         records = rundir.RunDir(out / run.name).read_records(lambda s: None)
       except rundir.RunError as e:   # the run's history is damaged: say so in its row

@@ -303,6 +303,7 @@ def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False, resume: 
   with contextlib.ExitStack() as stack:
     stack.enter_context(run.locked(log))
     stop = stack.enter_context(stopping.StopSignals(signal_log))
+    writers = writers_lib.for_config(cfg, run.path, log) if writer else []  # they check first
     run.prepare(cfg, overwrite, resume)
     distributed.barrier("run-directories-ready")
     t_start = time.time()
@@ -324,10 +325,10 @@ def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False, resume: 
     if resume:
       distributed.barrier("resume-written")
       ckpt.reload()  # the checkpoints process 0 set aside are gone from every process's view
-    writers = [metrics_file] + (writers_lib.for_config(cfg, run.path, log) if writer else [])
-    for w in writers[1:]:
+    for w in writers:
       stack.callback(w.close)
-      w.write_config(cfg)
+      w.begin(cfg, records)
+    writers = [metrics_file] + writers
     checkpoints = RoundCheckpoints(ckpt, cfg, train_key)
     try:
       state, done, signum = run_rounds(
@@ -348,8 +349,7 @@ def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False, resume: 
     if signum is not None:
       _stop(checkpoints, state, done, signum, metrics_file)
       raise stopping.Stopped(signum, done, run.path)
-    test = next((r["test"] for r in reversed(metrics_file.records) if "test" in r), None)
-    summary = _summary(sim, start if resume else None, test, t_start)
+    summary = _summary(sim, start if resume else None, metrics_file.last_test, t_start)
     run.write_summary(summary)   # while the directory is still locked
   for c in (summary["test"] or {}).get("cuts", []):
     log(f"[hsee] {evaluation.format_cut(c)}")
@@ -384,6 +384,7 @@ def _log_header(sim: Simulation, dataset, state, log) -> None:
       f"{cfg.cohort_size} per round, {dataset.name} {len(dataset.train_labels)} train / "
       f"{len(dataset.test_labels)} test, width {cfg.width}, {sim.local_steps} local steps x "
       f"batch {cfg.batch_size}, mode {sim.ctx.mode} (chunks of {sim.ctx.chunk}), "
+      f"precision {cfg.precision} ({precision_lib.resolve(cfg.precision)}), "
       f"backend {jax.default_backend()}")
   log(f"[hsee] persistent state: {engine.tree_bytes(state) / 2**20:.1f} MiB; per client "
       + ", ".join(f"{b / 2**10:.1f} KiB at cut {c}"
@@ -394,7 +395,8 @@ def _summary(sim: Simulation, resumed_from: int | None, test: dict | None, t_sta
   cfg, fleet = sim.cfg, sim.fleet
   return {
       "config": cfg.to_dict(), "rounds": cfg.rounds, "local_steps": sim.local_steps,
-      "backend": jax.default_backend(), "resumed_from_round": resumed_from,
+      "backend": jax.default_backend(), "precision": precision_lib.resolve(cfg.precision),
+      "resumed_from_round": resumed_from,
       "num_clients": fleet.size, "clients_per_round": cfg.cohort_size,
       "cuts": fleet.cuts.tolist(),
       "clients_per_cut": {str(c): len(ids) for c, ids in fleet.groups.items()},
@@ -404,7 +406,12 @@ def _summary(sim: Simulation, resumed_from: int | None, test: dict | None, t_sta
 
 def evaluate_run(run_dir: str | Path, step: int | None = None,
                  log: Callable[[str], None] = print) -> dict:
-  """Test metrics of a run's newest (or a named) checkpoint, without training."""
+  """Test metrics of a run's newest (or a named) checkpoint, without training.
+
+  It takes no lock: on a run that another process is training it reads the
+  newest complete checkpoint (a checkpoint is complete on disk before its
+  round is recorded) and writes ``eval_round<N>.json`` atomically beside
+  it, which the training neither reads nor writes."""
   run = Path(run_dir)
   cfg = config_lib.load_run_config(run)
   dataset, sim = build(cfg)
@@ -415,6 +422,7 @@ def evaluate_run(run_dir: str | Path, step: int | None = None,
   path = run / f"eval_round{meta['round']}.json"
   log(f"[hsee] {run}: checkpoint after round {meta['round']}")
   log(evaluation.format_table(result["test"]))   # first: a write that fails loses nothing shown
+  stopping.check_early()   # a stop signal that was swallowed where it came: nothing is written
   try:
     rundir.write_atomic(path, json.dumps(result, indent=2))
   except RunError as e:

@@ -1,10 +1,14 @@
 """Metric writers: what a run does with each round's record.
 
-A writer has ``write_config(cfg)``, ``write_round(record)`` and ``close()``;
-:func:`hsee_jax.train.run_rounds` calls the run's writers in order after
-each round. A run's writers are :class:`hsee_jax.rundir.MetricsFile` (the
-record appended to ``metrics.jsonl``, first: what a resume trusts), then
-those of :func:`for_config` (process 0 only):
+A writer has ``begin(cfg, records)`` (the run's config and the records it
+already holds: a resumed run's kept rounds, else none), ``write_round(record)``
+and ``close()``; :func:`hsee_jax.train.run_rounds` calls the run's writers in
+order after each round. A writer's constructor only checks where it will
+write, raising a one-line :class:`hsee_jax.rundir.RunError` (it is made
+before any work begins). A run's writers are
+:class:`hsee_jax.rundir.MetricsFile` (the record appended to
+``metrics.jsonl``, first: what a resume trusts), then those of
+:func:`for_config` (process 0 only):
 
 * :class:`Progress`: the round's line on the log (losses and accuracies,
   the test means at evaluated rounds, images/s and seconds);
@@ -17,36 +21,63 @@ those of :func:`for_config` (process 0 only):
   cut's test ``exit_acc`` and ``full_acc`` (``test/cut<l>/...``) and the
   fleet means (``test/mean_exit_acc``, ``test/mean_full_acc``); the config
   as text. The step is the round (1-based). ``tensorboard --logdir runs/``
-  shows every run below it; a resumed run appends a new event file, and the
-  rounds it recomputes appear again at the same steps.
+  shows every run below it. The event files are as durable as
+  ``metrics.jsonl``: each round's events are flushed whole before the next
+  round begins, and a run that begins (a resume after a crash included)
+  writes its event file anew from the records ``metrics.jsonl`` keeps, so
+  the two never disagree.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable
 
 from hsee_jax.config import Config
+from hsee_jax.rundir import TENSORBOARD, RunError
 from hsee_jax.strategies import METRIC_NAMES
 
-TENSORBOARD_DIR = "tensorboard"
+EVENT_FILES = "events.out.tfevents.*"
 
 
 class TensorBoard:
   """Per-round scalars and the config, written by ``tensorboardX.SummaryWriter``."""
 
   def __init__(self, logdir: str | Path):
-    from tensorboardX import SummaryWriter  # present: Config checks it for tensorboard=True
-    self.writer = SummaryWriter(str(logdir))
+    self.logdir, self.writer = Path(logdir), None
+    where = f"tensorboard: cannot write event files into {self.logdir}"
+    if self.logdir.exists() and not self.logdir.is_dir():
+      raise RunError(f"{where}: it is a file")
+    if self.logdir.is_dir() and not os.access(self.logdir, os.W_OK | os.X_OK):
+      raise RunError(f"{where}: not writable")
 
-  def write_config(self, cfg: Config) -> None:
-    """The run's config, as indented JSON text (TensorBoard's Text tab)."""
+  def begin(self, cfg: Config, records: list[dict]) -> None:
+    """A new event file holding the config (as indented JSON text: the Text
+    tab) and ``records`` (the rounds ``metrics.jsonl`` keeps); the event
+    files of earlier runs in the directory go (``records`` replaces them)."""
+    from tensorboardX import SummaryWriter  # present: Config checks it for tensorboard=True
+    try:
+      self.logdir.mkdir(parents=True, exist_ok=True)
+      for old in self.logdir.glob(EVENT_FILES):
+        old.unlink()
+      self.writer = SummaryWriter(str(self.logdir))
+    except OSError as e:
+      raise RunError(f"tensorboard: cannot write event files into {self.logdir}: "
+                     f"{e.strerror or e}") from None
     text = json.dumps(cfg.to_dict(), indent=2)
     self.writer.add_text("config", "\n".join("    " + line for line in text.splitlines()), 0)
+    for record in records:
+      self._add(record)
+    self.writer.flush()
 
   def write_round(self, record: dict) -> None:
-    """Scalars of one round's ``metrics.jsonl`` record (stop events are skipped)."""
-    if "train" not in record:
+    """Scalars of one round's ``metrics.jsonl`` record, flushed to the event file."""
+    self._add(record)
+    self.writer.flush()
+
+  def _add(self, record: dict) -> None:
+    if "train" not in record:  # a stop event
       return
     step = record["round"] + 1
     for k, v in record["train"].items():
@@ -69,7 +100,8 @@ class TensorBoard:
 
   def close(self) -> None:
     """Flush and close the event file."""
-    self.writer.close()
+    if self.writer is not None:
+      self.writer.close()
 
 
 def format_metrics(m: dict) -> str:
@@ -82,7 +114,7 @@ class Progress:
   def __init__(self, rounds: int, log: Callable[[str], None] = print):
     self.rounds, self.log = rounds, log
 
-  def write_config(self, cfg: Config) -> None:
+  def begin(self, cfg: Config, records: list[dict]) -> None:
     pass  # the run's header lines say what it trains
 
   def write_round(self, record: dict) -> None:
@@ -98,6 +130,7 @@ class Progress:
 
 def for_config(cfg: Config, out: Path, log: Callable[[str], None] = print) -> list:
   """The writers ``cfg`` asks for, for a run in ``out``: the progress line,
-  and TensorBoard with ``tensorboard=True``."""
-  return [Progress(cfg.rounds, log)] + ([TensorBoard(Path(out) / TENSORBOARD_DIR)]
+  and TensorBoard with ``tensorboard=True``. A one-line RunError where one
+  cannot write."""
+  return [Progress(cfg.rounds, log)] + ([TensorBoard(Path(out) / TENSORBOARD)]
                                         if cfg.tensorboard else [])
