@@ -98,6 +98,9 @@ class Config:
   step_milestones: tuple = input_field((0.5, 0.75))  # fractions of training, for schedule=step
   step_gamma: float = input_field(0.1)
   aggregate_every: int = program(1)  # rounds between cross-layer aggregations
+  tier_local_top: bool = program(False)  # [choice] InclusiveFL (KDD 2022): each tier's deepest
+                                # client unit (unit l at cut l) averaged within its tier only;
+                                # averaging only (strategies/aggregation.py)
   server_grad_to_client: bool = program(False)  # True = classical split learning baseline
   exit_loss_weight: float = input_field(1.0)  # 0 with server_grad_to_client: the uncut network's
                                         # training (central / classical baselines)
@@ -250,6 +253,9 @@ class Config:
       raise ConfigError("aggregate_every > 1 with clients_per_round < num_clients is not "
                         "defined (sampled clients would train models that the next "
                         "aggregation may not see); use aggregate_every=1 or every client")
+    if self.tier_local_top and self.strategy != "averaging":
+      raise ConfigError(f"tier_local_top: for strategy=averaging only (a cross-layer average "
+                        f"to keep a unit out of), got strategy={self.strategy}")
     if self.samples_clients and self.client_aggregation != "none":
       raise ConfigError("client_aggregation=cross_layer with clients_per_round < num_clients is "
                         "not defined; use every client or client_aggregation=none")

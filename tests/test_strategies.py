@@ -85,7 +85,7 @@ def test_streaming_aggregation_equals_cross_layer_average(chunk):
   heads0 = {group_key(c): jax.tree.map(lambda a: a[0], PartState(
       params=client[c].params[models.EXIT_HEAD], batch_stats={}, opt_state={}))
       for c in groups}
-  model, heads = jax.jit(combine_sums)(model0, heads0, sums)
+  model, heads, _ = jax.jit(combine_sums)(model0, heads0, sums)
   check = lambda a, b: chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-6)
   for c in groups:
     got = model
@@ -105,7 +105,7 @@ def test_zero_total_keeps_old_values():
   sums = {1: chunk_sums(part, jnp.zeros(2), None)}
   model = PartState(params={"unit_1": {"w": jnp.full(3, 5.0)}}, batch_stats={}, opt_state={})
   heads = {"cut_1": PartState(params={"w": jnp.full(3, 7.0)}, batch_stats={}, opt_state={})}
-  model, heads = combine_sums(model, heads, sums)
+  model, heads, _ = combine_sums(model, heads, sums)
   np.testing.assert_array_equal(model.params["unit_1"]["w"], 5.0)
   np.testing.assert_array_equal(heads["cut_1"].params["w"], 7.0)
 
@@ -179,3 +179,49 @@ def test_nonfinite_parts_names_the_client_and_part():
   model = model.replace(params={**model.params, "unit_9": {**model.params["unit_9"],
                                                            "Conv_0": {"kernel": k.at[0].set(np.inf)}}})
   assert sim.algorithm.nonfinite_parts(state.replace(model=model)) == ["model unit_9"]
+
+
+def test_tier_local_top_unit_is_averaged_within_its_tier_only():
+  """tier_local_top (InclusiveFL): unit 1 of the tier at cut 1 is averaged
+  over that tier's clients alone, the shared copy over the other holders
+  (here the cut-2 tier's client parts); without it, over both."""
+  unit1, unit2 = models.unit_name(1), models.unit_name(2)
+  part = lambda v, names, k: PartState(
+      params={n: {"w": jnp.full((k, 3), v, jnp.float32)} for n in names}, batch_stats={},
+      opt_state={})
+  sums = {1: chunk_sums(part(1.0, [unit1, unit2, models.EXIT_HEAD], 2), jnp.ones(2), None),
+          2: chunk_sums(part(3.0, [unit1, unit2, models.EXIT_HEAD], 1), jnp.full(1, 2.0), None)}
+  model = PartState(params={n: {"w": jnp.zeros(3)} for n in (unit1, unit2)}, batch_stats={},
+                    opt_state={})
+  heads = {group_key(c): PartState(params={"w": jnp.zeros(3)}, batch_stats={}, opt_state={})
+           for c in (1, 2)}
+  tiers = {group_key(1): PartState(params={unit1: {"w": jnp.zeros(3)}}, batch_stats={},
+                                   opt_state={})}
+  shared, _, tiers_out = combine_sums(model, heads, sums, tiers)
+  np.testing.assert_allclose(tiers_out[group_key(1)].params[unit1]["w"], 1.0)   # tier 1 alone
+  np.testing.assert_allclose(shared.params[unit1]["w"], 3.0)                    # the others
+  np.testing.assert_allclose(shared.params[unit2]["w"], (2 * 1.0 + 2 * 3.0) / 4)  # as before
+  plain, _, none = combine_sums(model, heads, sums)
+  np.testing.assert_allclose(plain.params[unit1]["w"], (2 * 1.0 + 2 * 3.0) / 4)
+  assert none == {}
+
+
+def test_tier_local_top_in_a_run():
+  """A run with tier_local_top: each tier holds its own copy of its top
+  unit, which its evaluated network uses and which differs from the shared
+  copy after training; refused for Sequential in one line."""
+  cfg = dataclasses.replace(CFG, cuts=(3, 7, 3, 7), tier_local_top=True)
+  _, sim = train_lib.build(cfg)
+  state = sim.init_state(jax.random.PRNGKey(0))
+  assert {g: set(t.params) for g, t in state.tier_units.items()} == {
+      group_key(3): {models.unit_name(3)}, group_key(7): {models.unit_name(7)}}
+  for rnd in range(2):
+    state, metrics = sim.algorithm.apply(state, sim.cohort(rnd, jax.random.PRNGKey(1)))
+  assert np.isfinite(np.asarray(metrics)).all() and not sim.algorithm.nonfinite_parts(state)
+  for m in sim.algorithm.eval_models(state):
+    top = models.unit_name(m.cut)
+    own = state.tier_units[group_key(m.cut)].params[top]
+    chex.assert_trees_all_equal(m.client.params[top], own)
+    assert not np.allclose(KERNEL(m.client.params, m.cut), KERNEL(state.model.params, m.cut))
+  with pytest.raises(ConfigError, match=r"^tier_local_top: for strategy=averaging only"):
+    dataclasses.replace(CFG, strategy="sequential", tier_local_top=True)

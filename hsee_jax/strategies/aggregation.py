@@ -70,7 +70,8 @@ def chunk_sums(part: PartState, weights, acc: dict | None) -> dict:
   return sums if acc is None else jax.tree.map(jnp.add, acc, sums)
 
 
-def combine_sums(model: PartState, exit_heads: dict, sums: dict) -> tuple[PartState, dict]:
+def combine_sums(model: PartState, exit_heads: dict, sums: dict,
+                 tier_units: dict | None = None) -> tuple[PartState, dict, dict]:
   """The cross-layer average from one weighted sum per cut (``sums[cut]``).
 
   Unit k is averaged over every client: from its client part where k <= cut,
@@ -78,8 +79,15 @@ def combine_sums(model: PartState, exit_heads: dict, sums: dict) -> tuple[PartSt
   The sums are added in the order :func:`cross_layer_average` adds its parts
   (client parts by cut, then server parts by cut), so both give the same
   floats. A name no client held (zero total) keeps its old value.
+
+  ``tier_units`` (``tier_local_top``, InclusiveFL): group key -> PartState of
+  the units a tier keeps to itself. Such a unit of the tier at cut c is
+  averaged over that tier's clients alone, and the shared copy over the
+  other holders only. Returns ``(model, exit_heads, tier_units)``.
   """
   cuts = sorted(sums)
+  tier_units = dict(tier_units or {})
+  local = {c: set(tier_units[group_key(c)].params) for c in cuts if group_key(c) in tier_units}
 
   def average(name, holders):
     summed, total = None, 0
@@ -97,6 +105,9 @@ def combine_sums(model: PartState, exit_heads: dict, sums: dict) -> tuple[PartSt
     k = models.unit_index(name)  # None: the classifier, held by every server part
     holders = ([c for c in cuts if c >= k] + [c for c in cuts if c < k] if k is not None
                else list(cuts))
+    holders = [c for c in holders if name not in local.get(c, ())]
+    if not holders:
+      continue
     (p, s), total = average(name, holders)
     params[name] = pick(p, total, model.params[name])
     if name in stats:
@@ -109,4 +120,13 @@ def combine_sums(model: PartState, exit_heads: dict, sums: dict) -> tuple[PartSt
     heads[g] = PartState(params=pick(p, total, old.params),
                          batch_stats=pick(s, total, old.batch_stats) if old.batch_stats else {},
                          opt_state={})
-  return PartState(params=params, batch_stats=stats, opt_state={}), heads
+    if c in local:
+      old = tier_units[g]
+      t_params, t_stats = dict(old.params), dict(old.batch_stats)
+      for name in local[c]:
+        (p, s), total = average(name, [c])
+        t_params[name] = pick(p, total, old.params[name])
+        if name in t_stats:
+          t_stats[name] = pick(s, total, old.batch_stats[name])
+      tier_units[g] = PartState(params=t_params, batch_stats=t_stats, opt_state={})
+  return PartState(params=params, batch_stats=stats, opt_state={}), heads, tier_units

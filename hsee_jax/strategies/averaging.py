@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hsee_jax import engine
+from hsee_jax import engine, models
 from hsee_jax.fleet import Cohort
 from hsee_jax.optim import PartState
 from hsee_jax.strategies import aggregation
@@ -35,12 +35,15 @@ class AveragingState:
   model: PartState       # one copy of every unit and the classifier (no optimiser state)
   exit_heads: dict       # group_key(cut) -> PartState of that cut's exit head
   clients: dict          # group_key(cut) -> per-client PartState, leaves [N_cut, ...]
+  tier_units: dict = flax.struct.field(default_factory=dict)  # tier_local_top: group_key(cut)
+                         # -> PartState of unit ``cut``, that tier's own copy (else empty)
 
 
 def client_server_parts(state: AveragingState, cut: int, tx) -> tuple[PartState, PartState]:
   """A client's client part and server part at ``cut`` taken from an Averaging
   state's shared model, with fresh optimiser state (benchmarks, profiles)."""
-  full = cut_variables(state.model, state.exit_heads[group_key(cut)])
+  g = group_key(cut)
+  full = cut_variables(state.model, state.exit_heads[g], state.tier_units.get(g))
   full = full.replace(opt_state=opt_init(tx, full.params))
   return full.split(cut)
 
@@ -48,9 +51,9 @@ def client_server_parts(state: AveragingState, cut: int, tx) -> tuple[PartState,
 def _programs(tx, keep_opt: bool, keep_models: bool):
   """The jitted helpers of a round: (prepare, finish) a chunk of clients."""
 
-  def prepare(cut, model, head, kept, slots):
+  def prepare(cut, model, head, tier, kept, slots):
     """Client and server parts of the chunk's clients (leading axis [K])."""
-    full = cut_variables(model, head)
+    full = cut_variables(model, head, tier)
     if keep_models:
       full = PartState(params=take(kept.params, slots), batch_stats=take(kept.batch_stats, slots),
                        opt_state={})
@@ -77,12 +80,12 @@ _combine = jax.jit(aggregation.combine_sums)
 
 
 @jax.jit
-def _spread(kept, model, heads):
+def _spread(kept, model, heads, tier_units):
   """After an aggregation with per-client models: every client takes the average."""
   out = {}
   for g, part in kept.items():
     n = jax.tree.leaves(part.params)[0].shape[0]
-    avg = stack_copies(cut_variables(model, heads[g]), n)
+    avg = stack_copies(cut_variables(model, heads[g], tier_units.get(g)), n)
     out[g] = PartState(params=avg.params, batch_stats=avg.batch_stats, opt_state=part.opt_state)
   return out
 
@@ -114,16 +117,20 @@ def averaging(ctx: Context) -> Algorithm:
     init depends on (key, k) only; an exit head's on (key, cut))."""
     p, s = net.init_span(key, *net.full_span(), ctx.image_shape)
     model = PartState(params=p, batch_stats=s, opt_state={})
-    heads, clients = {}, {}
+    heads, clients, tiers = {}, {}, {}
     for cut, ids in fleet.groups.items():
       hp, hs = net.init_exit_head(key, cut, ctx.image_shape)
       heads[group_key(cut)] = PartState(params=hp, batch_stats=hs, opt_state={})
+      if cfg.tier_local_top:  # the tier's own copy of its top unit, from the same init
+        top = models.unit_name(cut)
+        tiers[group_key(cut)] = PartState(
+            params={top: p[top]}, batch_stats={top: s[top]} if top in s else {}, opt_state={})
       full = cut_variables(model, heads[group_key(cut)])
       kept = PartState(params=full.params if keep_models else {},
                        batch_stats=full.batch_stats if keep_models else {},
                        opt_state=opt_init(tx, full.params) if keep_opt else {})
       clients[group_key(cut)] = stack_copies(kept, len(ids))
-    return AveragingState(model=model, exit_heads=heads, clients=clients)
+    return AveragingState(model=model, exit_heads=heads, clients=clients, tier_units=tiers)
 
   prepare, finish = cached_program(("averaging", ctx.program_key),
                                    lambda: _programs(tx, keep_opt, keep_models))
@@ -141,7 +148,8 @@ def averaging(ctx: Context) -> Algorithm:
         k = len(pos)
         slots = np.concatenate([cohort.slots[pos[:real]], np.full(k - real, n_cut)])
         weights = np.concatenate([cohort.weights[pos[:real]], np.zeros(k - real, np.float32)])
-        client, server = prepare(cut, state.model, state.exit_heads[g], kept[g], slots)
+        client, server = prepare(cut, state.model, state.exit_heads[g],
+                                 state.tier_units.get(g), kept[g], slots)
         parts, xs, keys = (client, server), step_inputs(cohort, pos), cohort.keys[pos]
         if ctx.mesh is not None:
           parts, xs, keys = ctx.mesh.place((parts, xs, keys), k)
@@ -149,12 +157,12 @@ def averaging(ctx: Context) -> Algorithm:
         kept[g], sums[cut] = finish(kept[g], sums.get(cut), client, server, weights, slots, due)
         metrics = _scatter_rows(metrics, m, np.concatenate([pos[:real],
                                                             np.full(k - real, cohort.size)]))
-    model, heads = state.model, state.exit_heads
+    model, heads, tiers = state.model, state.exit_heads, state.tier_units
     if due:
-      model, heads = _combine(model, heads, sums)
+      model, heads, tiers = _combine(model, heads, sums, tiers)
       if keep_models:
-        kept = _spread(kept, model, heads)
-    return AveragingState(model=model, exit_heads=heads, clients=kept), metrics
+        kept = _spread(kept, model, heads, tiers)
+    return AveragingState(model=model, exit_heads=heads, clients=kept, tier_units=tiers), metrics
 
   def eval_models(state: AveragingState) -> list[EvalModel]:
     out = []
@@ -165,15 +173,19 @@ def averaging(ctx: Context) -> Algorithm:
           full = take(state.clients[g], int(fleet.slots[i]))
           out.append(EvalModel(cut, (int(i),), *full.split(cut), False))
         continue
-      full = cut_variables(state.model, state.exit_heads[g])
-      out.append(EvalModel(cut, tuple(int(i) for i in ids), *full.split(cut), True))
+      full = cut_variables(state.model, state.exit_heads[g], state.tier_units.get(g))
+      # one network split at the cuts, unless each tier keeps its own top unit
+      out.append(EvalModel(cut, tuple(int(i) for i in ids), *full.split(cut),
+                           not cfg.tier_local_top))
     return out
 
   def nonfinite_parts(state: AveragingState, ids=None) -> list[str]:
     flags = jax.device_get(finite({
         **{f"model {n}": (p, state.model.batch_stats.get(n, {})) for n, p in state.model.params.items()},
         **{f"exit head of cut {g.split('_')[1]}": (h.params, h.batch_stats)
-           for g, h in state.exit_heads.items()}}))
+           for g, h in state.exit_heads.items()},
+        **{f"tier {g.split('_')[1]}'s own {n}": (p, t.batch_stats.get(n, {}))
+           for g, t in state.tier_units.items() for n, p in t.params.items()}}))
     bad = [name for name, ok in flags.items() if not ok]
     if keep_models:
       bad += bad_rows(fleet, state.clients, "model", ids)

@@ -36,11 +36,15 @@ def opt_init(tx, params: dict) -> dict:
   return {n: tx.init(p) for n, p in params.items()}
 
 
-def cut_variables(model: PartState, head: PartState) -> PartState:
+def cut_variables(model: PartState, head: PartState, tier: PartState | None = None) -> PartState:
   """The whole network of a client (client part with its exit head, and
-  server part) from one copy of every unit and its cut's exit head."""
-  params = {**model.params, models.EXIT_HEAD: head.params}
-  stats = {**model.batch_stats, **({models.EXIT_HEAD: head.batch_stats} if head.batch_stats else {})}
+  server part) from one copy of every unit and its cut's exit head; the
+  units of ``tier`` (its tier's own copies, ``tier_local_top``) replace the
+  shared ones."""
+  tier_params, tier_stats = (tier.params, tier.batch_stats) if tier is not None else ({}, {})
+  params = {**model.params, **tier_params, models.EXIT_HEAD: head.params}
+  stats = {**model.batch_stats, **tier_stats,
+           **({models.EXIT_HEAD: head.batch_stats} if head.batch_stats else {})}
   return PartState(params=params, batch_stats=stats, opt_state={})
 
 
