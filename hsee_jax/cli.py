@@ -88,14 +88,7 @@ def _sweep(args) -> None:
     if given:
       raise config_lib.ConfigError(f"sweep --resume DIR takes no {', '.join(given)} (the plan "
                                    f"is in DIR/sweep.json; --set rounds=N extends every run)")
-    rounds = None
-    for a in args.overrides:
-      key, _, value = a.partition("=")
-      if key.strip() != "rounds" or not value.strip().isdigit():
-        raise config_lib.ConfigError(f"sweep --resume: --set {a!r}: only rounds=N (extending "
-                                     f"every run) may change; the plan fixes the rest")
-      rounds = int(value)
-    sweep.resume_sweep(args.resume, rounds=rounds)
+    sweep.resume_sweep(args.resume, overrides=args.overrides)
     return
   if not args.config or not args.out:
     raise config_lib.ConfigError("sweep needs --config and --out (or --resume DIR)")

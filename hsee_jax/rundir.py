@@ -53,16 +53,25 @@ def _oserror(out: Path, e: OSError) -> RunError:
                   + (f" ({e.filename})" if e.filename and str(e.filename) != str(out) else ""))
 
 
+def check_dir(path: Path, what: str) -> None:
+  """A one-line error (``what: it is a file`` / ``not writable``) where
+  ``path`` cannot serve as a directory to write into; a path that does not
+  exist yet passes."""
+  if path.exists() and not path.is_dir():
+    raise RunError(f"{what}: it is a file")
+  if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+    raise RunError(f"{what}: not writable")
+
+
 def make_dir(out: Path) -> None:
   """``out`` as a directory, or a one-line error saying why it cannot be one."""
-  if out.exists() and not out.is_dir():
-    raise RunError(f"cannot use {out} as a run directory: it is a file")
+  what = f"cannot use {out} as a run directory"
+  check_dir(out, what)
   try:
     out.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise _oserror(out, e) from None
-  if not os.access(out, os.W_OK):
-    raise RunError(f"cannot use {out} as a run directory: not writable")
+  check_dir(out, what)
 
 
 class RunLock:
@@ -350,7 +359,7 @@ class RunDir:
     if not steps:
       raise RunError(f"--resume: no complete checkpoint in {ckpt.directory} (the run stopped "
                      f"before its first one){self._start_again()}")
-    if steps and min(steps) > recorded:
+    if min(steps) > recorded:
       log(f"[hsee] metrics.jsonl records {recorded} rounds, every checkpoint of {self.path} is "
           f"after a later round: training again from round 1")
       state, start, train_key = sim.init_state(keys[0]), 0, keys[1]

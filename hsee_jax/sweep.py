@@ -229,13 +229,15 @@ def _run_sweep(base, grid, seeds, out: Path, runs: list[Run], resume: bool, over
   writer = distributed.is_writer()  # several processes: process 0 writes and reports
   log = distributed.writer_log(log)
   distributed.barrier("sweep-checked")  # every process has looked before process 0 writes
-  if writer and not resume:
-    rundir.write_atomic(plan_file, json.dumps(
-        {"config": base.to_dict(), "grid": {f: [config_lib._jsonable(v) for v in vs]
-                                            for f, vs in grid.items()},
-         "seeds": seeds, "runs": [{"name": r.name, "point": {k: config_lib._jsonable(v)
-                                                              for k, v in r.point.items()},
-                                   "seed": r.seed, "batch": r.batch} for r in runs]}, indent=2))
+  text = json.dumps(
+      {"config": base.to_dict(), "grid": {f: [config_lib._jsonable(v) for v in vs]
+                                          for f, vs in grid.items()},
+       "seeds": seeds, "runs": [{"name": r.name, "point": {k: config_lib._jsonable(v)
+                                                            for k, v in r.point.items()},
+                                 "seed": r.seed, "batch": r.batch} for r in runs]}, indent=2)
+  # unless it is on disk as it is (a resume; one that raised the rounds writes them)
+  if writer and not (resume and plan_file.exists() and plan_file.read_text() == text):
+    rundir.write_atomic(plan_file, text)
   t0 = time.time()
   errors: dict = {}
   try:
@@ -307,11 +309,11 @@ def train_runs(runs: list[Run], out: Path, *, resume: bool = False, dataset=None
 
 
 def resume_sweep(out: str | Path, log: Callable[[str], None] = print,
-                 rounds: int | None = None) -> list[dict]:
+                 overrides: list[str] = ()) -> list[dict]:
   """Finish every unfinished run of the sweep in ``out``, exactly (each run
-  resumes from its newest checkpoint). ``rounds`` above the plan's extends
-  every run to that many rounds, as ``hsee train --resume --set rounds=N``
-  does one (the plan records it)."""
+  resumes from its newest checkpoint). ``overrides`` (``--set``) may raise
+  ``rounds`` only: every run is extended to that many rounds, as ``hsee
+  train --resume --set rounds=N`` extends one (the plan records it)."""
   out = Path(out)
   try:
     saved = json.loads((out / PLAN).read_text())
@@ -328,20 +330,21 @@ def resume_sweep(out: str | Path, log: Callable[[str], None] = print,
   except (TypeError, KeyError, AttributeError, ValueError):
     raise ConfigError(f"--resume: {out / PLAN} is damaged (not a sweep plan: it needs "
                       f"\"config\", \"grid\" and \"seeds\")") from None
-  if rounds is not None and rounds != base.rounds:
+  new = config_lib.override(base, list(overrides))
+  changed = [f.name for f in dataclasses.fields(Config)
+             if getattr(new, f.name) != getattr(base, f.name)]
+  if [f for f in changed if f != "rounds"]:
+    raise ConfigError(f"sweep --resume: --set {', '.join(f for f in changed if f != 'rounds')}: "
+                      f"only rounds=N (extending every run) may change; the plan fixes the rest")
+  if changed:
     if "rounds" in grid:
       raise ConfigError("sweep --resume --set rounds=N: rounds is swept in this sweep's grid; "
                         "it cannot be set for every run")
-    if rounds < base.rounds:
-      raise ConfigError(f"sweep --resume --set rounds={rounds}: the sweep's runs have "
+    if new.rounds < base.rounds:
+      raise ConfigError(f"sweep --resume --set rounds={new.rounds}: the sweep's runs have "
                         f"{base.rounds} rounds; give rounds >= {base.rounds}")
-    log(f"[sweep] extending every run of {out} from {base.rounds} to {rounds} rounds")
-    base = dataclasses.replace(base, rounds=rounds)
-    if distributed.is_writer():
-      with locked(out, log):
-        saved["config"] = base.to_dict()
-        rundir.write_atomic(out / PLAN, json.dumps(saved, indent=2))
-  return run_sweep(base, grid, seeds, out, resume=True, log=log)
+    log(f"[sweep] extending every run of {out} from {base.rounds} to {new.rounds} rounds")
+  return run_sweep(new, grid, seeds, out, resume=True, log=log)
 
 
 def collect(out: Path, runs: list[Run], errors: dict | None = None) -> list[dict]:

@@ -30,12 +30,11 @@ before any work begins). A run's writers are
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
 from hsee_jax.config import Config
-from hsee_jax.rundir import TENSORBOARD, RunError
+from hsee_jax.rundir import TENSORBOARD, RunError, check_dir
 from hsee_jax.strategies import METRIC_NAMES
 
 EVENT_FILES = "events.out.tfevents.*"
@@ -46,11 +45,8 @@ class TensorBoard:
 
   def __init__(self, logdir: str | Path):
     self.logdir, self.writer = Path(logdir), None
-    where = f"tensorboard: cannot write event files into {self.logdir}"
-    if self.logdir.exists() and not self.logdir.is_dir():
-      raise RunError(f"{where}: it is a file")
-    if self.logdir.is_dir() and not os.access(self.logdir, os.W_OK | os.X_OK):
-      raise RunError(f"{where}: not writable")
+    self.where = f"tensorboard: cannot write event files into {self.logdir}"
+    check_dir(self.logdir, self.where)
 
   def begin(self, cfg: Config, records: list[dict]) -> None:
     """A new event file holding the config (as indented JSON text: the Text
@@ -63,8 +59,7 @@ class TensorBoard:
         old.unlink()
       self.writer = SummaryWriter(str(self.logdir))
     except OSError as e:
-      raise RunError(f"tensorboard: cannot write event files into {self.logdir}: "
-                     f"{e.strerror or e}") from None
+      raise RunError(f"{self.where}: {e.strerror or e}") from None
     text = json.dumps(cfg.to_dict(), indent=2)
     self.writer.add_text("config", "\n".join("    " + line for line in text.splitlines()), 0)
     for record in records:

@@ -6,6 +6,7 @@ import dataclasses
 import gc
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,16 +16,36 @@ from pathlib import Path
 import jax
 import pytest
 
-from hsee_jax import cli, rundir, sweep
+from hsee_jax import cli, rundir
 from hsee_jax import train as train_lib
 from hsee_jax import writers as writers_lib
-from hsee_jax.config import Config, ConfigError
 
 from test_reliability import CFG, QUIET, _config_file, _records, _run
 from test_train import _event_scalars
 
 REPO = Path(__file__).resolve().parents[1]
 TB = dataclasses.replace(CFG, tensorboard=True, rounds=4, checkpoint_every=2, eval_every=1)
+
+
+class _Writer:
+  """A metric writer for a test: it sees every round through ``seen``."""
+
+  def __init__(self, seen):
+    self.write_round = seen
+
+  def begin(self, cfg, records):
+    pass
+
+  def close(self):
+    pass
+
+
+def _train_with(writer, cfg, out):
+  """``train.train`` with ``writer`` after the config's own writers."""
+  real = writers_lib.for_config
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(train_lib.writers_lib, "for_config", lambda *a, **k: real(*a, **k) + [writer])
+    train_lib.train(cfg, out, **QUIET)
 
 
 class _SignalInDel:
@@ -122,22 +143,10 @@ def test_tensorboard_events_are_flushed_each_round_and_rebuilt_from_metrics_on_r
   metrics.jsonl has gets, on resume, event files that hold exactly the
   records of metrics.jsonl, each round once."""
   run = tmp_path / "run"
-  seen = []
-
-  class Look:   # after TensorBoard in the writers: what is on disk by then
-    def begin(self, cfg, records):
-      pass
-
-    def write_round(self, record):
-      seen.append({s for (tag, s) in _event_scalars(run / "tensorboard")[0]
-                   if tag == "train/exit_loss"})
-
-    def close(self):
-      pass
-  real = writers_lib.for_config
-  with pytest.MonkeyPatch.context() as m:
-    m.setattr(train_lib.writers_lib, "for_config", lambda *a, **k: real(*a, **k) + [Look()])
-    train_lib.train(dataclasses.replace(TB, rounds=2), run, **QUIET)
+  seen = []   # after TensorBoard in the writers: the steps on disk by then
+  look = lambda record: seen.append({s for (tag, s) in _event_scalars(run / "tensorboard")[0]
+                                     if tag == "train/exit_loss"})
+  _train_with(_Writer(look), dataclasses.replace(TB, rounds=2), run)
   assert seen == [{1}, {1, 2}]
   # a crash: the event file cut mid-record, round 2 lost from it
   (event,) = run.glob("tensorboard/events.out.tfevents.*")
@@ -206,7 +215,6 @@ def test_resume_without_a_checkpoint_names_the_way_out(tmp_path, capsys):
   run = tmp_path / "run"
   train_lib.train(CFG, run, **QUIET)
   for step in (1, 2, 3):
-    import shutil
     shutil.rmtree(run / "checkpoints" / str(step))
   assert cli.main(["train", "--resume", str(run)]) == 2
   err = capsys.readouterr().err
@@ -250,22 +258,12 @@ def test_memory_stays_flat_over_rounds(tmp_path):
   metrics included, was kept for the summary)."""
   alive = {}
 
-  class Count:
-    def begin(self, cfg, records):
-      pass
-
-    def write_round(self, record):
-      if record["round"] + 1 in (10, 40):
-        gc.collect()
-        alive[record["round"] + 1] = (len(gc.get_objects()), len(jax.live_arrays()))
-
-    def close(self):
-      pass
-  real = writers_lib.for_config
-  with pytest.MonkeyPatch.context() as m:
-    m.setattr(train_lib.writers_lib, "for_config", lambda *a, **k: real(*a, **k) + [Count()])
-    train_lib.train(dataclasses.replace(CFG, rounds=41, eval_every=1, checkpoint_every=0),
-                    tmp_path / "run", **QUIET)
+  def count(record):
+    if record["round"] + 1 in (10, 40):
+      gc.collect()
+      alive[record["round"] + 1] = (len(gc.get_objects()), len(jax.live_arrays()))
+  _train_with(_Writer(count), dataclasses.replace(CFG, rounds=41, eval_every=1,
+                                                  checkpoint_every=0), tmp_path / "run")
   (objects10, arrays10), (objects40, arrays40) = alive[10], alive[40]
   assert arrays40 == arrays10
   assert objects40 - objects10 < 30, (objects10, objects40)   # before: about 11 more a round
