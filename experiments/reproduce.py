@@ -76,6 +76,10 @@ SCALES = {
     # central's test accuracy levels off (the last fifth adds under a point)
     "evidence": dict(grid="evidence", width=0.125, train_subset=2000, test_subset=0, rounds=40,
                      schedule="step", batch_size=32, lr=0.05, eval_every=8, checkpoint_every=0),
+    # the exit-aware variants against plain Averaging, alone and homogeneous-weak,
+    # at the evidence grid's recipe (its runs of the same configs are identical)
+    "variants": dict(grid="variants", width=0.125, train_subset=2000, test_subset=0, rounds=40,
+                     schedule="step", batch_size=32, lr=0.05, eval_every=8, checkpoint_every=0),
     # the paper's network and data for as many rounds as fit in 8 minutes of an
     # H200 with compilation (docs/results.md, "The paper's scale on a GPU")
     "gpu": dict(grid="gpu", width=1.0, train_subset=0, test_subset=0, rounds=15, batch_size=128,
@@ -115,7 +119,23 @@ EVIDENCE_RUNS = {
 }
 GPU_RUNS = {name: EVIDENCE_RUNS[name] for name in
             ("hsee-averaging", "hsee-sequential", "homogeneous-weak", "alone", "central")}
-GRIDS = {"baseline": RUNS, "evidence": EVIDENCE_RUNS, "gpu": GPU_RUNS}
+# The exit-aware variants ([choice]; docs/usage.md, "Exit-aware training and
+# aggregation"), each on plain Averaging's fleet. ``combined`` was fixed before
+# the grid ran: DepthFL (every exit, self-distillation) with HeteroFL's static BN.
+VARIANTS = {
+    "every-exit": dict(client_exits="every"),
+    "distill": dict(client_exits="every", distill="deepest"),
+    "tier-local-top": dict(tier_local_top=True),
+    "static-bn": dict(static_bn=True),
+    "combined": dict(client_exits="every", distill="deepest", static_bn=True),
+}
+VARIANT_RUNS = {
+    **{name: EVIDENCE_RUNS[name] for sfx in ("", "-noniid")
+       for name in (f"hsee-averaging{sfx}", f"alone{sfx}", f"homogeneous-weak{sfx}")},
+    **{f"{v}{sfx}": dict(RUNS["hsee-averaging"], **fields, **extra)
+       for v, fields in VARIANTS.items() for sfx, extra in (("", {}), ("-noniid", NON_IID))},
+}
+GRIDS = {"baseline": RUNS, "evidence": EVIDENCE_RUNS, "gpu": GPU_RUNS, "variants": VARIANT_RUNS}
 
 
 def grid(dataset: str, scale: str, overrides: list[str], data_dir: str = "") -> list[tuple[str, Config]]:
@@ -212,26 +232,25 @@ def _account(ds_res: dict, dataset, cfg: Config) -> None:
   ds_res["budgets"] = [dict(c, budget_flops_per_step=b[0], share=share) for c, b, share in
                        zip(costs.choose_cuts(net, dataset.image_shape, budgets, cfg.batch_size),
                            budgets, BUDGET_SHARES)]
-  ds_res["simulated"] = _simulate(ds_res["runs"], table)
+  ds_res["simulated"] = _simulate(ds_res["runs"], net, dataset.image_shape)
 
 
-def _simulate(runs: dict, table: dict) -> dict:
+def _simulate(runs: dict, net, image_shape: tuple) -> dict:
+  """Each run's simulated seconds per round, priced as its config trains
+  (``costs.run_cost_table``: the server's gradient, extra exit heads, soft labels)."""
   sim = {}
   for name, per_seed in runs.items():
     r = per_seed[0]   # the simulated clock depends on the config, not on the seed
     cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in r["config"].items()})
     cuts = r["summary"]["cuts"]
     steps = r["summary"]["local_steps"]
+    cut_table = costs.run_cost_table(cfg, net, image_shape, cuts)
     per_round = []
     for rec in r["records"]:
       if "round" not in rec or "train" not in rec:
         continue
       agg = (cfg.strategy == "averaging" and (rec["round"] + 1) % cfg.aggregate_every == 0) or \
             (cfg.strategy == "sequential" and cfg.client_aggregation != "none")
-      cut_table = table
-      if cfg.server_grad_to_client:
-        cut_table = {c: {**row, "bytes_server_to_client": row["bytes_client_to_server"]}
-                     for c, row in table.items()}
       per_round.append(costs.simulated_round_seconds(
           cfg.strategy, cuts, cut_table, steps, cfg.batch_size, cfg.client_flops_per_s,
           cfg.server_flops_per_s, cfg.link_bytes_per_s, aggregate=agg))
@@ -303,6 +322,33 @@ CLAIMS = [
      [("hsee-sequential", "exit_acc", None, "hsee-averaging", "exit_acc", None, "not_worse"),
       ("hsee-sequential", "full_acc", None, "hsee-averaging", "full_acc", None, "not_worse")]),
 ]
+# The variants' goal (issue 33), one claim per line of it, for each variant
+# and plain Averaging (the reference rows), IID and Dirichlet(0.3).
+def _variant_claims() -> list:
+  names = ["hsee-averaging"] + list(VARIANTS)
+  splits = ("", "-noniid")
+  return [
+      (5, "Every tier's exit not worse than the same client alone",
+       [c for n in names for sfx in splits for c in _tiers(n + sfx, f"alone{sfx}", "not_worse")]),
+      (6, "The weak tier's exit not worse than an all-weak fleet (homogeneous-weak)",
+       [(n + sfx, "exit_acc", HETERO_CUTS[0], f"homogeneous-weak{sfx}", "exit_acc",
+         HETERO_CUTS[0], "not_worse") for n in names for sfx in splits]),
+      (7, "Nothing worse than plain Averaging (each tier's exit and the full path)",
+       [c for n in VARIANTS for sfx in splits for c in
+        _tiers(n + sfx, f"hsee-averaging{sfx}", "not_worse")
+        + [(n + sfx, "full_acc", None, f"hsee-averaging{sfx}", "full_acc", None, "not_worse")]]),
+  ]
+
+
+VARIANT_CLAIMS = _variant_claims()
+CLAIM_SETS = {"variants": VARIANT_CLAIMS}
+
+
+def claims_of(scale: str) -> list:
+  """The claims a scale's grid is judged on."""
+  return CLAIM_SETS.get(SCALES[scale]["grid"], CLAIMS)
+
+
 VERDICT_RULE = ("paired by seed (the runs of a seed share data, partition and initial "
                 "weights): d = a - b per seed, its mean and standard error se = sd / sqrt(n); "
                 "*better* holds when mean d > 2 se and does not hold when mean d < -2 se; "
@@ -325,12 +371,12 @@ def _label(run: str, metric: str, cut: int | None) -> str:
   return f"{run} {metric}" + (f" at cut {cut}" if cut is not None else " (fleet mean)")
 
 
-def verdicts(runs: dict) -> list[dict]:
+def verdicts(runs: dict, claims: list = CLAIMS) -> list[dict]:
   """Each claim's comparisons on one dataset's finished runs (``runs``: run
   name -> one finished run per seed): both sides' mean ± std over seeds, the
   paired difference and the verdict (:data:`VERDICT_RULE`)."""
   rows = []
-  for claim, text, comparisons in CLAIMS:
+  for claim, text, comparisons in claims:
     for a, ma, ca, b, mb, cb, kind in comparisons:
       if a not in runs or b not in runs:
         continue
@@ -353,7 +399,8 @@ def verdicts(runs: dict) -> list[dict]:
         verdict = ("does not hold" if mean < -2 * se else
                    "holds (better)" if mean > 2 * se else "holds (within the spread)")
       rows.append({"claim": claim, "claim_text": text, "kind": kind,
-                   "a": _label(a, ma, ca), "b": _label(b, mb, cb),
+                   "a": _label(a, ma, ca), "b": _label(b, mb, cb), "a_run": a, "b_run": b,
+                   "metric": ma, "cut": ca,
                    "a_value": sweep.mean_std(va), "b_value": sweep.mean_std(vb),
                    "difference": (mean, se), "verdict": verdict})
   return rows
@@ -403,6 +450,27 @@ def server_costs(ds: dict) -> list[dict]:
   return out
 
 
+def goal(rows: list[dict]) -> list[dict]:
+  """Issue 33's goal per variant (and plain Averaging) and split, from the
+  verdicts of claims 5-7: met when none of its comparisons "does not hold"
+  (non-IID: every tier's exit against alone, the weak exit against
+  homogeneous-weak, exits and full path against plain Averaging; IID: the
+  last only). ``worst``: the lowest paired difference among them."""
+  out = []
+  for name in ["hsee-averaging"] + list(VARIANTS):
+    for sfx in ("", "-noniid"):
+      mine = [r for r in rows if r["a_run"] == name + sfx and (sfx or r["claim"] == 7)]
+      if not mine:
+        continue
+      worst = min(mine, key=lambda r: r["difference"][0])
+      out.append({"run": name + sfx, "split": "non-IID" if sfx else "IID",
+                  "met": not any(r["verdict"] == "does not hold" for r in mine),
+                  "failing": [f"{r['a']} vs {r['b']}" for r in mine if r["verdict"] == "does not hold"],
+                  "worst": {"a": f"{worst['a']} vs {worst['b']}",
+                            "difference": worst["difference"]}})
+  return out
+
+
 def write_outputs(results: dict, out: Path, log=print) -> None:
   rows = []
   for ds_name, ds in results["datasets"].items():
@@ -418,10 +486,12 @@ def write_outputs(results: dict, out: Path, log=print) -> None:
                      "rounds": first["summary"]["rounds"],
                      "wall_seconds": round(float(np.mean([r["wall_seconds"] for r in per_seed])), 1),
                      "simulated_seconds": round(sum(ds["simulated"][name]), 1)})
+  claims = claims_of(results["scale"])
   for ds in results["datasets"].values():
-    ds["verdicts"] = verdicts(ds["runs"])
+    ds["verdicts"] = verdicts(ds["runs"], claims)
     ds["convergence"] = convergence(ds["runs"])
     ds["server_costs"] = server_costs(ds)
+    ds["goal"] = goal(ds["verdicts"]) if claims is VARIANT_CLAIMS else []
   if rows:
     with open(out / "results.csv", "w", newline="") as f:
       w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -430,7 +500,7 @@ def write_outputs(results: dict, out: Path, log=print) -> None:
   (out / "results.md").write_text(_markdown(results, rows))
   (out / "results.json").write_text(json.dumps(
       {k: v for k, v in results.items() if k != "datasets"} | {"rows": rows} | {
-          "claims": {name: {k: ds[k] for k in ("verdicts", "convergence", "server_costs")}
+          "claims": {name: {k: ds[k] for k in ("verdicts", "convergence", "server_costs", "goal")}
                      for name, ds in results["datasets"].items()}}, indent=2))
   _plots(results, out, log)
   log(f"[reproduce] wrote {out}/results.csv, results.md and plots")
@@ -462,7 +532,7 @@ def _markdown(results: dict, rows: list[dict]) -> str:
     md += ["", "`central` has one client holding the whole network (its 'full' is the uncut "
            "ResNet-18); `classical-split` and `central` train no exit head (exit_loss_weight 0), "
            "so their exit accuracies are not meaningful.", ""]
-    md += _claims_markdown(ds_name, ds)
+    md += _claims_markdown(ds_name, ds, claims_of(results["scale"]))
     hsee = [n for n in ("hsee-averaging", "hsee-sequential") if n in ds["runs"]]
     if hsee:
       taus = [r["threshold"] for r in _cut_rows(ds["runs"][hsee[0]])[0]["early_exit"]]
@@ -508,7 +578,7 @@ def _markdown(results: dict, rows: list[dict]) -> str:
   return "\n".join(md)
 
 
-def _claims_markdown(ds_name: str, ds: dict) -> list[str]:
+def _claims_markdown(ds_name: str, ds: dict, claims: list = CLAIMS) -> list[str]:
   md = []
   conv = ds["convergence"]
   if conv:
@@ -525,8 +595,23 @@ def _claims_markdown(ds_name: str, ds: dict) -> list[str]:
       want = ">" if v["kind"] == "better" else "≥"
       md.append(f"| {v['claim']} | {v['a']} | {want} {v['b']} | {_pm(v['a_value'])} | "
                 f"{_pm(v['b_value'])} | {_pm(v['difference'])} | {v['verdict']} |")
-    md += ["", "Claims: " + "; ".join(f"{k}. {text}" for k, text, _ in CLAIMS
+    md += ["", "Claims: " + "; ".join(f"{k}. {text}" for k, text, _ in claims
                                        if any(v["claim"] == k for v in ds["verdicts"])) + ".", ""]
+  if ds.get("goal"):
+    md += ["### The goal: every tier served", "",
+           "Met when none of the run's comparisons does not hold: on non-IID data every "
+           "tier's exit ≥ alone, the weak exit ≥ homogeneous-weak, exits and full path ≥ "
+           "plain Averaging (claims 5-7); on IID data the last. Worst: the lowest paired "
+           "difference among them.", "",
+           "| run | split | exit per cut (3 / 5 / 7) | `full_acc` | goal | worst comparison (a - b) |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for g in ds["goal"]:
+      per_seed = ds["runs"][g["run"]]
+      cuts = _cut_rows(per_seed)
+      md.append(f"| {g['run']} | {g['split']} | {' / '.join(_pm(c['exit_acc']) for c in cuts)} | "
+                f"{_pm(_run_means(per_seed)['full'])} | {'met' if g['met'] else 'not met'} | "
+                f"{g['worst']['a']}: {_pm(g['worst']['difference'])} |")
+    md.append("")
   if ds["server_costs"]:
     md += ["### Sequential against Averaging: the server's costs", "",
            "Server state: float32 parameters and SGD momentum of the server parts the "
@@ -610,6 +695,24 @@ def _plots(results: dict, out: Path, log=print) -> None:
       ax.legend(fontsize=7)
     _save(plt, fig, out / f"{ds_name}_early_exit.png")
     _claim_plots(plt, ds_name, ds, out)
+    _variant_plot(plt, ds_name, ds, out)
+
+
+def _variant_plot(plt, ds_name: str, ds: dict, out: Path) -> None:
+  """Every tier's exit and the full path per variant, beside alone,
+  homogeneous-weak and plain Averaging, IID and non-IID."""
+  runs = ds["runs"]
+  if not any(v in runs for v in VARIANTS):
+    return
+  fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), squeeze=False)
+  for ax, sfx in zip(axes[0], ("", "-noniid")):
+    names = [n for n in ("alone", "homogeneous-weak", "hsee-averaging", *VARIANTS) if n + sfx in runs]
+    _bars(ax, [f"exit at cut {c}" for c in HETERO_CUTS] + ["full path"],
+          {n: [_at_cut(runs, n + sfx, c) for c in HETERO_CUTS] +
+              [None if n == "alone" or n.startswith("homogeneous") else _run_means(runs[n + sfx])["full"]]
+           for n in names})
+    ax.set_title(f"{ds_name}: exit-aware variants ({'non-IID, Dirichlet(0.3)' if sfx else 'IID'})")
+  _save(plt, fig, out / f"{ds_name}_variants.png")
 
 
 def _save(plt, fig, path: Path) -> None:

@@ -101,6 +101,21 @@ class Config:
   tier_local_top: bool = program(False)  # [choice] InclusiveFL (KDD 2022): each tier's deepest
                                 # client unit (unit l at cut l) averaged within its tier only;
                                 # averaging only (strategies/aggregation.py)
+  client_exits: str = program("own")  # own | every: [choice] DepthFL (ICLR 2023) "every": a client
+                                # also trains an exit head at each of the fleet's cuts below its
+                                # own (client loss: the mean over its exits); each exit head is
+                                # averaged over every client that trains one; averaging only
+  distill: str = program("none")  # none | deepest | server: [choice] self-distillation of the
+                                # client's exits (KL at distill_temperature, Hinton's T^2 scaling):
+                                # from its own (deepest) exit (ScaleFL / DepthFL; needs
+                                # client_exits=every), or from the server's logits sent back
+                                # as soft labels (forward information, counted on the downlink)
+  distill_weight: float = input_field(1.0)  # weight of the distillation term
+  distill_temperature: float = program(1.0)  # DepthFL's 1; ScaleFL's 3
+  distill_start: int = input_field(1)  # distillation from this round on (1 = the first)
+  static_bn: bool = False  # [choice] HeteroFL's static batch norm: the evaluated networks' batch
+                                # statistics recomputed over the training data with the averaged
+                                # weights (strategies/static_bn.py); averaging only
   server_grad_to_client: bool = program(False)  # True = classical split learning baseline
   exit_loss_weight: float = input_field(1.0)  # 0 with server_grad_to_client: the uncut network's
                                         # training (central / classical baselines)
@@ -148,6 +163,15 @@ class Config:
     _one_of("client_aggregation", self.client_aggregation, ("none", "cross_layer"))
     _one_of("client_state", self.client_state, ("keep", "reset"))
     _one_of("label_mode", self.label_mode, ("fine", "coarse"))
+    _one_of("client_exits", self.client_exits, ("own", "every"))
+    _one_of("distill", self.distill, ("none", "deepest", "server"))
+    if self.distill_weight < 0:
+      raise ConfigError(f"distill_weight: must be >= 0, got {self.distill_weight}")
+    if self.distill_temperature <= 0:
+      raise ConfigError(f"distill_temperature: must be > 0, got {self.distill_temperature}")
+    if self.distill_start < 1:
+      raise ConfigError(f"distill_start: the first round with distillation, >= 1, got "
+                        f"{self.distill_start}")
     if self.label_mode == "coarse" and self.dataset != "cifar100":
       raise ConfigError(f"label_mode: coarse labels exist only for cifar100, not {self.dataset}")
     if not 0 <= self.augment_pad < 1:
@@ -256,6 +280,15 @@ class Config:
     if self.tier_local_top and self.strategy != "averaging":
       raise ConfigError(f"tier_local_top: for strategy=averaging only (a cross-layer average "
                         f"to keep a unit out of), got strategy={self.strategy}")
+    if self.client_exits != "own" and self.strategy != "averaging":
+      raise ConfigError(f"client_exits: every is for strategy=averaging only (exit heads "
+                        f"averaged over their holders), got strategy={self.strategy}")
+    if self.static_bn and self.strategy != "averaging":
+      raise ConfigError(f"static_bn: for strategy=averaging only (statistics of the averaged "
+                        f"network), got strategy={self.strategy}")
+    if self.distill == "deepest" and self.client_exits != "every":
+      raise ConfigError("distill: deepest distils a client's shallower exits from its own exit; "
+                        "it needs client_exits=every (else a client has one exit)")
     if self.samples_clients and self.client_aggregation != "none":
       raise ConfigError("client_aggregation=cross_layer with clients_per_round < num_clients is "
                         "not defined; use every client or client_aggregation=none")

@@ -42,18 +42,23 @@ def _module_cost(net, module, params, stats, in_shape, input_grad: bool) -> dict
     y = out[0] if stats else out
     return jnp.sum(y * y, dtype=jnp.float32)
   argnums = (0, 1) if input_grad else 0
-  grad = jax.jit(jax.grad(f, argnums=argnums))
-  analysis = grad.lower(params, x).cost_analysis()
+  residuals = jax.eval_shape(lambda p, x: jax.vjp(f, p, x)[1], params, x)
+  return {"flops": _flops(jax.jit(jax.grad(f, argnums=argnums)), params, x),
+          "forward_flops": _flops(jax.jit(f), params, x),
+          "activation_bytes": max(0, engine.tree_bytes(residuals) - engine.tree_bytes(params)),
+          "params": _count(params)}
+
+
+def _flops(fn, *args) -> float:
+  """XLA's FLOP count of the jitted ``fn`` on ``args``."""
+  analysis = fn.lower(*args).cost_analysis()
   if not analysis:
     # jaxlib 0.11 on a GPU analyses only compiled programs, and XLA:GPU's
     # analysis leaves its cuDNN convolutions out: count the CPU program.
     cpu = jax.devices("cpu")[0]
-    analysis = grad.lower(*jax.device_put((params, x), cpu)).compile().cost_analysis()
+    analysis = fn.lower(*jax.device_put(args, cpu)).compile().cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-  residuals = jax.eval_shape(lambda p, x: jax.vjp(f, p, x)[1], params, x)
-  return {"flops": float(analysis.get("flops", float("nan"))),
-          "activation_bytes": max(0, engine.tree_bytes(residuals) - engine.tree_bytes(params)),
-          "params": _count(params)}
+  return float(analysis.get("flops", float("nan")))
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,15 +87,21 @@ def _part(pieces: list[dict]) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def cut_costs(net: models.SplitNetwork, cut: int, image_shape: tuple,
-              server_grad_to_client: bool = False) -> dict:
+              server_grad_to_client: bool = False, exit_cuts: tuple = (),
+              soft_labels: bool = False) -> dict:
   """Costs of splitting ``net`` at ``cut`` for one training image.
 
   The first unit of each part needs no input gradient (the image; the
   stop-gradient activations), except the server's with ``server_grad_to_client``.
+  ``exit_cuts``: the cuts below ``cut`` where the client also trains an exit
+  head (``client_exits=every``): their FLOPs and parameters are the
+  client's; nothing more crosses the link. ``soft_labels``
+  (``distill=server``): the server's logits go back to the client, float32.
   """
   pieces = _pieces(net, tuple(image_shape))
   unit = lambda k, first: pieces[(models.unit_name(k), not first)]
-  client = _part([unit(k, k == 1) for k in range(1, cut + 1)] + [pieces[(models.EXIT_HEAD, cut)]])
+  client = _part([unit(k, k == 1) for k in range(1, cut + 1)] +
+                 [pieces[(models.EXIT_HEAD, c)] for c in tuple(exit_cuts) + (cut,)])
   server = _part([unit(k, k == cut + 1 and not server_grad_to_client)
                   for k in range(cut + 1, net.num_units + 1)] + [pieces[models.CLASSIFIER]])
   h_shape = net.unit_output_shape(cut, image_shape)
@@ -103,7 +114,8 @@ def cut_costs(net: models.SplitNetwork, cut: int, image_shape: tuple,
       "server_train_flops": server["flops"],
       "activation_shape": list(h_shape),
       "bytes_client_to_server": h_bytes,
-      "bytes_server_to_client": h_bytes if server_grad_to_client else 0,
+      "bytes_server_to_client": ((h_bytes if server_grad_to_client else 0) +
+                                 (4 * net.num_classes if soft_labels else 0)),
       "client_peak_activation_bytes": client["activation_bytes"],
   }
 
@@ -112,6 +124,26 @@ def cost_table(net: models.SplitNetwork, image_shape: tuple,
                server_grad_to_client: bool = False) -> list[dict]:
   return [cut_costs(net, c, tuple(image_shape), server_grad_to_client)
           for c in net.allowed_cuts()]
+
+
+def run_cost_table(cfg, net: models.SplitNetwork, image_shape: tuple, fleet_cuts) -> dict:
+  """Cut -> :func:`cut_costs` row of the fleet's cuts as ``cfg`` trains them:
+  the server's gradient (``server_grad_to_client``), the lower exit heads
+  (``client_exits=every``), the soft labels (``distill=server``)."""
+  cuts = sorted(set(int(c) for c in fleet_cuts))
+  return {c: cut_costs(net, c, tuple(image_shape), cfg.server_grad_to_client,
+                       tuple(x for x in cuts if x < c) if cfg.client_exits == "every" else (),
+                       cfg.distill == "server") for c in cuts}
+
+
+def forward_flops(net: models.SplitNetwork, image_shape: tuple) -> float:
+  """FLOPs of one forward pass of the whole network over one image in
+  training mode: what recomputing the batch statistics costs per image
+  (``static_bn``: ``strategies.static_bn.IMAGES`` of them per evaluated
+  network)."""
+  pieces = _pieces(net, tuple(image_shape))
+  return sum(pieces[(models.unit_name(k), False)]["forward_flops"]
+             for k in range(1, net.num_units + 1)) + pieces[models.CLASSIFIER]["forward_flops"]
 
 
 def client_memory_bytes(row: dict, batch_size: int) -> float:

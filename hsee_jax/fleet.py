@@ -135,7 +135,19 @@ def sample_cohort(seed: int, rnd: int, num_clients: int, cohort_size: int) -> np
 
 
 # The per-step hyperparameters a cohort feeds the compiled step (Cohort.hparams).
-HPARAMS = ("lr", "momentum", "weight_decay", "exit_loss_weight")
+HPARAMS = ("lr", "momentum", "weight_decay", "exit_loss_weight", "distill_weight")
+
+
+def step_hparams(cfg: Config, rnd: int, lrs) -> np.ndarray:
+  """[S, 5]: every step's :data:`HPARAMS` in round ``rnd`` (0-based), with the
+  scheduled learning rates ``lrs`` [S]; the distillation weight is 0 before
+  ``cfg.distill_start`` and without ``cfg.distill``."""
+  on = cfg.distill != "none" and rnd + 1 >= cfg.distill_start
+  values = {"momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
+            "exit_loss_weight": cfg.exit_loss_weight,
+            "distill_weight": cfg.distill_weight if on else 0.0}
+  return np.stack([np.asarray(lrs, np.float32)] + [np.full(len(lrs), values[h], np.float32)
+                                                   for h in HPARAMS[1:]], axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,9 +156,9 @@ class Cohort:
 
   ``ids`` [C] client ids, ascending; ``cuts`` [C]; ``slots`` [C] each client's
   row in its cut group's per-client state; ``indices`` [C, S, B] the training
-  images of every local step; ``hparams`` [S, 4] the hyperparameters of every
+  images of every local step; ``hparams`` [S, 5] the hyperparameters of every
   step (:data:`HPARAMS`: the scheduled learning rate, momentum, weight decay,
-  exit-loss weight), inputs of the compiled step rather than constants in it;
+  exit-loss weight, distillation weight; :func:`step_hparams`), inputs of the compiled step rather than constants in it;
   ``weights`` [C] data sizes; ``keys`` [C, 2] PRNG keys (uint32).
   """
   round: int
@@ -177,8 +189,7 @@ def make_cohort(fleet: Fleet, cfg: Config, rnd: int, local_steps: int, schedule,
                                               cfg.seed, rnd, int(i)) for i in ids])
   steps = rnd * local_steps + np.arange(local_steps)
   lrs = np.asarray([schedule(int(s)) for s in steps], np.float32)
-  hparams = np.stack([lrs] + [np.full(local_steps, getattr(cfg, h), np.float32)
-                              for h in HPARAMS[1:]], axis=-1)
+  hparams = step_hparams(cfg, rnd, lrs)
   keys = np.asarray(_client_keys(base_key, rnd, ids.astype(np.int32)))
   return Cohort(round=rnd, ids=ids, cuts=fleet.cuts[ids], slots=fleet.slots[ids],
                 indices=indices, hparams=hparams, weights=fleet.sizes[ids], keys=keys)

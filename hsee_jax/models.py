@@ -39,6 +39,17 @@ def unit_name(k: int) -> str:
   return f"unit_{k}"
 
 
+def exit_head_at(cut: int) -> str:
+  """The subtree name of an exit head a client trains at ``cut`` below its own
+  (``client_exits=every``); its own cut's head is ``EXIT_HEAD``."""
+  return f"{EXIT_HEAD}_at_{cut}"
+
+
+def is_exit_head(name: str) -> bool:
+  """Is ``name`` an exit head (``EXIT_HEAD`` or an :func:`exit_head_at`)?"""
+  return name == EXIT_HEAD or name.startswith(EXIT_HEAD + "_at_")
+
+
 def unit_index(name: str) -> int | None:
   """k of ``unit_<k>``; None for a head."""
   return int(name[5:]) if name.startswith("unit_") else None

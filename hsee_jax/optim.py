@@ -36,11 +36,11 @@ class PartState:
                      opt_state={n: self.opt_state[n] for n in names if n in self.opt_state})
 
   def split(self, cut: int) -> tuple["PartState", "PartState"]:
-    """(client part, server part) at ``cut``: units 1..cut and the exit head;
+    """(client part, server part) at ``cut``: units 1..cut and the exit heads;
     the units after ``cut`` and the classifier."""
     def on_client(name):
       k = models.unit_index(name)
-      return name == models.EXIT_HEAD or (k is not None and k <= cut)
+      return models.is_exit_head(name) or (k is not None and k <= cut)
     return (self.subset([n for n in self.params if on_client(n)]),
             self.subset([n for n in self.params if not on_client(n)]))
 

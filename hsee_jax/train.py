@@ -75,13 +75,16 @@ class Simulation:
 
 
 def build(cfg: Config, dataset: data_lib.Dataset | None = None,
-          log: Callable[[str], None] | None = None) -> tuple[data_lib.Dataset, Simulation]:
+          log: Callable[[str], None] | None = None, *,
+          objective: Callable | None = None) -> tuple[data_lib.Dataset, Simulation]:
   """Dataset, fleet, network, optimiser and strategy for a config.
 
   Args:
     cfg: the run's config.
     dataset: the loaded dataset (default: :func:`data.load_dataset` of ``cfg``).
     log: where the fleet's summary lines go (None: nowhere).
+    objective: a client objective of your own in place of the config's
+      (:func:`strategies.exit_objective`; ``examples/exit_objective.py``).
   Returns:
     ``(dataset, sim)``: the :class:`Simulation`, whose ``init_state(key)``
     and ``run_round(state, rnd, key)`` train the run round by round.
@@ -98,7 +101,7 @@ def build(cfg: Config, dataset: data_lib.Dataset | None = None,
   tx = optim.make_optimizer(cfg)
   schedule = optim.make_schedule(cfg, cfg.rounds * steps)
   ctx = strategies.Context(cfg, net, tx, fleet, strategies.put_train_set(dataset),
-                           dataset.image_shape)
+                           dataset.image_shape, objective=objective)
   algorithm = strategies.STRATEGIES[cfg.strategy](ctx)
   sim = Simulation(cfg, fleet, ctx, algorithm, steps, schedule)
   check_fits(sim, dataset)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from hsee_jax import models
 from hsee_jax.optim import PartState
-from hsee_jax.strategies.parts import group_key, stack_copies
+from hsee_jax.strategies.parts import group_cut, group_key, stack_copies
 
 
 def _weighted_sum(tree, w):
@@ -75,7 +75,9 @@ def combine_sums(model: PartState, exit_heads: dict, sums: dict,
   """The cross-layer average from one weighted sum per cut (``sums[cut]``).
 
   Unit k is averaged over every client: from its client part where k <= cut,
-  else its server part; the classifier over all; an exit head over its cut.
+  else its server part; the classifier over all; the exit head at cut c over
+  the clients at c and every client that trains one at c below its own cut
+  (``client_exits=every``, DepthFL: ``models.exit_head_at(c)``).
   The sums are added in the order :func:`cross_layer_average` adds its parts
   (client parts by cut, then server parts by cut), so both give the same
   floats. A name no client held (zero total) keeps its old value.
@@ -89,9 +91,10 @@ def combine_sums(model: PartState, exit_heads: dict, sums: dict,
   tier_units = dict(tier_units or {})
   local = {c: set(tier_units[group_key(c)].params) for c in cuts if group_key(c) in tier_units}
 
-  def average(name, holders):
+  def average(holders):
+    """The weighted average over ``holders``, (cut, subtree name) pairs."""
     summed, total = None, 0
-    for c in holders:
+    for c, name in holders:
       leaf = (sums[c]["params"][name], sums[c]["batch_stats"].get(name, {}))
       summed = leaf if summed is None else jax.tree.map(jnp.add, summed, leaf)
       total = total + sums[c]["total"]
@@ -108,23 +111,28 @@ def combine_sums(model: PartState, exit_heads: dict, sums: dict,
     holders = [c for c in holders if name not in local.get(c, ())]
     if not holders:
       continue
-    (p, s), total = average(name, holders)
+    (p, s), total = average([(c, name) for c in holders])
     params[name] = pick(p, total, model.params[name])
     if name in stats:
       stats[name] = pick(s, total, model.batch_stats[name])
   heads = dict(exit_heads)
-  for c in cuts:
-    g = group_key(c)
-    (p, s), total = average(models.EXIT_HEAD, [c])
-    old = exit_heads[g]
+  for g, old in exit_heads.items():
+    c, lower = group_cut(g), models.exit_head_at(group_cut(g))
+    holders = ([(c, models.EXIT_HEAD)] if c in sums else []) + [
+        (l, lower) for l in cuts if lower in sums[l]["params"]]
+    if not holders:
+      continue
+    (p, s), total = average(holders)
     heads[g] = PartState(params=pick(p, total, old.params),
                          batch_stats=pick(s, total, old.batch_stats) if old.batch_stats else {},
                          opt_state={})
+  for c in cuts:
+    g = group_key(c)
     if c in local:
       old = tier_units[g]
       t_params, t_stats = dict(old.params), dict(old.batch_stats)
       for name in local[c]:
-        (p, s), total = average(name, [c])
+        (p, s), total = average([(c, name)])
         t_params[name] = pick(p, total, old.params[name])
         if name in t_stats:
           t_stats[name] = pick(s, total, old.batch_stats[name])

@@ -20,7 +20,7 @@ from hsee_jax.config import Config, ConfigError
 from hsee_jax.fleet import Cohort, Fleet
 from hsee_jax.optim import PartState
 from hsee_jax.strategies.parts import group_key
-from hsee_jax.strategies.update import TrainSet, preprocessing, split_update
+from hsee_jax.strategies.update import TrainSet, exit_objective, preprocessing, split_update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +102,9 @@ def cached_program(key: tuple, make: Callable):
 class Context:
   """What both strategies are built from: config, network, optimiser, fleet,
   the train set on the device, the execution (mode, clients per chunk, the
-  client mesh) and one client runner per cut."""
+  client mesh) and one client runner per cut. ``objective``: a client
+  objective of the user's (:func:`hsee_jax.strategies.exit_objective`'s
+  signature) in place of the config's."""
   cfg: Config
   net: models.SplitNetwork
   tx: optax.GradientTransformation
@@ -114,18 +116,33 @@ class Context:
   runners: dict = dataclasses.field(default_factory=dict)
   mesh: engine.ClientMesh | None = None
   program_key: tuple = ()   # what the compiled programs depend on (cached_program)
+  objective: Callable | None = None
+
+  def exit_cuts(self, cut: int) -> tuple:
+    """The cuts below ``cut`` where a client at ``cut`` also trains an exit
+    head: the fleet's lower cuts with ``client_exits=every``, else none."""
+    if self.cfg.client_exits != "every":
+      return ()
+    return tuple(c for c in sorted(self.fleet.groups) if c < cut)
 
   def __post_init__(self):
     cfg = self.cfg
+    if self.objective is not None and cfg.distill != "none":
+      raise ConfigError("distill: a client objective of your own replaces the config's; "
+                        "set distill=none and distil inside it")
     self.mode = engine.resolve_mode(cfg.mode, cfg.strategy, cfg.shard_clients,
                                     precision_lib.resolve(cfg.precision), cfg.batch_size)
     self.chunk = engine.resolve_chunk(cfg.client_chunk)
     self.program_key = (self.net.num_classes,) + tuple(getattr(cfg, f) for f in PROGRAM_FIELDS)
     view = program_config(cfg)
+    objective = self.objective or exit_objective(distill=view.distill,
+                                                 temperature=view.distill_temperature)
     self.runners = {
-        cut: cached_program(("runner", self.program_key, cut, self.mode),
+        cut: cached_program(("runner", self.program_key, cut, self.mode, self.exit_cuts(cut),
+                             self.objective),
                             lambda cut=cut: engine.ClientRunner(split_update(
-                                self.net, cut, preprocess=preprocessing(view.augment, view.augment_pad),
+                                self.net, cut, objective=objective, exit_cuts=self.exit_cuts(cut),
+                                preprocess=preprocessing(view.augment, view.augment_pad),
                                 optimizer=view.optimizer, nesterov=view.nesterov,
                                 server_grad_to_client=view.server_grad_to_client), self.mode))
         for cut in self.fleet.groups}

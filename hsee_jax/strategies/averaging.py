@@ -22,7 +22,7 @@ import numpy as np
 from hsee_jax import engine, models
 from hsee_jax.fleet import Cohort
 from hsee_jax.optim import PartState
-from hsee_jax.strategies import aggregation
+from hsee_jax.strategies import aggregation, static_bn
 from hsee_jax.strategies.algorithm import (Algorithm, Context, EvalModel, cached_program,
                                            step_inputs)
 from hsee_jax.strategies.parts import (bad_rows, cut_variables, finite, group_key, opt_init, put,
@@ -51,9 +51,9 @@ def client_server_parts(state: AveragingState, cut: int, tx) -> tuple[PartState,
 def _programs(tx, keep_opt: bool, keep_models: bool):
   """The jitted helpers of a round: (prepare, finish) a chunk of clients."""
 
-  def prepare(cut, model, head, tier, kept, slots):
+  def prepare(cut, model, head, tier, lower, kept, slots):
     """Client and server parts of the chunk's clients (leading axis [K])."""
-    full = cut_variables(model, head, tier)
+    full = cut_variables(model, head, tier, lower)
     if keep_models:
       full = PartState(params=take(kept.params, slots), batch_stats=take(kept.batch_stats, slots),
                        opt_state={})
@@ -79,13 +79,15 @@ def _programs(tx, keep_opt: bool, keep_models: bool):
 _combine = jax.jit(aggregation.combine_sums)
 
 
-@jax.jit
-def _spread(kept, model, heads, tier_units):
-  """After an aggregation with per-client models: every client takes the average."""
-  out = {}
+@functools.partial(jax.jit, static_argnums=4)
+def _spread(kept, model, heads, tier_units, exit_cuts):
+  """After an aggregation with per-client models: every client takes the
+  average (``exit_cuts``: (group key, its lower exit cuts) pairs)."""
+  out, lower = {}, dict(exit_cuts)
   for g, part in kept.items():
     n = jax.tree.leaves(part.params)[0].shape[0]
-    avg = stack_copies(cut_variables(model, heads[g], tier_units.get(g)), n)
+    avg = stack_copies(cut_variables(model, heads[g], tier_units.get(g),
+                                     {c: heads[group_key(c)] for c in lower[g]}), n)
     out[g] = PartState(params=avg.params, batch_stats=avg.batch_stats, opt_state=part.opt_state)
   return out
 
@@ -111,6 +113,11 @@ def averaging(ctx: Context) -> Algorithm:
   cfg, net, tx, fleet = ctx.cfg, ctx.net, ctx.tx, ctx.fleet
   keep_opt = cfg.client_state == "keep"
   keep_models = cfg.aggregate_every > 1  # clients' models differ between aggregations
+  exit_cuts = tuple((group_key(c), ctx.exit_cuts(c)) for c in sorted(fleet.groups))
+
+  def lower_heads(heads: dict, cut: int) -> dict:
+    """The exit heads a client at ``cut`` also trains (``client_exits=every``)."""
+    return {c: heads[group_key(c)] for c in ctx.exit_cuts(cut)}
 
   def init(key) -> AveragingState:
     """Every unit starts from the same weights wherever it is held (unit k's
@@ -125,7 +132,7 @@ def averaging(ctx: Context) -> Algorithm:
         top = models.unit_name(cut)
         tiers[group_key(cut)] = PartState(
             params={top: p[top]}, batch_stats={top: s[top]} if top in s else {}, opt_state={})
-      full = cut_variables(model, heads[group_key(cut)])
+      full = cut_variables(model, heads[group_key(cut)], None, lower_heads(heads, cut))
       kept = PartState(params=full.params if keep_models else {},
                        batch_stats=full.batch_stats if keep_models else {},
                        opt_state=opt_init(tx, full.params) if keep_opt else {})
@@ -148,8 +155,8 @@ def averaging(ctx: Context) -> Algorithm:
         k = len(pos)
         slots = np.concatenate([cohort.slots[pos[:real]], np.full(k - real, n_cut)])
         weights = np.concatenate([cohort.weights[pos[:real]], np.zeros(k - real, np.float32)])
-        client, server = prepare(cut, state.model, state.exit_heads[g],
-                                 state.tier_units.get(g), kept[g], slots)
+        client, server = prepare(cut, state.model, state.exit_heads[g], state.tier_units.get(g),
+                                 lower_heads(state.exit_heads, cut), kept[g], slots)
         parts, xs, keys = (client, server), step_inputs(cohort, pos), cohort.keys[pos]
         if ctx.mesh is not None:
           parts, xs, keys = ctx.mesh.place((parts, xs, keys), k)
@@ -161,19 +168,28 @@ def averaging(ctx: Context) -> Algorithm:
     if due:
       model, heads, tiers = _combine(model, heads, sums, tiers)
       if keep_models:
-        kept = _spread(kept, model, heads, tiers)
+        kept = _spread(kept, model, heads, tiers, exit_cuts)
     return AveragingState(model=model, exit_heads=heads, clients=kept, tier_units=tiers), metrics
 
   def eval_models(state: AveragingState) -> list[EvalModel]:
+    """Each tier's network at its cut (its own exit head only); with
+    ``static_bn`` its batch statistics recomputed (:mod:`.static_bn`)."""
+    def evaluated(network: PartState) -> PartState:
+      return (static_bn.recompute(net, network, ctx.train_set, cfg.seed) if cfg.static_bn
+              else network)
     out = []
+    model = state.model if cfg.tier_local_top else evaluated(state.model)
     for cut, ids in fleet.groups.items():
       g = group_key(cut)
       if keep_models:  # clients differ: a seeded sample of them
         for i in ctx.eval_sample(cut):
-          full = take(state.clients[g], int(fleet.slots[i]))
-          out.append(EvalModel(cut, (int(i),), *full.split(cut), False))
+          full = take(state.clients[g], int(fleet.slots[i])).subset(net.client_names(cut) +
+                                                                    net.server_names(cut))
+          out.append(EvalModel(cut, (int(i),), *evaluated(full).split(cut), False))
         continue
-      full = cut_variables(state.model, state.exit_heads[g], state.tier_units.get(g))
+      full = cut_variables(model, state.exit_heads[g], state.tier_units.get(g))
+      if cfg.tier_local_top:
+        full = evaluated(full)
       # one network split at the cuts, unless each tier keeps its own top unit
       out.append(EvalModel(cut, tuple(int(i) for i in ids), *full.split(cut),
                            not cfg.tier_local_top))

@@ -16,6 +16,11 @@ def group_key(cut: int) -> str:
   return f"cut_{cut}"
 
 
+def group_cut(key: str) -> int:
+  """The cut of a state's group key (inverse of :func:`group_key`)."""
+  return int(key.split("_")[1])
+
+
 def stack_copies(tree, k: int):
   """``k`` copies of ``tree`` on a new leading axis."""
   return jax.tree.map(lambda a: jnp.broadcast_to(a, (k,) + a.shape), tree)
@@ -36,15 +41,19 @@ def opt_init(tx, params: dict) -> dict:
   return {n: tx.init(p) for n, p in params.items()}
 
 
-def cut_variables(model: PartState, head: PartState, tier: PartState | None = None) -> PartState:
+def cut_variables(model: PartState, head: PartState, tier: PartState | None = None,
+                  lower_heads: dict | None = None) -> PartState:
   """The whole network of a client (client part with its exit head, and
   server part) from one copy of every unit and its cut's exit head; the
   units of ``tier`` (its tier's own copies, ``tier_local_top``) replace the
-  shared ones."""
+  shared ones; ``lower_heads`` (``client_exits=every``: cut -> PartState)
+  are the exit heads it also trains below its cut (``models.exit_head_at``)."""
   tier_params, tier_stats = (tier.params, tier.batch_stats) if tier is not None else ({}, {})
-  params = {**model.params, **tier_params, models.EXIT_HEAD: head.params}
+  heads = {models.EXIT_HEAD: head, **{models.exit_head_at(c): h
+                                      for c, h in (lower_heads or {}).items()}}
+  params = {**model.params, **tier_params, **{n: h.params for n, h in heads.items()}}
   stats = {**model.batch_stats, **tier_stats,
-           **({models.EXIT_HEAD: head.batch_stats} if head.batch_stats else {})}
+           **{n: h.batch_stats for n, h in heads.items() if h.batch_stats}}
   return PartState(params=params, batch_stats=stats, opt_state={})
 
 

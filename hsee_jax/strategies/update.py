@@ -8,6 +8,11 @@ Both come from one ``value_and_grad`` of ``w * loss_c + loss_s`` (w =
 exit_loss_weight) over (client, server) parameters: ``loss_c`` does not touch
 the server, and the ``stop_gradient`` keeps ``loss_s`` out of the client
 unless ``server_grad_to_client`` (classical split learning) is set.
+
+``w * loss_c`` is the default *client objective* (:func:`exit_objective`);
+the exit-aware variants ([choice], docs/usage.md) change only it: more exits
+(``exit_cuts``, DepthFL) and a distillation term. A user's own objective is
+an argument (``examples/exit_objective.py``).
 """
 from __future__ import annotations
 
@@ -70,22 +75,92 @@ def preprocessing(augment: bool = True, augment_pad: float = 0.125) -> Callable:
   return preprocess
 
 
+def distillation_loss(student_logits, teacher_logits, temperature):
+  """Hinton's distillation term, ``T^2 * KL(softmax(teacher / T) || softmax(student / T))``
+  averaged over the batch; the teacher is held fixed (no gradient reaches it)."""
+  log_t = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits) / temperature)
+  log_s = jax.nn.log_softmax(student_logits / temperature)
+  return temperature ** 2 * jnp.mean(jnp.sum(jnp.exp(log_t) * (log_t - log_s), -1))
+
+
+def _mean(values: list):
+  return values[0] if len(values) == 1 else sum(values) / len(values)
+
+
+def exit_objective(loss: Callable = cross_entropy, distill: str = "none",
+                   temperature: float = 1.0) -> Callable:
+  """The client objective of the split update, ``(exits, final, labels, hp) -> scalar``.
+
+  ``exits``: the client's exit logits, shallowest first, its own cut's last
+  (one unless ``client_exits=every``); ``final``: the server part's logits
+  for the same images, held fixed (forward information, as soft labels sent
+  back; no gradient reaches the server or comes from it); ``hp``: the step's
+  ``fleet.HPARAMS``. The objective is ``hp[3]`` (the exit-loss weight) times
+  the mean of ``loss`` over the exits (PAPER.md's exit loss for one exit;
+  DepthFL's for several), plus ``hp[4]`` (the distillation weight, 0 before
+  its start round) times the mean :func:`distillation_loss` of
+  ``distill="deepest"``: each shallower exit from the client's own exit
+  (ScaleFL, DepthFL), or ``distill="server"``: every exit from ``final``.
+  """
+  def objective(exits, final, labels, hp):
+    value = hp[3] * _mean([loss(e, labels) for e in exits])
+    if distill == "deepest" and len(exits) > 1:
+      value = value + hp[4] * _mean([distillation_loss(e, exits[-1], temperature)
+                                     for e in exits[:-1]])
+    elif distill == "server":
+      value = value + hp[4] * _mean([distillation_loss(e, final, temperature) for e in exits])
+    return value
+  return objective
+
+
+def _exit_views(params: dict, stats: dict, exit_cuts: tuple) -> list:
+  """The client part as one (params, batch_stats) per exit for
+  ``SplitNetwork.split_forward``: at each lower cut its head there as ``EXIT_HEAD``."""
+  views = []
+  for c in exit_cuts:
+    name = models.exit_head_at(c)
+    views.append(({**params, models.EXIT_HEAD: params[name]},
+                  {**stats, models.EXIT_HEAD: stats[name]} if name in stats else stats))
+  return views + [(params, stats)]
+
+
+def _merge_exit_stats(stats_per_exit: list, exit_cuts: tuple) -> dict:
+  """The client part's new batch statistics from ``split_forward``'s per-exit
+  ones: each unit from the span that ran it, each lower head under its name."""
+  new, first = dict(stats_per_exit[-1]), 1
+  for c, stats in zip(exit_cuts, stats_per_exit):
+    for k in range(first, c + 1):
+      if models.unit_name(k) in stats:
+        new[models.unit_name(k)] = stats[models.unit_name(k)]
+    if models.EXIT_HEAD in stats:
+      new[models.exit_head_at(c)] = stats[models.EXIT_HEAD]
+    first = c + 1
+  return new
+
+
 def split_update(net: models.SplitNetwork, cut: int, *, loss: Callable = cross_entropy,
+                 objective: Callable | None = None, exit_cuts: tuple = (),
                  preprocess: Callable | None = None, optimizer: str = "sgd",
                  nesterov: bool = False, server_grad_to_client: bool = False) -> ClientUpdate:
   """The Hetero-SplitEE client update for a client at ``cut``, as FedJAX's
   init / step / final (:class:`hsee_jax.engine.ClientUpdate`).
 
-  Each step: the client part and its exit head give ``exit_loss`` (on the
-  exit logits), the server part given the client part's activations gives
-  ``full_loss``; one ``value_and_grad`` of ``w * exit_loss +
-  full_loss`` (w = the exit-loss weight) updates both parts; no gradient
-  reaches the client part from the server unless ``server_grad_to_client``.
+  Each step: the client part and its exit heads give the client objective,
+  the server part given the client part's activations gives ``full_loss``;
+  one ``value_and_grad`` of ``objective + full_loss`` updates both parts;
+  no gradient reaches the client part from the server unless
+  ``server_grad_to_client``.
 
   Args:
     net: the split network; ``cut`` one of its ``allowed_cuts()``.
-    loss: ``(logits, labels) -> scalar``, for both the exit and the final
+    loss: ``(logits, labels) -> scalar``, for the exits and the final
       logits (default: :func:`cross_entropy`).
+    objective: the client objective ``(exits, final, labels, hp) -> scalar``
+      (default: :func:`exit_objective` of ``loss``: the exit-loss weight
+      times the exit's loss, PAPER.md's).
+    exit_cuts: cuts below ``cut`` where the client also has an exit head
+      (``client_exits=every``; the client part's params hold them as
+      ``models.exit_head_at(c)``).
     preprocess: ``(key, images, mean, std) -> images`` (default:
       :func:`preprocessing` with augmentation).
     optimizer, nesterov: ``sgd`` | ``adam`` and SGD's Nesterov flag
@@ -93,12 +168,17 @@ def split_update(net: models.SplitNetwork, cut: int, *, loss: Callable = cross_e
 
   The input every client reads is a :class:`TrainSet`; the state is
   ``(client PartState, server PartState, PRNG key)``; the per-step input
-  ``(indices [B], hparams [4])``: indices into the train set and the
-  learning rate, momentum, weight decay and exit-loss weight
-  (``fleet.HPARAMS``). The output is ``((client, server), metrics [4])``, the
-  metrics (``METRIC_NAMES``) averaged over the steps.
+  ``(indices [B], hparams [5])``: indices into the train set and the
+  learning rate, momentum, weight decay, exit-loss weight and distillation
+  weight (``fleet.HPARAMS``). The output is ``((client, server), metrics
+  [4])``, the metrics (``METRIC_NAMES``; the exit's at ``cut``) averaged
+  over the steps.
   """
   preprocess = preprocessing() if preprocess is None else preprocess
+  objective = exit_objective(loss) if objective is None else objective
+  exit_cuts = tuple(exit_cuts)
+  if any(c >= cut for c in exit_cuts) or list(exit_cuts) != sorted(set(exit_cuts)):
+    raise ValueError(f"exit_cuts: increasing cuts below {cut}, got {exit_cuts}")
 
   def init(train_set, state):
     client, server, key = state
@@ -107,20 +187,22 @@ def split_update(net: models.SplitNetwork, cut: int, *, loss: Callable = cross_e
   def step(train_set, carry, x):
     client, server, key, msum, n = carry
     idx, hp = x
-    lr, momentum, weight_decay, exit_weight = hp[0], hp[1], hp[2], hp[3]
+    lr, momentum, weight_decay = hp[0], hp[1], hp[2]
     step_tx = optim.direction(optimizer, nesterov, momentum, weight_decay)
     key, aug_key = jax.random.split(key)
     labels = train_set.labels[idx]
     images = preprocess(aug_key, train_set.images[idx], train_set.mean, train_set.std)
 
     def loss_fn(client_params, server_params):
-      (exit_logits,), logits, (c_stats,), s_stats = net.split_forward(
-          [(client_params, client.batch_stats)], (server_params, server.batch_stats), images,
-          [cut], train=True, server_grad_to_client=server_grad_to_client)
-      loss_c, loss_s = loss(exit_logits, labels), loss(logits, labels)
-      metrics = jnp.stack([loss_c, loss_s, _accuracy(exit_logits, labels),
+      exits, logits, c_stats, s_stats = net.split_forward(
+          _exit_views(client_params, client.batch_stats, exit_cuts),
+          (server_params, server.batch_stats), images, exit_cuts + (cut,), train=True,
+          server_grad_to_client=server_grad_to_client)
+      loss_s = loss(logits, labels)
+      metrics = jnp.stack([loss(exits[-1], labels), loss_s, _accuracy(exits[-1], labels),
                            _accuracy(logits, labels)])
-      return exit_weight * loss_c + loss_s, (metrics, c_stats, s_stats)
+      total = objective(exits, jax.lax.stop_gradient(logits), labels, hp) + loss_s
+      return total, (metrics, _merge_exit_stats(c_stats, exit_cuts), s_stats)
 
     (_, (metrics, c_stats, s_stats)), (g_client, g_server) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(client.params, server.params)
