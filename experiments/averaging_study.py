@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -58,23 +57,6 @@ VARIANTS = {
     "homogeneous-3": {"cuts": (3, 3, 3)},
     "averaging-every2": {"aggregate_every": 2},
 }
-
-
-def recompute_bn(net, model, images, mean, std, batches: int = 40, batch_size: int = 250):
-  """``model`` (an Averaging state's shared network) with batch statistics
-  recomputed on ``images``: the network in training mode over ``batches``
-  batches, each feeding the running averages (momentum 0.9: the averaged
-  statistics keep a weight of 0.9**40 < 2%)."""
-  @jax.jit
-  def step(params, stats, x):
-    return net.apply_span(params, stats, data_lib.normalize(x, mean, std), *net.full_span(),
-                          train=True)[2]
-  stats = model.batch_stats
-  order = np.random.default_rng(0).permutation(len(images))
-  for i in range(batches):
-    idx = order[(i * batch_size) % len(images):][:batch_size]
-    stats = step(model.params, stats, jnp.asarray(images[idx]))
-  return model.replace(batch_stats=stats)
 
 
 def _accuracies(test: dict) -> dict:
@@ -98,12 +80,10 @@ def run_variant(cfg: Config, dataset, log=print) -> dict:
                                  (0.0,), 500)
       evaluated[rnd + 1] = _accuracies(test)
   out = {"rounds": evaluated, "seconds": time.time() - t0}
-  if cfg.strategy == "averaging" and cfg.aggregate_every == 1:
-    model = recompute_bn(sim.net, state.model, dataset.train_images, jnp.asarray(dataset.mean),
-                         jnp.asarray(dataset.std))
+  if cfg.strategy == "averaging" and cfg.aggregate_every == 1:  # static_bn=True's evaluation
+    _, bn_sim = train_lib.build(dataclasses.replace(cfg, static_bn=True), dataset)
     out["bn_recomputed"] = _accuracies(evaluation.evaluate(
-        sim.net, sim.fleet, sim.algorithm.eval_models(state.replace(model=model)), dataset,
-        (0.0,), 500))
+        sim.net, sim.fleet, bn_sim.algorithm.eval_models(state), dataset, (0.0,), 500))
   return out
 
 

@@ -598,6 +598,7 @@ def _claims_markdown(ds_name: str, ds: dict, claims: list = CLAIMS) -> list[str]
     md += ["", "Claims: " + "; ".join(f"{k}. {text}" for k, text, _ in claims
                                        if any(v["claim"] == k for v in ds["verdicts"])) + ".", ""]
   if ds.get("goal"):
+    md += _variants_table(ds)
     md += ["### The goal: every tier served", "",
            "Met when none of the run's comparisons does not hold: on non-IID data every "
            "tier's exit ≥ alone, the weak exit ≥ homogeneous-weak, exits and full path ≥ "
@@ -696,6 +697,37 @@ def _plots(results: dict, out: Path, log=print) -> None:
     _save(plt, fig, out / f"{ds_name}_early_exit.png")
     _claim_plots(plt, ds_name, ds, out)
     _variant_plot(plt, ds_name, ds, out)
+
+
+_MARK = {"holds (better)": "▲", "holds (within the spread)": "=", "does not hold": "✗",
+         "equal in every seed": "="}
+
+
+def _variants_table(ds: dict) -> list[str]:
+  """Claims 5-7 in one table: per run and split, the paired differences in
+  points (mean over seeds; ▲ better, = within the spread, ✗ worse by the
+  verdict rule) against alone per tier, against homogeneous-weak at the
+  weak tier, and against plain Averaging per tier and on the full path."""
+  rows = {(v["claim"], v["a_run"], v["cut"]): v for v in ds["verdicts"]}
+  cell = lambda key: ("" if key not in rows else
+                      f"{rows[key]['difference'][0] * 100:+.1f} {_MARK.get(rows[key]['verdict'], '?')}")
+  md = ["### Exit-aware variants: paired differences (points)", "",
+        "Mean over seeds of a - b, in points; ▲ better, = within the spread (not worse), "
+        "✗ worse (the verdict rule above).", "",
+        "| run | split | exit − alone, cut 3 / 5 / 7 | weak exit − homogeneous-weak | "
+        "exit − plain Averaging, cut 3 / 5 / 7 | `full_acc` − plain Averaging |",
+        "| --- | --- | --- | --- | --- | --- |"]
+  for name in ["hsee-averaging"] + list(VARIANTS):
+    for sfx in ("", "-noniid"):
+      run = name + sfx
+      if run not in ds["runs"]:
+        continue
+      md.append(f"| {name} | {'non-IID' if sfx else 'IID'} | "
+                f"{' / '.join(cell((5, run, c)) for c in HETERO_CUTS)} | "
+                f"{cell((6, run, HETERO_CUTS[0]))} | "
+                f"{' / '.join(cell((7, run, c)) for c in HETERO_CUTS) if name in VARIANTS else ''} | "
+                f"{cell((7, run, None))} |")
+  return md + [""]
 
 
 def _variant_plot(plt, ds_name: str, ds: dict, out: Path) -> None:

@@ -7,8 +7,9 @@ The pieces a researcher composes (see ``examples/custom_network.py``):
   cut), the shipped :class:`SplitResNet18`, :class:`SplitVGG16BN`,
   :class:`SplitMobileNetV2`, and :func:`network` (by name);
 * the split update: :func:`split_update` (FedJAX-style init / step / final,
-  loss and preprocessing as arguments; :func:`cross_entropy`,
-  :func:`preprocessing`), run over clients by :class:`ClientRunner`;
+  loss, client objective and preprocessing as arguments; :func:`cross_entropy`,
+  :func:`exit_objective`, :func:`distillation_loss`, :func:`preprocessing`;
+  ``examples/exit_objective.py``), run over clients by :class:`ClientRunner`;
   parts are :class:`PartState` (:func:`init_part`, optimiser :func:`direction`);
   the train set on device is a :class:`TrainSet` (:func:`put_train_set`);
 * cross-layer aggregation: :func:`cross_layer_average`;
@@ -36,7 +37,8 @@ _EXPORTS = {
     **{n: ("hsee_jax.optim", n) for n in ("PartState", "direction", "init_part")},
     **{n: ("hsee_jax.strategies", n) for n in (
         "METRIC_NAMES", "Algorithm", "Context", "Shared", "TrainSet", "averaging",
-        "cross_entropy", "cross_layer_average", "preprocessing", "put_train_set", "sequential",
+        "cross_entropy", "cross_layer_average", "distillation_loss", "exit_objective",
+        "preprocessing", "put_train_set", "sequential",
         "split_update")},
     "run_sweep": ("hsee_jax.sweep", "run_sweep"),
     "train": ("hsee_jax.train", None),  # the module: train.train(cfg, out_dir) runs a config

@@ -68,10 +68,10 @@ def _train_config(args) -> tuple[config_lib.Config, Path]:
       raise config_lib.ConfigError("--resume DIR and --out name different directories")
     if args.config:
       return config_lib.load(args.config, args.overrides), out
-    from hsee_jax.rundir import CONFIG
-    if not (out / CONFIG).exists():
+    from hsee_jax import rundir
+    if not (out / rundir.CONFIG).exists():
       raise config_lib.ConfigError(f"--resume: {out} holds no run (no config.json)")
-    return config_lib.override(config_lib.load_run_config(out), args.overrides), out
+    return config_lib.override(rundir.load_config(out), args.overrides), out
   if not args.config or not args.out:
     raise config_lib.ConfigError("train needs --config and --out (or --resume DIR)")
   return config_lib.load(args.config, args.overrides), Path(args.out)

@@ -436,7 +436,7 @@ def load(path: str | Path, assignments: list[str] | None = None) -> Config:
   if not path.is_file():
     raise ConfigError(f"config file not found: {path}")
   if path.suffix == ".json":
-    return override(_read_json_config(path), assignments or [])
+    return override(read_json_config(path), assignments or [])
   spec = importlib.util.spec_from_file_location(f"hsee_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   try:
@@ -460,16 +460,8 @@ def load(path: str | Path, assignments: list[str] | None = None) -> Config:
   return override(cfg, assignments or [])
 
 
-def load_run_config(run: str | Path) -> Config:
-  """The config a run directory was trained with (its ``config.json``)."""
-  from hsee_jax.rundir import CONFIG
-  path = Path(run) / CONFIG
-  if not path.is_file():
-    raise ConfigError(f"{run} holds no run (no config.json)")
-  return _read_json_config(path)
-
-
-def _read_json_config(path: Path) -> Config:
+def read_json_config(path: Path) -> Config:
+  """A config saved as JSON (a run's ``config.json``)."""
   try:
     data = json.loads(path.read_text())
   except json.JSONDecodeError as e:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hsee_jax import engine, models
+from hsee_jax import models
 from hsee_jax import precision as precision_lib
 
 
@@ -45,7 +45,8 @@ def _module_cost(net, module, params, stats, in_shape, input_grad: bool) -> dict
   residuals = jax.eval_shape(lambda p, x: jax.vjp(f, p, x)[1], params, x)
   return {"flops": _flops(jax.jit(jax.grad(f, argnums=argnums)), params, x),
           "forward_flops": _flops(jax.jit(f), params, x),
-          "activation_bytes": max(0, engine.tree_bytes(residuals) - engine.tree_bytes(params)),
+          "activation_bytes": max(0, precision_lib.tree_bytes(residuals)
+                                  - precision_lib.tree_bytes(params)),
           "params": _count(params)}
 
 

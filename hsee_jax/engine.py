@@ -63,15 +63,10 @@ def _unrolled(f):
 
 # What ``mode = auto`` runs for Averaging, by backend (``cpu``, or
 # ``accelerator`` for GPU and TPU) and resolved precision: (largest batch, mode)
-# pairs, the first whose batch bound holds (None: any batch). From
-# docs/performance.md, Throughput. CPU: ``unrolled``, 1.11-1.20x ``loop`` at
-# K = 4..16 in float32 (``vmap`` 2.8-5.5x slower there: its grouped
-# convolutions); in bfloat16 the two within 2% of each other. GPU float32 (H200,
-# H100, width 1.0): ``loop`` at batch 32 and 128 (``vmap`` 1.2x slower at 32,
-# 2.2-2.7x at 128; ``unrolled`` at batch 32 within the run-to-run spread of
-# ``loop`` and 3x its compile time). GPU bfloat16: not measured yet, as float32;
-# experiments/gpu_check.py measures every entry of the accelerator rows and says
-# where its figures disagree with this table. TPU: as GPU (not measured).
+# pairs, the first whose batch bound holds (None: any batch). The measurements
+# behind each row, with their commands, are in docs/performance.md
+# ("Throughput"); experiments/gpu_check.py measures every entry of the
+# accelerator rows and says where its figures disagree with this table.
 AUTO_MODE = {
     ("cpu", "float32"): ((None, "unrolled"),),
     ("cpu", "bfloat16"): ((None, "unrolled"),),
@@ -178,11 +173,6 @@ class ClientMesh:
 
 # The tree helpers are jitted: one dispatch for the whole tree instead of one
 # per leaf (a client state has ~170 leaves; experiments/ab_cpu_speedups.py).
-def tree_bytes(tree) -> int:
-  """Bytes of every array of ``tree`` (from shapes and dtypes: abstract trees too)."""
-  return int(sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)))
-
-
 @jax.jit
 def tree_slice(tree, i):
   """Client ``i`` of a stacked tree."""

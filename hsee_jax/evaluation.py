@@ -124,7 +124,7 @@ def evaluate(net: models.SplitNetwork, fleet, evaluated: list, dataset: data_lib
         "full_acc": float(np.mean(np.argmax(s_logits, -1) == labels)),
         "early_exit": early_exit_table(e_logits, s_logits, labels, thresholds),
     }))
-  per_client = {"exit_acc": np.full(fleet.size, np.nan), "full_acc": np.full(fleet.size, np.nan)}
+  per_client = {"exit_acc": np.full(fleet.num_clients, np.nan), "full_acc": np.full(fleet.num_clients, np.nan)}
   cuts = []
   for cut, ids in fleet.groups.items():
     mine = [(m, r) for m, r in rows if m.cut == cut]

@@ -39,13 +39,24 @@ class Fleet:
   reasons: tuple = ()            # budget -> cut explanations, one per tier or client
 
   @property
-  def size(self) -> int:
+  def num_clients(self) -> int:
+    """N, the clients of the fleet."""
     return len(self.cuts)
 
   @functools.cached_property
-  def sizes(self) -> np.ndarray:
+  def data_sizes(self) -> np.ndarray:
     """Data size of every client: the weight of its models in every average."""
     return np.array([len(p) for p in self.partitions], np.float32)
+
+  @property
+  def size(self) -> int:
+    """Former name of ``num_clients``, kept for one release."""
+    return self.num_clients
+
+  @property
+  def sizes(self) -> np.ndarray:
+    """Former name of ``data_sizes``, kept for one release."""
+    return self.data_sizes
 
   @functools.cached_property
   def groups(self) -> dict[int, np.ndarray]:
@@ -55,16 +66,16 @@ class Fleet:
   @functools.cached_property
   def slots(self) -> np.ndarray:
     """Each client's row in its cut group's per-client state."""
-    out = np.zeros(self.size, np.int64)
+    out = np.zeros(self.num_clients, np.int64)
     for ids in self.groups.values():
       out[ids] = np.arange(len(ids))
     return out
 
   def describe(self) -> dict:
     """What ``fleet.json`` holds: every client's cut and data size, and the tiers."""
-    return {"num_clients": self.size,
+    return {"num_clients": self.num_clients,
             "clients_per_cut": {str(c): int(len(i)) for c, i in self.groups.items()},
-            "cuts": self.cuts.tolist(), "data_sizes": self.sizes.astype(int).tolist(),
+            "cuts": self.cuts.tolist(), "data_sizes": self.data_sizes.astype(int).tolist(),
             "reasons": list(self.reasons)}
 
 
@@ -184,7 +195,7 @@ def make_cohort(fleet: Fleet, cfg: Config, rnd: int, local_steps: int, schedule,
                 base_key) -> Cohort:
   """Round ``rnd``'s cohort: who trains, on which images, at which rates, with
   which keys. Data order and keys are pure functions of (seed, round, client)."""
-  ids = sample_cohort(cfg.seed, rnd, fleet.size, cfg.cohort_size)
+  ids = sample_cohort(cfg.seed, rnd, fleet.num_clients, cfg.cohort_size)
   indices = np.stack([data_lib.client_batches(fleet.partitions[i], local_steps, cfg.batch_size,
                                               cfg.seed, rnd, int(i)) for i in ids])
   steps = rnd * local_steps + np.arange(local_steps)
@@ -192,5 +203,5 @@ def make_cohort(fleet: Fleet, cfg: Config, rnd: int, local_steps: int, schedule,
   hparams = step_hparams(cfg, rnd, lrs)
   keys = np.asarray(_client_keys(base_key, rnd, ids.astype(np.int32)))
   return Cohort(round=rnd, ids=ids, cuts=fleet.cuts[ids], slots=fleet.slots[ids],
-                indices=indices, hparams=hparams, weights=fleet.sizes[ids], keys=keys)
+                indices=indices, hparams=hparams, weights=fleet.data_sizes[ids], keys=keys)
 

@@ -411,7 +411,8 @@ def _windows(xp, strides: int, out_hw: tuple) -> list:
           for i in range(3) for j in range(3)]
 
 
-def _weighted_sum(windows: list, kernel):
+def _tap_sum(windows: list, kernel):
+  """Sum over the nine taps of window times the kernel's weight at that tap."""
   out = windows[0] * kernel[0, 0, 0]
   for t, k in zip(windows[1:], kernel.reshape(9, -1)[1:]):
     out = out + t * k
@@ -435,7 +436,7 @@ def depthwise_conv3x3(x, kernel, strides: int = 1):
   nine full-size tensors.
   """
   out_hw = tuple((n - 1) // strides + 1 for n in x.shape[1:3])
-  return _weighted_sum(_windows(_pad1(x), strides, out_hw), kernel)
+  return _tap_sum(_windows(_pad1(x), strides, out_hw), kernel)
 
 
 def _depthwise_fwd(x, kernel, strides):
@@ -448,7 +449,7 @@ def _depthwise_bwd(strides, res, g):
   zero = jnp.zeros((), g.dtype)
   gq = jax.lax.pad(g, zero, [(0, 0, 0), (1, h - strides * (ho - 1), strides - 1),
                              (1, w - strides * (wo - 1), strides - 1), (0, 0, 0)])
-  dx = _weighted_sum(_windows(gq, 1, (h, w)), kernel[::-1, ::-1])
+  dx = _tap_sum(_windows(gq, 1, (h, w)), kernel[::-1, ::-1])
   # one reduction per tap, in a scan: XLA:CPU runs nine sibling reductions
   # over strided windows several times slower than one after another
   xp, span = _pad1(x), (strides * (ho - 1) + 1, strides * (wo - 1) + 1)

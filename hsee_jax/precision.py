@@ -26,6 +26,8 @@ float32 statistics, is cast back to it. Under float32 it is a plain
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -41,6 +43,11 @@ def resolve(precision: str, backend: str | None = None) -> str:
   if precision != "auto":
     return precision
   return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
+
+
+def tree_bytes(tree) -> int:
+  """Bytes of every array of ``tree`` (from shapes and dtypes: abstract trees too)."""
+  return int(sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)))
 
 
 def itemsize(precision: str) -> int:

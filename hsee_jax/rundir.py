@@ -33,6 +33,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from hsee_jax import config as config_lib
+from hsee_jax.config import Config, ConfigError
+
 # former home of these names, kept for one release
 from hsee_jax.stopping import Abandoned, StopSignals, Stopped  # noqa: F401
 
@@ -46,6 +49,14 @@ RUN_GLOBS = ("eval_round*.json",)
 
 class RunError(RuntimeError):
   """A run that cannot go on; the message is one line naming the problem."""
+
+
+def load_config(run: str | Path) -> Config:
+  """The config a run directory was trained with (its ``config.json``)."""
+  path = Path(run) / CONFIG
+  if not path.is_file():
+    raise ConfigError(f"{run} holds no run (no config.json)")
+  return config_lib.read_json_config(path)
 
 
 def _oserror(out: Path, e: OSError) -> RunError:

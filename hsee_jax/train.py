@@ -96,7 +96,7 @@ def build(cfg: Config, dataset: data_lib.Dataset | None = None,
     fleet = fleet_lib.build_fleet(cfg, dataset, log)
   except fleet_lib.FleetError as e:
     raise RunError(str(e)) from None
-  steps = cfg.local_steps or max(1, math.ceil(float(np.mean(fleet.sizes)) / cfg.batch_size))
+  steps = cfg.local_steps or max(1, math.ceil(float(np.mean(fleet.data_sizes)) / cfg.batch_size))
   net = models.for_config(cfg, dataset.num_classes)
   tx = optim.make_optimizer(cfg)
   schedule = optim.make_schedule(cfg, cfg.rounds * steps)
@@ -133,7 +133,7 @@ def memory_need(sim: Simulation, image_shape: tuple) -> tuple[int, int]:
   every client trained in one call, in the compute dtype (``precision``:
   bfloat16 counts half of float32)."""
   cfg = sim.cfg
-  state = engine.tree_bytes(sim.abstract_state())
+  state = precision_lib.tree_bytes(sim.abstract_state())
   values = sum(math.prod(sim.net.unit_output_shape(k, image_shape))
                for k in range(1, sim.net.num_units + 1))
   parallel = sim.ctx.chunk if sim.ctx.mode in ("vmap", "unrolled") else 1
@@ -383,13 +383,13 @@ def _finished_summary(run: rundir.RunDir) -> dict:
 def _log_header(sim: Simulation, dataset, state, log) -> None:
   cfg, fleet = sim.cfg, sim.fleet
   tiers = ", ".join(f"{len(ids)} at cut {c}" for c, ids in fleet.groups.items())
-  log(f"[hsee] {cfg.name}: {cfg.strategy}, {fleet.size} clients ({tiers}), "
+  log(f"[hsee] {cfg.name}: {cfg.strategy}, {fleet.num_clients} clients ({tiers}), "
       f"{cfg.cohort_size} per round, {dataset.name} {len(dataset.train_labels)} train / "
       f"{len(dataset.test_labels)} test, width {cfg.width}, {sim.local_steps} local steps x "
       f"batch {cfg.batch_size}, mode {sim.ctx.mode} (chunks of {sim.ctx.chunk}), "
       f"precision {cfg.precision} ({precision_lib.resolve(cfg.precision)}), "
       f"backend {jax.default_backend()}")
-  log(f"[hsee] persistent state: {engine.tree_bytes(state) / 2**20:.1f} MiB; per client "
+  log(f"[hsee] persistent state: {precision_lib.tree_bytes(state) / 2**20:.1f} MiB; per client "
       + ", ".join(f"{b / 2**10:.1f} KiB at cut {c}"
                   for c, b in sim.algorithm.per_client_bytes.items()))
 
@@ -400,7 +400,7 @@ def _summary(sim: Simulation, resumed_from: int | None, test: dict | None, t_sta
       "config": cfg.to_dict(), "rounds": cfg.rounds, "local_steps": sim.local_steps,
       "backend": jax.default_backend(), "precision": precision_lib.resolve(cfg.precision),
       "resumed_from_round": resumed_from,
-      "num_clients": fleet.size, "clients_per_round": cfg.cohort_size,
+      "num_clients": fleet.num_clients, "clients_per_round": cfg.cohort_size,
       "cuts": fleet.cuts.tolist(),
       "clients_per_cut": {str(c): len(ids) for c, ids in fleet.groups.items()},
       "per_client_state_bytes": {str(c): b for c, b in sim.algorithm.per_client_bytes.items()},
@@ -416,7 +416,7 @@ def evaluate_run(run_dir: str | Path, step: int | None = None,
   round is recorded) and writes ``eval_round<N>.json`` atomically beside
   it, which the training neither reads nor writes."""
   run = Path(run_dir)
-  cfg = config_lib.load_run_config(run)
+  cfg = rundir.load_config(run)
   dataset, sim = build(cfg)
   with rundir.RunDir(run).checkpointer(cfg.keep_checkpoints, create=False) as ckpt:
     state, meta = restore_state(sim, ckpt, cfg, step, log)

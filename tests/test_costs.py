@@ -101,3 +101,29 @@ def test_config_budgets_choose_the_cuts(table, tmp_path):
   _, sim = train_lib.build(cfg, log=logs.append)
   assert {c: len(ids) for c, ids in sim.fleet.groups.items()} == {2: 7, 6: 3}
   assert any("tier 1: cut 6 needs" in line for line in logs)
+
+
+def test_run_cost_table_counts_the_variants(table):
+  """client_exits=every adds the lower exit heads' FLOPs and parameters to
+  the client (nothing on the link); distill=server adds the float32 soft
+  labels on the downlink; the server's gradient is counted as before;
+  forward_flops is the whole network's forward pass (under its training)."""
+  from hsee_jax.config import Config
+  rows = {r["cut"]: r for r in table}
+  plain = costs.run_cost_table(Config(), NET, SHAPE, (7, 3, 5, 3))
+  assert sorted(plain) == [3, 5, 7] and plain[5] == rows[5]
+  every = costs.run_cost_table(Config(client_exits="every", distill="server"), NET, SHAPE,
+                               (3, 5, 7))
+  heads = costs._pieces(NET, SHAPE)
+  for c, lower in ((3, ()), (5, (3,)), (7, (3, 5))):
+    assert every[c]["client_train_flops"] == pytest.approx(
+        rows[c]["client_train_flops"] + sum(heads[(models.EXIT_HEAD, x)]["flops"] for x in lower))
+    assert every[c]["client_params"] == rows[c]["client_params"] + sum(
+        heads[(models.EXIT_HEAD, x)]["params"] for x in lower)
+    assert every[c]["bytes_client_to_server"] == rows[c]["bytes_client_to_server"]
+    assert every[c]["bytes_server_to_client"] == 4 * NET.num_classes
+  classical = costs.run_cost_table(Config(server_grad_to_client=True, exit_loss_weight=0.0),
+                                   NET, SHAPE, (3,))
+  assert classical[3]["bytes_server_to_client"] == rows[3]["bytes_client_to_server"]
+  full_train = rows[3]["client_train_flops"] + rows[3]["server_train_flops"]
+  assert 0.2 * full_train < costs.forward_flops(NET, SHAPE) < 0.6 * full_train

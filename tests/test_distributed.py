@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hsee_jax import distributed
+from hsee_jax import distributed, rundir
 
 pytestmark = pytest.mark.long  # run by .ci/run after the default run
 
@@ -90,7 +90,7 @@ def _final_state(run: Path):
   from hsee_jax import config as config_lib
   from hsee_jax import train as train_lib
   from hsee_jax.checkpoint import Checkpointer
-  cfg = config_lib.load_run_config(run)
+  cfg = rundir.load_config(run)
   _, sim = train_lib.build(dataclasses.replace(cfg, shard_clients=False))
   with Checkpointer(run / "checkpoints", create=False) as ck:
     return jax.tree.map(np.asarray, ck.restore_state(sim.abstract_state(), cfg.rounds))

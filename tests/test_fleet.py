@@ -122,7 +122,7 @@ def _reference_round(sim, state_clients, state_servers, rnd, key):
     metrics[ids] = np.asarray(m)
   parts = {**{f"client/{g}": p for g, p in state_clients.items()},
            **{f"server/{g}": p for g, p in state_servers.items()}}
-  w = {f"{side}/cut_{c}": sim.fleet.sizes[ids] for c, ids in sim.fleet.groups.items()
+  w = {f"{side}/cut_{c}": sim.fleet.data_sizes[ids] for c, ids in sim.fleet.groups.items()
        for side in ("client", "server")}
   out = jax.jit(cross_layer_average)(parts, w)
   return ({g: out[f"client/{g}"] for g in state_clients},

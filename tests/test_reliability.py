@@ -14,7 +14,7 @@ from pathlib import Path
 import chex
 import pytest
 
-from hsee_jax import cli, engine, rundir, stopping
+from hsee_jax import cli, precision, rundir, stopping
 from hsee_jax import config as config_lib
 from hsee_jax import train as train_lib
 from hsee_jax.checkpoint import Checkpointer
@@ -456,7 +456,7 @@ def test_work_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch)
   with pytest.raises(rundir.RunError, match=r"^batch_size: 200 is more than the 96 training images"):
     train_lib.build(config_lib.override(CFG, ["batch_size=200"]))
   _, sim = train_lib.build(CFG)
-  state = engine.tree_bytes(sim.abstract_state())
+  state = precision.tree_bytes(sim.abstract_state())
   monkeypatch.setattr(train_lib, "available_memory_bytes", lambda: state // 2)
   with pytest.raises(rundir.RunError) as e:
     train_lib.train(CFG, tmp_path / "run", **QUIET)

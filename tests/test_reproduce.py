@@ -1,5 +1,6 @@
 """The experiment grid runner, end to end on a tiny image-folder archive the test writes."""
 import csv
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -173,3 +174,34 @@ def test_verdicts_follow_the_rule():
   assert {r["verdict"] for r in one_seed if r["difference"][0] != 0} == {"one seed: no verdict"}
   same = reproduce.verdicts({"hsee-sequential": runs["alone"], "alone": runs["alone"]})
   assert {r["verdict"] for r in same} == {"equal in every seed"} and len(same) == 3
+
+
+def test_variants_grid_and_goal():
+  """The variants grid: its baselines are the evidence grid's configs; each
+  variant is plain Averaging's config with its fields; the goal per run
+  follows the verdicts of claims 5-7."""
+  ev = dict(reproduce.grid("cifar10", "evidence", []))
+  va = dict(reproduce.grid("cifar10", "variants", []))
+  for name in ("hsee-averaging", "alone", "homogeneous-weak", "hsee-averaging-noniid",
+               "alone-noniid", "homogeneous-weak-noniid"):
+    assert va[name] == ev[name]
+  for v, fields in reproduce.VARIANTS.items():
+    for sfx, base in (("", "hsee-averaging"), ("-noniid", "hsee-averaging-noniid")):
+      assert va[v + sfx] == dataclasses.replace(ev[base], **fields)
+  assert len(va) == 6 + 2 * len(reproduce.VARIANTS)
+  noise = (0.0, 0.004, -0.004)
+  seeds = lambda ex, full: [_fake_run({3: ex[0] + e, 5: ex[1] + e, 7: ex[2] - e}, full + e)
+                            for e in noise]
+  runs = {"alone": seeds((0.30, 0.37, 0.40), 0.40), "homogeneous-weak": seeds((0.34,) * 3, 0.45),
+          "hsee-averaging": seeds((0.30, 0.36, 0.41), 0.455),
+          "every-exit": seeds((0.35, 0.38, 0.42), 0.455),      # meets the IID goal
+          "combined": seeds((0.36, 0.38, 0.42), 0.40)}         # full path worse
+  runs.update({f"{n}-noniid": r for n, r in runs.items()})
+  rows = reproduce.verdicts(runs, reproduce.VARIANT_CLAIMS)
+  goals = {g["run"]: g for g in reproduce.goal(rows)}
+  assert goals["every-exit"]["met"] and goals["every-exit-noniid"]["met"]
+  assert not goals["combined"]["met"] and goals["combined"]["failing"] == [
+      "combined full_acc (fleet mean) vs hsee-averaging full_acc (fleet mean)"]
+  # plain Averaging: the weak exit below the all-weak fleet's
+  assert not goals["hsee-averaging-noniid"]["met"]
+  assert "hsee-averaging" not in goals   # on IID it is the reference itself

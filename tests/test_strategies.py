@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hsee_jax import models
+from hsee_jax import models, optim
 from hsee_jax import train as train_lib
 from hsee_jax.config import Config, ConfigError
 from hsee_jax.optim import PartState
@@ -225,3 +225,147 @@ def test_tier_local_top_in_a_run():
     assert not np.allclose(KERNEL(m.client.params, m.cut), KERNEL(state.model.params, m.cut))
   with pytest.raises(ConfigError, match=r"^tier_local_top: for strategy=averaging only"):
     dataclasses.replace(CFG, strategy="sequential", tier_local_top=True)
+
+
+def test_every_exit_head_is_averaged_over_every_client_that_trains_one():
+  """client_exits=every (DepthFL): the exit head at cut 1 is averaged over the
+  clients at cut 1 (their exit_head) and the deeper clients' exit_head_at_1;
+  without lower heads in the sums, over cut 1's clients only."""
+  unit1, low = models.unit_name(1), models.exit_head_at(1)
+  part = lambda v, names, k: PartState(
+      params={n: {"w": jnp.full((k, 3), v, jnp.float32)} for n in names}, batch_stats={},
+      opt_state={})
+  model = PartState(params={unit1: {"w": jnp.zeros(3)}}, batch_stats={}, opt_state={})
+  heads = {group_key(c): PartState(params={"w": jnp.zeros(3)}, batch_stats={}, opt_state={})
+           for c in (1, 2)}
+  sums = {1: chunk_sums(part(1.0, [unit1, models.EXIT_HEAD], 2), jnp.ones(2), None),
+          2: chunk_sums(part(4.0, [unit1, models.EXIT_HEAD, low], 1), jnp.full(1, 2.0), None)}
+  _, out, _ = combine_sums(model, heads, sums)
+  np.testing.assert_allclose(out[group_key(1)].params["w"], (2 * 1.0 + 2 * 4.0) / 4)
+  np.testing.assert_allclose(out[group_key(2)].params["w"], 4.0)
+  # only the deeper tier in the cohort: the head at cut 1 still learns from it
+  _, out, _ = combine_sums(model, heads, {2: sums[2]})
+  np.testing.assert_allclose(out[group_key(1)].params["w"], 4.0)
+  sums[2] = chunk_sums(part(4.0, [unit1, models.EXIT_HEAD], 1), jnp.full(1, 2.0), None)
+  _, out, _ = combine_sums(model, heads, sums)
+  np.testing.assert_allclose(out[group_key(1)].params["w"], 1.0)
+
+
+def test_every_exit_in_a_run():
+  """A run with client_exits=every: a client at cut 7 of a (3, 7) fleet also
+  trains an exit head at cut 3, every head moves and stays finite, the
+  metrics are its own exit's; evaluated models carry only their own head.
+  Refused for Sequential, and distill=deepest refused without it."""
+  cfg = dataclasses.replace(CFG, client_exits="every", distill="deepest")
+  _, sim = train_lib.build(cfg)
+  assert sim.ctx.exit_cuts(7) == (3,) and sim.ctx.exit_cuts(3) == ()
+  state = sim.init_state(jax.random.PRNGKey(0))
+  before = state.exit_heads
+  state, metrics = sim.algorithm.apply(state, sim.cohort(0, jax.random.PRNGKey(1)))
+  assert np.isfinite(np.asarray(metrics)).all() and not sim.algorithm.nonfinite_parts(state)
+  for g in before:
+    assert not np.allclose(before[g].params["Dense_0"]["kernel"],
+                           state.exit_heads[g].params["Dense_0"]["kernel"])
+  for m in sim.algorithm.eval_models(state):
+    assert models.exit_head_at(3) not in m.client.params
+  with pytest.raises(ConfigError, match=r"^client_exits: every is for strategy=averaging only"):
+    dataclasses.replace(CFG, strategy="sequential", client_exits="every")
+  with pytest.raises(ConfigError, match=r"^distill: deepest .* needs client_exits=every"):
+    dataclasses.replace(CFG, distill="deepest")
+
+
+def test_lower_exit_heads_learn_from_the_clients_own_data():
+  """The split update with exit_cuts: a head at a lower cut learns, and the
+  server's step is the one without it (the lower head is the client's alone)."""
+  from hsee_jax.strategies import split_update
+  net, tx = models.network("resnet18", 4, 0.125), optim.make_optimizer(CFG)
+  _, sim = train_lib.build(CFG)
+  key = jax.random.PRNGKey(0)
+  p, s = net.init_span(key, *net.client_span(5), (16, 16, 3))
+  hp, hs = net.init_exit_head(key, 3, (16, 16, 3))
+  client = optim.init_part(tx, {**p, models.exit_head_at(3): hp}, s)
+  server = optim.init_part(tx, *net.init_span(key, *net.server_span(5), (16, 16, 3)))
+  xs = (np.arange(8, dtype=np.int32).reshape(1, 8),    # one step: the same activations
+        np.float32([[0.05, 0.9, 5e-4, 1.0, 0.0]]))
+  from hsee_jax.engine import ClientRunner
+  every = ClientRunner(split_update(net, 5, exit_cuts=(3,), preprocess=lambda k, x, m, sd: (
+      x / 255.0 - m) / sd), "loop")
+  (c1, s1), m1 = every.one(sim.ctx.train_set, (client, server, key), xs)
+  assert not np.allclose(c1.params[models.exit_head_at(3)]["Dense_0"]["kernel"],
+                         hp["Dense_0"]["kernel"])
+  own = ClientRunner(split_update(net, 5, preprocess=lambda k, x, m, sd: (x / 255.0 - m) / sd),
+                     "loop")
+  plain = client.subset(net.client_names(5))
+  (c2, s2), m2 = own.one(sim.ctx.train_set, (plain, server, key), xs)
+  # the server learns the same from both (the lower head is the client's alone)
+  chex.assert_trees_all_close(s1.params, s2.params, rtol=1e-5, atol=1e-6)
+  assert float(m1[1]) == pytest.approx(float(m2[1]), rel=1e-5)
+  with pytest.raises(ValueError, match="exit_cuts: increasing cuts below 5"):
+    split_update(net, 5, exit_cuts=(5,))
+
+
+def test_distillation_term():
+  """distillation_loss is 0 when the student matches its teacher, positive
+  otherwise, scales with T^2 and sends no gradient to the teacher; the
+  objective adds it only with a weight (hp[4]) and keeps the paper's loss
+  when distill is none."""
+  from hsee_jax.strategies.update import cross_entropy, distillation_loss, exit_objective
+  rng = np.random.default_rng(0)
+  a, b = (jnp.asarray(rng.normal(size=(6, 5)), jnp.float32) for _ in range(2))
+  labels = jnp.arange(6) % 5
+  assert float(distillation_loss(a, a, 3.0)) == pytest.approx(0.0, abs=1e-6)
+  assert float(distillation_loss(a, b, 1.0)) > 0
+  g_teacher = jax.grad(lambda t: distillation_loss(a, t, 2.0))(b)
+  assert not np.asarray(g_teacher).any()
+  hp = jnp.float32([0.1, 0.9, 0.0, 0.5, 0.0])
+  plain = exit_objective()([a], b, labels, hp)
+  assert float(plain) == float(0.5 * cross_entropy(a, labels))
+  assert float(exit_objective(distill="server")([a], b, labels, hp)) == float(plain)  # weight 0
+  on = hp.at[4].set(2.0)
+  assert float(exit_objective(distill="server")([a], b, labels, on)) == pytest.approx(
+      float(plain) + 2.0 * float(distillation_loss(a, b, 1.0)), rel=1e-6)
+  deep = exit_objective(distill="deepest", temperature=3.0)([a, b], None, labels, on)
+  assert float(deep) == pytest.approx(
+      0.5 * (float(cross_entropy(a, labels)) + float(cross_entropy(b, labels))) / 2
+      + 2.0 * float(distillation_loss(a, b, 3.0)), rel=1e-6)
+
+
+def test_distillation_weight_starts_at_its_round():
+  """The distillation weight is a step input: 0 before distill_start (and
+  without distill), the config's weight from that round on."""
+  from hsee_jax import fleet
+  cfg = dataclasses.replace(CFG, client_exits="every", distill="deepest", distill_weight=0.3,
+                            distill_start=3, rounds=4)
+  col = fleet.HPARAMS.index("distill_weight")
+  weights = [fleet.step_hparams(cfg, r, [0.1, 0.1])[:, col] for r in range(4)]
+  np.testing.assert_array_equal(np.concatenate(weights), np.float32([0, 0, 0, 0, .3, .3, .3, .3]))
+  assert not fleet.step_hparams(CFG, 3, [0.1])[:, col].any()
+  with pytest.raises(ConfigError, match=r"^distill_start: "):
+    dataclasses.replace(CFG, distill_start=0)
+  with pytest.raises(ConfigError, match=r"^distill: unknown value"):
+    dataclasses.replace(CFG, distill="teacher")
+
+
+def test_static_bn_changes_only_what_is_evaluated():
+  """static_bn: training is the same (metrics bit for bit); the evaluated
+  network's batch statistics are the state's recomputed over the training
+  data, its parameters the state's."""
+  from hsee_jax.strategies import static_bn
+  runs = {}
+  for on in (False, True):
+    _, sim = train_lib.build(dataclasses.replace(CFG, static_bn=on))
+    state = sim.init_state(jax.random.PRNGKey(0))
+    state, metrics = sim.algorithm.apply(state, sim.cohort(0, jax.random.PRNGKey(1)))
+    runs[on] = (sim, state, np.asarray(metrics))
+  np.testing.assert_array_equal(runs[False][2], runs[True][2])
+  sim, state, _ = runs[True]
+  want = static_bn.recompute(sim.net, state.model, sim.ctx.train_set, CFG.seed)
+  for m in sim.algorithm.eval_models(state):
+    unit = models.unit_name(m.cut)
+    chex.assert_trees_all_equal(m.client.params[unit], state.model.params[unit])
+    chex.assert_trees_all_equal(m.client.batch_stats[unit], want.batch_stats[unit])
+    assert not np.allclose(m.client.batch_stats[unit]["BatchNorm_0"]["mean"],
+                           state.model.batch_stats[unit]["BatchNorm_0"]["mean"])
+  assert static_bn.batch_indices(96, 0).shape == (static_bn.BATCHES, 96)
+  with pytest.raises(ConfigError, match=r"^static_bn: for strategy=averaging only"):
+    dataclasses.replace(CFG, strategy="sequential", static_bn=True)

@@ -166,7 +166,7 @@ class Context:
     groups = self.fleet.groups
     def make():
       shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
-      return {cut: engine.tree_bytes(shapes.clients[group_key(cut)]) // len(ids) for cut, ids in groups.items()}
+      return {cut: precision_lib.tree_bytes(shapes.clients[group_key(cut)]) // len(ids) for cut, ids in groups.items()}
     return cached_program(("per_client_bytes", self.cfg.strategy, self.program_key,
                            self.image_shape, tuple((c, len(ids)) for c, ids in groups.items())),
                           make)

@@ -70,7 +70,7 @@ def sequential(ctx: Context) -> Algorithm:
 
   take_one, put_one = cached_program(("sequential", ctx.program_key),
                                      lambda: _programs(tx, keep_opt))
-  weights = {group_key(c): jnp.asarray(fleet.sizes[ids]) for c, ids in fleet.groups.items()}
+  weights = {group_key(c): jnp.asarray(fleet.data_sizes[ids]) for c, ids in fleet.groups.items()}
 
   def apply(state: SequentialState, cohort: Cohort):
     clients, server = dict(state.clients), state.server
