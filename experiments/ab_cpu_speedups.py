@@ -13,7 +13,11 @@
 * ``models.depthwise_conv3x3`` (MobileNetV2's depthwise convolutions as
   shifted multiply-adds) against XLA's grouped convolution: each depthwise
   layer of MobileNetV2 alone (forward + backward, interleaved), and
-  MobileNetV2 Averaging rounds with either, as for ``materialize``.
+  MobileNetV2 Averaging rounds with either, as for ``materialize``;
+* ``engine.ClientRunner.chunk_program`` (prepare fused into the update's
+  first call and finish into its last, the per-client store donated)
+  against the same pieces as separate compiled calls (:func:`unfused_chunk_program`),
+  Averaging rounds as for ``materialize``.
 """
 from __future__ import annotations
 
@@ -89,19 +93,27 @@ def depthwise_layers(args) -> list[dict]:
   return rows
 
 
-def rounds_ab(mode: str, args, name: str, replacement, model: str = "resnet18") -> dict:
-  """Rounds of the same Averaging benchmark with ``models.<name>`` as shipped
+def unfused_chunk_program(runner, prepare, finish, constrain=None):
+  """A chunk as separate compiled calls: prepare; the runner (init, the
+  steps, final); finish (the store donated)."""
+  begin, end = jax.jit(prepare), jax.jit(finish, donate_argnums=2)
+  return lambda common, read, owned, xs: end(runner(common, begin(read, owned), xs), read, owned)
+
+
+def rounds_ab(mode: str, args, name: str, replacement, model: str = "resnet18",
+              owner=models) -> dict:
+  """Rounds of the same Averaging benchmark with ``owner.<name>`` as shipped
   (``with``) and replaced by ``replacement`` (``without``)."""
-  real = getattr(models, name)
+  real = getattr(owner, name)
   runs = {}
   try:
     for on in (False, True):  # the choice is read while tracing, i.e. in the first round
-      setattr(models, name, real if on else replacement)
+      setattr(owner, name, real if on else replacement)
       strategies.clear_program_cache()  # each run builds (and traces) its own programs
       runs[on] = JaxExecution(mode, args.k, argparse.Namespace(**{**vars(args), "model": model}))
       runs[on].round()
   finally:
-    setattr(models, name, real)
+    setattr(owner, name, real)
   times = {False: [], True: []}
   for rep in range(args.reps):
     for on in ((False, True) if rep % 2 == 0 else (True, False)):
@@ -129,7 +141,7 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--reps", type=int, default=4)
   p.add_argument("--modes", default="unrolled,loop")
-  p.add_argument("--parts", default="tree_helpers,materialize,depthwise_layers,depthwise",
+  p.add_argument("--parts", default="tree_helpers,materialize,depthwise_layers,depthwise,fused",
                  help="which A/Bs: depthwise_layers = one layer at a time, depthwise = rounds")
   p.add_argument("--out", required=True)
   args = p.parse_args(argv)
@@ -152,7 +164,10 @@ def main(argv=None):
   if "depthwise" in parts:
     result["depthwise"] = [rounds_ab(m, args, "depthwise_conv3x3", grouped_conv3x3, "mobilenet_v2")
                            for m in modes]
-  for part in ("materialize", "depthwise"):
+  if "fused" in parts:
+    result["fused"] = [rounds_ab(m, args, "chunk_program", unfused_chunk_program, owner=engine.ClientRunner)
+                       for m in modes]
+  for part in ("materialize", "depthwise", "fused"):
     for r in result.get(part, []):
       print(f"[ab] {part}, {r['model']} {r['mode']} K={r['clients']}: {r['images_per_s_without']:.0f} -> "
             f"{r['images_per_s_with']:.0f} images/s, states differ by at most "

@@ -42,7 +42,7 @@ def measure(k: int, width: float, workdir: Path) -> dict:
     ck.finish(1)
     total = time.perf_counter() - t0
     t0 = time.perf_counter()
-    restored = rundir.restore_state(strategy, ck, cfg)[0]
+    restored = rundir.restore_state(strategy.abstract_state(), ck, cfg)[0]
     jax.block_until_ready(restored)
     restore = time.perf_counter() - t0
   on_disk = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_io  # noqa: E402
 
-from hsee_jax import distributed  # noqa: E402
+from hsee_jax import distributed, rundir  # noqa: E402
 
 SETTINGS = ["dataset=synthetic", "synthetic_shape=(32,32,10,3000,1000)", "cuts=(3,3,5,5,7,7)",
             "shard_clients=True", "mode=vmap", "client_chunk=2"]
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     logs = [out / f"{setup}_train{i}.log" for i in range(n)]
     wall, _ = _run([[sys.executable, "-m", "hsee_jax", "train", *cfg_flags, "--out", str(run),
                      "--overwrite", *dist(i)] for i in range(n)], 2 // n, logs)
-    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    records = rundir.RunDir(run).read_records()
     per_round = statistics.median(r["seconds"] for r in records[1:])
     port = distributed.free_port()
     _, text = _run([[sys.executable, "-c", COLLECTIVE, f"127.0.0.1:{port}", str(n), str(i),

@@ -173,7 +173,7 @@ def shrink_note(scale: str) -> str:
 
 
 def _records(run_dir: Path) -> list[dict]:
-  return rundir.read_records(run_dir / "metrics.jsonl")
+  return rundir.RunDir(run_dir).read_records()
 
 
 def run_grid(datasets, scale, out: Path, overrides=(), data_dirs=None, log=print,
@@ -215,7 +215,7 @@ def run_grid(datasets, scale, out: Path, overrides=(), data_dirs=None, log=print
 
 
 def _load_run(run_dir: Path) -> dict:
-  if not (run_dir / "summary.json").exists():
+  if not (run_dir / rundir.SUMMARY).exists():
     raise train_lib.RunError(f"{run_dir} holds no finished run (no summary.json)")
   summary = rundir.read_summary(run_dir)
   return {"config": summary["config"], "summary": summary,

@@ -69,9 +69,11 @@ def _train_config(args) -> tuple[config_lib.Config, Path]:
     if args.config:
       return config_lib.load(args.config, args.overrides), out
     from hsee_jax import rundir
-    if not (out / rundir.CONFIG).exists():
-      raise config_lib.ConfigError(f"--resume: {out} holds no run (no config.json)")
-    return config_lib.override(rundir.load_config(out), args.overrides), out
+    try:
+      cfg = rundir.load_config(out)
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(f"--resume: {e}") from None
+    return config_lib.override(cfg, args.overrides), out
   if not args.config or not args.out:
     raise config_lib.ConfigError("train needs --config and --out (or --resume DIR)")
   return config_lib.load(args.config, args.overrides), Path(args.out)

@@ -3,12 +3,12 @@
 Modelled on FedJAX's ``for_each_client``: a client update is written once as
 three pure functions,
 
-* ``init(shared, state) -> carry``
-* ``step(shared, carry, x) -> carry``   (one minibatch; ``x`` is one row of ``xs``)
-* ``final(shared, carry) -> output``
+* ``init(common, state) -> carry``
+* ``step(common, carry, x) -> carry``   (one minibatch; ``x`` is one row of ``xs``)
+* ``final(common, carry) -> output``
 
 and a backend runs it for every client of a stack (pytrees with a leading
-client axis). ``shared`` is the same for every client (the training images on
+client axis). ``common`` is the same for every client (the training images on
 device, normalisation constants); ``states`` and ``xs`` carry the client axis.
 
 Backends:
@@ -40,9 +40,9 @@ from jax.sharding import PartitionSpec as P
 
 @dataclasses.dataclass(frozen=True)
 class ClientUpdate:
-  """A client's local update as FedJAX writes one: ``init(shared, state) ->
-  carry``, ``step(shared, carry, x) -> carry`` once per local step (``x``
-  the step's input), ``final(shared, carry) -> output``. ``shared`` is what
+  """A client's local update as FedJAX writes one: ``init(common, state) ->
+  carry``, ``step(common, carry, x) -> carry`` once per local step (``x``
+  the step's input), ``final(common, carry) -> output``. ``common`` is what
   every client reads (the train set on device); :class:`ClientRunner` runs it
   over a stack of clients."""
   init: Callable[[Any, Any], Any]
@@ -55,9 +55,9 @@ MODES = ("vmap", "unrolled", "loop", "debug")
 
 def _unrolled(f):
   """``f`` over a leading client axis by a Python loop inside the trace."""
-  def g(shared, *args):
+  def g(common, *args):
     k = jax.tree.leaves(args[0])[0].shape[0]
-    return tree_stack([f(shared, *[tree_slice(a, i) for a in args]) for i in range(k)])
+    return tree_stack([f(common, *[tree_slice(a, i) for a in args]) for i in range(k)])
   return g
 
 
@@ -88,7 +88,7 @@ def auto_mode(precision: str, batch: int, backend: str | None = None) -> str:
 def resolve_mode(mode: str, strategy: str = "averaging", shard_clients: bool = False,
                  precision: str = "float32", batch: int = 32) -> str:
   """The execution mode of a run, decided here only. ``auto``: ``loop`` for
-  Sequential (it trains one client at a time: the server part is shared);
+  Sequential (it trains one client at a time: one server part serves them all);
   for Averaging what experiments/bench_throughput.py measured fastest on
   this backend at this precision and batch (:data:`AUTO_MODE`), except that
   ``vmap`` replaces ``loop`` where the client axis is laid over a mesh
@@ -164,11 +164,20 @@ class ClientMesh:
     self.mesh = jax.sharding.Mesh(np.asarray(devices), ("clients",))
     self.sharded_chunks = 0   # chunks laid over the mesh (a count for tests)
 
+  def _sharding(self, k: int) -> NamedSharding:
+    return NamedSharding(self.mesh, P("clients") if k % self.mesh.devices.size == 0 else P())
+
   def place(self, tree, k: int):
     """``tree`` (a chunk of ``k`` clients on the leading axis) on the mesh."""
-    spec = P("clients") if k % self.mesh.devices.size == 0 else P()
-    self.sharded_chunks += spec == P("clients")
-    return jax.device_put(tree, NamedSharding(self.mesh, spec))
+    sharding = self._sharding(k)
+    self.sharded_chunks += sharding.spec == P("clients")
+    return jax.device_put(tree, sharding)
+
+  def constrain(self, tree):
+    """Inside a compiled program: ``tree`` (a chunk on the leading axis) laid
+    out as :meth:`place` lays it."""
+    k = jax.tree.leaves(tree)[0].shape[0]
+    return jax.lax.with_sharding_constraint(tree, self._sharding(k))
 
 
 # The tree helpers are jitted: one dispatch for the whole tree instead of one
@@ -218,39 +227,88 @@ class ClientRunner:
       client_axis = {"vmap": lambda f, n: jax.vmap(f, in_axes=(None,) + (0,) * n),
                      "unrolled": lambda f, n: _unrolled(f),
                      "loop": lambda f, n: f}[self.mode]
-      self._init = jax.jit(client_axis(update.init, 1))
+      # the update over the client axis, traceable (chunk_program fuses these)
+      self._stack_init = client_axis(update.init, 1)
+      self._stack_final = client_axis(update.final, 1)
+      self._stack_whole = client_axis(self._scanned, 2)
+      self._init = jax.jit(self._stack_init)
       self._step = jax.jit(client_axis(self._counted_step, 2))
-      self._final = jax.jit(client_axis(update.final, 1))
-      self._whole = jax.jit(client_axis(self._scanned, 2))
+      self._final = jax.jit(self._stack_final)
+      self._whole = jax.jit(self._stack_whole)
 
-  def _counted_step(self, shared, carry, x):
+  def _counted_step(self, common, carry, x):
     self.num_traces += 1  # Python runs this only while tracing
-    return self.update.step(shared, carry, x)
+    return self.update.step(common, carry, x)
 
-  def _scanned(self, shared, state, xs):
-    carry = self.update.init(shared, state)
-    carry, _ = jax.lax.scan(lambda c, x: (self._counted_step(shared, c, x), None), carry, xs)
-    return self.update.final(shared, carry)
+  def _scanned(self, common, state, xs):
+    carry = self.update.init(common, state)
+    carry, _ = jax.lax.scan(lambda c, x: (self._counted_step(common, c, x), None), carry, xs)
+    return self.update.final(common, carry)
 
-  def _run(self, shared, state, xs, step_axis: int):
+  def _run(self, common, state, xs, step_axis: int):
     """Whole local update; ``xs`` has its step axis at ``step_axis``."""
     if self.scan_steps and self.mode != "debug":
-      return self._whole(shared, state, xs)  # per client, xs is [steps, ...]
-    carry = self._init(shared, state)
+      return self._whole(common, state, xs)  # per client, xs is [steps, ...]
+    return self._final(common, self._steps(common, self._init(common, state), xs, step_axis))
+
+  def _steps(self, common, carry, xs, step_axis: int):
+    """The host loop over the compiled step."""
     for s in range(jax.tree.leaves(xs)[0].shape[step_axis]):
-      carry = self._step(shared, carry, jax.tree.map(lambda a: a[(slice(None),) * step_axis + (s,)], xs))
-    return self._final(shared, carry)
+      carry = self._step(common, carry, jax.tree.map(lambda a: a[(slice(None),) * step_axis + (s,)], xs))
+    return carry
+
+  def chunk_program(self, prepare: Callable, finish: Callable, constrain: Callable | None = None):
+    """A chunk's local update fused with what comes before and after it.
+
+    Args:
+      prepare: ``prepare(read, owned) -> states``, the chunk's client states
+        (leading client axis) from what the caller reads and owns.
+      finish: ``finish(outputs, read, owned) -> owned``, ``final``'s stacked
+        outputs taken back into what the caller owns.
+      constrain: applied to the prepared states inside the program (a
+        sharding constraint, :meth:`ClientMesh.constrain`), or None.
+    Returns:
+      ``run(common, read, owned, xs) -> owned``, ``xs`` as for a stack
+      ([clients, steps, ...]). ``owned`` is donated: its buffers are reused
+      for the result, the caller's copy is deleted.
+
+    Compiled calls per chunk: in ``vmap`` and ``unrolled`` with scanned
+    steps one (prepare, the steps and finish in one program); with the host
+    loop over steps, one per step plus two (prepare fused into ``init``,
+    ``final`` into finish). ``loop`` runs one client per call by design:
+    prepare, the clients, finish (donated); ``debug`` compiles nothing.
+    """
+    place = constrain or (lambda tree: tree)
+    if not self.stacked:
+      begin = prepare if self.mode == "debug" else jax.jit(prepare)
+      end = finish if self.mode == "debug" else jax.jit(finish, donate_argnums=2)
+      return lambda common, read, owned, xs: end(self(common, begin(read, owned), xs), read, owned)
+
+    def chunk(common, read, owned, xs):
+      return finish(self._stack_whole(common, place(prepare(read, owned)), xs), read, owned)
+
+    def chunk_begin(common, read, owned):
+      return self._stack_init(common, place(prepare(read, owned)))
+
+    def chunk_end(common, carry, read, owned):
+      return finish(self._stack_final(common, carry), read, owned)
+
+    if self.scan_steps:
+      return jax.jit(chunk, donate_argnums=2)
+    begin, end = jax.jit(chunk_begin), jax.jit(chunk_end, donate_argnums=3)
+    return lambda common, read, owned, xs: end(
+        common, self._steps(common, begin(common, read, owned), xs, 1), read, owned)
 
   @property
   def stacked(self) -> bool:
     """Whether one compiled call serves the whole client stack."""
     return self.mode in ("vmap", "unrolled")
 
-  def one(self, shared, state, xs):
+  def one(self, common, state, xs):
     """A single client's local update.
 
     Args:
-      shared: what every client reads (:class:`hsee_jax.Shared` for the split update).
+      common: what every client reads (:class:`hsee_jax.TrainSet` for the split update).
       state: the client's state (``update.init``'s input), no client axis.
       xs: the per-step inputs stacked on a leading step axis [steps, ...].
     Returns:
@@ -258,17 +316,17 @@ class ClientRunner:
     """
     if self.stacked:
       add = lambda t: jax.tree.map(lambda a: a[None], t)
-      return tree_slice(self._run(shared, add(state), add(xs), 1), 0)
-    return self._run(shared, state, xs, 0)
+      return tree_slice(self._run(common, add(state), add(xs), 1), 0)
+    return self._run(common, state, xs, 0)
 
-  def __call__(self, shared, states, xs):
+  def __call__(self, common, states, xs):
     """Every client of a stack: as :meth:`one`, with a leading client axis
     on ``states`` and on ``xs`` ([clients, steps, ...]); returns the outputs
     stacked on that axis."""
     if self.stacked:
-      return self._run(shared, states, xs, 1)
+      return self._run(common, states, xs, 1)
     k = jax.tree.leaves(xs)[0].shape[0]
-    return tree_stack([self._run(shared, tree_slice(states, i), _host_or_device_slice(xs, i), 0)
+    return tree_stack([self._run(common, tree_slice(states, i), _host_or_device_slice(xs, i), 0)
                        for i in range(k)])
 
 

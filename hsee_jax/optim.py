@@ -81,6 +81,19 @@ def make_schedule(cfg: Config, total_steps: int) -> optax.Schedule:
   return optax.constant_schedule(cfg.lr)
 
 
+def extension_note(cfg: Config, schedule: optax.Schedule, local_steps: int, start: int,
+                   old_rounds: int) -> str:
+  """What raising ``rounds`` from ``old_rounds`` after round ``start`` does to
+  the learning rate (a resumed run says it plainly)."""
+  if cfg.schedule == "constant":
+    return f"the learning rate is constant, so this is exactly a run of {cfg.rounds} rounds"
+  lr = float(schedule(start * local_steps))
+  return (f"the {cfg.schedule} schedule now spans {cfg.rounds} rounds and goes on from its "
+          f"value at round {start + 1} (lr {lr:.4g}); rounds 1-{start} ran under the "
+          f"{old_rounds}-round schedule, so this is not a {cfg.rounds}-round run from scratch "
+          f"(with schedule=constant it would be)")
+
+
 def init_part(tx: optax.GradientTransformation, params: dict, batch_stats: dict) -> PartState:
   """A :class:`PartState` of ``params`` and ``batch_stats`` (dicts keyed by
   unit / head name, as ``SplitNetwork.init_span`` returns them) with the

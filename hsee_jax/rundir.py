@@ -44,7 +44,8 @@ CONFIG, FLEET, METRICS, SUMMARY, CHECKPOINTS, TENSORBOARD = (
     "config.json", "fleet.json", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard")
 # What a run writes into its directory (``--overwrite`` removes all of it).
 RUN_FILES = (CONFIG, FLEET, METRICS, METRICS + ".tmp", SUMMARY)
-RUN_GLOBS = ("eval_round*.json",)
+EVAL = "eval_round{}.json"   # hsee eval's result for the checkpoint after round N
+RUN_GLOBS = (EVAL.format("*"),)
 
 
 class RunError(RuntimeError):
@@ -198,40 +199,6 @@ def read_records(path: Path, log: Callable[[str], None] = print) -> list[dict]:
 
 
 
-class MetricsFile:
-  """``metrics.jsonl`` as a metric writer (``hsee_jax.writers``): each
-  round's record appended and flushed (only a writing process writes the
-  file). Of the records it keeps only ``last_test``, the newest record's
-  test metrics (on every process): a long run's memory stays flat."""
-
-  def __init__(self, path: Path, records: list[dict], write: bool):
-    self.path = path
-    self.last_test = next((r["test"] for r in reversed(records) if "test" in r), None)
-    self.file = open(path, "a") if write else None
-
-  def begin(self, cfg, records: list[dict]) -> None:
-    pass  # config.json holds the config, and the file holds the records already
-
-  def write_round(self, record: dict) -> None:
-    self.write(record)
-    if "test" in record:
-      self.last_test = record["test"]
-
-  def write(self, record: dict) -> None:
-    """Append one line (a round's record or a stop event)."""
-    if self.file is None:
-      return
-    try:
-      self.file.write(json.dumps(record) + "\n")
-      self.file.flush()
-    except OSError as e:
-      raise RunError(f"cannot write {self.path}: {e.strerror or e}") from None
-
-  def close(self) -> None:
-    if self.file is not None:
-      self.file.close()
-
-
 def recorded_rounds(records: list[dict]) -> int:
   """How many rounds ``metrics.jsonl`` holds a record of (stop events aside)."""
   return 1 + max((r["round"] for r in records if "event" not in r), default=-1)
@@ -239,14 +206,17 @@ def recorded_rounds(records: list[dict]) -> int:
 
 @dataclasses.dataclass
 class Resumed:
-  """Where a resumed run goes on from: its state after round ``start``, the
-  training key, the records it keeps (rounds before ``start``), and
-  ``finished``: the run had ended already (nothing to train)."""
+  """Where a resumed run goes on from: its state after round ``start`` and
+  the training key (both None: from the seed, round 1 on), the records it
+  keeps (rounds before ``start``), ``finished``: the run had ended already
+  (nothing to train), and ``extended_from``: the rounds of the run it
+  extends (``rounds`` raised), else None."""
   state: Any
   start: int
   train_key: Any
   records: list
   finished: bool
+  extended_from: int | None = None
 
 
 class RunDir:
@@ -321,14 +291,18 @@ class RunDir:
   def read_summary(self) -> dict:
     return read_summary(self.path)
 
+  def eval_path(self, rnd: int) -> Path:
+    """Where ``hsee eval`` writes its result for the checkpoint after round ``rnd``."""
+    return self.path / EVAL.format(rnd)
+
   def read_records(self, log: Callable[[str], None] = print) -> list[dict]:
     return read_records(self.metrics_path, log)
 
-  def metrics_file(self, records: list[dict]) -> MetricsFile:
-    """``metrics.jsonl`` rewritten to hold ``records`` (one atomic replace),
-    then open for the new rounds' records."""
+  def keep_records(self, records: list[dict]) -> Path:
+    """``metrics.jsonl`` rewritten to hold ``records`` (one atomic replace);
+    its path, for :class:`hsee_jax.writers.MetricsFile` to append to."""
     self._write(METRICS, "".join(json.dumps(r) + "\n" for r in records))
-    return MetricsFile(self.metrics_path, records, self.writer)
+    return self.metrics_path
 
   def checkpointer(self, keep: int, create: bool = True):
     """The run's :class:`hsee_jax.checkpoint.Checkpointer`; a one-line
@@ -350,8 +324,9 @@ class RunDir:
     rounds = self.checkpoint_rounds()
     return f"after round {rounds[-1]}" if rounds else "none"
 
-  def resume(self, sim, cfg, ckpt, keys: tuple, log: Callable[[str], None] = print) -> Resumed:
-    """Where a run goes on from (``keys``: its init and training keys from the seed).
+  def resume(self, cfg, ckpt, template, log: Callable[[str], None] = print) -> Resumed:
+    """Where a run goes on from; ``template``: the state's shapes and dtypes
+    (``jax.eval_shape`` of its init), what a checkpoint is restored into.
 
     A checkpoint is complete on disk before its round's record is written
     (the save runs beside the evaluation whose results the record holds); a
@@ -359,9 +334,10 @@ class RunDir:
     An older checkpoint is then used and the rounds after it recomputed,
     exactly; the checkpoints after it are set aside. Every checkpoint ahead
     of the records (killed before round 1's record): round 1 on, from the
-    seed. ``rounds`` may be raised to extend a run (said plainly: the
-    schedule changes). With several processes every one reads the records
-    and checkpoints before process 0 moves or rewrites any.
+    seed (``state`` None). ``rounds`` may be raised to extend a run
+    (``extended_from``; the caller says what that does to the schedule).
+    With several processes every one reads the records and checkpoints
+    before process 0 moves or rewrites any.
     """
     from hsee_jax import distributed
     records = self.read_records(log)
@@ -370,13 +346,14 @@ class RunDir:
     if not steps:
       raise RunError(f"--resume: no complete checkpoint in {ckpt.directory} (the run stopped "
                      f"before its first one){self._start_again()}")
+    extended_from = None
     if min(steps) > recorded:
       log(f"[hsee] metrics.jsonl records {recorded} rounds, every checkpoint of {self.path} is "
           f"after a later round: training again from round 1")
-      state, start, train_key = sim.init_state(keys[0]), 0, keys[1]
+      state, start, train_key = None, 0, None
       self.write_config(cfg)
     else:
-      state, start, train_key = self._restore(sim, cfg, ckpt, recorded, log)
+      state, start, train_key, extended_from = self._restore(cfg, ckpt, template, recorded, log)
     finished = start == cfg.rounds and self.summary_path.exists()
     if finished:
       log(f"[hsee] {self.path} is finished ({start} rounds); nothing to train. To train longer: "
@@ -389,11 +366,13 @@ class RunDir:
             f"{ckpt.set_aside(later, why)}")
     if not finished:
       log(f"[hsee] resuming {self.path} from checkpoint after round {start}")
-    return Resumed(state, start, train_key, [r for r in records if r["round"] < start], finished)
+    return Resumed(state, start, train_key, [r for r in records if r["round"] < start], finished,
+                   extended_from)
 
-  def _restore(self, sim, cfg, ckpt, recorded: int, log):
+  def _restore(self, cfg, ckpt, template, recorded: int, log):
     from hsee_jax.checkpoint import key_from_json
-    state, meta = restore_state(sim, ckpt, cfg, log=log, allowed=("rounds",), prefer_upto=recorded)
+    state, meta = restore_state(template, ckpt, cfg, log=log, allowed=("rounds",),
+                                prefer_upto=recorded)
     start, old_rounds = int(meta["round"]), int(meta["config"]["rounds"])
     if start > recorded:
       log(f"[hsee] metrics.jsonl has no record of rounds {recorded + 1}-{start}; they were trained "
@@ -401,22 +380,16 @@ class RunDir:
     if start > cfg.rounds:
       raise RunError(f"rounds: {cfg.rounds}, but the checkpoint in {self.path} is after round "
                      f"{start}; give rounds >= {start}")
-    if cfg.rounds != old_rounds:
-      lr = float(sim.schedule(start * sim.local_steps))
-      how = ("the learning rate is constant, so this is exactly a run of "
-             f"{cfg.rounds} rounds" if cfg.schedule == "constant" else
-             f"the {cfg.schedule} schedule now spans {cfg.rounds} rounds and goes on from its "
-             f"value at round {start + 1} (lr {lr:.4g}); rounds 1-{start} ran under the "
-             f"{old_rounds}-round schedule, so this is not a {cfg.rounds}-round run from scratch "
-             f"(with schedule=constant it would be)")
-      log(f"[hsee] extending {self.path} from {old_rounds} to {cfg.rounds} rounds: {how}")
+    extended_from = old_rounds if cfg.rounds != old_rounds else None
+    if extended_from is not None:
       self.write_config(cfg)
-    return state, start, key_from_json(meta["train_key"])
+    return state, start, key_from_json(meta["train_key"]), extended_from
 
 
-def restore_state(sim, ckpt, cfg, step: int | None = None, log: Callable[[str], None] = print,
+def restore_state(template, ckpt, cfg, step: int | None = None, log: Callable[[str], None] = print,
                   allowed=(), prefer_upto: int | None = None):
-  """(state, meta) from the newest intact checkpoint of ``ckpt``, or from ``step``.
+  """(state, meta) from the newest intact checkpoint of ``ckpt``, or from
+  ``step``, restored into ``template`` (the state's shapes and dtypes).
 
   A checkpoint from another config is refused (fields in ``allowed`` may
   differ). Without ``step``, a damaged checkpoint is skipped with a note
@@ -439,7 +412,7 @@ def restore_state(sim, ckpt, cfg, step: int | None = None, log: Callable[[str], 
       if diff:
         raise RunError(f"checkpoint in {ckpt.directory} is from a different config: "
                        + "; ".join(diff))
-      state = ckpt.restore_state(sim.abstract_state(), s)
+      state = ckpt.restore_state(template, s)
     except CheckpointError as e:
       if step is not None:
         others = [o for o in steps if o != s]

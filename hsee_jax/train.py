@@ -15,10 +15,9 @@ from typing import Callable
 import jax
 import numpy as np
 
-from hsee_jax import config as config_lib
 from hsee_jax import data as data_lib
 from hsee_jax import distributed
-from hsee_jax import engine, evaluation, models, optim, rundir, stopping, strategies
+from hsee_jax import evaluation, models, optim, preflight, rundir, stopping, strategies
 from hsee_jax import fleet as fleet_lib
 from hsee_jax import precision as precision_lib
 from hsee_jax import writers as writers_lib
@@ -30,23 +29,19 @@ from hsee_jax.strategies import METRIC_NAMES
 
 @dataclasses.dataclass
 class Simulation:
-  """Everything a run is built from: the fleet, the strategy as an
-  :class:`strategies.Algorithm`, its context (network, optimiser, compiled
-  runners), the local steps and the learning-rate schedule."""
-  cfg: Config
-  fleet: fleet_lib.Fleet
+  """Everything a run is built from: its :class:`strategies.Context` (the
+  config, fleet, network, optimiser, execution and compiled runners, each
+  held there once), the strategy as an :class:`strategies.Algorithm`, the
+  local steps and the learning-rate schedule."""
   ctx: strategies.Context
   algorithm: strategies.Algorithm
   local_steps: int
   schedule: Callable
 
-  @property
-  def runners(self) -> dict:
-    return self.ctx.runners
-
-  @property
-  def net(self):
-    return self.ctx.net
+  cfg = property(lambda self: self.ctx.cfg, doc="The run's config.")
+  fleet = property(lambda self: self.ctx.fleet, doc="The run's clients.")
+  net = property(lambda self: self.ctx.net, doc="The split network.")
+  runners = property(lambda self: self.ctx.runners, doc="One client runner per cut.")
 
   def init_state(self, key):
     """The strategy's initial state (``Algorithm.init``)."""
@@ -68,7 +63,8 @@ class Simulation:
                                self.cfg.exit_thresholds, self.cfg.eval_batch_size)
 
   def run_round(self, state, rnd: int, base_key):
-    """One round: sample the cohort, train it; (state, metrics [C, 4] as numpy, cohort)."""
+    """One round, the step :func:`run_rounds` repeats: sample the cohort,
+    train it; (state, metrics [C, 4] as numpy, cohort)."""
     cohort = self.cohort(rnd, base_key)
     state, metrics = self.algorithm.apply(state, cohort)
     return state, np.asarray(metrics), cohort
@@ -103,65 +99,9 @@ def build(cfg: Config, dataset: data_lib.Dataset | None = None,
   ctx = strategies.Context(cfg, net, tx, fleet, strategies.put_train_set(dataset),
                            dataset.image_shape, objective=objective)
   algorithm = strategies.STRATEGIES[cfg.strategy](ctx)
-  sim = Simulation(cfg, fleet, ctx, algorithm, steps, schedule)
-  check_fits(sim, dataset)
+  sim = Simulation(ctx, algorithm, steps, schedule)
+  preflight.check_fits(sim, dataset)
   return dataset, sim
-
-
-def available_memory_bytes() -> int | None:
-  """Memory the run's arrays can still take: on the CPU the host's
-  ``MemAvailable`` (``/proc/meminfo``), on an accelerator the first device's
-  limit less what is in use; None where neither is known."""
-  if jax.default_backend() == "cpu":
-    try:
-      for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-          return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-      return None
-    return None
-  stats = jax.devices()[0].memory_stats() or {}
-  if "bytes_limit" not in stats:
-    return None
-  return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-
-
-def memory_need(sim: Simulation, image_shape: tuple) -> tuple[int, int]:
-  """(persistent state, one compiled call's activations) in bytes, the lower
-  bound :func:`check_fits` holds against the memory left: the state as
-  stored (float32), and every unit's output for each image of a batch of
-  every client trained in one call, in the compute dtype (``precision``:
-  bfloat16 counts half of float32)."""
-  cfg = sim.cfg
-  state = precision_lib.tree_bytes(sim.abstract_state())
-  values = sum(math.prod(sim.net.unit_output_shape(k, image_shape))
-               for k in range(1, sim.net.num_units + 1))
-  parallel = sim.ctx.chunk if sim.ctx.mode in ("vmap", "unrolled") else 1
-  itemsize = precision_lib.itemsize(precision_lib.resolve(cfg.precision))
-  return state, itemsize * values * cfg.batch_size * min(parallel, cfg.cohort_size)
-
-
-def check_fits(sim: Simulation, dataset: data_lib.Dataset) -> None:
-  """Refuse, in one line and before any state is made, work that cannot run:
-  a batch larger than the whole training set (a client whose data is smaller
-  than a batch repeats its images within the batch; docs/usage.md), or the
-  lower bound of :func:`memory_need` beyond :func:`available_memory_bytes`."""
-  cfg = sim.cfg
-  n_train = len(dataset.train_labels)
-  if cfg.batch_size > n_train:
-    raise RunError(f"batch_size: {cfg.batch_size} is more than the {n_train} training images "
-                   f"of {dataset.name}; a batch draws from one client's data")
-  available = available_memory_bytes()
-  if available is None:
-    return
-  state, step = memory_need(sim, dataset.image_shape)
-  if state + step > available:
-    gib = lambda b: f"{b / 2**30:.1f} GiB"
-    raise RunError(f"this run needs at least {gib(state + step)} (persistent state "
-                   f"{gib(state)} for {cfg.fleet_size} clients, activations of one step "
-                   f"{gib(step)}), more than the {gib(available)} available on "
-                   f"{jax.default_backend()}; lower batch_size, client_chunk or the number of "
-                   f"clients, or use client_state=reset")
 
 
 class RoundError(RunError):
@@ -208,6 +148,17 @@ class RoundCheckpoints:
     except CheckpointError as e:
       raise self._failed(rounds_done, e) from None
 
+  def save_at_stop(self, rounds_done: int, state) -> None:
+    """A stop signal after ``rounds_done`` rounds: their state saved and
+    finished, unless that checkpoint exists already."""
+    if self.ckpt.latest_step() == rounds_done:
+      return
+    try:
+      self.ckpt.save(rounds_done, state, meta_for(self.cfg, rounds_done, self.train_key))
+      self.ckpt.finish(rounds_done)
+    except CheckpointError as e:
+      raise RunError(f"stopping after round {rounds_done}: {e}") from None
+
 
 def _check_finite(sim: Simulation, state, metrics: np.ndarray, rnd: int,
                   cohort: fleet_lib.Cohort) -> None:
@@ -242,8 +193,8 @@ def run_rounds(sim: Simulation, state, start: int, train_key, *,
   the order of a round.
 
   Each round: ``stop()`` is asked first (a signal number ends the loop
-  before the round); the cohort is sampled, the algorithm's ``apply``
-  trains it, the metrics and the trained parts are checked for NaN / Inf;
+  before the round); :meth:`Simulation.run_round` samples the cohort and
+  the algorithm's ``apply`` trains it; the metrics and the trained parts are checked for NaN / Inf;
   then the checkpoint save starts (when due), ``evaluate(state) -> test
   metrics`` runs (every ``eval_every`` rounds and after the last; the save
   writes meanwhile), each writer gets the round's record
@@ -261,11 +212,9 @@ def run_rounds(sim: Simulation, state, start: int, train_key, *,
     if signum is not None:
       return state, rnd, signum
     t0 = time.time()
-    cohort = sim.cohort(rnd, train_key)
-    state, metrics = sim.algorithm.apply(state, cohort)
+    state, metrics, cohort = sim.run_round(state, rnd, train_key)
     jax.block_until_ready(state)
     seconds = time.time() - t0
-    metrics = np.asarray(metrics)
     try:
       _check_finite(sim, state, metrics, rnd, cohort)
     except RunError as e:
@@ -300,59 +249,35 @@ def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False, resume: 
   one-line :class:`RunError`. With several processes, process 0 writes and
   reports; the others compute (but every process says when a signal
   reached it). Returns the summary (``summary.json``)."""
-  writer = distributed.is_writer()
   signal_log, log = log, distributed.writer_log(log)
-  run = rundir.RunDir(out_dir, writer)
+  run = rundir.RunDir(out_dir, distributed.is_writer())
   with contextlib.ExitStack() as stack:
     stack.enter_context(run.locked(log))
     stop = stack.enter_context(stopping.StopSignals(signal_log))
-    writers = writers_lib.for_config(cfg, run.path, log) if writer else []  # they check first
+    writers = writers_lib.for_config(cfg, run.path, log) if run.writer else []  # they check first
     run.prepare(cfg, overwrite, resume)
     distributed.barrier("run-directories-ready")
     t_start = time.time()
     dataset, sim = build(cfg, dataset, log)
     run.write_fleet(sim.fleet.describe())
     ckpt = stack.enter_context(run.checkpointer(cfg.keep_checkpoints))
-    init_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
-    state, start, records = None, 0, []
-    if resume:
-      resumed = run.resume(sim, cfg, ckpt, (init_key, train_key), log)
-      if resumed.finished:
-        return _finished_summary(run)
-      state, start, train_key, records = (resumed.state, resumed.start, resumed.train_key,
-                                          resumed.records)
-    else:
-      state = sim.init_state(init_key)
+    begun = _begin(run, sim, ckpt, resume, log)
+    if begun is None:
+      return _finished_summary(run)
+    state, start, train_key, records = begun
     _log_header(sim, dataset, state, log)
-    metrics_file = stack.enter_context(contextlib.closing(run.metrics_file(records)))
-    if resume:
-      distributed.barrier("resume-written")
-      ckpt.reload()  # the checkpoints process 0 set aside are gone from every process's view
-    for w in writers:
-      stack.callback(w.close)
-      w.begin(cfg, records)
-    writers = [metrics_file] + writers
+    writers = _open_writers(stack, run, cfg, writers, records, ckpt if resume else None)
     checkpoints = RoundCheckpoints(ckpt, cfg, train_key)
-    try:
+    with _stopping(run, writers, log):
       state, done, signum = run_rounds(
           sim, state, start, train_key, checkpoints=checkpoints, writers=writers,
           evaluate=lambda s: sim.evaluate(s, dataset),
           stop=lambda: distributed.agreed_stop(stop.requested))
-    except RoundError as e:
-      distributed.yield_to_watcher()
-      with contextlib.suppress(RunError):
-        metrics_file.write({"round": e.round, "event": "stopped", "error": str(e)})
-      log(f"[hsee] {e}")
-      if e.local and distributed.several_processes():
-        distributed.fail(f"{run.path}: {e}", 2)
-      raise RunError(str(e)) from None
-    except stopping.Abandoned as e:
-      e.out = run.path
-      raise
     if signum is not None:
-      _stop(checkpoints, state, done, signum, metrics_file)
+      checkpoints.save_at_stop(done, state)
+      _event(writers, done, f"{signal.Signals(signum).name} after round {done}")
       raise stopping.Stopped(signum, done, run.path)
-    summary = _summary(sim, start if resume else None, metrics_file.last_test, t_start)
+    summary = _summary(sim, start if resume else None, writers[0].last_test, t_start)
     run.write_summary(summary)   # while the directory is still locked
   for c in (summary["test"] or {}).get("cuts", []):
     log(f"[hsee] {evaluation.format_cut(c)}")
@@ -360,16 +285,64 @@ def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False, resume: 
   return summary
 
 
-def _stop(checkpoints: RoundCheckpoints, state, done: int, signum: int, metrics_file) -> None:
-  """A stop signal: save what was trained (if not saved yet) and say so in ``metrics.jsonl``."""
-  if checkpoints.ckpt.latest_step() != done:
-    try:
-      checkpoints.ckpt.save(done, state, meta_for(checkpoints.cfg, done, checkpoints.train_key))
-      checkpoints.ckpt.finish(done)
-    except CheckpointError as e:
-      raise RunError(f"stopping after round {done}: {e}") from None
-  metrics_file.write({"round": done, "event": "stopped",
-                      "error": f"{signal.Signals(signum).name} after round {done}"})
+def _begin(run: rundir.RunDir, sim: Simulation, ckpt, resume: bool, log):
+  """(state, first round, training key, records kept) a run begins from: the
+  seed's, or its directory's with ``resume``; None for a finished run."""
+  init_key, train_key = jax.random.split(jax.random.PRNGKey(sim.cfg.seed))
+  if not resume:
+    return sim.init_state(init_key), 0, train_key, []
+  resumed = run.resume(sim.cfg, ckpt, sim.abstract_state(), log)
+  if resumed.finished:
+    return None
+  if resumed.extended_from is not None:
+    log(f"[hsee] extending {run.path} from {resumed.extended_from} to {sim.cfg.rounds} rounds: "
+        + optim.extension_note(sim.cfg, sim.schedule, sim.local_steps, resumed.start,
+                               resumed.extended_from))
+  if resumed.state is None:
+    return sim.init_state(init_key), 0, train_key, resumed.records
+  return resumed.state, resumed.start, resumed.train_key, resumed.records
+
+
+def _open_writers(stack, run: rundir.RunDir, cfg: Config, writers: list, records: list,
+                  resumed_ckpt) -> list:
+  """The run's writers begun on the records it keeps: ``metrics.jsonl``
+  (:class:`writers.MetricsFile`, rewritten to hold them) first, then
+  ``writers``; each closed when ``stack`` ends. After a resume every process
+  waits for process 0's rewrite and reloads the checkpoints it set aside."""
+  writers = [writers_lib.MetricsFile(run.keep_records(records), records, run.writer)] + writers
+  for w in writers:
+    stack.callback(w.close)
+  if resumed_ckpt is not None:
+    distributed.barrier("resume-written")
+    resumed_ckpt.reload()  # the checkpoints process 0 set aside are gone from every process's view
+  for w in writers:
+    w.begin(cfg, records)
+  return writers
+
+
+def _event(writers: list, rnd: int, error: str) -> None:
+  """A stop, said by every writer (``metrics.jsonl`` records it)."""
+  for w in writers:
+    w.write_event({"round": rnd, "event": "stopped", "error": error})
+
+
+@contextlib.contextmanager
+def _stopping(run: rundir.RunDir, writers: list, log):
+  """A round that cannot finish, recorded and raised as one line; an
+  abandoned round told where its run is."""
+  try:
+    yield
+  except RoundError as e:
+    distributed.yield_to_watcher()
+    with contextlib.suppress(RunError):
+      _event(writers, e.round, str(e))
+    log(f"[hsee] {e}")
+    if e.local and distributed.several_processes():
+      distributed.fail(f"{run.path}: {e}", 2)
+    raise RunError(str(e)) from None
+  except stopping.Abandoned as e:
+    e.out = run.path
+    raise
 
 
 def _finished_summary(run: rundir.RunDir) -> dict:
@@ -419,10 +392,10 @@ def evaluate_run(run_dir: str | Path, step: int | None = None,
   cfg = rundir.load_config(run)
   dataset, sim = build(cfg)
   with rundir.RunDir(run).checkpointer(cfg.keep_checkpoints, create=False) as ckpt:
-    state, meta = restore_state(sim, ckpt, cfg, step, log)
+    state, meta = restore_state(sim.abstract_state(), ckpt, cfg, step, log)
   result = {"run": str(run), "checkpoint_round": meta["round"],
             "test": sim.evaluate(state, dataset)}
-  path = run / f"eval_round{meta['round']}.json"
+  path = rundir.RunDir(run).eval_path(meta["round"])
   log(f"[hsee] {run}: checkpoint after round {meta['round']}")
   log(evaluation.format_table(result["test"]))   # first: a write that fails loses nothing shown
   stopping.check_early()   # a stop signal that was swallowed where it came: nothing is written

@@ -1,14 +1,18 @@
 """Metric writers: what a run does with each round's record.
 
-A writer has ``begin(cfg, records)`` (the run's config and the records it
-already holds: a resumed run's kept rounds, else none), ``write_round(record)``
+A writer (:class:`Writer`) has ``begin(cfg, records)`` (the run's config
+and the records it already holds: a resumed run's kept rounds, else none),
+``write_round(record)``, ``write_event(record)`` (a run that stops says why)
 and ``close()``; :func:`hsee_jax.train.run_rounds` calls the run's writers in
 order after each round. A writer's constructor only checks where it will
-write, raising a one-line :class:`hsee_jax.rundir.RunError` (it is made
-before any work begins). A run's writers are
-:class:`hsee_jax.rundir.MetricsFile` (the record appended to
-``metrics.jsonl``, first: what a resume trusts), then those of
-:func:`for_config` (process 0 only):
+write, raising a one-line :class:`hsee_jax.rundir.RunError`. A run's writers
+are:
+
+* :class:`MetricsFile`: the record appended to ``metrics.jsonl`` (first:
+  what a resume trusts; every process keeps the newest test metrics, only
+  process 0 writes);
+
+and those of :func:`for_config` (process 0 only, made before any work begins):
 
 * :class:`Progress`: the round's line on the log (losses and accuracies,
   the test means at evaluated rounds, images/s and seconds);
@@ -31,13 +35,62 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 from hsee_jax.config import Config
 from hsee_jax.rundir import TENSORBOARD, RunError, check_dir
 from hsee_jax.strategies import METRIC_NAMES
 
 EVENT_FILES = "events.out.tfevents.*"
+
+
+class Writer(Protocol):
+  """What a run does with its records (the module's docstring)."""
+
+  def begin(self, cfg: Config, records: list[dict]) -> None: ...
+
+  def write_round(self, record: dict) -> None: ...
+
+  def write_event(self, record: dict) -> None: ...
+
+  def close(self) -> None: ...
+
+
+class MetricsFile:
+  """``metrics.jsonl`` (its path from :meth:`hsee_jax.rundir.RunDir.keep_records`,
+  which leaves the kept records in it): each round's record and each event
+  appended and flushed (only when ``write``: process 0). Of the records it
+  keeps only ``last_test``, the newest test metrics: a long run's memory
+  stays flat."""
+
+  def __init__(self, path: Path, records: list[dict], write: bool):
+    self.path = path
+    self.last_test = next((r["test"] for r in reversed(records) if "test" in r), None)
+    self.file = open(path, "a") if write else None
+
+  def begin(self, cfg: Config, records: list[dict]) -> None:
+    pass  # config.json holds the config, and the file holds the records already
+
+  def write_round(self, record: dict) -> None:
+    self._append(record)
+    if "test" in record:
+      self.last_test = record["test"]
+
+  def write_event(self, record: dict) -> None:
+    self._append(record)
+
+  def _append(self, record: dict) -> None:
+    if self.file is None:
+      return
+    try:
+      self.file.write(json.dumps(record) + "\n")
+      self.file.flush()
+    except OSError as e:
+      raise RunError(f"cannot write {self.path}: {e.strerror or e}") from None
+
+  def close(self) -> None:
+    if self.file is not None:
+      self.file.close()
 
 
 class TensorBoard:
@@ -70,6 +123,9 @@ class TensorBoard:
     """Scalars of one round's ``metrics.jsonl`` record, flushed to the event file."""
     self._add(record)
     self.writer.flush()
+
+  def write_event(self, record: dict) -> None:
+    pass  # a stop is in metrics.jsonl; the scalars end at the last round
 
   def _add(self, record: dict) -> None:
     if "train" not in record:  # a stop event
@@ -118,6 +174,9 @@ class Progress:
       line += (f" | test mean_exit_acc {record['test']['mean_exit_acc']:.3f} "
                f"mean_full_acc {record['test']['mean_full_acc']:.3f}")
     self.log(line + f" | {record['images_per_s']:.0f} img/s {record['seconds']:.1f}s")
+
+  def write_event(self, record: dict) -> None:
+    pass  # the run's log line says why it stopped
 
   def close(self) -> None:
     pass

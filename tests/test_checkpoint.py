@@ -52,7 +52,7 @@ def _records(run):
 def _final_state(run, cfg):
   _, strategy = train_lib.build(cfg)
   with Checkpointer(run / "checkpoints", create=False) as ck:
-    state, meta = rundir.restore_state(strategy, ck, cfg)
+    state, meta = rundir.restore_state(strategy.abstract_state(), ck, cfg)
   return state, meta
 
 
@@ -163,5 +163,5 @@ def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path):
   # the kept checkpoint is finite
   _, strategy = train_lib.build(cfg)
   with Checkpointer(tmp_path / "checkpoints", create=False) as ck:
-    state, _ = rundir.restore_state(strategy, ck, cfg)
+    state, _ = rundir.restore_state(strategy.abstract_state(), ck, cfg)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))

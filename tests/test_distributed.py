@@ -87,7 +87,6 @@ def _final_state(run: Path):
   import dataclasses
 
   import jax
-  from hsee_jax import config as config_lib
   from hsee_jax import train as train_lib
   from hsee_jax.checkpoint import Checkpointer
   cfg = rundir.load_config(run)

@@ -137,7 +137,7 @@ def test_bfloat16_run_trains_resumes_exactly_and_evaluates(tmp_path):
   # parameters, optimiser state and batch statistics stay float32, in the checkpoint too
   _, strategy = train_lib.build(bf16)
   with Checkpointer(tmp_path / "bf16" / "checkpoints", create=False) as ck:
-    state, meta = rundir.restore_state(strategy, ck, bf16)
+    state, meta = rundir.restore_state(strategy.abstract_state(), ck, bf16)
   floats = {a.dtype for a in jax.tree.leaves(state) if jnp.issubdtype(a.dtype, jnp.floating)}
   assert meta["round"] == 3 and floats == {jnp.dtype(jnp.float32)}
   # evaluation and the early-exit table

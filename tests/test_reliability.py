@@ -14,7 +14,7 @@ from pathlib import Path
 import chex
 import pytest
 
-from hsee_jax import cli, precision, rundir, stopping
+from hsee_jax import cli, precision, preflight, rundir, stopping
 from hsee_jax import config as config_lib
 from hsee_jax import train as train_lib
 from hsee_jax.checkpoint import Checkpointer
@@ -50,7 +50,7 @@ def _records(run):
 def _state(run, cfg, step=None):
   _, sim = train_lib.build(cfg)
   with Checkpointer(run / "checkpoints", create=False) as ck:
-    return rundir.restore_state(sim, ck, cfg, step, **QUIET)[0]
+    return rundir.restore_state(sim.abstract_state(), ck, cfg, step, **QUIET)[0]
 
 
 @pytest.fixture(scope="module")
@@ -457,22 +457,22 @@ def test_work_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch)
     train_lib.build(config_lib.override(CFG, ["batch_size=200"]))
   _, sim = train_lib.build(CFG)
   state = precision.tree_bytes(sim.abstract_state())
-  monkeypatch.setattr(train_lib, "available_memory_bytes", lambda: state // 2)
+  monkeypatch.setattr(preflight, "available_memory_bytes", lambda: state // 2)
   with pytest.raises(rundir.RunError) as e:
     train_lib.train(CFG, tmp_path / "run", **QUIET)
   msg = str(e.value)
   assert "this run needs at least" in msg and "for 2 clients" in msg and "\n" not in msg
   assert not (tmp_path / "run" / "checkpoints").exists()
-  monkeypatch.setattr(train_lib, "available_memory_bytes", lambda: None)
+  monkeypatch.setattr(preflight, "available_memory_bytes", lambda: None)
   assert train_lib.build(CFG)[1].cfg == CFG       # unknown memory: no refusal
   # activations count at the compute dtype's size: memory that holds a
   # bfloat16 run's step but not a float32 one's refuses only the float32 run
   f32 = config_lib.override(CFG, ["precision=float32"])
   bf16 = config_lib.override(CFG, ["precision=bfloat16"])
-  state32, step32 = train_lib.memory_need(train_lib.build(f32)[1], (16, 16, 3))
-  state16, step16 = train_lib.memory_need(train_lib.build(bf16)[1], (16, 16, 3))
+  state32, step32 = preflight.memory_need(train_lib.build(f32)[1], (16, 16, 3))
+  state16, step16 = preflight.memory_need(train_lib.build(bf16)[1], (16, 16, 3))
   assert state16 == state32 and step16 * 2 == step32 > 0
-  monkeypatch.setattr(train_lib, "available_memory_bytes", lambda: state32 + step16 + step16 // 2)
+  monkeypatch.setattr(preflight, "available_memory_bytes", lambda: state32 + step16 + step16 // 2)
   assert train_lib.build(bf16)[1].cfg == bf16
   with pytest.raises(rundir.RunError, match="this run needs at least"):
     train_lib.build(f32)

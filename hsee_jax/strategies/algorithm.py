@@ -138,8 +138,7 @@ class Context:
     objective = self.objective or exit_objective(distill=view.distill,
                                                  temperature=view.distill_temperature)
     self.runners = {
-        cut: cached_program(("runner", self.program_key, cut, self.mode, self.exit_cuts(cut),
-                             self.objective),
+        cut: cached_program(self.runner_key(cut),
                             lambda cut=cut: engine.ClientRunner(split_update(
                                 self.net, cut, objective=objective, exit_cuts=self.exit_cuts(cut),
                                 preprocess=preprocessing(view.augment, view.augment_pad),
@@ -150,6 +149,10 @@ class Context:
       if cfg.strategy != "averaging" or self.mode not in ("vmap", "unrolled"):
         raise ConfigError("shard_clients: needs strategy=averaging and mode=vmap or unrolled")
       self.mesh = engine.ClientMesh(jax.devices())
+
+  def runner_key(self, cut: int) -> tuple:
+    """What the client runner of ``cut`` (and a program built on it) depends on."""
+    return ("runner", self.program_key, cut, self.mode, self.exit_cuts(cut), self.objective)
 
   def eval_sample(self, cut: int) -> np.ndarray:
     """The clients of ``cut`` evaluated where clients differ: ``eval_clients``

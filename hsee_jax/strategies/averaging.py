@@ -16,7 +16,6 @@ import functools
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from hsee_jax import engine, models
@@ -48,11 +47,17 @@ def client_server_parts(state: AveragingState, cut: int, tx) -> tuple[PartState,
   return full.split(cut)
 
 
-def _programs(tx, keep_opt: bool, keep_models: bool):
-  """The jitted helpers of a round: (prepare, finish) a chunk of clients."""
+def _chunk_fns(tx, cut: int, keep_opt: bool, keep_models: bool, due: bool):
+  """(prepare, finish) of a chunk of clients at ``cut``, for
+  :meth:`engine.ClientRunner.chunk_program`. ``read``: (model, exit head,
+  tier unit, lower exit heads, slots, weights, keys, metric rows); ``owned``
+  (donated): (the cut's per-client store, its accumulator, the round's
+  metrics [C, 4])."""
 
-  def prepare(cut, model, head, tier, lower, kept, slots):
-    """Client and server parts of the chunk's clients (leading axis [K])."""
+  def prepare(read, owned):
+    """Client and server parts of the chunk's clients (leading axis [K]) and their keys."""
+    model, head, tier, lower, slots, _, keys, _ = read
+    kept = owned[0]
     full = cut_variables(model, head, tier, lower)
     if keep_models:
       full = PartState(params=take(kept.params, slots), batch_stats=take(kept.batch_stats, slots),
@@ -61,19 +66,23 @@ def _programs(tx, keep_opt: bool, keep_models: bool):
       full = stack_copies(full, len(slots))
     opt = (take(kept.opt_state, slots) if keep_opt
            else stack_copies(opt_init(tx, take(full.params, 0)), len(slots)))
-    return full.replace(opt_state=opt).split(cut)
+    return (*full.replace(opt_state=opt).split(cut), keys)
 
-  def finish(kept, acc, client, server, weights, slots, due):
-    """The chunk's clients back into the per-client store; their weighted
-    sums into the cut's accumulator when the round aggregates."""
+  def finish(outputs, read, owned):
+    """The chunk's clients back into the per-client store, their weighted
+    sums into the cut's accumulator when the round aggregates, their metrics
+    into the round's rows (a padded client's row, C, is dropped)."""
+    (client, server), m = outputs
+    _, _, _, _, slots, weights, _, rows = read
+    kept, acc, metrics = owned
     full = client.merge(server)
     kept = PartState(params=put(kept.params, slots, full.params) if keep_models else {},
                      batch_stats=put(kept.batch_stats, slots, full.batch_stats) if keep_models else {},
                      opt_state=put(kept.opt_state, slots, full.opt_state) if keep_opt else {})
-    return kept, aggregation.chunk_sums(full, weights, acc) if due else acc
+    return (kept, aggregation.chunk_sums(full, weights, acc) if due else acc,
+            metrics.at[rows].set(m, mode="drop"))
 
-  return (jax.jit(prepare, static_argnums=0),
-          jax.jit(finish, static_argnums=6, donate_argnums=(0, 1)))
+  return prepare, finish
 
 
 _combine = jax.jit(aggregation.combine_sums)
@@ -90,13 +99,6 @@ def _spread(kept, model, heads, tier_units, exit_cuts):
                                      {c: heads[group_key(c)] for c in lower[g]}), n)
     out[g] = PartState(params=avg.params, batch_stats=avg.batch_stats, opt_state=part.opt_state)
   return out
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _scatter_rows(buf, ms, pos):
-  """``buf`` [C, 4] with a chunk's metrics [K, 4] written at its cohort
-  positions (padding, at position C, dropped); one compilation per K."""
-  return buf.at[pos].set(ms, mode="drop")
 
 
 def averaging(ctx: Context) -> Algorithm:
@@ -139,31 +141,35 @@ def averaging(ctx: Context) -> Algorithm:
       clients[group_key(cut)] = stack_copies(kept, len(ids))
     return AveragingState(model=model, exit_heads=heads, clients=clients, tier_units=tiers)
 
-  prepare, finish = cached_program(("averaging", ctx.program_key),
-                                   lambda: _programs(tx, keep_opt, keep_models))
+  def chunk_program(cut: int, due: bool):
+    """The compiled program of a chunk at ``cut`` (engine.ClientRunner.chunk_program)."""
+    mesh = ctx.mesh
+    return cached_program(
+        ("averaging", ctx.runner_key(cut), due, mesh and tuple(d.id for d in mesh.mesh.devices.flat)),
+        lambda: ctx.runners[cut].chunk_program(*_chunk_fns(tx, cut, keep_opt, keep_models, due),
+                                               constrain=mesh and mesh.constrain))
 
   def apply(state: AveragingState, cohort: Cohort):
     """One round: the cohort's clients of each cut, chunk by chunk; then the
     cross-layer aggregation when the round is due."""
     due = (cohort.round + 1) % cfg.aggregate_every == 0
     kept, sums = dict(state.clients), {}
-    metrics = jnp.zeros((cohort.size, len(METRIC_NAMES)), jnp.float32)
+    metrics = np.zeros((cohort.size, len(METRIC_NAMES)), np.float32)
     for cut in sorted(int(c) for c in np.unique(cohort.cuts)):
       g, n_cut = group_key(cut), len(fleet.groups[cut])
       pad = cfg.samples_clients and ctx.runners[cut].stacked
+      program = chunk_program(cut, due)
       for pos, real in engine.blocks(np.flatnonzero(cohort.cuts == cut), ctx.chunk, pad):
         k = len(pos)
         slots = np.concatenate([cohort.slots[pos[:real]], np.full(k - real, n_cut)])
         weights = np.concatenate([cohort.weights[pos[:real]], np.zeros(k - real, np.float32)])
-        client, server = prepare(cut, state.model, state.exit_heads[g], state.tier_units.get(g),
-                                 lower_heads(state.exit_heads, cut), kept[g], slots)
-        parts, xs, keys = (client, server), step_inputs(cohort, pos), cohort.keys[pos]
+        rows = np.concatenate([pos[:real], np.full(k - real, cohort.size)])
+        xs, keys = step_inputs(cohort, pos), cohort.keys[pos]
         if ctx.mesh is not None:
-          parts, xs, keys = ctx.mesh.place((parts, xs, keys), k)
-        (client, server), m = ctx.runners[cut](ctx.train_set, (*parts, keys), xs)
-        kept[g], sums[cut] = finish(kept[g], sums.get(cut), client, server, weights, slots, due)
-        metrics = _scatter_rows(metrics, m, np.concatenate([pos[:real],
-                                                            np.full(k - real, cohort.size)]))
+          xs, keys = ctx.mesh.place((xs, keys), k)
+        read = (state.model, state.exit_heads[g], state.tier_units.get(g),
+                lower_heads(state.exit_heads, cut), slots, weights, keys, rows)
+        kept[g], sums[cut], metrics = program(ctx.train_set, read, (kept[g], sums.get(cut), metrics), xs)
     model, heads, tiers = state.model, state.exit_heads, state.tier_units
     if due:
       model, heads, tiers = _combine(model, heads, sums, tiers)

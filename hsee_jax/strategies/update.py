@@ -35,7 +35,7 @@ METRIC_NAMES = ("exit_loss", "full_loss", "exit_acc", "full_acc")
 @dataclasses.dataclass(frozen=True)
 class TrainSet:
   """The training set on the device, what every client update reads (the
-  ``shared`` input of :class:`hsee_jax.engine.ClientUpdate`): uint8 images
+  ``common`` input of :class:`hsee_jax.engine.ClientUpdate`): uint8 images
   [N, H, W, C], labels [N] and the per-channel normalisation ``mean`` and
   ``std`` [C]. A client's minibatch is a set of indices into it."""
   images: Any
