@@ -9,7 +9,9 @@ fleet size N and cohort size C, with the PyTorch loop on the same cohort.
 ``--cs``; (c) with ``--chunks``, Averaging at N = ``--fixed-n`` and the
 largest C of ``--cs`` for each client chunk and each mode of
 ``--chunk-modes`` (what ``client_chunk = 0`` and ``mode = auto`` are set
-from). Every point runs in its own process (so memory and compilation are
+from); (d) with ``--iot``, Averaging at N = ``--fixed-n``, C = ``--fixed-c``
+without and with device speeds drawn per client (:data:`IOT`),
+their ratio of round times in ``iot_round_ratio``. Every point runs in its own process (so memory and compilation are
 its own): synthetic 32x32 data (20,000 images for every N up to 10,000), cuts in
 three tiers (3, 5, 7 on 50/30/20% of the fleet), IID partitions, client
 optimiser state reset each round, no augmentation (the PyTorch reference does
@@ -48,6 +50,11 @@ TIERS = ((3, 0.5), (5, 0.3), (7, 0.2))
 # One train set for every fleet size (2 images per client beyond it), so that
 # round time and memory compare across N with the data held fixed.
 TRAIN_IMAGES = 20_000
+# (d) device speeds: each client's FLOP/s and bandwidth drawn lognormal around
+# its tier's; the same clients train (everyone online, no deadline), so the
+# ratio is what the speeds and the simulated clock cost per round
+IOT = dict(client_flops_per_s=(2e9, 1e10, 5e10), client_link_bytes_per_s=(1e5, 1e6, 1e7),
+           speed_spread=0.5)
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch
 
 
@@ -57,8 +64,9 @@ def _rss_mb() -> float:
 
 def point(strategy: str, width: float, n: int, c: int, rounds: int, steps: int, batch: int,
           mode: str = "auto", chunk: int = 0, augment: bool = False,
-          train_images: int = TRAIN_IMAGES, max_rounds: int = 40) -> dict:
-  """One (strategy, width, N, C) point, in this process."""
+          train_images: int = TRAIN_IMAGES, max_rounds: int = 40, iot: bool = False) -> dict:
+  """One (strategy, width, N, C) point, in this process; ``iot``: with the
+  fleet's device speeds drawn per client (:data:`IOT`)."""
   import jax
 
   from bench_throughput import _rss_peak_mb, _rss_reset
@@ -69,7 +77,7 @@ def point(strategy: str, width: float, n: int, c: int, rounds: int, steps: int, 
                width=width, num_clients=n, cut_tiers=TIERS, clients_per_round=c,
                client_state="reset", strategy=strategy, local_steps=steps, batch_size=batch,
                rounds=1000, augment=augment, schedule="constant", mode=mode,
-               client_chunk=chunk)
+               client_chunk=chunk, **(IOT if iot else {}))
   _, sim = train_lib.build(cfg)
   key = jax.random.PRNGKey(1)
   state = jax.block_until_ready(sim.init_state(jax.random.PRNGKey(0)))
@@ -103,7 +111,7 @@ def point(strategy: str, width: float, n: int, c: int, rounds: int, steps: int, 
     ckpt_bytes = sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
   later = statistics.median(clean or times[-1:])  # (no clean round: the last one, flagged)
   return {"system": "hsee_jax", "strategy": strategy, "width": width, "num_clients": n,
-          "clients_per_round": c, "mode": sim.ctx.mode, "chunk": sim.ctx.chunk,
+          "clients_per_round": c, "mode": sim.ctx.mode, "chunk": sim.ctx.chunk, "iot": iot,
           "first_round_s": times[0], "round_s": later,
           "compile_s": sum(times) - later * len(times), "rounds_run": len(times),
           "clean_rounds": len(clean),
@@ -174,6 +182,8 @@ def main(argv=None):
   p.add_argument("--chunks", default="", help="(c): client chunks to sweep, e.g. 1,2,4,8")
   p.add_argument("--chunk-modes", default="unrolled,loop", help="(c): modes to sweep")
   p.add_argument("--augment", action="store_true", help="augment in hsee_jax (torch does not)")
+  p.add_argument("--iot", action="store_true",
+                 help="(d): N = --fixed-n, C = --fixed-c without and with device speeds (IOT)")
   p.add_argument("--no-torch", action="store_true")
   p.add_argument("--child", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -201,12 +211,14 @@ def main(argv=None):
         c_max = max([int(c) for c in args.cs.split(",") if c] or [args.fixed_c])
         points += [("c", dict(base, n=args.fixed_n, c=c_max, mode=m, chunk=int(k)))
                    for m in args.chunk_modes.split(",") for k in args.chunks.split(",")]
+      if args.iot and strategy == "averaging":
+        points += [("d", dict(base, n=args.fixed_n, c=args.fixed_c, iot=iot)) for iot in (False, True)]
       for sweep, spec in points:
         row = _child(args, spec)
         row["sweep"] = sweep
         rows.append(row)
         print(f"[bench_fleet] {strategy} w={width} N={spec['n']:>5} C={spec['c']:>3} "
-              f"{row['mode']}/{row['chunk']}: {row['round_s']:.2f} s/round "
+              f"{row['mode']}/{row['chunk']}{' iot' if row['iot'] else ''}: {row['round_s']:.2f} s/round "
               f"({row['images_per_s']:.0f} img/s), compile {row['compile_s']:.1f} s, "
               f"RSS {row['peak_rss_mb']:.0f} MB (training {row['train_rss_mb']:.0f} MB), "
               f"state {row['state_mb']:.1f} MB, checkpoint {row['checkpoint_mb']:.1f} MB", flush=True)
@@ -217,9 +229,15 @@ def main(argv=None):
         rows.append(row)
         print(f"[bench_fleet] pytorch w={width} C={c:>3}: {row['round_s']:.2f} s/round "
               f"({row['images_per_s']:.0f} img/s)", flush=True)
-  (out / "bench_fleet.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+  iot = {r["iot"]: r for r in rows if r.get("sweep") == "d"}
+  result = {"args": vars(args), "rows": rows}
+  if len(iot) == 2:   # the same fleet without and with device speeds and a deadline
+    result["iot_round_ratio"] = iot[True]["round_s"] / iot[False]["round_s"]
+    print(f"[bench_fleet] device speeds drawn per client: "
+          f"{result['iot_round_ratio']:.3f}x the round time of the same fleet without them")
+  (out / "bench_fleet.json").write_text(json.dumps(result, indent=2))
   keys = ["system", "strategy", "width", "sweep", "num_clients", "clients_per_round", "mode",
-          "chunk", "augment", "first_round_s", "compile_s", "round_s", "images_per_s",
+          "chunk", "iot", "augment", "first_round_s", "compile_s", "round_s", "images_per_s",
           "peak_rss_mb", "train_rss_mb", "state_mb", "checkpoint_mb"]
   with open(out / "bench_fleet.csv", "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")

@@ -80,6 +80,10 @@ SCALES = {
     # at the evidence grid's recipe (its runs of the same configs are identical)
     "variants": dict(grid="variants", width=0.125, train_subset=2000, test_subset=0, rounds=40,
                      schedule="step", batch_size=32, lr=0.05, eval_every=8, checkpoint_every=0),
+    # the IoT fleet as it runs: participation rules and link compression at the
+    # evidence grid's recipe, evaluated every 4 rounds for accuracy against time
+    "iot": dict(grid="iot", width=0.125, train_subset=2000, test_subset=0, rounds=40,
+                schedule="step", batch_size=32, lr=0.05, eval_every=4, checkpoint_every=0),
     # the paper's network and data for as many rounds as fit in 8 minutes of an
     # H200 with compilation (docs/results.md, "The paper's scale on a GPU")
     "gpu": dict(grid="gpu", width=1.0, train_subset=0, test_subset=0, rounds=15, batch_size=128,
@@ -135,7 +139,28 @@ VARIANT_RUNS = {
     **{f"{v}{sfx}": dict(RUNS["hsee-averaging"], **fields, **extra)
        for v, fields in VARIANTS.items() for sfx, extra in (("", {}), ("-noniid", NON_IID))},
 }
-GRIDS = {"baseline": RUNS, "evidence": EVIDENCE_RUNS, "gpu": GPU_RUNS, "variants": VARIANT_RUNS}
+# The IoT fleet (docs/usage.md, "Device speeds, deadlines and the link"): 20
+# clients in the three tiers (7 / 7 / 6 at cuts 3 / 5 / 7), each client's FLOP/s
+# and bandwidth drawn lognormal (sigma 0.5) around its tier's (TIERS); the
+# participation rules and the link settings on Averaging. ``deadline`` samples
+# everyone and keeps the first 14 to finish (over-commitment 20 / 14: the
+# slowest 30% dropped every round); ``partial`` gives every client the time in
+# which 70% of seed 0's fleet finish a round (``deadline_share``, turned into
+# ``deadline_s`` by :func:`grid`) and the slower ones do the steps that fit.
+IOT_FLEET = dict(strategy="averaging", num_clients=20, cut_tiers=((3, 0.35), (5, 0.35), (7, 0.3)),
+                 speed_spread=0.5, client_link_bytes_per_s=(1.25e6, 1.25e6, 1.25e6))
+IOT = {
+    "everyone": {},
+    "deadline": dict(participation="deadline", clients_per_round=14, overcommit=20 / 14,
+                     deadline_s=1e9),
+    "partial": dict(participation="partial", deadline_share=0.7),
+    "int8": dict(link="int8"),
+    "topk": dict(link="topk", link_topk=0.1),
+}
+IOT_RUNS = {f"{name}{sfx}": dict(IOT_FLEET, **fields, **extra)
+            for name, fields in IOT.items() for sfx, extra in (("", {}), ("-noniid", NON_IID))}
+GRIDS = {"baseline": RUNS, "evidence": EVIDENCE_RUNS, "gpu": GPU_RUNS, "variants": VARIANT_RUNS,
+         "iot": IOT_RUNS}
 
 
 def grid(dataset: str, scale: str, overrides: list[str], data_dir: str = "") -> list[tuple[str, Config]]:
@@ -146,8 +171,11 @@ def grid(dataset: str, scale: str, overrides: list[str], data_dir: str = "") -> 
   for name, fields in GRIDS[SCALES[scale]["grid"]].items():
     fields = dict(fields)
     share = fields.pop("data_share", 1.0)
+    deadline_share = fields.pop("deadline_share", None)
+    if deadline_share is not None:
+      fields["deadline_s"] = 1.0   # a placeholder, set from the fleet below
     tiers = dict(TIERS)
-    n = len(fields["cuts"])
+    n = len(fields.get("cut_tiers") or fields["cuts"])
     tiers["client_flops_per_s"] = tuple(TIERS["client_flops_per_s"][i % 3] for i in range(n))
     tiers.update({k: fields.pop(k) for k in list(fields) if k in tiers})
     cfg = config_lib.override(Config(name=dataset, dataset=dataset, data_dir=data_dir,
@@ -157,8 +185,18 @@ def grid(dataset: str, scale: str, overrides: list[str], data_dir: str = "") -> 
         raise config_lib.ConfigError(f"run {name}: trains on {share:.2f} of train_subset, "
                                      f"which must be set (> 0)")
       cfg = dataclasses.replace(cfg, train_subset=max(n, round(cfg.train_subset * share)))
+    if deadline_share is not None:
+      cfg = dataclasses.replace(cfg, deadline_s=_deadline(cfg, deadline_share))
     out.append((name, cfg))
   return out
+
+
+def _deadline(cfg: Config, share: float) -> float:
+  """Simulated seconds in which ``share`` of ``cfg``'s fleet (seed 0's
+  draws) finish a round's local steps and the aggregation's transfer."""
+  _, sim = train_lib.build(dataclasses.replace(cfg, participation="all", seed=0))
+  done = sim.clock.client_seconds(np.arange(sim.fleet.num_clients), sim.local_steps, True)
+  return float(np.round(np.quantile(done, share), 3))
 
 
 def shrink_note(scale: str) -> str:
@@ -236,12 +274,18 @@ def _account(ds_res: dict, dataset, cfg: Config) -> None:
 
 
 def _simulate(runs: dict, net, image_shape: tuple) -> dict:
-  """Each run's simulated seconds per round, priced as its config trains
+  """Each run's simulated seconds per round (seed 0's): as its records give
+  them (``sim_seconds``, the run's own clock), or for runs recorded before
+  the records carried them, priced as its config trains
   (``costs.run_cost_table``: the server's gradient, extra exit heads, soft labels)."""
   sim = {}
   for name, per_seed in runs.items():
-    r = per_seed[0]   # the simulated clock depends on the config, not on the seed
-    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in r["config"].items()})
+    r = per_seed[0]
+    rounds = [rec for rec in r["records"] if "round" in rec and "train" in rec]
+    if rounds and all("sim_seconds" in rec for rec in rounds):
+      sim[name] = [rec["sim_seconds"] for rec in rounds]
+      continue
+    cfg = config_lib.from_dict(r["config"])
     cuts = r["summary"]["cuts"]
     steps = r["summary"]["local_steps"]
     cut_table = costs.run_cost_table(cfg, net, image_shape, cuts)
@@ -341,7 +385,24 @@ def _variant_claims() -> list:
 
 
 VARIANT_CLAIMS = _variant_claims()
-CLAIM_SETS = {"variants": VARIANT_CLAIMS}
+
+
+def _iot_claims() -> list:
+  rules, links = ("deadline", "partial"), ("int8", "topk")
+  splits = ("", "-noniid")
+  return [
+      (8, "A compressed link costs no accuracy (full path not worse than the link as computed)",
+       [(n + sfx, "full_acc", None, f"everyone{sfx}", "full_acc", None, "not_worse")
+        for n in links for sfx in splits]),
+      (9, "A deadline hurts no tier (each tier's exit and the full path not worse than everyone)",
+       [c for n in rules for sfx in splits for c in
+        _tiers(n + sfx, f"everyone{sfx}", "not_worse")
+        + [(n + sfx, "full_acc", None, f"everyone{sfx}", "full_acc", None, "not_worse")]]),
+  ]
+
+
+IOT_CLAIMS = _iot_claims()
+CLAIM_SETS = {"variants": VARIANT_CLAIMS, "iot": IOT_CLAIMS}
 
 
 def claims_of(scale: str) -> list:
@@ -597,6 +658,8 @@ def _claims_markdown(ds_name: str, ds: dict, claims: list = CLAIMS) -> list[str]
                 f"{_pm(v['b_value'])} | {_pm(v['difference'])} | {v['verdict']} |")
     md += ["", "Claims: " + "; ".join(f"{k}. {text}" for k, text, _ in claims
                                        if any(v["claim"] == k for v in ds["verdicts"])) + ".", ""]
+  if claims is IOT_CLAIMS and ds["verdicts"]:
+    md += _iot_tables(ds)
   if ds.get("goal"):
     md += _variants_table(ds)
     md += ["### The goal: every tier served", "",
@@ -661,40 +724,40 @@ def _plots(results: dict, out: Path, log=print) -> None:
     ax.legend(["exit head", "full path"], fontsize=8)
     ax.set_title(f"{ds_name}: accuracy per client exit (mean ± std over seeds)")
     _save(plt, fig, out / f"{ds_name}_exit_accuracy.png")
-    # test accuracy against round, and against simulated time
-    for kind in ("round", "simulated"):
-      fig, ax = plt.subplots(figsize=(6, 4))
-      for name, per_seed in runs.items():
-        if kind == "simulated" and name not in ("hsee-averaging", "hsee-sequential"):
-          continue
-        by_seed = [[rec for rec in r["records"] if "test" in rec] for r in per_seed]
-        recs = by_seed[0]
-        if kind == "round":
-          xs = [rec["round"] + 1 for rec in recs]
-        else:
-          cum = [sum(ds["simulated"][name][:i + 1]) for i in range(len(ds["simulated"][name]))]
-          xs = [cum[rec["round"]] for rec in recs]
-        for metric, style in (("mean_full_acc", dict(marker="o")), ("mean_exit_acc", dict(ls="--"))):
-          ys = np.mean([[rec["test"][metric] for rec in rs] for rs in by_seed], axis=0)
-          ax.plot(xs, ys, label=f"{name} {'full' if 'full' in metric else 'exit'}", **style)
-      ax.set_xlabel("round" if kind == "round" else "simulated seconds")
-      ax.set_ylabel("mean test accuracy over clients and seeds")
-      ax.legend(fontsize=6)
-      ax.set_title(f"{ds_name}: test accuracy against {'round' if kind == 'round' else 'simulated time'}")
+    # test accuracy against round, simulated time and bytes on the link
+    for kind, label in (("round", "round"), ("simulated", "simulated seconds"),
+                        ("bytes", "bytes sent on the link")):
+      splits = [("IID", lambda n: not n.endswith("-noniid"))]
+      if any(n.endswith("-noniid") for n in runs):
+        splits.append(("non-IID", lambda n: n.endswith("-noniid")))
+      fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4), squeeze=False)
+      for ax, (split, mine) in zip(axes[0], splits):
+        for name, per_seed in runs.items():
+          curve = _time_curve(per_seed, kind, ds["simulated"].get(name, [])) if mine(name) else None
+          if curve is None:
+            continue
+          xs, full, exit_ = curve
+          line, = ax.plot(xs, full, marker="o", ms=3, label=f"{name} full")
+          ax.plot(xs, exit_, ls="--", color=line.get_color(), label=f"{name} exit")
+        ax.set_xlabel(label)
+        ax.set_ylabel("mean test accuracy over clients and seeds")
+        ax.legend(fontsize=5, ncol=2)
+        ax.set_title(f"{ds_name} ({split}): test accuracy against {label}")
       _save(plt, fig, out / f"{ds_name}_accuracy_vs_{kind}.png")
     # entropy early-exit curves
     names = [n for n in ("hsee-averaging", "hsee-sequential") if n in runs]
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
-    for ax, name in zip(axes[0], names):
-      for c in _cut_rows(runs[name]):
-        ee = c["early_exit"]
-        ax.plot([r["client_fraction"] for r in ee], [r["accuracy"] for r in ee], marker=".",
-                label=f"cut {c['cut']} ({c['client']})")
-      ax.set_xlabel("share of samples answered at the client")
-      ax.set_ylabel("accuracy")
-      ax.set_title(f"{ds_name} {name}: entropy early exit")
-      ax.legend(fontsize=7)
-    _save(plt, fig, out / f"{ds_name}_early_exit.png")
+    if names:
+      fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+      for ax, name in zip(axes[0], names):
+        for c in _cut_rows(runs[name]):
+          ee = c["early_exit"]
+          ax.plot([r["client_fraction"] for r in ee], [r["accuracy"] for r in ee], marker=".",
+                  label=f"cut {c['cut']} ({c['client']})")
+        ax.set_xlabel("share of samples answered at the client")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{ds_name} {name}: entropy early exit")
+        ax.legend(fontsize=7)
+      _save(plt, fig, out / f"{ds_name}_early_exit.png")
     _claim_plots(plt, ds_name, ds, out)
     _variant_plot(plt, ds_name, ds, out)
 
@@ -730,6 +793,90 @@ def _variants_table(ds: dict) -> list[str]:
   return md + [""]
 
 
+def _trained_per_cut(run: dict) -> dict:
+  """Cut -> clients that trained, summed over the run's rounds."""
+  out: dict = {}
+  for rec in run["records"]:
+    for c in rec.get("train_per_client", []):
+      out[c["cut"]] = out.get(c["cut"], 0) + 1
+  return out
+
+
+def _time_to(run: dict, target: float) -> float | None:
+  """Simulated seconds until the run's mean full-path accuracy first reaches ``target``."""
+  t = 0.0
+  for rec in run["records"]:
+    if "round" not in rec or "train" not in rec:
+      continue
+    t += rec.get("sim_seconds", 0.0)
+    if "test" in rec and rec["test"]["mean_full_acc"] >= target:
+      return t
+  return None
+
+
+def _iot_tables(ds: dict) -> list[str]:
+  """The IoT grid (claims 8-9) as three tables: what each link setting costs
+  and saves, how long each participation rule takes to reach everyone's
+  accuracy, and each tier's exit and participation under a deadline."""
+  runs, rows = ds["runs"], {(v["claim"], v["a_run"], v["cut"]): v for v in ds["verdicts"]}
+  cell = lambda key: ("" if key not in rows else
+                      f"{rows[key]['difference'][0] * 100:+.1f} {_MARK.get(rows[key]['verdict'], '?')}")
+  per_round = lambda run, key: float(np.mean([np.mean([rec[key] for rec in r["records"] if key in rec])
+                                              for r in runs[run]]))
+  md = ["### The link: accuracy lost and bytes saved", "",
+        "Paired differences in points against `everyone` (the activations as computed, "
+        "float32); ▲ better, = within the spread, ✗ worse. Bytes: everything on the link in "
+        "a round (activations, the aggregation's client parts), mean over rounds and seeds.", "",
+        "| link | split | `full_acc` | − everyone | bytes per round | bytes saved |",
+        "| --- | --- | --- | --- | --- | --- |"]
+  for name in ("everyone", "int8", "topk"):
+    for sfx in ("", "-noniid"):
+      run = name + sfx
+      if run not in runs or f"everyone{sfx}" not in runs:
+        continue
+      b, b0 = per_round(run, "bytes_sent"), per_round(f"everyone{sfx}", "bytes_sent")
+      md.append(f"| {name} | {'non-IID' if sfx else 'IID'} | {_pm(_run_means(runs[run])['full'])} | "
+                f"{cell((8, run, None))} | {b / 1e6:.2f} MB | {b0 / b:.2f}x |")
+  md += ["", "### Participation: simulated time to everyone's accuracy", "",
+         "Time to reach: the simulated seconds until a run's mean full-path accuracy first "
+         "reaches the final one of `everyone` on the same seed (evaluations every "
+         f"{next(iter(runs.values()))[0]['config']['eval_every']} rounds; seeds that never "
+         "reach it are counted apart).", "",
+         "| rule | split | `full_acc` | − everyone | simulated s per round | "
+         "simulated s to everyone's final `full_acc` |",
+         "| --- | --- | --- | --- | --- | --- |"]
+  for name in ("everyone", "deadline", "partial"):
+    for sfx in ("", "-noniid"):
+      run = name + sfx
+      if run not in runs or f"everyone{sfx}" not in runs:
+        continue
+      targets = [r["summary"]["test"]["mean_full_acc"] for r in runs[f"everyone{sfx}"]]
+      times = [_time_to(r, t) for r, t in zip(runs[run], targets)]
+      got = [t for t in times if t is not None]
+      reach = (f"{np.mean(got):,.0f}" if got else "never") + \
+          (f" ({len(got)} of {len(times)} seeds)" if len(got) < len(times) else "")
+      md.append(f"| {name} | {'non-IID' if sfx else 'IID'} | {_pm(_run_means(runs[run])['full'])} | "
+                f"{cell((9, run, None))} | {per_round(run, 'sim_seconds'):.1f} | {reach} |")
+  md += ["", "### Each tier under a deadline", "",
+         "Each tier's exit (mean over seeds) and its paired difference against `everyone` "
+         "in points; participation: the share of the tier's client-rounds that trained.", "",
+         "| rule | split | exit at cut 3 / 5 / 7 | − everyone, cut 3 / 5 / 7 | "
+         "participation, cut 3 / 5 / 7 |", "| --- | --- | --- | --- | --- |"]
+  for name in ("everyone", "deadline", "partial"):
+    for sfx in ("", "-noniid"):
+      run = name + sfx
+      if run not in runs or f"everyone{sfx}" not in runs:
+        continue
+      base = _trained_per_cut(runs[f"everyone{sfx}"][0])
+      share = [np.mean([_trained_per_cut(r).get(c, 0) / base[c] for r in runs[run]])
+               for c in HETERO_CUTS]
+      md.append(f"| {name} | {'non-IID' if sfx else 'IID'} | "
+                f"{' / '.join(_pm(_at_cut(runs, run, c)) for c in HETERO_CUTS)} | "
+                f"{' / '.join(cell((9, run, c)) for c in HETERO_CUTS) if name != 'everyone' else ''} | "
+                f"{' / '.join(f'{x:.0%}' for x in share)} |")
+  return md + [""]
+
+
 def _variant_plot(plt, ds_name: str, ds: dict, out: Path) -> None:
   """Every tier's exit and the full path per variant, beside alone,
   homogeneous-weak and plain Averaging, IID and non-IID."""
@@ -745,6 +892,34 @@ def _variant_plot(plt, ds_name: str, ds: dict, out: Path) -> None:
            for n in names})
     ax.set_title(f"{ds_name}: exit-aware variants ({'non-IID, Dirichlet(0.3)' if sfx else 'IID'})")
   _save(plt, fig, out / f"{ds_name}_variants.png")
+
+
+def _time_curve(per_seed: list[dict], kind: str, simulated: list):
+  """(x, mean full-path and mean exit accuracy) at each evaluation, means over
+  seeds; x the round, the simulated seconds or the bytes on the link so far
+  (each seed's own records; ``simulated``: per-round seconds for runs whose
+  records predate them). None where the records cannot give x."""
+  xs, full, exit_ = [], [], []
+  for r in per_seed:
+    rounds = [rec for rec in r["records"] if "round" in rec and "train" in rec]
+    tests = [rec for rec in rounds if "test" in rec]
+    if not tests:
+      return None
+    if kind == "round":
+      x = [rec["round"] + 1 for rec in tests]
+    else:
+      key = "sim_seconds" if kind == "simulated" else "bytes_sent"
+      per_round = ([rec[key] for rec in rounds] if all(key in rec for rec in rounds)
+                   else simulated if kind == "simulated" else None)
+      if per_round is None or len(per_round) < len(rounds):
+        return None
+      cum = np.cumsum(per_round)
+      x = [cum[i] for i, rec in enumerate(rounds) if "test" in rec]
+    xs.append(x)
+    full.append([rec["test"]["mean_full_acc"] for rec in tests])
+    exit_.append([rec["test"]["mean_exit_acc"] for rec in tests])
+  n = min(map(len, xs))
+  return tuple(np.mean([v[:n] for v in vals], axis=0) for vals in (xs, full, exit_))
 
 
 def _save(plt, fig, path: Path) -> None:

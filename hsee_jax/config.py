@@ -18,6 +18,8 @@ from pathlib import Path
 DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
 STRATEGIES = ("averaging", "sequential")
 MODES = ("auto", "loop", "vmap", "unrolled", "debug")
+PARTICIPATION = ("all", "deadline", "partial")
+LINKS = ("none", "bfloat16", "int8", "int8_channel", "topk")  # link.KINDS
 
 
 class ConfigError(ValueError):
@@ -66,7 +68,7 @@ class Config:
   # model
   model: str = program("resnet18")  # resnet18 (the paper's) | vgg16_bn | mobilenet_v2 (models.NETWORKS)
   width: float = program(1.0)  # channel multiplier; 1.0 = the published network
-  exit_head: str = program("linear")  # linear | conv  ([choice] pool+linear, or conv-BN-ReLU first)
+  exit_head_kind: str = program("linear")  # linear | conv  ([choice] pool+linear, or conv-BN-ReLU first)
   precision: str = program("auto")  # float32 | bfloat16 | auto (bfloat16 on GPU/TPU, float32 on CPU);
                                 # compute dtype, parameters stay float32 (hsee_jax/precision.py)
   # the fleet: which clients exist and where each one cuts (resnet18: l in 1..8,
@@ -135,6 +137,20 @@ class Config:
   client_flops_per_s: tuple = input_field(())  # one per client, or one per tier; () = 1e10 each
   server_flops_per_s: float = input_field(1e13)
   link_bytes_per_s: float = input_field(1.25e6)  # 10 Mbit/s
+  # the IoT fleet as it runs (fleet.py, costs.py; docs/usage.md, "Device speeds,
+  # deadlines and the link"): each client's speeds drawn around its tier's, who
+  # takes part in a round, what the link carries. The defaults are the method as
+  # the paper runs it: every client every round, the activations as computed.
+  client_link_bytes_per_s: tuple = ()  # one per client, or one per tier; () = link_bytes_per_s each
+  speed_spread: float = 0.0  # lognormal sigma of each client's FLOP/s and bandwidth around the
+                             # given figure (its median); 0 = the figure itself
+  availability: float = 1.0  # probability that a client is online in a round (seeded)
+  participation: str = "all"  # all | deadline (FedScale's over-commitment) | partial (FedProx)
+  deadline_s: float = 0.0  # simulated seconds a client has per round (deadline, partial)
+  overcommit: float = 1.3  # deadline: clients sampled per cohort place; the first to finish kept
+  link: str = program("none")  # what the server part receives: none (the activations as
+                               # computed) | bfloat16 | int8 | int8_channel | topk
+  link_topk: float = program(0.1)  # topk: the share of each image's activation values sent
   # runs
   seed: int = input_field(0)
   checkpoint_every: int = run_only(5, "input")  # rounds; 0 = only at the end
@@ -154,7 +170,7 @@ class Config:
     _one_of("strategy", self.strategy, STRATEGIES)
     _one_of("mode", self.mode, MODES)
     _one_of("partition", self.partition, ("iid", "dirichlet"))
-    _one_of("exit_head", self.exit_head, ("linear", "conv"))
+    _one_of("exit_head_kind", self.exit_head_kind, ("linear", "conv"))
     _one_of("precision", self.precision, precision_lib.PRECISIONS)
     if self.tensorboard and importlib.util.find_spec("tensorboardX") is None:
       raise ConfigError("tensorboard: True needs tensorboardX: pip install -e '.[tensorboard]'")
@@ -165,6 +181,22 @@ class Config:
     _one_of("label_mode", self.label_mode, ("fine", "coarse"))
     _one_of("client_exits", self.client_exits, ("own", "every"))
     _one_of("distill", self.distill, ("none", "deepest", "server"))
+    _one_of("participation", self.participation, PARTICIPATION)
+    _one_of("link", self.link, LINKS)
+    if self.speed_spread < 0:
+      raise ConfigError(f"speed_spread: must be >= 0, got {self.speed_spread}")
+    if not 0 < self.availability <= 1:
+      raise ConfigError(f"availability: a probability in (0, 1], got {self.availability}")
+    if self.participation != "all" and self.deadline_s <= 0:
+      raise ConfigError(f"deadline_s: participation={self.participation} needs a deadline in "
+                        f"simulated seconds > 0, got {self.deadline_s}")
+    if self.overcommit < 1:
+      raise ConfigError(f"overcommit: clients sampled per cohort place, >= 1, got {self.overcommit}")
+    if not 0 < self.link_topk <= 1:
+      raise ConfigError(f"link_topk: a share of the values in (0, 1], got {self.link_topk}")
+    if self.link != "none" and self.server_grad_to_client:
+      raise ConfigError("link: compression models what the client sends; with "
+                        "server_grad_to_client the gradient comes back uncompressed: use link=none")
     if self.distill_weight < 0:
       raise ConfigError(f"distill_weight: must be >= 0, got {self.distill_weight}")
     if self.distill_temperature <= 0:
@@ -220,13 +252,13 @@ class Config:
       raise ConfigError("exit_loss_weight: 0 leaves the client part untrained unless "
                         "server_grad_to_client=True")
     n_tiers = len(self.cut_tiers or self.budget_tiers)
-    if self.client_flops_per_s and len(self.client_flops_per_s) not in (self.fleet_size, n_tiers):
-      want = f"{self.fleet_size} clients" + (f" or {n_tiers} tiers" if n_tiers else "")
-      raise ConfigError(f"client_flops_per_s: one entry per client or tier ({want}), "
-                        f"got {len(self.client_flops_per_s)}")
-    if any(not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0
-           for v in self.client_flops_per_s):
-      raise ConfigError("client_flops_per_s: each entry is a number > 0 (FLOP/s)")
+    for name, unit in (("client_flops_per_s", "FLOP/s"), ("client_link_bytes_per_s", "bytes/s")):
+      given = getattr(self, name)
+      if given and len(given) not in (self.fleet_size, n_tiers):
+        want = f"{self.fleet_size} clients" + (f" or {n_tiers} tiers" if n_tiers else "")
+        raise ConfigError(f"{name}: one entry per client or tier ({want}), got {len(given)}")
+      if any(not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0 for v in given):
+        raise ConfigError(f"{name}: each entry is a number > 0 ({unit})")
     if self.strategy == "sequential" and self.mode in ("vmap", "unrolled"):
       raise ConfigError(f"mode: {self.mode} stacks clients, but sequential trains them one at a "
                         f"time with the shared server; use mode=loop, debug or auto")
@@ -312,9 +344,18 @@ class Config:
     """C: clients per round."""
     return self.fleet_size if self.clients_per_round == -1 else self.clients_per_round
 
+  def aggregates_after(self, rnd: int) -> bool:
+    """Whether round ``rnd`` (0-based) ends with a cross-layer aggregation
+    (Averaging's; Sequential's of the client parts with ``client_aggregation``)."""
+    due = (rnd + 1) % self.aggregate_every == 0
+    return due and (self.strategy == "averaging" or self.client_aggregation != "none")
+
   @property
   def samples_clients(self) -> bool:
-    return self.cohort_size < self.fleet_size
+    """Whether the clients that train change from round to round (sampling,
+    clients offline, a deadline)."""
+    return (self.cohort_size < self.fleet_size or self.availability < 1
+            or self.participation != "all")
 
   def to_dict(self) -> dict:
     """Every field as a JSON value (``from_dict`` reads it back)."""
@@ -340,6 +381,13 @@ INPUT_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if field_role(f.
 # What a saved config that predates a field ran with, where that is not the
 # field's default (runs before ``precision`` computed in float32).
 PREDATED = {"precision": "float32"}
+# Former names of fields, still read from saved configs and ``--set``.
+RENAMED = {"exit_head": "exit_head_kind"}
+
+
+def _current_names(d: dict) -> dict:
+  """``d`` with former field names (:data:`RENAMED`) replaced by the current ones."""
+  return {RENAMED.get(k, k): v for k, v in d.items()}
 
 
 def field_defaults() -> dict:
@@ -394,6 +442,7 @@ def from_dict(d: dict) -> Config:
   """Config from a saved dict (``config.json``, a sweep plan); unknown keys are
   errors, a missing field takes what runs before it used (``PREDATED``)."""
   known = {f.name for f in dataclasses.fields(Config)}
+  d = _current_names(d)
   unknown = sorted(set(d) - known)
   if unknown:
     raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
@@ -412,7 +461,7 @@ def override(cfg: Config, assignments: list[str]) -> Config:
     if "=" not in a:
       raise ConfigError(f"--set {a!r}: expected key=value")
     key, raw = a.split("=", 1)
-    key = key.strip()
+    key = RENAMED.get(key.strip(), key.strip())
     if key not in types:
       raise ConfigError(f"unknown config key {key!r} in --set {a!r}")
     typ = types[key]

@@ -13,6 +13,7 @@ whose client-side cost fits.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hsee_jax import link as link_lib
 from hsee_jax import models
 from hsee_jax import precision as precision_lib
 
@@ -89,7 +91,7 @@ def _part(pieces: list[dict]) -> dict:
 @functools.lru_cache(maxsize=None)
 def cut_costs(net: models.SplitNetwork, cut: int, image_shape: tuple,
               server_grad_to_client: bool = False, exit_cuts: tuple = (),
-              soft_labels: bool = False) -> dict:
+              soft_labels: bool = False, link: link_lib.Link | None = None) -> dict:
   """Costs of splitting ``net`` at ``cut`` for one training image.
 
   The first unit of each part needs no input gradient (the image; the
@@ -98,6 +100,8 @@ def cut_costs(net: models.SplitNetwork, cut: int, image_shape: tuple,
   head (``client_exits=every``): their FLOPs and parameters are the
   client's; nothing more crosses the link. ``soft_labels``
   (``distill=server``): the server's logits go back to the client, float32.
+  ``link``: how the activations cross to the server (:class:`hsee_jax.link.Link`;
+  None: as computed, in the compute dtype).
   """
   pieces = _pieces(net, tuple(image_shape))
   unit = lambda k, first: pieces[(models.unit_name(k), not first)]
@@ -106,7 +110,9 @@ def cut_costs(net: models.SplitNetwork, cut: int, image_shape: tuple,
   server = _part([unit(k, k == cut + 1 and not server_grad_to_client)
                   for k in range(cut + 1, net.num_units + 1)] + [pieces[models.CLASSIFIER]])
   h_shape = net.unit_output_shape(cut, image_shape)
-  h_bytes = precision_lib.itemsize(net.precision) * math.prod(h_shape)  # in the compute dtype
+  itemsize = precision_lib.itemsize(net.precision)   # the compute dtype's
+  h_bytes = itemsize * math.prod(h_shape)
+  sent = (link or link_lib.Link()).message_bytes(h_shape, itemsize)
   return {
       "cut": cut,
       "client_params": client["params"],
@@ -114,7 +120,7 @@ def cut_costs(net: models.SplitNetwork, cut: int, image_shape: tuple,
       "client_train_flops": client["flops"],
       "server_train_flops": server["flops"],
       "activation_shape": list(h_shape),
-      "bytes_client_to_server": h_bytes,
+      "bytes_client_to_server": sent,
       "bytes_server_to_client": ((h_bytes if server_grad_to_client else 0) +
                                  (4 * net.num_classes if soft_labels else 0)),
       "client_peak_activation_bytes": client["activation_bytes"],
@@ -130,11 +136,21 @@ def cost_table(net: models.SplitNetwork, image_shape: tuple,
 def run_cost_table(cfg, net: models.SplitNetwork, image_shape: tuple, fleet_cuts) -> dict:
   """Cut -> :func:`cut_costs` row of the fleet's cuts as ``cfg`` trains them:
   the server's gradient (``server_grad_to_client``), the lower exit heads
-  (``client_exits=every``), the soft labels (``distill=server``)."""
+  (``client_exits=every``), the soft labels (``distill=server``), the
+  link's compression (``link``)."""
   cuts = sorted(set(int(c) for c in fleet_cuts))
+  link = None if cfg.link == "none" else link_lib.Link(cfg.link, cfg.link_topk)
   return {c: cut_costs(net, c, tuple(image_shape), cfg.server_grad_to_client,
                        tuple(x for x in cuts if x < c) if cfg.client_exits == "every" else (),
-                       cfg.distill == "server") for c in cuts}
+                       cfg.distill == "server", link) for c in cuts}
+
+
+def run_clock(cfg, net: models.SplitNetwork, image_shape: tuple, fleet) -> Clock:
+  """The :class:`Clock` of ``fleet`` (its cuts, FLOP/s and bandwidths) as ``cfg`` trains it."""
+  table = run_cost_table(cfg, net, image_shape, fleet.cuts)
+  link = fleet.link_bytes_per_s if fleet.link_bytes_per_s is not None else cfg.link_bytes_per_s
+  return Clock.of(table, fleet.cuts, cfg.batch_size, fleet.flops_per_s, link,
+                  cfg.server_flops_per_s, cfg.strategy)
 
 
 def forward_flops(net: models.SplitNetwork, image_shape: tuple) -> float:
@@ -185,14 +201,15 @@ def choose_cuts(net: models.SplitNetwork, image_shape: tuple, budgets, batch_siz
   return out
 
 
-def simulated_round_seconds(strategy: str, cuts, table: dict, steps: int, batch_size: int,
+def simulated_round_seconds(strategy: str, cuts, table: dict, steps, batch_size: int,
                             client_flops_per_s, server_flops_per_s: float,
-                            link_bytes_per_s: float, aggregate: bool = True) -> float:
+                            link_bytes_per_s, aggregate: bool = True) -> float:
   """Simulated wall time of one round (a simple pipeline model).
 
-  Per client i and round: client compute ``c_i = S*B*client_flops / F_i``,
-  upload ``u_i = S*B*activation_bytes / bandwidth`` (+ the gradient back when
-  the table says so), server work ``s_i = S*B*server_flops / F_server``.
+  Per client i and round: client compute ``c_i = S_i*B*client_flops / F_i``,
+  upload ``u_i = S_i*B*bytes / bandwidth_i`` (the activations as the link
+  sends them, + the gradient or soft labels back when the table says so),
+  server work ``s_i = S_i*B*server_flops / F_server``.
 
   * Sequential: clients wait their turn for the one server; within a turn the
     client and server pipeline, so a turn takes ``max(c_i + u_i, s_i)`` and the
@@ -202,18 +219,69 @@ def simulated_round_seconds(strategy: str, cuts, table: dict, steps: int, batch_
 
   Plus, with ``aggregate`` (Averaging's cross-layer aggregation, Sequential's
   with ``client_aggregation``), every client sending and receiving its
-  client part in float32 (``max_i 2 * 4 * params_i / bandwidth``).
+  client part in float32 (``max_i 2 * 4 * params_i / bandwidth_i``).
+  ``steps`` (S_i) and ``link_bytes_per_s`` are one figure for all or one per client.
   """
-  n = steps * batch_size
-  c, u, s, agg = [], [], [], []
-  for i, cut in enumerate(cuts):
-    row = table[cut]
-    c.append(n * row["client_train_flops"] / client_flops_per_s[i])
-    u.append(n * (row["bytes_client_to_server"] + row["bytes_server_to_client"]) / link_bytes_per_s)
-    s.append(n * row["server_train_flops"] / server_flops_per_s)
-    agg.append(2 * 4 * row["client_params"] / link_bytes_per_s)
-  if strategy == "sequential":
-    t = sum(max(ci + ui, si) for ci, ui, si in zip(c, u, s))
-  else:
-    t = max(max(ci + ui for ci, ui in zip(c, u)), sum(s))
-  return float(t + (max(agg) if aggregate else 0.0))
+  clock = Clock.of(table, cuts, batch_size, client_flops_per_s, link_bytes_per_s,
+                   server_flops_per_s, strategy)
+  return clock.round_seconds(np.arange(len(cuts)), steps, aggregate)
+
+
+@dataclasses.dataclass(frozen=True)
+class Clock:
+  """Each client's simulated seconds and bytes (the model of
+  :func:`simulated_round_seconds`), per client id: a local step on the
+  client (compute, then its messages on its link), the aggregation's
+  transfer of its client part, and its server work per step."""
+  step_s: np.ndarray         # [N] a local step: client compute + link
+  aggregate_s: np.ndarray    # [N] client part up and down in float32
+  server_step_s: np.ndarray  # [N] the server's work per step of that client
+  step_bytes: np.ndarray     # [N] bytes on the link per local step (both ways)
+  aggregate_bytes: np.ndarray  # [N]
+  sequential: bool
+
+  @classmethod
+  def of(cls, table: dict, cuts, batch_size: int, client_flops_per_s, link_bytes_per_s,
+         server_flops_per_s: float, strategy: str) -> "Clock":
+    """The clock of clients at ``cuts`` with ``table`` (cut -> :func:`cut_costs` row)."""
+    cuts = np.asarray(cuts)
+    distinct, which = np.unique(cuts, return_inverse=True)
+    col = lambda key: np.asarray([table[int(c)][key] for c in distinct], np.float64)[which]
+    flops = np.broadcast_to(np.asarray(client_flops_per_s, np.float64), cuts.shape)
+    link = np.broadcast_to(np.asarray(link_bytes_per_s, np.float64), cuts.shape)
+    step_bytes = batch_size * (col("bytes_client_to_server") + col("bytes_server_to_client"))
+    return cls(step_s=batch_size * col("client_train_flops") / flops + step_bytes / link,
+               aggregate_s=2 * 4 * col("client_params") / link,
+               server_step_s=batch_size * col("server_train_flops") / server_flops_per_s,
+               step_bytes=step_bytes, aggregate_bytes=2 * 4 * col("client_params"),
+               sequential=strategy == "sequential")
+
+  def client_seconds(self, ids, steps, aggregate: bool) -> np.ndarray:
+    """When each client of ``ids`` is done with ``steps`` local steps (one
+    figure or one per client) and, with ``aggregate``, its transfer."""
+    return np.asarray(steps) * self.step_s[ids] + (self.aggregate_s[ids] if aggregate else 0.0)
+
+  def steps_within(self, ids, seconds: float, most: int, aggregate: bool) -> np.ndarray:
+    """The local steps (0..``most``) each client of ``ids`` finishes within ``seconds``."""
+    left = seconds - (self.aggregate_s[ids] if aggregate else 0.0)
+    return np.clip(np.floor(left / self.step_s[ids] + 1e-9), 0, most).astype(np.int64)
+
+  def round_seconds(self, ids, steps, aggregate: bool) -> float:
+    """The round of clients ``ids`` with ``steps`` local steps each (0.0 with nobody)."""
+    ids = np.asarray(ids, np.int64)
+    if not len(ids):
+      return 0.0
+    steps = np.broadcast_to(np.asarray(steps, np.float64), ids.shape)
+    work, server = steps * self.step_s[ids], steps * self.server_step_s[ids]
+    if self.sequential:
+      t = float(np.sum(np.maximum(work, server)))
+    else:
+      t = float(max(np.max(work), np.sum(server)))
+    return t + (float(np.max(self.aggregate_s[ids])) if aggregate else 0.0)
+
+  def round_bytes(self, ids, steps, aggregate: bool) -> int:
+    """Bytes on the link in the round of clients ``ids`` (every direction)."""
+    ids = np.asarray(ids, np.int64)
+    steps = np.broadcast_to(np.asarray(steps, np.float64), ids.shape)
+    total = np.sum(steps * self.step_bytes[ids]) + (np.sum(self.aggregate_bytes[ids]) if aggregate else 0)
+    return int(round(float(total)))

@@ -54,25 +54,26 @@ def early_exit_table(exit_logits, server_logits, labels, thresholds) -> list[dic
 
 
 @functools.lru_cache(maxsize=None)
-def _logits_fn(net: models.SplitNetwork, cuts: tuple):
+def _logits_fn(net: models.SplitNetwork, cuts: tuple, link):
   """Images -> (exit logits at each of ``cuts``, full-path logits), one
   forward pass (:meth:`hsee_jax.models.SplitNetwork.split_forward`)."""
   @jax.jit
   def fn(clients, server, images, mean, std):
     exits, logits, _, _ = net.split_forward(
         [(c.params, c.batch_stats) for c in clients], (server.params, server.batch_stats),
-        data_lib.normalize(images, mean, std), cuts, train=False)
+        data_lib.normalize(images, mean, std), cuts, train=False, link=link)
     return tuple(exits), logits
   return fn
 
 
-def path_logits(net, cuts, clients, server, images, mean, std, batch_size):
+def path_logits(net, cuts, clients, server, images, mean, std, batch_size, link=None):
   """([exit logits at each of ``cuts``], full-path logits) over ``images``,
   in fixed-size batches (the last one padded, so one compilation serves every
   batch). ``clients[i]`` is the client part at ``cuts[i]``, ``server`` the
   server part after the last cut; with several cuts they are one whole
-  network split at those cuts (:meth:`~hsee_jax.models.SplitNetwork.split_forward`)."""
-  fn = _logits_fn(net, tuple(cuts))
+  network split at those cuts (:meth:`~hsee_jax.models.SplitNetwork.split_forward`).
+  ``link``: what the server part receives (:class:`hsee_jax.link.Link`; None: the activations)."""
+  fn = _logits_fn(net, tuple(cuts), link)
   n = len(images)
   outs_e, outs_s = [], []
   for start in range(0, n, batch_size):
@@ -87,7 +88,7 @@ def path_logits(net, cuts, clients, server, images, mean, std, batch_size):
 
 
 def evaluate(net: models.SplitNetwork, fleet, evaluated: list, dataset: data_lib.Dataset,
-             thresholds, batch_size: int) -> dict:
+             thresholds, batch_size: int, link=None) -> dict:
   """Test metrics of the fleet (a :class:`hsee_jax.fleet.Fleet`).
 
   Runs every model in ``evaluated``, the strategy's
@@ -100,6 +101,9 @@ def evaluate(net: models.SplitNetwork, fleet, evaluated: list, dataset: data_lib
   max over the evaluated clients, the mean early-exit table), per-client rows
   for clients evaluated one by one (``clients``), and the means over all
   clients of the fleet (a client not evaluated counts as its cut's mean).
+  ``link``: what the server part receives (:class:`hsee_jax.link.Link`;
+  None: the activations); a lossy link is crossed at each client's own cut,
+  so each cut's full path is then a forward pass of its own.
   """
   labels = dataset.test_labels
   mean, std = jnp.asarray(dataset.mean), jnp.asarray(dataset.std)
@@ -110,10 +114,15 @@ def evaluate(net: models.SplitNetwork, fleet, evaluated: list, dataset: data_lib
     exits, whole = path_logits(net, [m.cut for m in whole_net], [m.client for m in whole_net],
                                whole_net[-1].server, dataset.test_images, mean, std, batch_size)
     logits.update({id(m): (e, whole) for m, e in zip(whole_net, exits)})
+  if link is not None:  # each cut's full path crosses the link at that cut
+    for m in whole_net:
+      _, s = path_logits(net, [m.cut], [m.client], m.server, dataset.test_images,
+                         mean, std, batch_size, link)
+      logits[id(m)] = (logits[id(m)][0], s)
   for m in evaluated:
     if not m.one_network:
       (e,), s = path_logits(net, [m.cut], [m.client], m.server, dataset.test_images,
-                            mean, std, batch_size)
+                            mean, std, batch_size, link)
       logits[id(m)] = (e, s)
   rows = []
   for m in evaluated:
@@ -128,9 +137,9 @@ def evaluate(net: models.SplitNetwork, fleet, evaluated: list, dataset: data_lib
   cuts = []
   for cut, ids in fleet.groups.items():
     mine = [(m, r) for m, r in rows if m.cut == cut]
-    shared = any(m.one_network for m, _ in mine)
+    one_model = any(m.one_network for m, _ in mine)
     summary = {"cut": cut, "clients": int(len(ids)),
-               "evaluated": "one model shared by every client of the cut" if shared
+               "evaluated": "one model shared by every client of the cut" if one_model
                else len(mine)}
     for metric in ("exit_acc", "full_acc"):
       vals = np.array([r[metric] for _, r in mine])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -32,11 +33,12 @@ class FleetError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Fleet:
-  """N clients: cut layer, data partition and FLOP/s of each (index = client id)."""
+  """N clients: cut layer, data partition, FLOP/s and link bandwidth of each (index = client id)."""
   cuts: np.ndarray               # int [N]
   partitions: tuple              # N index arrays into the training set
   flops_per_s: np.ndarray        # float [N] (simulated clock)
   reasons: tuple = ()            # budget -> cut explanations, one per tier or client
+  link_bytes_per_s: np.ndarray | None = None  # float [N] each client's bandwidth (simulated clock)
 
   @property
   def num_clients(self) -> int:
@@ -72,10 +74,14 @@ class Fleet:
     return out
 
   def describe(self) -> dict:
-    """What ``fleet.json`` holds: every client's cut and data size, and the tiers."""
+    """What ``fleet.json`` holds: every client's cut, data size, FLOP/s and
+    bandwidth, and the tiers."""
     return {"num_clients": self.num_clients,
             "clients_per_cut": {str(c): int(len(i)) for c, i in self.groups.items()},
             "cuts": self.cuts.tolist(), "data_sizes": self.data_sizes.astype(int).tolist(),
+            "flops_per_s": self.flops_per_s.tolist(),
+            "link_bytes_per_s": (None if self.link_bytes_per_s is None
+                                 else self.link_bytes_per_s.tolist()),
             "reasons": list(self.reasons)}
 
 
@@ -118,11 +124,26 @@ def build_fleet(cfg: Config, dataset: data_lib.Dataset,
                                     cfg.dirichlet_alpha, cfg.seed)
   except data_lib.DataError as e:
     raise FleetError(str(e)) from None
-  speeds = np.full(n, 1e10)
-  if cfg.client_flops_per_s:
-    given = np.asarray(cfg.client_flops_per_s, np.float64)
-    speeds = given if len(given) == n and tier is None else given[tier]
-  return Fleet(cuts, tuple(partitions), speeds, tuple(reasons))
+  rng = np.random.default_rng([cfg.seed, 19])
+  flops = _speeds(cfg.client_flops_per_s, DEFAULT_FLOPS_PER_S, tier, n, cfg.speed_spread, rng)
+  link = _speeds(cfg.client_link_bytes_per_s, cfg.link_bytes_per_s, tier, n, cfg.speed_spread, rng)
+  return Fleet(cuts, tuple(partitions), flops, tuple(reasons), link)
+
+
+DEFAULT_FLOPS_PER_S = 1e10
+
+
+def _speeds(given: tuple, default: float, tier, n: int, spread: float, rng) -> np.ndarray:
+  """Each client's figure: ``given`` per tier (with tiers) or per client,
+  else ``default``; with ``spread`` > 0 drawn lognormal
+  around it (the figure is the median: ``figure * exp(spread * z)``)."""
+  figures = np.full(n, float(default))
+  if given:
+    given = np.asarray(given, np.float64)
+    figures = given if len(given) == n and tier is None else given[tier]
+  if spread > 0:
+    figures = figures * np.exp(spread * rng.standard_normal(n))
+  return figures
 
 
 def _budget_cuts(cfg, dataset, budgets, what: str, reasons: list) -> list[int]:
@@ -147,6 +168,53 @@ def sample_cohort(seed: int, rnd: int, num_clients: int, cohort_size: int) -> np
 
 # The per-step hyperparameters a cohort feeds the compiled step (Cohort.hparams).
 HPARAMS = ("lr", "momentum", "weight_decay", "exit_loss_weight", "distill_weight")
+# With participation=partial, a further column per client and step: 1 where the
+# client does the step, 0 past what fits its deadline (the step changes nothing).
+STEP_ACTIVE = len(HPARAMS)
+
+
+def online(cfg: Config, rnd: int, num_clients: int) -> np.ndarray:
+  """Ids of the clients online in round ``rnd``: each with probability
+  ``cfg.availability``, a pure function of (seed, round); all when it is 1."""
+  if cfg.availability >= 1:
+    return np.arange(num_clients)
+  return np.flatnonzero(np.random.default_rng([cfg.seed, 23, rnd]).random(num_clients)
+                        < cfg.availability)
+
+
+def participants(fleet: Fleet, cfg: Config, rnd: int, clock, local_steps: int):
+  """Who trains in round ``rnd``, by ``cfg.participation``: ``(ids, steps,
+  dropped)``, ids ascending, ``steps`` each one's local steps (None: all
+  ``local_steps``), ``dropped`` the sampled clients that did not make the
+  deadline.
+
+  * ``all``: the cohort (:func:`sample_cohort`, from the online clients);
+  * ``deadline``: ``ceil(overcommit * C)`` online clients sampled, of those
+    done within ``deadline_s`` (``clock``: :class:`hsee_jax.costs.Clock`)
+    the first C to finish kept (FedScale's over-commitment);
+  * ``partial``: the cohort, each client doing the local steps that fit in
+    ``deadline_s`` (FedProx's partial work); a client with none is dropped.
+  """
+  ids = online(cfg, rnd, fleet.num_clients)
+  want = cfg.cohort_size
+  if cfg.participation == "deadline":
+    want = min(len(ids), math.ceil(cfg.overcommit * cfg.cohort_size - 1e-9))
+  if len(ids) == fleet.num_clients:
+    ids = sample_cohort(cfg.seed, rnd, fleet.num_clients, want)
+  elif want < len(ids):
+    ids = np.sort(np.random.default_rng([cfg.seed, 13, rnd]).choice(ids, want, replace=False))
+  aggregate = cfg.aggregates_after(rnd)
+  if cfg.participation == "all":
+    return ids, None, ids[:0]
+  if cfg.participation == "deadline":
+    done = clock.client_seconds(ids, local_steps, aggregate)
+    order = np.argsort(done, kind="stable")
+    kept = order[done[order] <= cfg.deadline_s][:cfg.cohort_size]
+    mask = np.zeros(len(ids), bool)
+    mask[kept] = True
+    return ids[mask], None, ids[~mask]
+  steps = clock.steps_within(ids, cfg.deadline_s, local_steps, aggregate)
+  return ids[steps > 0], steps[steps > 0], ids[steps == 0]
 
 
 def step_hparams(cfg: Config, rnd: int, lrs) -> np.ndarray:
@@ -170,7 +238,11 @@ class Cohort:
   images of every local step; ``hparams`` [S, 5] the hyperparameters of every
   step (:data:`HPARAMS`: the scheduled learning rate, momentum, weight decay,
   exit-loss weight, distillation weight; :func:`step_hparams`), inputs of the compiled step rather than constants in it;
-  ``weights`` [C] data sizes; ``keys`` [C, 2] PRNG keys (uint32).
+  ``weights`` [C] data sizes; ``keys`` [C, 2] PRNG keys (uint32);
+  ``active`` [C, S] (participation=partial, else None) whether each client
+  does each step; ``dropped`` the ids sampled but not kept (a deadline);
+  ``sim_seconds`` and ``bytes_sent``: the round on the simulated clock
+  (:class:`hsee_jax.costs.Clock`) and on the link.
   """
   round: int
   ids: np.ndarray
@@ -180,6 +252,10 @@ class Cohort:
   hparams: np.ndarray
   weights: np.ndarray
   keys: np.ndarray
+  active: np.ndarray | None = None
+  dropped: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+  sim_seconds: float = 0.0
+  bytes_sent: int = 0
 
   @property
   def size(self) -> int:
@@ -192,16 +268,25 @@ def _client_keys(base_key, rnd, ids):
 
 
 def make_cohort(fleet: Fleet, cfg: Config, rnd: int, local_steps: int, schedule,
-                base_key) -> Cohort:
-  """Round ``rnd``'s cohort: who trains, on which images, at which rates, with
-  which keys. Data order and keys are pure functions of (seed, round, client)."""
-  ids = sample_cohort(cfg.seed, rnd, fleet.num_clients, cfg.cohort_size)
+                base_key, clock) -> Cohort:
+  """Round ``rnd``'s cohort: who trains (:func:`participants`), on which
+  images, at which rates, with which keys, and what the round takes on
+  ``clock`` (:class:`hsee_jax.costs.Clock`). Data order and keys are pure
+  functions of (seed, round, client)."""
+  ids, steps, dropped = participants(fleet, cfg, rnd, clock, local_steps)
   indices = np.stack([data_lib.client_batches(fleet.partitions[i], local_steps, cfg.batch_size,
-                                              cfg.seed, rnd, int(i)) for i in ids])
-  steps = rnd * local_steps + np.arange(local_steps)
-  lrs = np.asarray([schedule(int(s)) for s in steps], np.float32)
+                                              cfg.seed, rnd, int(i)) for i in ids]
+                     or [np.zeros((local_steps, cfg.batch_size), np.int64)])[:len(ids)]
+  global_steps = rnd * local_steps + np.arange(local_steps)
+  lrs = np.asarray([schedule(int(s)) for s in global_steps], np.float32)
   hparams = step_hparams(cfg, rnd, lrs)
   keys = np.asarray(_client_keys(base_key, rnd, ids.astype(np.int32)))
+  active = None if steps is None else np.arange(local_steps)[None, :] < steps[:, None]
+  done = local_steps if steps is None else steps
+  aggregate = cfg.aggregates_after(rnd)
   return Cohort(round=rnd, ids=ids, cuts=fleet.cuts[ids], slots=fleet.slots[ids],
-                indices=indices, hparams=hparams, weights=fleet.data_sizes[ids], keys=keys)
+                indices=indices, hparams=hparams, weights=fleet.data_sizes[ids], keys=keys,
+                active=active, dropped=dropped,
+                sim_seconds=clock.round_seconds(ids, done, aggregate),
+                bytes_sent=clock.round_bytes(ids, done, aggregate))
 

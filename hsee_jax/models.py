@@ -129,7 +129,7 @@ class Head(nn.Module):
 class SplitNetwork:
   """A network cut into units 1..``num_units``; subclasses give the units.
 
-  Fields: ``num_classes``, ``width`` (channel multiplier), ``exit_head``
+  Fields: ``num_classes``, ``width`` (channel multiplier), ``exit_head_kind``
   (``linear``: pool + dense; ``conv``: a 3x3 conv-BN-ReLU first) and
   ``precision`` (``float32`` or ``bfloat16``: the compute dtype of every unit
   and head, :mod:`hsee_jax.precision`; parameters stay float32). A subclass
@@ -143,7 +143,7 @@ class SplitNetwork:
   num_units: ClassVar[int]
   num_classes: int
   width: float = 1.0
-  exit_head: str = "linear"  # linear | conv
+  exit_head_kind: str = "linear"  # linear | conv
   precision: str = "float32"  # float32 | bfloat16 (precision.resolve)
 
   def unit(self, k: int) -> nn.Module:
@@ -168,7 +168,7 @@ class SplitNetwork:
   def head(self, name: str) -> nn.Module:
     """The exit head (``EXIT_HEAD``) or the final classifier (``CLASSIFIER``)."""
     if name == EXIT_HEAD:
-      return Head(self.num_classes, conv=self.exit_head == "conv")
+      return Head(self.num_classes, conv=self.exit_head_kind == "conv")
     if name == CLASSIFIER:
       return Head(self.num_classes)
     raise ValueError(f"unknown head {name!r}")
@@ -271,7 +271,8 @@ class SplitNetwork:
         new_stats.pop(head, None)
     return x, logits, new_stats
 
-  def split_forward(self, clients, server, x, cuts, train: bool, server_grad_to_client=False):
+  def split_forward(self, clients, server, x, cuts, train: bool, server_grad_to_client=False,
+                    link=None):
     """The forward pass of client parts, then a server part: training and evaluation's one.
 
     ``clients[i]`` = (params, batch_stats) of the client part at ``cuts[i]``
@@ -279,7 +280,9 @@ class SplitNetwork:
     the last cut. With one cut this is a client's path; with several, the
     parts must be one whole network split at those cuts (the units between two
     cuts come from the later client part). Without ``server_grad_to_client``
-    no gradient flows from the server part into the client parts.
+    no gradient flows from the server part into the client parts. ``link``:
+    what the server part receives of the activations (:class:`hsee_jax.link.Link`;
+    None: the activations themselves).
     Returns ``(exit logits per cut, final logits, client stats per cut, server stats)``.
     """
     first, exits, client_stats = 1, [], []
@@ -289,6 +292,8 @@ class SplitNetwork:
       exits.append(e)
       client_stats.append(s)
     h = x if server_grad_to_client else jax.lax.stop_gradient(x)
+    if link is not None:
+      h = link(h)
     _, logits, server_stats = self.apply_span(server[0], server[1], h,
                                               *self.server_span(cuts[-1]), train=train)
     return exits, logits, client_stats, server_stats
@@ -546,14 +551,14 @@ NETWORKS: dict[str, type[SplitNetwork]] = {
 
 
 def network(name: str, num_classes: int, width: float = 1.0,
-            exit_head: str = "linear", precision: str = "float32") -> SplitNetwork:
+            exit_head_kind: str = "linear", precision: str = "float32") -> SplitNetwork:
   """The shipped network ``name`` (``NETWORKS``) for ``num_classes`` classes;
   ``precision`` as ``Config.precision`` (``auto`` resolved for this backend)."""
   if name not in NETWORKS:
     raise ValueError(f"unknown model {name!r}; expected one of {', '.join(NETWORKS)}")
-  return NETWORKS[name](num_classes, width, exit_head, precision_lib.resolve(precision))
+  return NETWORKS[name](num_classes, width, exit_head_kind, precision_lib.resolve(precision))
 
 
 def for_config(cfg, num_classes: int) -> SplitNetwork:
   """The network a run of ``cfg`` trains (model, width, exit head, precision)."""
-  return network(cfg.model, num_classes, cfg.width, cfg.exit_head, cfg.precision)
+  return network(cfg.model, num_classes, cfg.width, cfg.exit_head_kind, cfg.precision)

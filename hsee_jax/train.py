@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import signal
@@ -17,7 +18,7 @@ import numpy as np
 
 from hsee_jax import data as data_lib
 from hsee_jax import distributed
-from hsee_jax import evaluation, models, optim, preflight, rundir, stopping, strategies
+from hsee_jax import costs, evaluation, models, optim, preflight, rundir, stopping, strategies
 from hsee_jax import fleet as fleet_lib
 from hsee_jax import precision as precision_lib
 from hsee_jax import writers as writers_lib
@@ -51,21 +52,29 @@ class Simulation:
     """Shapes and dtypes of the state (for restoring checkpoints)."""
     return jax.eval_shape(self.algorithm.init, jax.random.PRNGKey(0))
 
+  @functools.cached_property
+  def clock(self) -> costs.Clock:
+    """Each client's simulated seconds and bytes (:func:`costs.run_clock`)."""
+    return costs.run_clock(self.cfg, self.net, self.ctx.image_shape, self.fleet)
+
   def cohort(self, rnd: int, base_key) -> fleet_lib.Cohort:
-    """Round ``rnd``'s sampled clients with their step inputs (seeded by ``base_key``)."""
+    """Round ``rnd``'s clients (``cfg.participation``) with their step
+    inputs (seeded by ``base_key``) and the round's simulated time."""
     return fleet_lib.make_cohort(self.fleet, self.cfg, rnd, self.local_steps, self.schedule,
-                                 base_key)
+                                 base_key, self.clock)
 
   def evaluate(self, state, dataset: data_lib.Dataset) -> dict:
     """Test metrics of ``state`` (:func:`evaluation.evaluate` of the
     algorithm's models, with the config's thresholds and batch size)."""
     return evaluation.evaluate(self.net, self.fleet, self.algorithm.eval_models(state), dataset,
-                               self.cfg.exit_thresholds, self.cfg.eval_batch_size)
+                               self.cfg.exit_thresholds, self.cfg.eval_batch_size, self.ctx.link)
 
   def run_round(self, state, rnd: int, base_key):
     """One round, the step :func:`run_rounds` repeats: sample the cohort,
     train it; (state, metrics [C, 4] as numpy, cohort)."""
     cohort = self.cohort(rnd, base_key)
+    if not cohort.size:  # nobody made the deadline: the round trains nothing
+      return state, np.zeros((0, len(METRIC_NAMES)), np.float32), cohort
     state, metrics = self.algorithm.apply(state, cohort)
     return state, np.asarray(metrics), cohort
 
@@ -173,10 +182,14 @@ def _check_finite(sim: Simulation, state, metrics: np.ndarray, rnd: int,
 
 
 def _record(rnd: int, metrics: np.ndarray, cohort: fleet_lib.Cohort, seconds: float,
-            images: int) -> dict:
-  """A round's record (``metrics.jsonl``): the fleet's mean train metrics and each client's."""
-  return {"round": rnd, "seconds": seconds, "images_per_s": images / seconds,
-          "train": dict(zip(METRIC_NAMES, map(float, metrics.mean(0)))),
+            images: int, cuts: np.ndarray) -> dict:
+  """A round's record (``metrics.jsonl``): the round on the simulated clock
+  and the link, the clients that missed the deadline per cut (``cuts``: the
+  fleet's), the fleet's mean train metrics and each client's."""
+  return {"round": rnd, "seconds": seconds, "images_per_s": images / max(seconds, 1e-9),
+          "sim_seconds": cohort.sim_seconds, "bytes_sent": cohort.bytes_sent,
+          "dropped_per_cut": {str(c): int(np.sum(cuts[cohort.dropped] == c)) for c in np.unique(cuts)},
+          "train": dict(zip(METRIC_NAMES, map(float, metrics.mean(0)))) if len(metrics) else {},
           "train_per_client": [{"client": int(i), "cut": int(c),
                                 **dict(zip(METRIC_NAMES, map(float, m)))}
                                for i, c, m in zip(cohort.ids, cohort.cuts, metrics)]}
@@ -206,7 +219,6 @@ def run_rounds(sim: Simulation, state, start: int, train_key, *,
   recorded).
   """
   cfg = sim.cfg
-  images = cfg.cohort_size * sim.local_steps * cfg.batch_size
   for rnd in range(start, cfg.rounds):
     signum = stop() if stop is not None else None
     if signum is not None:
@@ -219,7 +231,8 @@ def run_rounds(sim: Simulation, state, start: int, train_key, *,
       _check_finite(sim, state, metrics, rnd, cohort)
     except RunError as e:
       raise RoundError(f"{e}; last good checkpoint: {_last(checkpoints)}", rnd) from None
-    record = _record(rnd, metrics, cohort, seconds, images)
+    steps = cohort.size * sim.local_steps if cohort.active is None else int(cohort.active.sum())
+    record = _record(rnd, metrics, cohort, seconds, steps * cfg.batch_size, sim.fleet.cuts)
     done = rnd + 1
     saving = checkpoints is not None and checkpoints.due(done)
     if saving:

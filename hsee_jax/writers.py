@@ -133,6 +133,11 @@ class TensorBoard:
     step = record["round"] + 1
     for k, v in record["train"].items():
       self.writer.add_scalar(f"train/{k}", v, step)
+    for k in ("sim_seconds", "bytes_sent"):  # the simulated clock and the link (costs.Clock)
+      if k in record:
+        self.writer.add_scalar(f"clock/{k}", record[k], step)
+    for cut, n in record.get("dropped_per_cut", {}).items():
+      self.writer.add_scalar(f"dropped/cut{cut}", n, step)
     by_cut: dict[int, list[dict]] = {}
     for c in record.get("train_per_client", []):
       by_cut.setdefault(c["cut"], []).append(c)
@@ -156,7 +161,8 @@ class TensorBoard:
 
 
 def format_metrics(m: dict) -> str:
-  return "  ".join(f"{k} {m[k]:.3f}" for k in METRIC_NAMES)
+  """The train metrics of a record, or that nobody trained (every client past the deadline)."""
+  return "  ".join(f"{k} {m[k]:.3f}" for k in METRIC_NAMES) if m else "no client made the deadline"
 
 
 class Progress:

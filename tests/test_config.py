@@ -46,6 +46,13 @@ def test_from_dict_round_trip_and_unknown_keys():
     config_lib.from_dict({**cfg.to_dict(), "bogus": 1})
 
 
+def test_former_field_names_are_read_from_saved_configs_and_set():
+  saved = {k: v for k, v in Config(name="x").to_dict().items() if k != "exit_head_kind"}
+  assert config_lib.from_dict({**saved, "exit_head": "conv"}).exit_head_kind == "conv"
+  assert config_lib.override(Config(), ["exit_head=conv"]).exit_head_kind == "conv"
+  assert "exit_head" not in Config().to_dict()  # written under the current name
+
+
 @pytest.mark.parametrize("name", ["smoke", "cpu", "averaging", "sequential"])
 def test_shipped_configs_load(name):
   cfg = config_lib.load(REPO / "configs" / f"{name}.py")

@@ -170,7 +170,7 @@ def test_the_comparison_passes_a_processors_rounding_and_fails_a_change_of_the_m
       nudged = _metrics(name, tmp_path / f"{name}-nudged")
     assert nudged != plain[name]                                      # the nudge is seen ...
     assert not differences(nudged, plain[name]), differences(nudged, plain[name])  # ... tolerated
-  for change in ("lr=0.055", "exit_head=conv", "seed=1"):
+  for change in ("lr=0.055", "exit_head_kind=conv", "seed=1"):
     changed = _metrics("smoke", tmp_path / f"smoke-{change}", [change])
     found = differences(changed, plain["smoke"])
     assert any(d.startswith(".records[0].train") for d in found), (change, found[:3])

@@ -67,7 +67,7 @@ def test_split_forward_is_the_client_then_server_path(full_variables, name, cut)
 @pytest.mark.parametrize("cut", models.SplitResNet18.allowed_cuts())
 @pytest.mark.parametrize("exit_head", ["linear", "conv"])
 def test_part_output_shapes(cut, exit_head):
-  net = models.SplitResNet18(num_classes=7, width=0.125, exit_head=exit_head)
+  net = models.SplitResNet18(num_classes=7, width=0.125, exit_head_kind=exit_head)
   key = jax.random.PRNGKey(0)
   cp, cs = net.init_span(key, *net.client_span(cut), SHAPE)
   sp, ss = net.init_span(key, *net.server_span(cut), SHAPE)

@@ -15,6 +15,7 @@ import optax
 
 from hsee_jax import config as config_lib
 from hsee_jax import engine, models
+from hsee_jax import link as link_lib
 from hsee_jax import precision as precision_lib
 from hsee_jax.config import Config, ConfigError
 from hsee_jax.fleet import Cohort, Fleet
@@ -117,6 +118,7 @@ class Context:
   mesh: engine.ClientMesh | None = None
   program_key: tuple = ()   # what the compiled programs depend on (cached_program)
   objective: Callable | None = None
+  link: link_lib.Link | None = None  # what the server parts receive (Config.link; None: as computed)
 
   def exit_cuts(self, cut: int) -> tuple:
     """The cuts below ``cut`` where a client at ``cut`` also trains an exit
@@ -133,6 +135,7 @@ class Context:
     self.mode = engine.resolve_mode(cfg.mode, cfg.strategy, cfg.shard_clients,
                                     precision_lib.resolve(cfg.precision), cfg.batch_size)
     self.chunk = engine.resolve_chunk(cfg.client_chunk)
+    self.link = None if cfg.link == "none" else link_lib.Link(cfg.link, cfg.link_topk)
     self.program_key = (self.net.num_classes,) + tuple(getattr(cfg, f) for f in PROGRAM_FIELDS)
     view = program_config(cfg)
     objective = self.objective or exit_objective(distill=view.distill,
@@ -143,7 +146,8 @@ class Context:
                                 self.net, cut, objective=objective, exit_cuts=self.exit_cuts(cut),
                                 preprocess=preprocessing(view.augment, view.augment_pad),
                                 optimizer=view.optimizer, nesterov=view.nesterov,
-                                server_grad_to_client=view.server_grad_to_client), self.mode))
+                                server_grad_to_client=view.server_grad_to_client,
+                                link=self.link), self.mode))
         for cut in self.fleet.groups}
     if cfg.shard_clients:
       if cfg.strategy != "averaging" or self.mode not in ("vmap", "unrolled"):
@@ -178,9 +182,13 @@ class Context:
 def step_inputs(cohort: Cohort, positions) -> tuple:
   """The per-step inputs of :func:`split_update` (indices, hparams) for the
   clients at ``positions`` of ``cohort`` (leading client axis), or for one
-  client (an int position), as host arrays."""
-  if isinstance(positions, (int, np.integer)):
-    return cohort.indices[positions], cohort.hparams
-  k = len(positions)
-  return cohort.indices[positions], np.broadcast_to(cohort.hparams, (k,) + cohort.hparams.shape)
+  client (an int position), as host arrays. With ``cohort.active``
+  (participation=partial) each step's hparams end with whether the client
+  does it (``fleet.STEP_ACTIVE``)."""
+  one = isinstance(positions, (int, np.integer))
+  lead = () if one else (len(positions),)
+  hparams = np.broadcast_to(cohort.hparams, lead + cohort.hparams.shape)
+  if cohort.active is not None:
+    hparams = np.concatenate([hparams, cohort.active[positions][..., None].astype(np.float32)], -1)
+  return cohort.indices[positions], hparams
 

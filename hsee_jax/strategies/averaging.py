@@ -152,7 +152,7 @@ def averaging(ctx: Context) -> Algorithm:
   def apply(state: AveragingState, cohort: Cohort):
     """One round: the cohort's clients of each cut, chunk by chunk; then the
     cross-layer aggregation when the round is due."""
-    due = (cohort.round + 1) % cfg.aggregate_every == 0
+    due = cfg.aggregates_after(cohort.round)
     kept, sums = dict(state.clients), {}
     metrics = np.zeros((cohort.size, len(METRIC_NAMES)), np.float32)
     for cut in sorted(int(c) for c in np.unique(cohort.cuts)):

@@ -85,7 +85,7 @@ def sequential(ctx: Context) -> Algorithm:
       clients[g] = put_one(clients[g], slot, client)
       server = server.merge(sub)
       metrics.append(m)
-    if cfg.client_aggregation == "cross_layer" and (cohort.round + 1) % cfg.aggregate_every == 0:
+    if cfg.aggregates_after(cohort.round):
       clients = _average_clients(clients, weights)
     return SequentialState(clients=clients, server=server), jnp.stack(metrics)
 

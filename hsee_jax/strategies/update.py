@@ -27,6 +27,7 @@ import optax
 from hsee_jax import data as data_lib
 from hsee_jax import models, optim
 from hsee_jax.engine import ClientUpdate
+from hsee_jax.fleet import STEP_ACTIVE
 from hsee_jax.optim import apply_gradients
 
 METRIC_NAMES = ("exit_loss", "full_loss", "exit_acc", "full_acc")
@@ -141,7 +142,8 @@ def _merge_exit_stats(stats_per_exit: list, exit_cuts: tuple) -> dict:
 def split_update(net: models.SplitNetwork, cut: int, *, loss: Callable = cross_entropy,
                  objective: Callable | None = None, exit_cuts: tuple = (),
                  preprocess: Callable | None = None, optimizer: str = "sgd",
-                 nesterov: bool = False, server_grad_to_client: bool = False) -> ClientUpdate:
+                 nesterov: bool = False, server_grad_to_client: bool = False,
+                 link=None) -> ClientUpdate:
   """The Hetero-SplitEE client update for a client at ``cut``, as FedJAX's
   init / step / final (:class:`hsee_jax.engine.ClientUpdate`).
 
@@ -165,12 +167,15 @@ def split_update(net: models.SplitNetwork, cut: int, *, loss: Callable = cross_e
       :func:`preprocessing` with augmentation).
     optimizer, nesterov: ``sgd`` | ``adam`` and SGD's Nesterov flag
       (:func:`hsee_jax.optim.direction`).
+    link: what the server part receives of the activations
+      (:class:`hsee_jax.link.Link`; None: the activations as computed).
 
   The input every client reads is a :class:`TrainSet`; the state is
   ``(client PartState, server PartState, PRNG key)``; the per-step input
   ``(indices [B], hparams [5])``: indices into the train set and the
   learning rate, momentum, weight decay, exit-loss weight and distillation
-  weight (``fleet.HPARAMS``). The output is ``((client, server), metrics
+  weight (``fleet.HPARAMS``); a sixth column, where present, says whether the
+  client does the step (``fleet.STEP_ACTIVE``, participation=partial). The output is ``((client, server), metrics
   [4])``, the metrics (``METRIC_NAMES``; the exit's at ``cut``) averaged
   over the steps.
   """
@@ -197,7 +202,7 @@ def split_update(net: models.SplitNetwork, cut: int, *, loss: Callable = cross_e
       exits, logits, c_stats, s_stats = net.split_forward(
           _exit_views(client_params, client.batch_stats, exit_cuts),
           (server_params, server.batch_stats), images, exit_cuts + (cut,), train=True,
-          server_grad_to_client=server_grad_to_client)
+          server_grad_to_client=server_grad_to_client, link=link)
       loss_s = loss(logits, labels)
       metrics = jnp.stack([loss(exits[-1], labels), loss_s, _accuracy(exits[-1], labels),
                            _accuracy(logits, labels)])
@@ -206,9 +211,14 @@ def split_update(net: models.SplitNetwork, cut: int, *, loss: Callable = cross_e
 
     (_, (metrics, c_stats, s_stats)), (g_client, g_server) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(client.params, server.params)
-    client = apply_gradients(step_tx, client, g_client, lr, c_stats)
-    server = apply_gradients(step_tx, server, g_server, lr, s_stats)
-    return client, server, key, msum + metrics, n + 1
+    new_client = apply_gradients(step_tx, client, g_client, lr, c_stats)
+    new_server = apply_gradients(step_tx, server, g_server, lr, s_stats)
+    if hp.shape[-1] > STEP_ACTIVE:  # participation=partial: a step past the client's budget
+      on = hp[STEP_ACTIVE] > 0      # changes nothing (the column exists only then)
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(on, a, b), new, old)
+      return (keep(new_client, client), keep(new_server, server), key,
+              msum + on * metrics, n + on)
+    return new_client, new_server, key, msum + metrics, n + 1
 
   def final(train_set, carry):
     client, server, _, msum, n = carry
