@@ -13,6 +13,8 @@ The pieces a researcher composes (see ``examples/custom_network.py``):
   parts are :class:`PartState` (:func:`init_part`, optimiser :func:`direction`);
   the train set on device is a :class:`TrainSet` (:func:`put_train_set`);
 * cross-layer aggregation: :func:`cross_layer_average`;
+* the fleet as it runs: :class:`Link` (what crosses the link, compressed, and
+  its bytes), :class:`Clock` (each client's simulated seconds and bytes);
 * the strategies as values: :func:`averaging`, :func:`sequential`
   (:class:`Algorithm`), each built from a run's :class:`Context`; :func:`build`
   makes both for a config;
@@ -30,6 +32,8 @@ _EXPORTS = {
     "load_config": ("hsee_jax.config", "load"),
     **{n: ("hsee_jax.data", n) for n in ("Dataset", "DataError", "load_dataset", "partition")},
     **{n: ("hsee_jax.engine", n) for n in ("ClientRunner", "ClientUpdate")},
+    "Clock": ("hsee_jax.costs", "Clock"),
+    "Link": ("hsee_jax.link", "Link"),
     **{n: ("hsee_jax.evaluation", n) for n in ("early_exit_table", "evaluate")},
     **{n: ("hsee_jax.models", n) for n in ("CLASSIFIER", "EXIT_HEAD", "NETWORKS",
                                            "SplitMobileNetV2", "SplitNetwork", "SplitResNet18",

@@ -290,7 +290,7 @@ def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False, resume: 
       checkpoints.save_at_stop(done, state)
       _event(writers, done, f"{signal.Signals(signum).name} after round {done}")
       raise stopping.Stopped(signum, done, run.path)
-    summary = _summary(sim, start if resume else None, writers[0].last_test, t_start)
+    summary = _summary(sim, start if resume else None, writers[0], t_start)
     run.write_summary(summary)   # while the directory is still locked
   for c in (summary["test"] or {}).get("cuts", []):
     log(f"[hsee] {evaluation.format_cut(c)}")
@@ -380,7 +380,10 @@ def _log_header(sim: Simulation, dataset, state, log) -> None:
                   for c, b in sim.algorithm.per_client_bytes.items()))
 
 
-def _summary(sim: Simulation, resumed_from: int | None, test: dict | None, t_start: float) -> dict:
+def _summary(sim: Simulation, resumed_from: int | None, metrics: writers_lib.MetricsFile,
+             t_start: float) -> dict:
+  """``summary.json``: the run's config, fleet, newest test metrics and its
+  totals on the simulated clock and the link."""
   cfg, fleet = sim.cfg, sim.fleet
   return {
       "config": cfg.to_dict(), "rounds": cfg.rounds, "local_steps": sim.local_steps,
@@ -390,7 +393,9 @@ def _summary(sim: Simulation, resumed_from: int | None, test: dict | None, t_sta
       "cuts": fleet.cuts.tolist(),
       "clients_per_cut": {str(c): len(ids) for c, ids in fleet.groups.items()},
       "per_client_state_bytes": {str(c): b for c, b in sim.algorithm.per_client_bytes.items()},
-      "test": test, "wall_seconds": time.time() - t_start, "processes": jax.process_count()}
+      "test": metrics.last_test, "sim_seconds": metrics.sim_seconds,
+      "bytes_sent": metrics.bytes_sent,
+      "wall_seconds": time.time() - t_start, "processes": jax.process_count()}
 
 
 def evaluate_run(run_dir: str | Path, step: int | None = None,

@@ -60,12 +60,16 @@ class MetricsFile:
   """``metrics.jsonl`` (its path from :meth:`hsee_jax.rundir.RunDir.keep_records`,
   which leaves the kept records in it): each round's record and each event
   appended and flushed (only when ``write``: process 0). Of the records it
-  keeps only ``last_test``, the newest test metrics: a long run's memory
-  stays flat."""
+  keeps only ``last_test``, the newest test metrics, and the run's totals on
+  the simulated clock and the link (``sim_seconds``, ``bytes_sent``): a long
+  run's memory stays flat."""
 
   def __init__(self, path: Path, records: list[dict], write: bool):
     self.path = path
     self.last_test = next((r["test"] for r in reversed(records) if "test" in r), None)
+    # the run so far on the simulated clock and the link (summary.json)
+    self.sim_seconds = sum(r.get("sim_seconds", 0.0) for r in records if "train" in r)
+    self.bytes_sent = sum(r.get("bytes_sent", 0) for r in records if "train" in r)
     self.file = open(path, "a") if write else None
 
   def begin(self, cfg: Config, records: list[dict]) -> None:
@@ -75,6 +79,8 @@ class MetricsFile:
     self._append(record)
     if "test" in record:
       self.last_test = record["test"]
+    self.sim_seconds += record.get("sim_seconds", 0.0)
+    self.bytes_sent += record.get("bytes_sent", 0)
 
   def write_event(self, record: dict) -> None:
     self._append(record)

@@ -163,6 +163,10 @@ def test_tensorboard_events_are_flushed_each_round_and_rebuilt_from_metrics_on_r
     assert scalars[("train/full_loss", r["round"] + 1)] == pytest.approx(r["train"]["full_loss"])
     assert scalars[("test/mean_full_acc", r["round"] + 1)] == pytest.approx(
         r["test"]["mean_full_acc"])
+    assert scalars[("clock/sim_seconds", r["round"] + 1)] == pytest.approx(r["sim_seconds"])
+    assert scalars[("clock/bytes_sent", r["round"] + 1)] == pytest.approx(r["bytes_sent"])
+    for cut, n in r["dropped_per_cut"].items():
+      assert scalars[(f"dropped/cut{cut}", r["round"] + 1)] == n
   assert "config/text_summary" in texts or any(t.startswith("config") for t in texts)
 
 

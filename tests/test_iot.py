@@ -129,14 +129,18 @@ def test_a_round_nobody_makes_trains_nothing_and_the_run_goes_on(tmp_path):
 
 
 def test_the_records_carry_the_simulated_clock_and_drops_per_tier(tmp_path):
-  train.train(dataclasses.replace(CFG, participation="deadline", deadline_s=5.0),
-              tmp_path / "run", log=lambda s: None)
+  summary = train.train(dataclasses.replace(CFG, participation="deadline", deadline_s=5.0),
+                        tmp_path / "run", log=lambda s: None)
   _, sim = train.build(CFG)
-  for r in (r for r in _records(tmp_path / "run") if "round" in r):
+  rounds = [r for r in _records(tmp_path / "run") if "round" in r]
+  for r in rounds:
     assert r["dropped_per_cut"] == {"3": 2, "5": 0, "7": 0}
     kept = np.arange(2, 6)
     assert r["sim_seconds"] == pytest.approx(sim.clock.round_seconds(kept, 3, True))
     assert r["bytes_sent"] == sim.clock.round_bytes(kept, 3, True) > 0
+  # the run's totals in summary.json
+  assert summary["sim_seconds"] == pytest.approx(sum(r["sim_seconds"] for r in rounds))
+  assert summary["bytes_sent"] == sum(r["bytes_sent"] for r in rounds)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int8_channel"])
