@@ -766,30 +766,41 @@ _MARK = {"holds (better)": "▲", "holds (within the spread)": "=", "does not ho
          "equal in every seed": "="}
 
 
+def _cells(ds: dict):
+  """``cell((claim, run, cut))``: that comparison's paired difference in
+  points and its mark (▲ = ✗), or "" where the grid has none."""
+  rows = {(v["claim"], v["a_run"], v["cut"]): v for v in ds["verdicts"]}
+  return lambda key: ("" if key not in rows else
+                      f"{rows[key]['difference'][0] * 100:+.1f} {_MARK.get(rows[key]['verdict'], '?')}")
+
+
+def _splits(runs: dict, names, reference: str = ""):
+  """(name, run, split label, the ``reference`` run of that split) of each of
+  ``names`` on IID and non-IID data that ``runs`` holds (with its reference)."""
+  for name in names:
+    for sfx in ("", "-noniid"):
+      if name + sfx in runs and (not reference or reference + sfx in runs):
+        yield name, name + sfx, "non-IID" if sfx else "IID", reference + sfx
+
+
 def _variants_table(ds: dict) -> list[str]:
   """Claims 5-7 in one table: per run and split, the paired differences in
   points (mean over seeds; ▲ better, = within the spread, ✗ worse by the
   verdict rule) against alone per tier, against homogeneous-weak at the
   weak tier, and against plain Averaging per tier and on the full path."""
-  rows = {(v["claim"], v["a_run"], v["cut"]): v for v in ds["verdicts"]}
-  cell = lambda key: ("" if key not in rows else
-                      f"{rows[key]['difference'][0] * 100:+.1f} {_MARK.get(rows[key]['verdict'], '?')}")
+  cell = _cells(ds)
   md = ["### Exit-aware variants: paired differences (points)", "",
         "Mean over seeds of a - b, in points; ▲ better, = within the spread (not worse), "
         "✗ worse (the verdict rule above).", "",
         "| run | split | exit − alone, cut 3 / 5 / 7 | weak exit − homogeneous-weak | "
         "exit − plain Averaging, cut 3 / 5 / 7 | `full_acc` − plain Averaging |",
         "| --- | --- | --- | --- | --- | --- |"]
-  for name in ["hsee-averaging"] + list(VARIANTS):
-    for sfx in ("", "-noniid"):
-      run = name + sfx
-      if run not in ds["runs"]:
-        continue
-      md.append(f"| {name} | {'non-IID' if sfx else 'IID'} | "
-                f"{' / '.join(cell((5, run, c)) for c in HETERO_CUTS)} | "
-                f"{cell((6, run, HETERO_CUTS[0]))} | "
-                f"{' / '.join(cell((7, run, c)) for c in HETERO_CUTS) if name in VARIANTS else ''} | "
-                f"{cell((7, run, None))} |")
+  for name, run, split, _ in _splits(ds["runs"], ["hsee-averaging"] + list(VARIANTS)):
+    md.append(f"| {name} | {split} | "
+              f"{' / '.join(cell((5, run, c)) for c in HETERO_CUTS)} | "
+              f"{cell((6, run, HETERO_CUTS[0]))} | "
+              f"{' / '.join(cell((7, run, c)) for c in HETERO_CUTS) if name in VARIANTS else ''} | "
+              f"{cell((7, run, None))} |")
   return md + [""]
 
 
@@ -818,9 +829,7 @@ def _iot_tables(ds: dict) -> list[str]:
   """The IoT grid (claims 8-9) as three tables: what each link setting costs
   and saves, how long each participation rule takes to reach everyone's
   accuracy, and each tier's exit and participation under a deadline."""
-  runs, rows = ds["runs"], {(v["claim"], v["a_run"], v["cut"]): v for v in ds["verdicts"]}
-  cell = lambda key: ("" if key not in rows else
-                      f"{rows[key]['difference'][0] * 100:+.1f} {_MARK.get(rows[key]['verdict'], '?')}")
+  runs, cell = ds["runs"], _cells(ds)
   per_round = lambda run, key: float(np.mean([np.mean([rec[key] for rec in r["records"] if key in rec])
                                               for r in runs[run]]))
   md = ["### The link: accuracy lost and bytes saved", "",
@@ -829,14 +838,10 @@ def _iot_tables(ds: dict) -> list[str]:
         "a round (activations, the aggregation's client parts), mean over rounds and seeds.", "",
         "| link | split | `full_acc` | − everyone | bytes per round | bytes saved |",
         "| --- | --- | --- | --- | --- | --- |"]
-  for name in ("everyone", "int8", "topk"):
-    for sfx in ("", "-noniid"):
-      run = name + sfx
-      if run not in runs or f"everyone{sfx}" not in runs:
-        continue
-      b, b0 = per_round(run, "bytes_sent"), per_round(f"everyone{sfx}", "bytes_sent")
-      md.append(f"| {name} | {'non-IID' if sfx else 'IID'} | {_pm(_run_means(runs[run])['full'])} | "
-                f"{cell((8, run, None))} | {b / 1e6:.2f} MB | {b0 / b:.2f}x |")
+  for name, run, split, ref in _splits(runs, ("everyone", "int8", "topk"), "everyone"):
+    b, b0 = per_round(run, "bytes_sent"), per_round(ref, "bytes_sent")
+    md.append(f"| {name} | {split} | {_pm(_run_means(runs[run])['full'])} | "
+              f"{cell((8, run, None))} | {b / 1e6:.2f} MB | {b0 / b:.2f}x |")
   md += ["", "### Participation: simulated time to everyone's accuracy", "",
          "Time to reach: the simulated seconds until a run's mean full-path accuracy first "
          "reaches the final one of `everyone` on the same seed (evaluations every "
@@ -845,35 +850,27 @@ def _iot_tables(ds: dict) -> list[str]:
          "| rule | split | `full_acc` | − everyone | simulated s per round | "
          "simulated s to everyone's final `full_acc` |",
          "| --- | --- | --- | --- | --- | --- |"]
-  for name in ("everyone", "deadline", "partial"):
-    for sfx in ("", "-noniid"):
-      run = name + sfx
-      if run not in runs or f"everyone{sfx}" not in runs:
-        continue
-      targets = [r["summary"]["test"]["mean_full_acc"] for r in runs[f"everyone{sfx}"]]
-      times = [_time_to(r, t) for r, t in zip(runs[run], targets)]
-      got = [t for t in times if t is not None]
-      reach = (f"{np.mean(got):,.0f}" if got else "never") + \
-          (f" ({len(got)} of {len(times)} seeds)" if len(got) < len(times) else "")
-      md.append(f"| {name} | {'non-IID' if sfx else 'IID'} | {_pm(_run_means(runs[run])['full'])} | "
-                f"{cell((9, run, None))} | {per_round(run, 'sim_seconds'):.1f} | {reach} |")
+  for name, run, split, ref in _splits(runs, ("everyone", "deadline", "partial"), "everyone"):
+    targets = [r["summary"]["test"]["mean_full_acc"] for r in runs[ref]]
+    times = [_time_to(r, t) for r, t in zip(runs[run], targets)]
+    got = [t for t in times if t is not None]
+    reach = (f"{np.mean(got):,.0f}" if got else "never") + \
+        (f" ({len(got)} of {len(times)} seeds)" if len(got) < len(times) else "")
+    md.append(f"| {name} | {split} | {_pm(_run_means(runs[run])['full'])} | "
+              f"{cell((9, run, None))} | {per_round(run, 'sim_seconds'):.1f} | {reach} |")
   md += ["", "### Each tier under a deadline", "",
          "Each tier's exit (mean over seeds) and its paired difference against `everyone` "
          "in points; participation: the share of the tier's client-rounds that trained.", "",
          "| rule | split | exit at cut 3 / 5 / 7 | − everyone, cut 3 / 5 / 7 | "
          "participation, cut 3 / 5 / 7 |", "| --- | --- | --- | --- | --- |"]
-  for name in ("everyone", "deadline", "partial"):
-    for sfx in ("", "-noniid"):
-      run = name + sfx
-      if run not in runs or f"everyone{sfx}" not in runs:
-        continue
-      base = _trained_per_cut(runs[f"everyone{sfx}"][0])
-      share = [np.mean([_trained_per_cut(r).get(c, 0) / base[c] for r in runs[run]])
-               for c in HETERO_CUTS]
-      md.append(f"| {name} | {'non-IID' if sfx else 'IID'} | "
-                f"{' / '.join(_pm(_at_cut(runs, run, c)) for c in HETERO_CUTS)} | "
-                f"{' / '.join(cell((9, run, c)) for c in HETERO_CUTS) if name != 'everyone' else ''} | "
-                f"{' / '.join(f'{x:.0%}' for x in share)} |")
+  for name, run, split, ref in _splits(runs, ("everyone", "deadline", "partial"), "everyone"):
+    base = _trained_per_cut(runs[ref][0])
+    share = [np.mean([_trained_per_cut(r).get(c, 0) / base[c] for r in runs[run]])
+             for c in HETERO_CUTS]
+    md.append(f"| {name} | {split} | "
+              f"{' / '.join(_pm(_at_cut(runs, run, c)) for c in HETERO_CUTS)} | "
+              f"{' / '.join(cell((9, run, c)) for c in HETERO_CUTS) if name != 'everyone' else ''} | "
+              f"{' / '.join(f'{x:.0%}' for x in share)} |")
   return md + [""]
 
 

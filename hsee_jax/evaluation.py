@@ -109,18 +109,16 @@ def evaluate(net: models.SplitNetwork, fleet, evaluated: list, dataset: data_lib
   mean, std = jnp.asarray(dataset.mean), jnp.asarray(dataset.std)
   batch_size = min(batch_size, len(labels))
   logits = {}
-  whole_net = sorted((m for m in evaluated if m.one_network), key=lambda m: m.cut)
-  if whole_net:  # one whole network: every exit and the full path in one pass
+  # one whole network: every exit and the full path in one pass, unless a
+  # lossy link is crossed at each cut (then each model is a pass of its own)
+  one_pass = lambda m: m.one_network and link is None
+  whole_net = sorted((m for m in evaluated if one_pass(m)), key=lambda m: m.cut)
+  if whole_net:
     exits, whole = path_logits(net, [m.cut for m in whole_net], [m.client for m in whole_net],
                                whole_net[-1].server, dataset.test_images, mean, std, batch_size)
     logits.update({id(m): (e, whole) for m, e in zip(whole_net, exits)})
-  if link is not None:  # each cut's full path crosses the link at that cut
-    for m in whole_net:
-      _, s = path_logits(net, [m.cut], [m.client], m.server, dataset.test_images,
-                         mean, std, batch_size, link)
-      logits[id(m)] = (logits[id(m)][0], s)
   for m in evaluated:
-    if not m.one_network:
+    if not one_pass(m):
       (e,), s = path_logits(net, [m.cut], [m.client], m.server, dataset.test_images,
                             mean, std, batch_size, link)
       logits[id(m)] = (e, s)

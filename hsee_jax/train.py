@@ -182,13 +182,14 @@ def _check_finite(sim: Simulation, state, metrics: np.ndarray, rnd: int,
 
 
 def _record(rnd: int, metrics: np.ndarray, cohort: fleet_lib.Cohort, seconds: float,
-            images: int, cuts: np.ndarray) -> dict:
+            images: int, fleet: fleet_lib.Fleet) -> dict:
   """A round's record (``metrics.jsonl``): the round on the simulated clock
-  and the link, the clients that missed the deadline per cut (``cuts``: the
-  fleet's), the fleet's mean train metrics and each client's."""
+  and the link, the clients that missed the deadline per cut of ``fleet``,
+  the fleet's mean train metrics and each client's."""
   return {"round": rnd, "seconds": seconds, "images_per_s": images / max(seconds, 1e-9),
           "sim_seconds": cohort.sim_seconds, "bytes_sent": cohort.bytes_sent,
-          "dropped_per_cut": {str(c): int(np.sum(cuts[cohort.dropped] == c)) for c in np.unique(cuts)},
+          "dropped_per_cut": {str(c): int(np.sum(fleet.cuts[cohort.dropped] == c))
+                              for c in fleet.groups},
           "train": dict(zip(METRIC_NAMES, map(float, metrics.mean(0)))) if len(metrics) else {},
           "train_per_client": [{"client": int(i), "cut": int(c),
                                 **dict(zip(METRIC_NAMES, map(float, m)))}
@@ -232,7 +233,7 @@ def run_rounds(sim: Simulation, state, start: int, train_key, *,
     except RunError as e:
       raise RoundError(f"{e}; last good checkpoint: {_last(checkpoints)}", rnd) from None
     steps = cohort.size * sim.local_steps if cohort.active is None else int(cohort.active.sum())
-    record = _record(rnd, metrics, cohort, seconds, steps * cfg.batch_size, sim.fleet.cuts)
+    record = _record(rnd, metrics, cohort, seconds, steps * cfg.batch_size, sim.fleet)
     done = rnd + 1
     saving = checkpoints is not None and checkpoints.due(done)
     if saving:
