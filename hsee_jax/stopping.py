@@ -5,7 +5,9 @@ handlers are set (the command starting, JAX loading, the run being built)
 and during ``hsee eval``, :func:`early_signals` stops the command at once
 (:class:`Early`), and remembers the signal, so that one raised where Python
 cannot pass it on (a garbage-collector callback, a ``__del__``) still stops
-the command at the next :func:`check_early`."""
+the command at the next :func:`check_early`, and one that a library turned
+into an error of its own (an extension module's initialisation) still ends
+the command as that signal."""
 from __future__ import annotations
 
 import contextlib
@@ -59,6 +61,13 @@ def early_signals():
   sys.unraisablehook = hook
   try:
     yield
+  except Exception as e:
+    # An extension module whose initialisation the handler interrupted turns
+    # the signal into its own error (tensorstore: "ImportError:
+    # initialization failed"); the signal is the cause, not a bug.
+    if _early is not None:
+      raise Early(_early) from e
+    raise
   finally:
     for s, h in old.items():
       signal.signal(s, h)

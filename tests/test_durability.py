@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from hsee_jax import cli, rundir
+from hsee_jax import cli, rundir, stopping
 from hsee_jax import train as train_lib
 from hsee_jax import writers as writers_lib
 
@@ -74,6 +74,31 @@ def test_a_signal_swallowed_while_the_command_starts_still_stops_it(tmp_path, ca
   assert capsys.readouterr().err == ("hsee: SIGTERM: stopped before any work began; nothing was "
                                      "written\n")   # and no "Exception ignored" traceback
   assert not run.exists()
+
+
+def test_a_signal_turned_into_an_import_error_still_stops_the_command(tmp_path, capsys,
+                                                                      monkeypatch):
+  """SIGTERM while an extension module initialises: pybind11 turns the
+  handler's exception into "ImportError: initialization failed" (tensorstore,
+  under orbax); before, that ended the command with a traceback and exit 1."""
+  real = cli._parser
+
+  def parser_then_failed_import():
+    try:
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.05)
+    except BaseException:
+      raise ImportError("initialization failed") from None
+    return real()
+  monkeypatch.setattr(cli, "_parser", parser_then_failed_import)
+  run = tmp_path / "run"
+  assert cli.main(["train", "--config", str(_config_file(tmp_path, CFG)), "--out", str(run)]) == 143
+  assert capsys.readouterr().err == ("hsee: SIGTERM: stopped before any work began; nothing was "
+                                     "written\n")
+  assert not run.exists()
+  with pytest.raises(ImportError, match="no signal"):  # without a signal, an error stays one
+    with stopping.early_signals():
+      raise ImportError("no signal")
 
 
 def test_a_signal_swallowed_during_eval_writes_nothing(tmp_path, capsys, monkeypatch):
