@@ -107,6 +107,9 @@ class Config:
                                 # also trains an exit head at each of the fleet's cuts below its
                                 # own (client loss: the mean over its exits); each exit head is
                                 # averaged over every client that trains one; averaging only
+  exit_weights: str = program("equal")  # equal | rising: how a client's exits weigh in its loss
+                                # (client_exits=every): DepthFL's mean, or [choice] the k-th of n
+                                # exits (shallowest first) weighing k / (1 + ... + n)
   distill: str = program("none")  # none | deepest | server: [choice] self-distillation of the
                                 # client's exits (KL at distill_temperature, Hinton's T^2 scaling):
                                 # from its own (deepest) exit (ScaleFL / DepthFL; needs
@@ -181,6 +184,7 @@ class Config:
     _one_of("label_mode", self.label_mode, ("fine", "coarse"))
     _one_of("client_exits", self.client_exits, ("own", "every"))
     _one_of("distill", self.distill, ("none", "deepest", "server"))
+    _one_of("exit_weights", self.exit_weights, ("equal", "rising"))
     _one_of("participation", self.participation, PARTICIPATION)
     _one_of("link", self.link, LINKS)
     if self.speed_spread < 0:
@@ -318,6 +322,9 @@ class Config:
     if self.static_bn and self.strategy != "averaging":
       raise ConfigError(f"static_bn: for strategy=averaging only (statistics of the averaged "
                         f"network), got strategy={self.strategy}")
+    if self.exit_weights != "equal" and self.client_exits != "every":
+      raise ConfigError(f"exit_weights: {self.exit_weights} weighs a client's several exits; it "
+                        f"needs client_exits=every (else a client has one exit)")
     if self.distill == "deepest" and self.client_exits != "every":
       raise ConfigError("distill: deepest distils a client's shallower exits from its own exit; "
                         "it needs client_exits=every (else a client has one exit)")

@@ -330,6 +330,40 @@ def test_distillation_term():
       + 2.0 * float(distillation_loss(a, b, 3.0)), rel=1e-6)
 
 
+def test_rising_exit_weights():
+  """exit_weights=rising: the k-th of a client's n exits weighs k / (1 + ...
+  + n), the deepest most, times the exit-loss weight; one exit is the paper's
+  loss either way; in a run it changes a several-exit client's training
+  only; refused without client_exits=every or beside an objective of one's own."""
+  from hsee_jax.strategies.update import cross_entropy, exit_objective
+  rng = np.random.default_rng(1)
+  a, b, c = (jnp.asarray(rng.normal(size=(6, 5)), jnp.float32) for _ in range(3))
+  labels = jnp.arange(6) % 5
+  hp = jnp.float32([0.1, 0.9, 0.0, 0.5, 0.0])
+  ce = [float(cross_entropy(x, labels)) for x in (a, b, c)]
+  assert float(exit_objective(weights="rising")([a, b, c], None, labels, hp)) == pytest.approx(
+      0.5 * (ce[0] + 2 * ce[1] + 3 * ce[2]) / 6, rel=1e-6)
+  assert float(exit_objective(weights="rising")([a], None, labels, hp)) == float(
+      exit_objective()([a], None, labels, hp))
+  with pytest.raises(ValueError, match="weights: equal or rising"):
+    exit_objective(weights="deep")
+  metrics = {}
+  for w in ("equal", "rising"):
+    _, sim = train_lib.build(dataclasses.replace(CFG, client_exits="every", exit_weights=w))
+    state = sim.init_state(jax.random.PRNGKey(0))
+    state, m = sim.algorithm.apply(state, sim.cohort(0, jax.random.PRNGKey(1)))
+    metrics[w] = np.asarray(m)
+  assert metrics["equal"].shape == metrics["rising"].shape
+  assert not np.array_equal(metrics["equal"], metrics["rising"])
+  with pytest.raises(ConfigError, match=r"^exit_weights: rising .* needs client_exits=every"):
+    dataclasses.replace(CFG, exit_weights="rising")
+  with pytest.raises(ConfigError, match=r"^exit_weights: unknown value"):
+    dataclasses.replace(CFG, client_exits="every", exit_weights="deep")
+  with pytest.raises(ConfigError, match=r"^exit_weights: a client objective of your own"):
+    train_lib.build(dataclasses.replace(CFG, client_exits="every", exit_weights="rising"),
+                    objective=exit_objective())
+
+
 def test_distillation_weight_starts_at_its_round():
   """The distillation weight is a step input: 0 before distill_start (and
   without distill), the config's weight from that round on."""

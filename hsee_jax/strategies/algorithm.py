@@ -132,6 +132,9 @@ class Context:
     if self.objective is not None and cfg.distill != "none":
       raise ConfigError("distill: a client objective of your own replaces the config's; "
                         "set distill=none and distil inside it")
+    if self.objective is not None and cfg.exit_weights != "equal":
+      raise ConfigError("exit_weights: a client objective of your own replaces the config's; "
+                        "set exit_weights=equal and weigh the exits inside it")
     self.mode = engine.resolve_mode(cfg.mode, cfg.strategy, cfg.shard_clients,
                                     precision_lib.resolve(cfg.precision), cfg.batch_size)
     self.chunk = engine.resolve_chunk(cfg.client_chunk)
@@ -139,7 +142,8 @@ class Context:
     self.program_key = (self.net.num_classes,) + tuple(getattr(cfg, f) for f in PROGRAM_FIELDS)
     view = program_config(cfg)
     objective = self.objective or exit_objective(distill=view.distill,
-                                                 temperature=view.distill_temperature)
+                                                 temperature=view.distill_temperature,
+                                                 weights=view.exit_weights)
     self.runners = {
         cut: cached_program(self.runner_key(cut),
                             lambda cut=cut: engine.ClientRunner(split_update(

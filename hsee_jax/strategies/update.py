@@ -89,7 +89,7 @@ def _mean(values: list):
 
 
 def exit_objective(loss: Callable = cross_entropy, distill: str = "none",
-                   temperature: float = 1.0) -> Callable:
+                   temperature: float = 1.0, weights: str = "equal") -> Callable:
   """The client objective of the split update, ``(exits, final, labels, hp) -> scalar``.
 
   ``exits``: the client's exit logits, shallowest first, its own cut's last
@@ -98,13 +98,22 @@ def exit_objective(loss: Callable = cross_entropy, distill: str = "none",
   back; no gradient reaches the server or comes from it); ``hp``: the step's
   ``fleet.HPARAMS``. The objective is ``hp[3]`` (the exit-loss weight) times
   the mean of ``loss`` over the exits (PAPER.md's exit loss for one exit;
-  DepthFL's for several), plus ``hp[4]`` (the distillation weight, 0 before
+  DepthFL's for several; ``weights="rising"``: the k-th of n exits weighs
+  k / (1 + ... + n) instead of 1 / n, the deepest most), plus ``hp[4]`` (the distillation weight, 0 before
   its start round) times the mean :func:`distillation_loss` of
   ``distill="deepest"``: each shallower exit from the client's own exit
   (ScaleFL, DepthFL), or ``distill="server"``: every exit from ``final``.
   """
+  if weights not in ("equal", "rising"):
+    raise ValueError(f"weights: equal or rising, got {weights!r}")
+
   def objective(exits, final, labels, hp):
-    value = hp[3] * _mean([loss(e, labels) for e in exits])
+    losses = [loss(e, labels) for e in exits]
+    if weights == "rising" and len(exits) > 1:
+      n = len(exits)
+      value = hp[3] * sum((k + 1) * v for k, v in enumerate(losses)) / (n * (n + 1) / 2)
+    else:
+      value = hp[3] * _mean(losses)
     if distill == "deepest" and len(exits) > 1:
       value = value + hp[4] * _mean([distillation_loss(e, exits[-1], temperature)
                                      for e in exits[:-1]])
