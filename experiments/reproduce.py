@@ -888,8 +888,8 @@ def _variant_plot(plt, ds_name: str, ds: dict, out: Path) -> None:
   runs = ds["runs"]
   if not any(v in runs for v in VARIANTS):
     return
-  fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), squeeze=False)
-  for ax, sfx in zip(axes[0], ("", "-noniid")):
+  fig, axes = plt.subplots(2, 1, figsize=(12, 8.5), squeeze=False)
+  for ax, sfx in zip(axes[:, 0], ("", "-noniid")):
     names = [n for n in ("alone", "homogeneous-weak", "hsee-averaging", *VARIANTS) if n + sfx in runs]
     _bars(ax, [f"exit at cut {c}" for c in HETERO_CUTS] + ["full path"],
           {n: [_at_cut(runs, n + sfx, c) for c in HETERO_CUTS] +
@@ -936,15 +936,22 @@ def _save(plt, fig, path: Path) -> None:
 
 def _bars(ax, groups: list[str], series: dict) -> None:
   """Grouped bars: ``series[label]`` is one (mean, std) or None per group."""
+  import matplotlib
   width = 0.8 / max(1, len(series))
+  # past the default cycle's 10 colours, one of 20 (no two series share one)
+  colours = [None] * len(series) if len(series) <= 10 else \
+      [matplotlib.colormaps["tab20"](j) for j in range(len(series))]
   for j, (label, values) in enumerate(series.items()):
     xs = [i + (j - (len(series) - 1) / 2) * width for i, v in enumerate(values) if v is not None]
     ms = [v for v in values if v is not None]
     ax.bar(xs, [m[0] for m in ms], width, yerr=[m[1] if np.isfinite(m[1]) else 0 for m in ms],
-           capsize=2, label=label)
+           capsize=2, label=label, color=colours[j])
   ax.set_xticks(range(len(groups)), groups, fontsize=7)
   ax.set_ylabel("test accuracy (mean ± std over seeds)")
-  ax.legend(fontsize=7)
+  if len(series) > 6:  # beside the bars, not over them
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+  else:
+    ax.legend(fontsize=7)
 
 
 def _at_cut(runs: dict, name: str, cut: int, metric: str = "exit_acc"):

@@ -205,3 +205,20 @@ def test_variants_grid_and_goal():
   # plain Averaging: the weak exit below the all-weak fleet's
   assert not goals["hsee-averaging-noniid"]["met"]
   assert "hsee-averaging" not in goals   # on IID it is the reference itself
+
+
+def test_grouped_bars_give_every_series_its_own_colour():
+  """The variants plot has 11 series, past the default cycle's 10 colours:
+  no two series share a colour, and the legend stands beside the bars."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots()
+  series = {f"run{j}": [(0.3, 0.01), (0.4, 0.02)] for j in range(11)}
+  reproduce._bars(ax, ["exit", "full"], series)
+  from matplotlib.container import BarContainer
+  bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+  colours = {tuple(c.patches[0].get_facecolor()) for c in bars}
+  assert len(bars) == 11 and len(colours) == 11
+  assert ax.get_legend().get_bbox_to_anchor().x0 >= ax.get_window_extent().x1 - 1
+  plt.close(fig)
