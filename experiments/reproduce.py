@@ -126,10 +126,12 @@ GPU_RUNS = {name: EVIDENCE_RUNS[name] for name in
 # The exit-aware variants ([choice]; docs/usage.md, "Exit-aware training and
 # aggregation"), each on plain Averaging's fleet. ``combined`` was fixed before
 # the grid ran: DepthFL (every exit, self-distillation) with HeteroFL's static BN.
-# The last three were added after the first five were measured, as the next
+# The next three were added after the first five were measured, as the next
 # steps their figures pointed to: exits weighted by depth, ScaleFL's own
 # distillation settings (weight 0.05, T = 3, from a quarter of the rounds on),
-# and every exit with static BN.
+# and every exit with static BN; the last two after those, for the deepest
+# exit's non-IID shortfall: FedProx's proximal term (mu = 1, in its paper's
+# grid 0.001-1, the Flower baseline's 2), alone and with every exit.
 VARIANTS = {
     "every-exit": dict(client_exits="every"),
     "distill": dict(client_exits="every", distill="deepest"),
@@ -140,6 +142,8 @@ VARIANTS = {
     "distill-scalefl": dict(client_exits="every", distill="deepest", distill_weight=0.05,
                             distill_temperature=3.0, distill_start=11),
     "every-exit-static-bn": dict(client_exits="every", static_bn=True),
+    "prox": dict(prox_mu=1.0),
+    "every-exit-prox": dict(client_exits="every", prox_mu=1.0),
 }
 VARIANT_RUNS = {
     **{name: EVIDENCE_RUNS[name] for sfx in ("", "-noniid")

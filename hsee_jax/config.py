@@ -118,6 +118,9 @@ class Config:
   distill_weight: float = input_field(1.0)  # weight of the distillation term
   distill_temperature: float = program(1.0)  # DepthFL's 1; ScaleFL's 3
   distill_start: int = input_field(1)  # distillation from this round on (1 = the first)
+  prox_mu: float = program(0.0)  # [choice] FedProx (Li et al., MLSys 2020): each local step adds
+                                # prox_mu / 2 * ||w - w0||^2 over the client part and its server
+                                # part, w0 the round's starting weights; averaging only
   static_bn: bool = False  # [choice] HeteroFL's static batch norm: the evaluated networks' batch
                                 # statistics recomputed over the training data with the averaged
                                 # weights (strategies/static_bn.py); averaging only
@@ -201,6 +204,8 @@ class Config:
     if self.link != "none" and self.server_grad_to_client:
       raise ConfigError("link: compression models what the client sends; with "
                         "server_grad_to_client the gradient comes back uncompressed: use link=none")
+    if not (self.prox_mu >= 0):
+      raise ConfigError(f"prox_mu: must be >= 0, got {self.prox_mu}")
     if self.distill_weight < 0:
       raise ConfigError(f"distill_weight: must be >= 0, got {self.distill_weight}")
     if self.distill_temperature <= 0:
@@ -319,6 +324,9 @@ class Config:
     if self.client_exits != "own" and self.strategy != "averaging":
       raise ConfigError(f"client_exits: every is for strategy=averaging only (exit heads "
                         f"averaged over their holders), got strategy={self.strategy}")
+    if self.prox_mu and self.strategy != "averaging":
+      raise ConfigError(f"prox_mu: for strategy=averaging only (the distance to the averaged "
+                        f"model a client began the round with), got strategy={self.strategy}")
     if self.static_bn and self.strategy != "averaging":
       raise ConfigError(f"static_bn: for strategy=averaging only (statistics of the averaged "
                         f"network), got strategy={self.strategy}")

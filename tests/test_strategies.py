@@ -304,6 +304,43 @@ def test_lower_exit_heads_learn_from_the_clients_own_data():
     split_update(net, 5, exit_cuts=(5,))
 
 
+def test_proximal_term_pulls_toward_the_round_start():
+  """prox_mu (FedProx): the first step is the plain one (w = w0, the term's
+  gradient is 0); over more steps both parts stay closer to where the client
+  began than without it, and a run with it trains; refused for Sequential
+  and below 0."""
+  from hsee_jax.engine import ClientRunner
+  from hsee_jax.strategies import split_update
+  from hsee_jax.strategies.update import _squared_distance
+  net, tx = models.network("resnet18", 4, 0.125), optim.make_optimizer(CFG)
+  _, sim = train_lib.build(CFG)
+  key = jax.random.PRNGKey(0)
+  client = optim.init_part(tx, *net.init_span(key, *net.client_span(3), (16, 16, 3)))
+  server = optim.init_part(tx, *net.init_span(key, *net.server_span(3), (16, 16, 3)))
+  norm = lambda k, x, m, sd: (x / 255.0 - m) / sd
+  hp = [0.1, 0.0, 0.0, 1.0, 0.0]
+  after = {}
+  for steps in (1, 4):
+    xs = (np.arange(8 * steps, dtype=np.int32).reshape(steps, 8) % 96, np.float32([hp] * steps))
+    for mu in (0.0, 5.0):
+      runner = ClientRunner(split_update(net, 3, preprocess=norm, prox_mu=mu), "loop")
+      (c, s_), m = runner.one(sim.ctx.train_set, (client, server, key), xs)
+      assert np.isfinite(np.asarray(m)).all()
+      after[steps, mu] = (float(_squared_distance(c.params, client.params)),
+                          float(_squared_distance(s_.params, server.params)))
+  assert after[1, 0.0] == after[1, 5.0]
+  assert 0 < after[4, 5.0][0] < after[4, 0.0][0], after        # the client part
+  assert 0 < after[4, 5.0][1] < 0.5 * after[4, 0.0][1], after  # the server part
+  _, run = train_lib.build(dataclasses.replace(CFG, prox_mu=0.01))
+  state, metrics = run.algorithm.apply(run.init_state(jax.random.PRNGKey(0)),
+                                       run.cohort(0, jax.random.PRNGKey(1)))
+  assert np.isfinite(np.asarray(metrics)).all() and not run.algorithm.nonfinite_parts(state)
+  with pytest.raises(ConfigError, match=r"^prox_mu: for strategy=averaging only"):
+    dataclasses.replace(CFG, strategy="sequential", prox_mu=0.01)
+  with pytest.raises(ConfigError, match=r"^prox_mu: must be >= 0"):
+    dataclasses.replace(CFG, prox_mu=-1.0)
+
+
 def test_distillation_term():
   """distillation_loss is 0 when the student matches its teacher, positive
   otherwise, scales with T^2 and sends no gradient to the teacher; the

@@ -151,7 +151,7 @@ class Context:
                                 preprocess=preprocessing(view.augment, view.augment_pad),
                                 optimizer=view.optimizer, nesterov=view.nesterov,
                                 server_grad_to_client=view.server_grad_to_client,
-                                link=self.link), self.mode))
+                                link=self.link, prox_mu=view.prox_mu), self.mode))
         for cut in self.fleet.groups}
     if cfg.shard_clients:
       if cfg.strategy != "averaging" or self.mode not in ("vmap", "unrolled"):

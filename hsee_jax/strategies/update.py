@@ -12,7 +12,9 @@ unless ``server_grad_to_client`` (classical split learning) is set.
 ``w * loss_c`` is the default *client objective* (:func:`exit_objective`);
 the exit-aware variants ([choice], docs/usage.md) change only it: more exits
 (``exit_cuts``, DepthFL) and a distillation term. A user's own objective is
-an argument (``examples/exit_objective.py``).
+an argument (``examples/exit_objective.py``). FedProx's proximal term
+(``prox_mu``) is added beside the objective: it reads the parameters, which
+the objective does not see.
 """
 from __future__ import annotations
 
@@ -84,6 +86,12 @@ def distillation_loss(student_logits, teacher_logits, temperature):
   return temperature ** 2 * jnp.mean(jnp.sum(jnp.exp(log_t) * (log_t - log_s), -1))
 
 
+def _squared_distance(a, b) -> jax.Array:
+  """``||a - b||^2`` over two trees of the same structure, in float32."""
+  return sum(jnp.sum(jnp.square(x.astype(jnp.float32) - y.astype(jnp.float32)))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
 def _mean(values: list):
   return values[0] if len(values) == 1 else sum(values) / len(values)
 
@@ -152,7 +160,7 @@ def split_update(net: models.SplitNetwork, cut: int, *, loss: Callable = cross_e
                  objective: Callable | None = None, exit_cuts: tuple = (),
                  preprocess: Callable | None = None, optimizer: str = "sgd",
                  nesterov: bool = False, server_grad_to_client: bool = False,
-                 link=None) -> ClientUpdate:
+                 link=None, prox_mu: float = 0.0) -> ClientUpdate:
   """The Hetero-SplitEE client update for a client at ``cut``, as FedJAX's
   init / step / final (:class:`hsee_jax.engine.ClientUpdate`).
 
@@ -178,6 +186,10 @@ def split_update(net: models.SplitNetwork, cut: int, *, loss: Callable = cross_e
       (:func:`hsee_jax.optim.direction`).
     link: what the server part receives of the activations
       (:class:`hsee_jax.link.Link`; None: the activations as computed).
+    prox_mu: FedProx's proximal weight: each step adds ``prox_mu / 2 *
+      ||w - w0||^2`` over the client part (its exit heads included) and the
+      server part, ``w0`` the parameters the client began the update with
+      (0: no term, and no copy of them in the carry).
 
   The input every client reads is a :class:`TrainSet`; the state is
   ``(client PartState, server PartState, PRNG key)``; the per-step input
@@ -196,10 +208,11 @@ def split_update(net: models.SplitNetwork, cut: int, *, loss: Callable = cross_e
 
   def init(train_set, state):
     client, server, key = state
-    return client, server, key, jnp.zeros(len(METRIC_NAMES)), jnp.zeros(())
+    carry = client, server, key, jnp.zeros(len(METRIC_NAMES)), jnp.zeros(())
+    return carry + ((client.params, server.params),) if prox_mu else carry
 
   def step(train_set, carry, x):
-    client, server, key, msum, n = carry
+    (client, server, key, msum, n), anchor = carry[:5], carry[5:]
     idx, hp = x
     lr, momentum, weight_decay = hp[0], hp[1], hp[2]
     step_tx = optim.direction(optimizer, nesterov, momentum, weight_decay)
@@ -216,6 +229,9 @@ def split_update(net: models.SplitNetwork, cut: int, *, loss: Callable = cross_e
       metrics = jnp.stack([loss(exits[-1], labels), loss_s, _accuracy(exits[-1], labels),
                            _accuracy(logits, labels)])
       total = objective(exits, jax.lax.stop_gradient(logits), labels, hp) + loss_s
+      if prox_mu:
+        total = total + 0.5 * prox_mu * (_squared_distance(client_params, anchor[0][0])
+                                         + _squared_distance(server_params, anchor[0][1]))
       return total, (metrics, _merge_exit_stats(c_stats, exit_cuts), s_stats)
 
     (_, (metrics, c_stats, s_stats)), (g_client, g_server) = jax.value_and_grad(
@@ -226,11 +242,11 @@ def split_update(net: models.SplitNetwork, cut: int, *, loss: Callable = cross_e
       on = hp[STEP_ACTIVE] > 0      # changes nothing (the column exists only then)
       keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(on, a, b), new, old)
       return (keep(new_client, client), keep(new_server, server), key,
-              msum + on * metrics, n + on)
-    return new_client, new_server, key, msum + metrics, n + 1
+              msum + on * metrics, n + on) + anchor
+    return (new_client, new_server, key, msum + metrics, n + 1) + anchor
 
   def final(train_set, carry):
-    client, server, _, msum, n = carry
+    client, server, _, msum, n = carry[:5]
     return (client, server), msum / n
 
   return ClientUpdate(init, step, final)
