@@ -130,8 +130,8 @@ GPU_RUNS = {name: EVIDENCE_RUNS[name] for name in
 # steps their figures pointed to: exits weighted by depth, ScaleFL's own
 # distillation settings (weight 0.05, T = 3, from a quarter of the rounds on),
 # and every exit with static BN; the last two after those, for the deepest
-# exit's non-IID shortfall: FedProx's proximal term (mu = 1, in its paper's
-# grid 0.001-1, the Flower baseline's 2), alone and with every exit.
+# exit's non-IID shortfall: FedProx's proximal term at two weights of its
+# paper's grid (0.001-1), 1 and 0.01.
 VARIANTS = {
     "every-exit": dict(client_exits="every"),
     "distill": dict(client_exits="every", distill="deepest"),
@@ -143,7 +143,7 @@ VARIANTS = {
                             distill_temperature=3.0, distill_start=11),
     "every-exit-static-bn": dict(client_exits="every", static_bn=True),
     "prox": dict(prox_mu=1.0),
-    "every-exit-prox": dict(client_exits="every", prox_mu=1.0),
+    "prox-0.01": dict(prox_mu=0.01),
 }
 VARIANT_RUNS = {
     **{name: EVIDENCE_RUNS[name] for sfx in ("", "-noniid")
