@@ -131,7 +131,9 @@ GPU_RUNS = {name: EVIDENCE_RUNS[name] for name in
 # distillation settings (weight 0.05, T = 3, from a quarter of the rounds on),
 # and every exit with static BN; the last two after those, for the deepest
 # exit's non-IID shortfall: FedProx's proximal term at two weights of its
-# paper's grid (0.001-1), 1 and 0.01.
+# paper's grid (0.001-1), 1 and 0.01; the last two after those, to test the
+# averaging study's cause directly: client-side and server-side copies of a
+# unit averaged apart (SplitFed), alone and with every exit.
 VARIANTS = {
     "every-exit": dict(client_exits="every"),
     "distill": dict(client_exits="every", distill="deepest"),
@@ -144,6 +146,8 @@ VARIANTS = {
     "every-exit-static-bn": dict(client_exits="every", static_bn=True),
     "prox": dict(prox_mu=1.0),
     "prox-0.01": dict(prox_mu=0.01),
+    "sides-apart": dict(aggregate_sides="apart"),
+    "every-exit-sides-apart": dict(client_exits="every", aggregate_sides="apart"),
 }
 VARIANT_RUNS = {
     **{name: EVIDENCE_RUNS[name] for sfx in ("", "-noniid")

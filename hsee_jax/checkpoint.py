@@ -15,6 +15,7 @@ the previous checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -205,9 +206,16 @@ class Checkpointer:
       return (s if getattr(s, "sharding", None) is not None
               else jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device))
     target = jax.tree.map(target, abstract_state)
+    restore = lambda item: self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(item)))["state"]
     try:
-      restored = self.manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+      try:
+        restored = restore(target)
+      except Exception:  # noqa: BLE001
+        older = self._saved_fields(step, target)
+        if older is None:
+          raise
+        restored = target.replace(**restore(older))
     except Exception as e:  # noqa: BLE001  (orbax and TensorStore raise many types)
       raise CheckpointError(f"checkpoint after round {step} could not be restored: orbax "
                             f"says {first_line(e)}") from None
@@ -215,8 +223,26 @@ class Checkpointer:
       # as fresh (uncommitted) arrays, which the run lays over the global mesh
       # as it does a new state; arrays committed to one device would need a
       # cross-host transfer there
-      return jax.tree.map(lambda a: jax.numpy.asarray(np.asarray(a)), restored["state"])
-    return restored["state"]
+      return jax.tree.map(lambda a: jax.numpy.asarray(np.asarray(a)), restored)
+    return restored
+
+  def _saved_fields(self, step: int, target) -> dict | None:
+    """A checkpoint saved before the state gained a field that holds nothing
+    by default (an empty dict): the fields it has, as a dict to restore, the
+    new ones then taken from ``target``. None when ``target`` is not such a
+    state or a missing field holds arrays (a real mismatch)."""
+    if not dataclasses.is_dataclass(target):
+      return None
+    try:
+      saved = ocp.StandardCheckpointer().metadata(
+          self.directory / str(step) / "state").item_metadata
+    except Exception:  # noqa: BLE001  (no readable metadata: the first error stands)
+      return None
+    names = [f.name for f in dataclasses.fields(target)]
+    new = [n for n in names if n not in saved]
+    if not new or any(jax.tree.leaves(getattr(target, n)) for n in new):
+      return None
+    return {n: getattr(target, n) for n in names if n in saved}
 
   def close(self) -> None:
     try:

@@ -103,6 +103,10 @@ class Config:
   tier_local_top: bool = program(False)  # [choice] InclusiveFL (KDD 2022): each tier's deepest
                                 # client unit (unit l at cut l) averaged within its tier only;
                                 # averaging only (strategies/aggregation.py)
+  aggregate_sides: str = program("together")  # together | apart: [choice] "apart" (after
+                                # SplitFed's client-side and server-side averaging): a unit held
+                                # in client parts and in server parts keeps two copies, each
+                                # averaged over its side's holders only; averaging only
   client_exits: str = program("own")  # own | every: [choice] DepthFL (ICLR 2023) "every": a client
                                 # also trains an exit head at each of the fleet's cuts below its
                                 # own (client loss: the mean over its exits); each exit head is
@@ -185,6 +189,7 @@ class Config:
     _one_of("client_aggregation", self.client_aggregation, ("none", "cross_layer"))
     _one_of("client_state", self.client_state, ("keep", "reset"))
     _one_of("label_mode", self.label_mode, ("fine", "coarse"))
+    _one_of("aggregate_sides", self.aggregate_sides, ("together", "apart"))
     _one_of("client_exits", self.client_exits, ("own", "every"))
     _one_of("distill", self.distill, ("none", "deepest", "server"))
     _one_of("exit_weights", self.exit_weights, ("equal", "rising"))
@@ -321,6 +326,10 @@ class Config:
     if self.tier_local_top and self.strategy != "averaging":
       raise ConfigError(f"tier_local_top: for strategy=averaging only (a cross-layer average "
                         f"to keep a unit out of), got strategy={self.strategy}")
+    if self.aggregate_sides != "together" and self.strategy != "averaging":
+      raise ConfigError(f"aggregate_sides: apart is for strategy=averaging only (Sequential has "
+                        f"one server part; client_aggregation averages its client parts), got "
+                        f"strategy={self.strategy}")
     if self.client_exits != "own" and self.strategy != "averaging":
       raise ConfigError(f"client_exits: every is for strategy=averaging only (exit heads "
                         f"averaged over their holders), got strategy={self.strategy}")

@@ -165,3 +165,25 @@ def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path):
   with Checkpointer(tmp_path / "checkpoints", create=False) as ck:
     state, _ = rundir.restore_state(strategy.abstract_state(), ck, cfg)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+
+
+def test_a_checkpoint_from_before_a_new_empty_field_restores(tmp_path):
+  """A state saved before its dataclass gained a field that is empty by
+  default (``AveragingState.server_units``, say) restores, the new field
+  taken from the template; a missing field that holds arrays stays an error."""
+  from hsee_jax.checkpoint import CheckpointError
+  from hsee_jax.optim import PartState
+  from hsee_jax.strategies import AveragingState
+  empty = PartState({}, {}, {})
+  unit = {"unit_1": {"w": np.arange(3, dtype=np.float32)}}
+  old = {"model": PartState(unit, {}, {}), "exit_heads": {}, "clients": {}, "tier_units": {}}
+  with Checkpointer(tmp_path / "ckpt", asynchronous=False) as ckpt:
+    ckpt.save(1, old, {"round": 1})
+    ckpt.finish(1)
+  template = AveragingState(model=PartState(unit, {}, {}), exit_heads={}, clients={})
+  with Checkpointer(tmp_path / "ckpt", create=False) as ckpt:
+    got = ckpt.restore_state(template, 1)
+    assert isinstance(got, AveragingState) and got.server_units == empty
+    np.testing.assert_array_equal(got.model.params["unit_1"]["w"], [0, 1, 2])
+    with pytest.raises(CheckpointError, match=r"^checkpoint after round 1 could not be restored"):
+      ckpt.restore_state(template.replace(server_units=PartState(unit, {}, {})), 1)

@@ -10,8 +10,8 @@ from hsee_jax import models, optim
 from hsee_jax import train as train_lib
 from hsee_jax.config import Config, ConfigError
 from hsee_jax.optim import PartState
-from hsee_jax.strategies import (chunk_sums, combine_sums, cross_layer_average, group_key,
-                                 step_inputs)
+from hsee_jax.strategies import (chunk_sums, combine_sides, combine_sums, cross_layer_average,
+                                 group_key, step_inputs)
 
 CFG = Config(dataset="synthetic", synthetic_shape=(16, 16, 4, 96, 32), width=0.125,
              cuts=(3, 7), batch_size=8, local_steps=2, rounds=2, augment=False)
@@ -225,6 +225,55 @@ def test_tier_local_top_in_a_run():
     assert not np.allclose(KERNEL(m.client.params, m.cut), KERNEL(state.model.params, m.cut))
   with pytest.raises(ConfigError, match=r"^tier_local_top: for strategy=averaging only"):
     dataclasses.replace(CFG, strategy="sequential", tier_local_top=True)
+
+
+def test_sides_apart_average_each_unit_over_its_sides_holders_only():
+  """aggregate_sides=apart (SplitFed): with cuts 1 and 2, unit 2 is in the
+  cut-2 clients' client parts and the cut-1 clients' server parts; its
+  client-side copy is averaged over the first, its server-side copy over the
+  second; a unit one side holds (unit 1, the classifier) averages as before."""
+  names = [models.unit_name(1), models.unit_name(2), models.CLASSIFIER, models.EXIT_HEAD]
+  part = lambda v, k: PartState(params={n: {"w": jnp.full((k, 3), v, jnp.float32)} for n in names},
+                                batch_stats={}, opt_state={})
+  sums = {1: chunk_sums(part(1.0, 2), jnp.ones(2), None),
+          2: chunk_sums(part(3.0, 1), jnp.full(1, 2.0), None)}
+  model = PartState(params={n: {"w": jnp.zeros(3)} for n in names[:3]}, batch_stats={},
+                    opt_state={})
+  server = PartState(params={models.unit_name(2): {"w": jnp.zeros(3)}}, batch_stats={}, opt_state={})
+  heads = {group_key(c): PartState(params={"w": jnp.zeros(3)}, batch_stats={}, opt_state={})
+           for c in (1, 2)}
+  shared, heads_out, _, server_out = combine_sides(model, server, heads, sums)
+  together, heads_plain, _ = combine_sums(model, heads, sums)
+  np.testing.assert_allclose(shared.params[models.unit_name(2)]["w"], 3.0)        # client side
+  np.testing.assert_allclose(server_out.params[models.unit_name(2)]["w"], 1.0)    # server side
+  np.testing.assert_allclose(together.params[models.unit_name(2)]["w"], 2.0)      # one average
+  for n in (models.unit_name(1), models.CLASSIFIER):
+    chex.assert_trees_all_equal(shared.params[n], together.params[n])
+  chex.assert_trees_all_equal(heads_out, heads_plain)
+
+
+def test_sides_apart_in_a_run():
+  """A run with aggregate_sides=apart: the state holds a server-side copy of
+  each unit between the fleet's lowest and highest cut; after training it
+  differs from the client-side copy; a tier's evaluated server part takes
+  the server side's copies, its client part the client side's; refused for
+  Sequential in one line."""
+  cfg = dataclasses.replace(CFG, cuts=(3, 7, 3, 7), aggregate_sides="apart")
+  _, sim = train_lib.build(cfg)
+  state = sim.init_state(jax.random.PRNGKey(0))
+  assert set(state.server_units.params) == {models.unit_name(k) for k in range(4, 8)}
+  for rnd in range(2):
+    state, metrics = sim.algorithm.apply(state, sim.cohort(rnd, jax.random.PRNGKey(1)))
+  assert np.isfinite(np.asarray(metrics)).all() and not sim.algorithm.nonfinite_parts(state)
+  assert not np.allclose(KERNEL(state.server_units.params, 5), KERNEL(state.model.params, 5))
+  evaluated = {m.cut: m for m in sim.algorithm.eval_models(state)}
+  assert not any(m.one_network for m in evaluated.values())
+  chex.assert_trees_all_equal(evaluated[3].server.params[models.unit_name(5)],
+                              state.server_units.params[models.unit_name(5)])
+  chex.assert_trees_all_equal(evaluated[7].client.params[models.unit_name(5)],
+                              state.model.params[models.unit_name(5)])
+  with pytest.raises(ConfigError, match=r"^aggregate_sides: apart is for strategy=averaging only"):
+    dataclasses.replace(CFG, strategy="sequential", aggregate_sides="apart")
 
 
 def test_every_exit_head_is_averaged_over_every_client_that_trains_one():

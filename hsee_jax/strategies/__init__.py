@@ -6,7 +6,7 @@ the two strategies, Averaging and Sequential.
   :func:`distillation_loss`), loss and preprocessing, the train set on the
   device (:class:`TrainSet`);
 * :mod:`.aggregation`: cross-layer aggregation (:func:`cross_layer_average`
-  and its streaming form);
+  and its streaming form, :func:`combine_sides` with the two sides apart);
 * :mod:`.algorithm`: a strategy as a value (:class:`Algorithm`: ``init``,
   ``apply``, what evaluation and the checks need), what it is built from
   (:class:`Context`), the cache of compiled programs;
@@ -19,7 +19,8 @@ the two strategies, Averaging and Sequential.
 cohort's clients (:class:`hsee_jax.fleet.Cohort`) and reads nothing back to
 the host; :func:`hsee_jax.train.run_rounds` is the loop over rounds.
 """
-from hsee_jax.strategies.aggregation import chunk_sums, combine_sums, cross_layer_average
+from hsee_jax.strategies.aggregation import (chunk_sums, combine_sides, combine_sums,
+                                             cross_layer_average)
 from hsee_jax.strategies.algorithm import (PROGRAM_CACHE_SIZE, PROGRAM_FIELDS, Algorithm, Context,
                                            EvalModel, cached_program, clear_program_cache,
                                            program_config, step_inputs)
@@ -40,6 +41,6 @@ clear_shared_programs = clear_program_cache
 __all__ = ["METRIC_NAMES", "PROGRAM_CACHE_SIZE", "PROGRAM_FIELDS", "STRATEGIES", "Algorithm",
            "AveragingState", "Context", "EvalModel", "SequentialState", "Shared", "TrainSet",
            "averaging", "cached_program", "chunk_sums", "clear_program_cache",
-           "clear_shared_programs", "client_server_parts", "combine_sums", "cross_entropy",
+           "clear_shared_programs", "client_server_parts", "combine_sides", "combine_sums", "cross_entropy",
            "cross_layer_average", "distillation_loss", "exit_objective", "group_key", "preprocessing", "program_config",
            "put_train_set", "sequential", "shared_program", "split_update", "step_inputs"]

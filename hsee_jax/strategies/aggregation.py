@@ -80,7 +80,8 @@ def combine_sums(model: PartState, exit_heads: dict, sums: dict,
   (``client_exits=every``, DepthFL: ``models.exit_head_at(c)``).
   The sums are added in the order :func:`cross_layer_average` adds its parts
   (client parts by cut, then server parts by cut), so both give the same
-  floats. A name no client held (zero total) keeps its old value.
+  floats. A name no client held (zero total, or absent from every cut's
+  sums) keeps its old value.
 
   ``tier_units`` (``tier_local_top``, InclusiveFL): group key -> PartState of
   the units a tier keeps to itself. Such a unit of the tier at cut c is
@@ -108,7 +109,7 @@ def combine_sums(model: PartState, exit_heads: dict, sums: dict,
     k = models.unit_index(name)  # None: the classifier, held by every server part
     holders = ([c for c in cuts if c >= k] + [c for c in cuts if c < k] if k is not None
                else list(cuts))
-    holders = [c for c in holders if name not in local.get(c, ())]
+    holders = [c for c in holders if name not in local.get(c, ()) and name in sums[c]["params"]]
     if not holders:
       continue
     (p, s), total = average([(c, name) for c in holders])
@@ -138,3 +139,29 @@ def combine_sums(model: PartState, exit_heads: dict, sums: dict,
           t_stats[name] = pick(s, total, old.batch_stats[name])
       tier_units[g] = PartState(params=t_params, batch_stats=t_stats, opt_state={})
   return PartState(params=params, batch_stats=stats, opt_state={}), heads, tier_units
+
+
+def _names(sums: dict, keep) -> dict:
+  """``sums`` of one cut restricted to the subtree names ``keep`` accepts."""
+  return {"params": {n: v for n, v in sums["params"].items() if keep(n)},
+          "batch_stats": {n: v for n, v in sums["batch_stats"].items() if keep(n)},
+          "total": sums["total"]}
+
+
+def combine_sides(model: PartState, server_units: PartState, exit_heads: dict, sums: dict,
+                  tier_units: dict | None = None) -> tuple[PartState, dict, dict, PartState]:
+  """The cross-layer average with the two sides apart (``aggregate_sides=apart``,
+  after SplitFed's client-side and server-side averaging): a unit that some
+  clients hold in their client part and others in their server part keeps
+  two copies, ``model``'s averaged over the client parts that hold it and
+  ``server_units``' over the server parts. Two :func:`combine_sums`, each
+  over its side's sums. Returns ``(model, exit_heads, tier_units, server_units)``.
+  """
+  both = set(server_units.params)
+  server_at = {c: {n for n in both if models.unit_index(n) > c} for c in sums}
+  model, heads, tiers = combine_sums(
+      model, exit_heads, {c: _names(s, lambda n, c=c: n not in server_at[c]) for c, s in sums.items()},
+      tier_units)
+  server_units, _, _ = combine_sums(
+      server_units, {}, {c: _names(s, lambda n, c=c: n in server_at[c]) for c, s in sums.items()})
+  return model, heads, tiers, server_units

@@ -24,8 +24,8 @@ from hsee_jax.optim import PartState
 from hsee_jax.strategies import aggregation, static_bn
 from hsee_jax.strategies.algorithm import (Algorithm, Context, EvalModel, cached_program,
                                            step_inputs)
-from hsee_jax.strategies.parts import (bad_rows, cut_variables, finite, group_key, opt_init, put,
-                                       stack_copies, take)
+from hsee_jax.strategies.parts import (bad_rows, cut_variables, finite, group_cut, group_key,
+                                       opt_init, put, stack_copies, take)
 from hsee_jax.strategies.update import METRIC_NAMES
 
 
@@ -36,13 +36,29 @@ class AveragingState:
   clients: dict          # group_key(cut) -> per-client PartState, leaves [N_cut, ...]
   tier_units: dict = flax.struct.field(default_factory=dict)  # tier_local_top: group_key(cut)
                          # -> PartState of unit ``cut``, that tier's own copy (else empty)
+  server_units: PartState = flax.struct.field(default_factory=lambda: PartState({}, {}, {}))
+                         # aggregate_sides=apart: the server side's copies of the units held
+                         # in client parts and in server parts (else empty)
+
+
+def model_at(model: PartState, server_units: PartState, cut: int) -> PartState:
+  """The shared model as a client at ``cut`` takes it: the server side's
+  copy of each unit above the cut where there is one (``aggregate_sides=apart``)."""
+  above = [n for n in server_units.params if models.unit_index(n) > cut]
+  if not above:
+    return model
+  return PartState(params={**model.params, **{n: server_units.params[n] for n in above}},
+                   batch_stats={**model.batch_stats, **{n: server_units.batch_stats[n] for n in above
+                                                        if n in server_units.batch_stats}},
+                   opt_state={})
 
 
 def client_server_parts(state: AveragingState, cut: int, tx) -> tuple[PartState, PartState]:
   """A client's client part and server part at ``cut`` taken from an Averaging
   state's shared model, with fresh optimiser state (benchmarks, profiles)."""
   g = group_key(cut)
-  full = cut_variables(state.model, state.exit_heads[g], state.tier_units.get(g))
+  full = cut_variables(model_at(state.model, state.server_units, cut), state.exit_heads[g],
+                       state.tier_units.get(g))
   full = full.replace(opt_state=opt_init(tx, full.params))
   return full.split(cut)
 
@@ -86,16 +102,18 @@ def _chunk_fns(tx, cut: int, keep_opt: bool, keep_models: bool, due: bool):
 
 
 _combine = jax.jit(aggregation.combine_sums)
+_combine_sides = jax.jit(aggregation.combine_sides)
 
 
-@functools.partial(jax.jit, static_argnums=4)
-def _spread(kept, model, heads, tier_units, exit_cuts):
+@functools.partial(jax.jit, static_argnums=5)
+def _spread(kept, model, heads, tier_units, server_units, exit_cuts):
   """After an aggregation with per-client models: every client takes the
   average (``exit_cuts``: (group key, its lower exit cuts) pairs)."""
   out, lower = {}, dict(exit_cuts)
   for g, part in kept.items():
     n = jax.tree.leaves(part.params)[0].shape[0]
-    avg = stack_copies(cut_variables(model, heads[g], tier_units.get(g),
+    avg = stack_copies(cut_variables(model_at(model, server_units, group_cut(g)), heads[g],
+                                     tier_units.get(g),
                                      {c: heads[group_key(c)] for c in lower[g]}), n)
     out[g] = PartState(params=avg.params, batch_stats=avg.batch_stats, opt_state=part.opt_state)
   return out
@@ -115,6 +133,8 @@ def averaging(ctx: Context) -> Algorithm:
   cfg, net, tx, fleet = ctx.cfg, ctx.net, ctx.tx, ctx.fleet
   keep_opt = cfg.client_state == "keep"
   keep_models = cfg.aggregate_every > 1  # clients' models differ between aggregations
+  apart = cfg.aggregate_sides == "apart"
+  per_tier = cfg.tier_local_top or apart  # the tiers' networks are not one network
   exit_cuts = tuple((group_key(c), ctx.exit_cuts(c)) for c in sorted(fleet.groups))
 
   def lower_heads(heads: dict, cut: int) -> dict:
@@ -126,6 +146,10 @@ def averaging(ctx: Context) -> Algorithm:
     init depends on (key, k) only; an exit head's on (key, cut))."""
     p, s = net.init_span(key, *net.full_span(), ctx.image_shape)
     model = PartState(params=p, batch_stats=s, opt_state={})
+    cuts = sorted(fleet.groups)
+    both = ([models.unit_name(k) for k in range(cuts[0] + 1, cuts[-1] + 1)] if apart else [])
+    server = PartState(params={n: p[n] for n in both},  # the server side's copies, same init
+                       batch_stats={n: s[n] for n in both if n in s}, opt_state={})
     heads, clients, tiers = {}, {}, {}
     for cut, ids in fleet.groups.items():
       hp, hs = net.init_exit_head(key, cut, ctx.image_shape)
@@ -134,12 +158,14 @@ def averaging(ctx: Context) -> Algorithm:
         top = models.unit_name(cut)
         tiers[group_key(cut)] = PartState(
             params={top: p[top]}, batch_stats={top: s[top]} if top in s else {}, opt_state={})
-      full = cut_variables(model, heads[group_key(cut)], None, lower_heads(heads, cut))
+      full = cut_variables(model_at(model, server, cut), heads[group_key(cut)], None,
+                           lower_heads(heads, cut))
       kept = PartState(params=full.params if keep_models else {},
                        batch_stats=full.batch_stats if keep_models else {},
                        opt_state=opt_init(tx, full.params) if keep_opt else {})
       clients[group_key(cut)] = stack_copies(kept, len(ids))
-    return AveragingState(model=model, exit_heads=heads, clients=clients, tier_units=tiers)
+    return AveragingState(model=model, exit_heads=heads, clients=clients, tier_units=tiers,
+                          server_units=server)
 
   def chunk_program(cut: int, due: bool):
     """The compiled program of a chunk at ``cut`` (engine.ClientRunner.chunk_program)."""
@@ -167,15 +193,20 @@ def averaging(ctx: Context) -> Algorithm:
         xs, keys = step_inputs(cohort, pos), cohort.keys[pos]
         if ctx.mesh is not None:
           xs, keys = ctx.mesh.place((xs, keys), k)
-        read = (state.model, state.exit_heads[g], state.tier_units.get(g),
+        read = (model_at(state.model, state.server_units, cut), state.exit_heads[g],
+                state.tier_units.get(g),
                 lower_heads(state.exit_heads, cut), slots, weights, keys, rows)
         kept[g], sums[cut], metrics = program(ctx.train_set, read, (kept[g], sums.get(cut), metrics), xs)
-    model, heads, tiers = state.model, state.exit_heads, state.tier_units
-    if due:
+    model, heads, tiers, server = (state.model, state.exit_heads, state.tier_units,
+                                   state.server_units)
+    if due and apart:
+      model, heads, tiers, server = _combine_sides(model, server, heads, sums, tiers)
+    elif due:
       model, heads, tiers = _combine(model, heads, sums, tiers)
-      if keep_models:
-        kept = _spread(kept, model, heads, tiers, exit_cuts)
-    return AveragingState(model=model, exit_heads=heads, clients=kept, tier_units=tiers), metrics
+    if due and keep_models:
+      kept = _spread(kept, model, heads, tiers, server, exit_cuts)
+    return AveragingState(model=model, exit_heads=heads, clients=kept, tier_units=tiers,
+                          server_units=server), metrics
 
   def eval_models(state: AveragingState) -> list[EvalModel]:
     """Each tier's network at its cut (its own exit head only); with
@@ -184,7 +215,7 @@ def averaging(ctx: Context) -> Algorithm:
       return (static_bn.recompute(net, network, ctx.train_set, cfg.seed) if cfg.static_bn
               else network)
     out = []
-    model = state.model if cfg.tier_local_top else evaluated(state.model)
+    model = state.model if per_tier else evaluated(state.model)
     for cut, ids in fleet.groups.items():
       g = group_key(cut)
       if keep_models:  # clients differ: a seeded sample of them
@@ -193,12 +224,13 @@ def averaging(ctx: Context) -> Algorithm:
                                                                     net.server_names(cut))
           out.append(EvalModel(cut, (int(i),), *evaluated(full).split(cut), False))
         continue
-      full = cut_variables(model, state.exit_heads[g], state.tier_units.get(g))
-      if cfg.tier_local_top:
+      full = cut_variables(model_at(model, state.server_units, cut), state.exit_heads[g],
+                           state.tier_units.get(g))
+      if per_tier:
         full = evaluated(full)
-      # one network split at the cuts, unless each tier keeps its own top unit
-      out.append(EvalModel(cut, tuple(int(i) for i in ids), *full.split(cut),
-                           not cfg.tier_local_top))
+      # one network split at the cuts, unless a tier keeps its own top unit or
+      # the server side its own copies
+      out.append(EvalModel(cut, tuple(int(i) for i in ids), *full.split(cut), not per_tier))
     return out
 
   def nonfinite_parts(state: AveragingState, ids=None) -> list[str]:
@@ -207,7 +239,9 @@ def averaging(ctx: Context) -> Algorithm:
         **{f"exit head of cut {g.split('_')[1]}": (h.params, h.batch_stats)
            for g, h in state.exit_heads.items()},
         **{f"tier {g.split('_')[1]}'s own {n}": (p, t.batch_stats.get(n, {}))
-           for g, t in state.tier_units.items() for n, p in t.params.items()}}))
+           for g, t in state.tier_units.items() for n, p in t.params.items()},
+        **{f"server side's {n}": (p, state.server_units.batch_stats.get(n, {}))
+           for n, p in state.server_units.params.items()}}))
     bad = [name for name, ok in flags.items() if not ok]
     if keep_models:
       bad += bad_rows(fleet, state.clients, "model", ids)
