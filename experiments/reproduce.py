@@ -24,6 +24,13 @@ Each scale has its grid of runs (``SCALES[scale]["grid"]``, a key of ``GRIDS``):
   alone and homogeneous-weak on a Dirichlet(0.3) split (Sequential's exits are
   alone's by construction: its client parts never aggregate);
   ``results.md`` gets a verdict per claim (:func:`verdicts`) and a plot per claim.
+* ``variants`` and ``variants-more`` (scales of the same names): the
+  exit-aware variants (:data:`VARIANTS`; the second grid the proximal term
+  and the two sides averaged apart) against plain Averaging, alone and
+  homogeneous-weak at the evidence recipe; ``results.md`` gets the goal per
+  variant (:func:`goal`). Both can share an ``--out`` with ``--resume``.
+* ``iot`` (scale iot): participation rules and link settings on a 20-client
+  fleet with device speeds.
 * ``gpu`` (scale gpu): the paper's scale (width 1.0, the whole CIFAR-10) for one
   seed: hsee-averaging, hsee-sequential, homogeneous-weak, alone, central.
 
@@ -80,6 +87,9 @@ SCALES = {
     # at the evidence grid's recipe (its runs of the same configs are identical)
     "variants": dict(grid="variants", width=0.125, train_subset=2000, test_subset=0, rounds=40,
                      schedule="step", batch_size=32, lr=0.05, eval_every=8, checkpoint_every=0),
+    "variants-more": dict(grid="variants-more", width=0.125, train_subset=2000, test_subset=0,
+                          rounds=40, schedule="step", batch_size=32, lr=0.05, eval_every=8,
+                          checkpoint_every=0),
     # the IoT fleet as it runs: participation rules and link compression at the
     # evidence grid's recipe (its evaluations every 8 rounds give accuracy against time)
     "iot": dict(grid="iot", width=0.125, train_subset=2000, test_subset=0, rounds=40,
@@ -133,7 +143,9 @@ GPU_RUNS = {name: EVIDENCE_RUNS[name] for name in
 # exit's non-IID shortfall: FedProx's proximal term at two weights of its
 # paper's grid (0.001-1), 1 and 0.01; the last two after those, to test the
 # averaging study's cause directly: client-side and server-side copies of a
-# unit averaged apart (SplitFed), alone and with every exit.
+# unit averaged apart (SplitFed), alone and with every exit. The last four
+# form a grid of their own (``variants-more``), so that each grid fits in 90
+# minutes of these 2 CPU cores; both share the baselines.
 VARIANTS = {
     "every-exit": dict(client_exits="every"),
     "distill": dict(client_exits="every", distill="deepest"),
@@ -149,12 +161,22 @@ VARIANTS = {
     "sides-apart": dict(aggregate_sides="apart"),
     "every-exit-sides-apart": dict(client_exits="every", aggregate_sides="apart"),
 }
-VARIANT_RUNS = {
-    **{name: EVIDENCE_RUNS[name] for sfx in ("", "-noniid")
-       for name in (f"hsee-averaging{sfx}", f"alone{sfx}", f"homogeneous-weak{sfx}")},
-    **{f"{v}{sfx}": dict(RUNS["hsee-averaging"], **fields, **extra)
-       for v, fields in VARIANTS.items() for sfx, extra in (("", {}), ("-noniid", NON_IID))},
-}
+MORE_VARIANTS = ("prox", "prox-0.01", "sides-apart", "every-exit-sides-apart")
+
+
+def _variant_runs(names) -> dict:
+  """Plain Averaging, alone and homogeneous-weak (the evidence grid's) and
+  the variants ``names``, IID and Dirichlet(0.3)."""
+  return {
+      **{name: EVIDENCE_RUNS[name] for sfx in ("", "-noniid")
+         for name in (f"hsee-averaging{sfx}", f"alone{sfx}", f"homogeneous-weak{sfx}")},
+      **{f"{v}{sfx}": dict(RUNS["hsee-averaging"], **VARIANTS[v], **extra)
+         for v in names for sfx, extra in (("", {}), ("-noniid", NON_IID))},
+  }
+
+
+VARIANT_RUNS = _variant_runs([v for v in VARIANTS if v not in MORE_VARIANTS])
+VARIANT_MORE_RUNS = _variant_runs(MORE_VARIANTS)
 # The IoT fleet (docs/usage.md, "Device speeds, deadlines and the link"): 20
 # clients in the three tiers (7 / 7 / 6 at cuts 3 / 5 / 7), each client's FLOP/s
 # and bandwidth drawn lognormal (sigma 0.5) around its tier's (TIERS); the
@@ -176,6 +198,7 @@ IOT = {
 IOT_RUNS = {f"{name}{sfx}": dict(IOT_FLEET, **fields, **extra)
             for name, fields in IOT.items() for sfx, extra in (("", {}), ("-noniid", NON_IID))}
 GRIDS = {"baseline": RUNS, "evidence": EVIDENCE_RUNS, "gpu": GPU_RUNS, "variants": VARIANT_RUNS,
+         "variants-more": VARIANT_MORE_RUNS,
          "iot": IOT_RUNS}
 
 
@@ -418,7 +441,7 @@ def _iot_claims() -> list:
 
 
 IOT_CLAIMS = _iot_claims()
-CLAIM_SETS = {"variants": VARIANT_CLAIMS, "iot": IOT_CLAIMS}
+CLAIM_SETS = {"variants": VARIANT_CLAIMS, "variants-more": VARIANT_CLAIMS, "iot": IOT_CLAIMS}
 
 
 def claims_of(scale: str) -> list:

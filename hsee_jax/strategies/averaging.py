@@ -5,7 +5,9 @@ Between rounds the state holds one copy of every unit and of the classifier
 (``model``), one exit head per cut (``exit_heads``), and per client only what
 persists (``clients[cut]``, leaves [N_cut, ...]): the optimiser state with
 ``client_state=keep``, the whole model when aggregation is not every round.
-The per-client copies of client and server parts exist only for the clients
+The variants add a tier's own top unit (``tier_units``, ``tier_local_top``)
+and the server side's copies of the units both sides hold (``server_units``,
+``aggregate_sides=apart``); both are empty otherwise. The per-client copies of client and server parts exist only for the clients
 of the current chunk (``engine.blocks``): each chunk's data-size-weighted
 sums go into one accumulator per cut (:func:`aggregation.chunk_sums`), so
 memory holds a chunk of models and one sum per cut, never the cohort.
