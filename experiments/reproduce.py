@@ -29,8 +29,10 @@ Each scale has its grid of runs (``SCALES[scale]["grid"]``, a key of ``GRIDS``):
   and the two sides averaged apart) against plain Averaging, alone and
   homogeneous-weak at the evidence recipe; ``results.md`` gets the goal per
   variant (:func:`goal`). Both can share an ``--out`` with ``--resume``.
-* ``iot`` (scale iot): participation rules and link settings on a 20-client
-  fleet with device speeds.
+* ``iot`` and ``iot-more`` (scales of the same names): participation rules
+  and link settings on a 20-client fleet with device speeds; the second
+  grid the deadline shared among the tiers, beside everyone and the plain
+  deadline.
 * ``gpu`` (scale gpu): the paper's scale (width 1.0, the whole CIFAR-10) for one
   seed: hsee-averaging, hsee-sequential, homogeneous-weak, alone, central.
 
@@ -94,6 +96,8 @@ SCALES = {
     # evidence grid's recipe (its evaluations every 8 rounds give accuracy against time)
     "iot": dict(grid="iot", width=0.125, train_subset=2000, test_subset=0, rounds=40,
                 schedule="step", batch_size=32, lr=0.05, eval_every=8, checkpoint_every=0),
+    "iot-more": dict(grid="iot-more", width=0.125, train_subset=2000, test_subset=0, rounds=40,
+                     schedule="step", batch_size=32, lr=0.05, eval_every=8, checkpoint_every=0),
     # the paper's network and data for as many rounds as fit in 8 minutes of an
     # H200 with compilation (docs/results.md, "The paper's scale on a GPU")
     "gpu": dict(grid="gpu", width=1.0, train_subset=0, test_subset=0, rounds=15, batch_size=128,
@@ -185,6 +189,10 @@ VARIANT_MORE_RUNS = _variant_runs(MORE_VARIANTS)
 # slowest 30% dropped every round); ``partial`` gives every client the time in
 # which 70% of seed 0's fleet finish a round (``deadline_share``, turned into
 # ``deadline_s`` by :func:`grid`) and the slower ones do the steps that fit.
+# ``deadline-by-tier`` keeps the first 14 too, but each tier its share of them
+# (5 / 5 / 4: ``deadline_by_tier``), so the slowest tier is not the one
+# dropped; it forms a grid of its own with its two references
+# (``iot-more``), so that each grid fits in 60 minutes of these 2 CPU cores.
 IOT_FLEET = dict(strategy="averaging", num_clients=20, cut_tiers=((3, 0.35), (5, 0.35), (7, 0.3)),
                  speed_spread=0.5, client_link_bytes_per_s=(1.25e6, 1.25e6, 1.25e6))
 IOT = {
@@ -194,12 +202,18 @@ IOT = {
     "partial": dict(participation="partial", deadline_share=0.7),
     "int8": dict(link="int8"),
     "topk": dict(link="topk", link_topk=0.1),
+    "deadline-by-tier": dict(participation="deadline", clients_per_round=14, overcommit=20 / 14,
+                             deadline_s=1e9, deadline_by_tier=True),
 }
-IOT_RUNS = {f"{name}{sfx}": dict(IOT_FLEET, **fields, **extra)
-            for name, fields in IOT.items() for sfx, extra in (("", {}), ("-noniid", NON_IID))}
+IOT_MORE = ("everyone", "deadline", "deadline-by-tier")
+IOT_RULES = ("deadline", "partial", "deadline-by-tier")   # the participation rules
+IOT_RUNS, IOT_MORE_RUNS = (
+    {f"{name}{sfx}": dict(IOT_FLEET, **IOT[name], **extra)
+     for name in names for sfx, extra in (("", {}), ("-noniid", NON_IID))}
+    for names in ([n for n in IOT if n != "deadline-by-tier"], IOT_MORE))
 GRIDS = {"baseline": RUNS, "evidence": EVIDENCE_RUNS, "gpu": GPU_RUNS, "variants": VARIANT_RUNS,
          "variants-more": VARIANT_MORE_RUNS,
-         "iot": IOT_RUNS}
+         "iot": IOT_RUNS, "iot-more": IOT_MORE_RUNS}
 
 
 def grid(dataset: str, scale: str, overrides: list[str], data_dir: str = "") -> list[tuple[str, Config]]:
@@ -427,7 +441,7 @@ VARIANT_CLAIMS = _variant_claims()
 
 
 def _iot_claims() -> list:
-  rules, links = ("deadline", "partial"), ("int8", "topk")
+  rules, links = IOT_RULES, ("int8", "topk")
   splits = ("", "-noniid")
   return [
       (8, "A compressed link costs no accuracy (full path not worse than the link as computed)",
@@ -441,7 +455,8 @@ def _iot_claims() -> list:
 
 
 IOT_CLAIMS = _iot_claims()
-CLAIM_SETS = {"variants": VARIANT_CLAIMS, "variants-more": VARIANT_CLAIMS, "iot": IOT_CLAIMS}
+CLAIM_SETS = {"variants": VARIANT_CLAIMS, "variants-more": VARIANT_CLAIMS, "iot": IOT_CLAIMS,
+              "iot-more": IOT_CLAIMS}
 
 
 def claims_of(scale: str) -> list:
@@ -889,7 +904,7 @@ def _iot_tables(ds: dict) -> list[str]:
          "| rule | split | `full_acc` | − everyone | simulated s per round | "
          "simulated s to everyone's final `full_acc` |",
          "| --- | --- | --- | --- | --- | --- |"]
-  for name, run, split, ref in _splits(runs, ("everyone", "deadline", "partial"), "everyone"):
+  for name, run, split, ref in _splits(runs, ("everyone", *IOT_RULES), "everyone"):
     targets = [r["summary"]["test"]["mean_full_acc"] for r in runs[ref]]
     times = [_time_to(r, t) for r, t in zip(runs[run], targets)]
     got = [t for t in times if t is not None]
@@ -902,7 +917,7 @@ def _iot_tables(ds: dict) -> list[str]:
          "in points; participation: the share of the tier's client-rounds that trained.", "",
          "| rule | split | exit at cut 3 / 5 / 7 | − everyone, cut 3 / 5 / 7 | "
          "participation, cut 3 / 5 / 7 |", "| --- | --- | --- | --- | --- |"]
-  for name, run, split, ref in _splits(runs, ("everyone", "deadline", "partial"), "everyone"):
+  for name, run, split, ref in _splits(runs, ("everyone", *IOT_RULES), "everyone"):
     base = _trained_per_cut(runs[ref][0])
     share = [np.mean([_trained_per_cut(r).get(c, 0) / base[c] for r in runs[run]])
              for c in HETERO_CUTS]

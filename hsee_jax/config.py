@@ -158,6 +158,9 @@ class Config:
   participation: str = "all"  # all | deadline (FedScale's over-commitment) | partial (FedProx)
   deadline_s: float = 0.0  # simulated seconds a client has per round (deadline, partial)
   overcommit: float = 1.3  # deadline: clients sampled per cohort place; the first to finish kept
+  deadline_by_tier: bool = False  # deadline: each tier (cut) keeps its share of the cohort, the
+                             # first of that tier to finish, so the slowest tier is not the one
+                             # dropped (a round lasts until its kept clients of every tier finish)
   link: str = program("none")  # what the server part receives: none (the activations as
                                # computed) | bfloat16 | int8 | int8_channel | topk
   link_topk: float = program(0.1)  # topk: the share of each image's activation values sent
@@ -202,6 +205,9 @@ class Config:
     if self.participation != "all" and self.deadline_s <= 0:
       raise ConfigError(f"deadline_s: participation={self.participation} needs a deadline in "
                         f"simulated seconds > 0, got {self.deadline_s}")
+    if self.deadline_by_tier and self.participation != "deadline":
+      raise ConfigError(f"deadline_by_tier: shares the kept clients of a deadline among the "
+                        f"tiers; it needs participation=deadline, got {self.participation}")
     if self.overcommit < 1:
       raise ConfigError(f"overcommit: clients sampled per cohort place, >= 1, got {self.overcommit}")
     if not 0 < self.link_topk <= 1:

@@ -182,6 +182,20 @@ def online(cfg: Config, rnd: int, num_clients: int) -> np.ndarray:
                         < cfg.availability)
 
 
+def tier_quotas(cuts: np.ndarray, cohort: int) -> dict[int, int]:
+  """Cut -> how many of ``cohort`` places its clients get, in proportion to
+  its share of ``cuts`` (the sampled clients' cuts): the floors, then one
+  more for the largest remainders (ties to the lower cut), summing to
+  ``min(cohort, len(cuts))``."""
+  tiers, counts = np.unique(cuts, return_counts=True)
+  total = min(cohort, len(cuts))
+  exact = counts * total / max(1, len(cuts))
+  quota = np.floor(exact + 1e-9).astype(int)
+  for j in np.argsort(-(exact - quota), kind="stable")[:total - quota.sum()]:
+    quota[j] += 1
+  return {int(c): int(q) for c, q in zip(tiers, quota)}
+
+
 def participants(fleet: Fleet, cfg: Config, rnd: int, clock, local_steps: int):
   """Who trains in round ``rnd``, by ``cfg.participation``: ``(ids, steps,
   dropped)``, ids ascending, ``steps`` each one's local steps (None: all
@@ -191,7 +205,9 @@ def participants(fleet: Fleet, cfg: Config, rnd: int, clock, local_steps: int):
   * ``all``: the cohort (:func:`sample_cohort`, from the online clients);
   * ``deadline``: ``ceil(overcommit * C)`` online clients sampled, of those
     done within ``deadline_s`` (``clock``: :class:`hsee_jax.costs.Clock`)
-    the first C to finish kept (FedScale's over-commitment);
+    the first C to finish kept (FedScale's over-commitment); with
+    ``deadline_by_tier`` each cut's share of the C (:func:`tier_quotas`) is
+    the first of that cut to finish;
   * ``partial``: the cohort, each client doing the local steps that fit in
     ``deadline_s`` (FedProx's partial work); a client with none is dropped.
   """
@@ -209,7 +225,13 @@ def participants(fleet: Fleet, cfg: Config, rnd: int, clock, local_steps: int):
   if cfg.participation == "deadline":
     done = clock.client_seconds(ids, local_steps, aggregate)
     order = np.argsort(done, kind="stable")
-    kept = order[done[order] <= cfg.deadline_s][:cfg.cohort_size]
+    order = order[done[order] <= cfg.deadline_s]
+    if cfg.deadline_by_tier:
+      cuts = fleet.cuts[ids]
+      kept = np.concatenate([order[cuts[order] == c][:q] for c, q in
+                             tier_quotas(cuts, cfg.cohort_size).items()]).astype(np.int64)
+    else:
+      kept = order[:cfg.cohort_size]
     mask = np.zeros(len(ids), bool)
     mask[kept] = True
     return ids[mask], None, ids[~mask]

@@ -88,6 +88,49 @@ def test_over_commitment_samples_more_and_keeps_the_cohort_size():
     assert done[ids].max() <= done[dropped].min()                     # the first to finish kept
 
 
+def test_tier_quotas_share_the_cohort_by_tier():
+  cuts = np.array([3] * 7 + [5] * 7 + [7] * 6)
+  assert fleet_lib.tier_quotas(cuts, 14) == {3: 5, 5: 5, 7: 4}      # 4.9 / 4.9 / 4.2
+  assert fleet_lib.tier_quotas(cuts, 20) == {3: 7, 5: 7, 7: 6}
+  assert fleet_lib.tier_quotas(cuts, 50) == {3: 7, 5: 7, 7: 6}      # never more than sampled
+  assert fleet_lib.tier_quotas(np.array([3, 7, 7]), 1) == {3: 0, 7: 1}
+  assert sum(fleet_lib.tier_quotas(cuts, 13).values()) == 13
+
+
+def test_a_deadline_by_tier_keeps_each_tiers_share_the_first_of_each_tier():
+  """Over-commitment with deadline_by_tier: 40 clients (10 slow at cut 3, 10
+  at 5, 20 fast at 7), 13 sampled for a cohort of 10: the plain rule keeps
+  the 10 fastest, so the slow tier trains only when too few others were
+  sampled; by tier each cut keeps its share, its own fastest."""
+  cfg = dataclasses.replace(CFG, num_clients=40, cut_tiers=((3, 0.25), (5, 0.25), (7, 0.5)),
+                            client_flops_per_s=(1e6, 1e7, 1e8), clients_per_round=10,
+                            participation="deadline", deadline_s=1000.0, overcommit=1.3,
+                            speed_spread=0.3)
+  fair = dataclasses.replace(cfg, deadline_by_tier=True)
+  _, sim = train.build(fair)
+  done = sim.clock.client_seconds(np.arange(40), sim.local_steps, True)
+  slow_plain = slow_fair = 0
+  for rnd in range(6):
+    ids, _, dropped = fleet_lib.participants(sim.fleet, fair, rnd, sim.clock, sim.local_steps)
+    plain, _, _ = fleet_lib.participants(sim.fleet, cfg, rnd, sim.clock, sim.local_steps)
+    sampled = np.sort(np.concatenate([ids, dropped]))
+    np.testing.assert_array_equal(sampled, np.sort(np.concatenate(
+        [plain, fleet_lib.participants(sim.fleet, cfg, rnd, sim.clock, sim.local_steps)[2]])))
+    quota = fleet_lib.tier_quotas(sim.fleet.cuts[sampled], 10)
+    assert len(ids) == 10
+    for c, q in quota.items():
+      mine, gone = ids[sim.fleet.cuts[ids] == c], dropped[sim.fleet.cuts[dropped] == c]
+      assert len(mine) == q                                           # the tier's share
+      assert not len(gone) or done[mine].max() <= done[gone].min()    # its first to finish
+    slow_plain += int(np.sum(sim.fleet.cuts[plain] == 3))
+    slow_fair += int(np.sum(sim.fleet.cuts[ids] == 3))
+  assert slow_fair > slow_plain
+  # a client past the deadline is dropped whatever its tier's share
+  tight = dataclasses.replace(fair, deadline_s=float(np.max(done[sim.fleet.cuts == 5])))
+  ids, _, _ = fleet_lib.participants(sim.fleet, tight, 0, sim.clock, sim.local_steps)
+  assert not np.any(sim.fleet.cuts[ids] == 3) and np.all(done[ids] <= tight.deadline_s)
+
+
 def test_partial_work_does_the_steps_that_fit():
   _, sim = train.build(dataclasses.replace(CFG, participation="partial", deadline_s=12.0))
   clock = sim.clock
@@ -208,6 +251,7 @@ def test_a_compressed_link_trains_and_is_crossed_at_each_cut_in_evaluation(tmp_p
     (dict(participation="sometimes"), "participation: unknown value"),
     (dict(availability=0.0), "availability: a probability"),
     (dict(overcommit=0.5), "overcommit:"),
+    (dict(deadline_by_tier=True), "deadline_by_tier: shares the kept clients"),
     (dict(link="fp4"), "link: unknown value"),
     (dict(link="int8", server_grad_to_client=True, exit_loss_weight=0.0), "link: compression"),
     (dict(link_topk=0.0), "link_topk:"),

@@ -226,3 +226,20 @@ def test_grouped_bars_give_every_series_its_own_colour():
   assert len(bars) == 11 and len(colours) == 11
   assert ax.get_legend().get_bbox_to_anchor().x0 >= ax.get_window_extent().x1 - 1
   plt.close(fig)
+
+
+def test_iot_grids():
+  """The IoT grids: ``iot-more`` trains the deadline shared among the tiers
+  beside the same everyone and deadline runs as ``iot``; the claims judge
+  every participation rule's tiers against everyone."""
+  iot = dict(reproduce.grid("cifar10", "iot", []))
+  more = dict(reproduce.grid("cifar10", "iot-more", []))
+  assert len(iot) == 10 and len(more) == 6
+  for name in ("everyone", "deadline", "everyone-noniid", "deadline-noniid"):
+    assert more[name] == iot[name]
+  for sfx in ("", "-noniid"):
+    fair = more["deadline-by-tier" + sfx]
+    assert fair.deadline_by_tier and dataclasses.replace(fair, deadline_by_tier=False) == \
+        more["deadline" + sfx]
+  judged = {(c[0], c[2]) for _, _, comps in reproduce.claims_of("iot-more") for c in comps}
+  assert {("deadline-by-tier-noniid", cut) for cut in (3, 5, 7, None)} <= judged
