@@ -76,28 +76,21 @@ TIERS = {"client_flops_per_s": (2e9, 1e10, 5e10), "server_flops_per_s": 1e13,
 # each device affords; they come out at cuts 3, 5, 7 for this network.
 BUDGET_SHARES = (0.40, 0.70, 0.95)
 
+EVIDENCE_RECIPE = dict(width=0.125, train_subset=2000, test_subset=0, rounds=40, schedule="step",
+                       batch_size=32, lr=0.05, eval_every=8, checkpoint_every=0)
 SCALES = {
     # the short grid: whole CIFAR-10 baseline grid in under an hour on 2 CPU cores
     "cpu": dict(grid="baseline", width=0.125, train_subset=10000, test_subset=0, rounds=8,
                 batch_size=32, lr=0.05, eval_every=1, checkpoint_every=0),
     # the claims at convergence on 2 CPU cores (docs/results.md): with the
     # learning rate cut tenfold at half and three quarters of the rounds,
-    # central's test accuracy levels off (the last fifth adds under a point)
-    "evidence": dict(grid="evidence", width=0.125, train_subset=2000, test_subset=0, rounds=40,
-                     schedule="step", batch_size=32, lr=0.05, eval_every=8, checkpoint_every=0),
-    # the exit-aware variants against plain Averaging, alone and homogeneous-weak,
-    # at the evidence grid's recipe (its runs of the same configs are identical)
-    "variants": dict(grid="variants", width=0.125, train_subset=2000, test_subset=0, rounds=40,
-                     schedule="step", batch_size=32, lr=0.05, eval_every=8, checkpoint_every=0),
-    "variants-more": dict(grid="variants-more", width=0.125, train_subset=2000, test_subset=0,
-                          rounds=40, schedule="step", batch_size=32, lr=0.05, eval_every=8,
-                          checkpoint_every=0),
-    # the IoT fleet as it runs: participation rules and link compression at the
-    # evidence grid's recipe (its evaluations every 8 rounds give accuracy against time)
-    "iot": dict(grid="iot", width=0.125, train_subset=2000, test_subset=0, rounds=40,
-                schedule="step", batch_size=32, lr=0.05, eval_every=8, checkpoint_every=0),
-    "iot-more": dict(grid="iot-more", width=0.125, train_subset=2000, test_subset=0, rounds=40,
-                     schedule="step", batch_size=32, lr=0.05, eval_every=8, checkpoint_every=0),
+    # central's test accuracy levels off (the last fifth adds under a point).
+    # The exit-aware variants (against plain Averaging, alone and
+    # homogeneous-weak; the evidence grid's runs of the same configs are
+    # identical) and the IoT fleet (its evaluations every 8 rounds give
+    # accuracy against time) use the same recipe.
+    **{grid: dict(EVIDENCE_RECIPE, grid=grid)
+       for grid in ("evidence", "variants", "variants-more", "iot", "iot-more")},
     # the paper's network and data for as many rounds as fit in 8 minutes of an
     # H200 with compilation (docs/results.md, "The paper's scale on a GPU")
     "gpu": dict(grid="gpu", width=1.0, train_subset=0, test_subset=0, rounds=15, batch_size=128,
@@ -207,10 +200,16 @@ IOT = {
 }
 IOT_MORE = ("everyone", "deadline", "deadline-by-tier")
 IOT_RULES = ("deadline", "partial", "deadline-by-tier")   # the participation rules
-IOT_RUNS, IOT_MORE_RUNS = (
-    {f"{name}{sfx}": dict(IOT_FLEET, **IOT[name], **extra)
-     for name in names for sfx, extra in (("", {}), ("-noniid", NON_IID))}
-    for names in ([n for n in IOT if n != "deadline-by-tier"], IOT_MORE))
+
+
+def _iot_runs(names) -> dict:
+  """The IoT settings ``names`` on the IoT fleet, IID and Dirichlet(0.3)."""
+  return {f"{name}{sfx}": dict(IOT_FLEET, **IOT[name], **extra)
+          for name in names for sfx, extra in (("", {}), ("-noniid", NON_IID))}
+
+
+IOT_RUNS = _iot_runs([n for n in IOT if n != "deadline-by-tier"])
+IOT_MORE_RUNS = _iot_runs(IOT_MORE)
 GRIDS = {"baseline": RUNS, "evidence": EVIDENCE_RUNS, "gpu": GPU_RUNS, "variants": VARIANT_RUNS,
          "variants-more": VARIANT_MORE_RUNS,
          "iot": IOT_RUNS, "iot-more": IOT_MORE_RUNS}

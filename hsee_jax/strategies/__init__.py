@@ -41,6 +41,7 @@ clear_shared_programs = clear_program_cache
 __all__ = ["METRIC_NAMES", "PROGRAM_CACHE_SIZE", "PROGRAM_FIELDS", "STRATEGIES", "Algorithm",
            "AveragingState", "Context", "EvalModel", "SequentialState", "Shared", "TrainSet",
            "averaging", "cached_program", "chunk_sums", "clear_program_cache",
-           "clear_shared_programs", "client_server_parts", "combine_sides", "combine_sums", "cross_entropy",
+           "clear_shared_programs", "client_server_parts", "combine_sides", "combine_sums",
+           "cross_entropy",
            "cross_layer_average", "distillation_loss", "exit_objective", "group_key", "preprocessing", "program_config",
            "put_train_set", "sequential", "shared_program", "split_update", "step_inputs"]

@@ -7,8 +7,8 @@ persists (``clients[cut]``, leaves [N_cut, ...]): the optimiser state with
 ``client_state=keep``, the whole model when aggregation is not every round.
 The variants add a tier's own top unit (``tier_units``, ``tier_local_top``)
 and the server side's copies of the units both sides hold (``server_units``,
-``aggregate_sides=apart``); both are empty otherwise. The per-client copies of client and server parts exist only for the clients
-of the current chunk (``engine.blocks``): each chunk's data-size-weighted
+``aggregate_sides=apart``); both are empty otherwise. The per-client
+copies of client and server parts exist only for the clients of the current chunk (``engine.blocks``): each chunk's data-size-weighted
 sums go into one accumulator per cut (:func:`aggregation.chunk_sums`), so
 memory holds a chunk of models and one sum per cut, never the cohort.
 """
@@ -47,12 +47,7 @@ def model_at(model: PartState, server_units: PartState, cut: int) -> PartState:
   """The shared model as a client at ``cut`` takes it: the server side's
   copy of each unit above the cut where there is one (``aggregate_sides=apart``)."""
   above = [n for n in server_units.params if models.unit_index(n) > cut]
-  if not above:
-    return model
-  return PartState(params={**model.params, **{n: server_units.params[n] for n in above}},
-                   batch_stats={**model.batch_stats, **{n: server_units.batch_stats[n] for n in above
-                                                        if n in server_units.batch_stats}},
-                   opt_state={})
+  return model.merge(server_units.subset(above)) if above else model
 
 
 def client_server_parts(state: AveragingState, cut: int, tx) -> tuple[PartState, PartState]:
