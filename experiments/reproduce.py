@@ -63,6 +63,7 @@ from hsee_jax import config as config_lib  # noqa: E402
 from hsee_jax import sweep  # noqa: E402
 from hsee_jax import costs, models, rundir  # noqa: E402
 from hsee_jax import train as train_lib  # noqa: E402
+from hsee_jax import fleet as fleet_lib  # noqa: E402
 from hsee_jax.config import Config  # noqa: E402
 from hsee_jax.data import DataError, load_dataset  # noqa: E402
 
@@ -246,7 +247,7 @@ def grid(dataset: str, scale: str, overrides: list[str], data_dir: str = "") -> 
 def _deadline(cfg: Config, share: float) -> float:
   """Simulated seconds in which ``share`` of ``cfg``'s fleet (seed 0's
   draws) finish a round's local steps and the aggregation's transfer."""
-  _, sim = train_lib.build(dataclasses.replace(cfg, participation="all", seed=0))
+  _, sim = train_lib.build(dataclasses.replace(cfg, participation="all", deadline_s=0.0, seed=0))
   done = sim.clock.client_seconds(np.arange(sim.fleet.num_clients), sim.local_steps, True)
   return float(np.round(np.quantile(done, share), 3))
 
@@ -316,7 +317,9 @@ def _account(ds_res: dict, dataset, cfg: Config) -> None:
   """Cost table, budgets -> cuts and simulated time for one dataset's runs."""
   net = models.for_config(cfg, dataset.num_classes)
   table = {r["cut"]: r for r in costs.cost_table(net, dataset.image_shape)}
-  ds_res["costs"] = list(table.values())
+  classical = {r["cut"]: r for r in costs.cost_table(net, dataset.image_shape, True)}
+  ds_res["costs"] = [dict(r, classical_bytes_server_to_client=classical[c]["bytes_server_to_client"])
+                     for c, r in table.items()]
   deepest = table[max(table)]["client_train_flops"] * cfg.batch_size
   budgets = [(share * deepest, 0) for share in BUDGET_SHARES]
   ds_res["budgets"] = [dict(c, budget_flops_per_step=b[0], share=share) for c, b, share in
@@ -345,11 +348,10 @@ def _simulate(runs: dict, net, image_shape: tuple) -> dict:
     for rec in r["records"]:
       if "round" not in rec or "train" not in rec:
         continue
-      agg = (cfg.strategy == "averaging" and (rec["round"] + 1) % cfg.aggregate_every == 0) or \
-            (cfg.strategy == "sequential" and cfg.client_aggregation != "none")
       per_round.append(costs.simulated_round_seconds(
-          cfg.strategy, cuts, cut_table, steps, cfg.batch_size, cfg.client_flops_per_s,
-          cfg.server_flops_per_s, cfg.link_bytes_per_s, aggregate=agg))
+          cfg.strategy, cuts, cut_table, steps, cfg.batch_size,
+          cfg.client_flops_per_s or fleet_lib.DEFAULT_FLOPS_PER_S,
+          cfg.server_flops_per_s, cfg.link_bytes_per_s, aggregate=cfg.aggregates_after(rec["round"])))
     sim[name] = per_round
   return sim
 
@@ -666,7 +668,8 @@ def _markdown(results: dict, rows: list[dict]) -> str:
     for r in ds["costs"]:
       md.append(f"| {r['cut']} | {r['client_params']:,} | {r['server_params']:,} | "
                 f"{r['client_train_flops'] / 1e9:.4f} | {r['server_train_flops'] / 1e9:.4f} | "
-                f"{r['bytes_client_to_server']:,} | {r['bytes_client_to_server']:,} | "
+                f"{r['bytes_client_to_server']:,} | "
+                f"{r.get('classical_bytes_server_to_client', r['bytes_server_to_client']):,} | "
                 f"{r['client_peak_activation_bytes'] / 1024:.1f} |")
     md += ["", "The Hetero-SplitEE update sends no gradient back (server→client bytes 0); "
            "the classical-split baseline sends the activation gradient, the same size as "

@@ -152,6 +152,32 @@ class Checkpointer:
     for old in self.steps()[:-self.keep]:
       self.manager.delete(old)
 
+  def settle(self) -> None:
+    """Wait for a save in flight to end, whatever its outcome (its failure
+    is :meth:`finish`'s to report), and read the directory again."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception:  # noqa: BLE001
+      pass
+    self.manager.reload()
+
+  def restores(self, step: int) -> bool:
+    """Whether checkpoint ``step`` is complete on disk and its metadata and
+    its state's layout read back (checked, not assumed from its name)."""
+    try:
+      self.restore_meta(step)
+      ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
+    except Exception:  # noqa: BLE001  (a damaged or missing file: any error means no)
+      return False
+    return True
+
+  def newest_restorable(self, upto: int | None = None) -> int | None:
+    """The newest checkpoint that :meth:`restores` (after rounds <= ``upto``,
+    where given: those a resume goes on from), once a save in flight has ended."""
+    self.settle()
+    return next((s for s in reversed(self.steps()) if (upto is None or s <= upto)
+                 and self.restores(s)), None)
+
   def set_aside(self, step: int, why: str = "damaged") -> Path:
     """Rename checkpoint ``step`` (a damaged one, or one the resumed run
     recomputes) out of orbax's sight, kept for inspection: ``<step>.<why>``."""

@@ -100,8 +100,9 @@ def _sweep(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  """The ``hsee`` command. Exit codes: 0 done; 2 a user error (one line on
-  stderr); 128 + signal number after SIGINT (130) or SIGTERM (143)."""
+  """The ``hsee`` command. Exit codes: 0 done; 1 the machine refused a write
+  (a full disk: one line on stderr naming the newest checkpoint that
+  restores); 2 a user error (one line on stderr); 128 + signal number after SIGINT (130) or SIGTERM (143)."""
   try:
     with stopping.early_signals():
       return _main(argv)
@@ -156,9 +157,10 @@ def _main(argv: list[str] | None) -> int:
     else:
       evaluate_run(args.run, args.round)
   except (config_lib.ConfigError, DataError, RunError, distributed.DistributedError) as e:
+    code = getattr(e, "exit_code", 2)   # 1: the machine refused a write (rundir.WriteError)
     distributed.yield_to_watcher()
-    distributed.fail(f"{e}", 2)  # several processes: the others stop too
-    return 2
+    distributed.fail(f"{e}", code)  # several processes: the others stop too
+    return code
   except stopping.Stopped as e:
     if args.command == "sweep":
       e = stopping.Stopped(e.signum, e.rounds_done, e.out, sweep=args.resume or args.out)

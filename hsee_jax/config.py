@@ -8,7 +8,10 @@ any work starts, and every error is one line that names the field.
 from __future__ import annotations
 
 import ast
+import contextvars
 import dataclasses
+import difflib
+import functools
 import importlib.util
 import json
 import math
@@ -24,6 +27,19 @@ LINKS = ("none", "bfloat16", "int8", "int8_channel", "topk")  # link.KINDS
 
 class ConfigError(ValueError):
   """A config that cannot run; the message is one line naming the field."""
+
+
+# Bounds that keep every simulated figure finite (seconds, bytes, speeds).
+MAX_OVERCOMMIT = 100.0
+MAX_SPEED_SPREAD = 3.0        # lognormal sigma: a client 1e-8 .. 1e8 times the median at most
+MAX_DEADLINE_S = 1e12
+SPEED_RANGE = {"client_flops_per_s": ("FLOP/s", 1e18), "server_flops_per_s": ("FLOP/s", 1e18),
+               "client_link_bytes_per_s": ("bytes/s", 1e15), "link_bytes_per_s": ("bytes/s", 1e15)}
+
+# A saved config (a run's config.json, a sweep's plan) is read without the
+# rule of EFFECTS: a run trained before the rule existed still resumes and
+# evaluates (the fields it refuses changed nothing in that run).
+_LENIENT = contextvars.ContextVar("hsee_config_lenient", default=False)
 
 
 # Each field declares what it is to compilation (``role``), once, on the field:
@@ -198,18 +214,24 @@ class Config:
     _one_of("exit_weights", self.exit_weights, ("equal", "rising"))
     _one_of("participation", self.participation, PARTICIPATION)
     _one_of("link", self.link, LINKS)
-    if self.speed_spread < 0:
-      raise ConfigError(f"speed_spread: must be >= 0, got {self.speed_spread}")
+    if not 0 <= self.speed_spread <= MAX_SPEED_SPREAD:
+      raise ConfigError(f"speed_spread: a lognormal sigma in [0, {MAX_SPEED_SPREAD:g}] (beyond it "
+                        f"speeds reach 0 and infinity), got {self.speed_spread}")
     if not 0 < self.availability <= 1:
       raise ConfigError(f"availability: a probability in (0, 1], got {self.availability}")
+    if not 0 <= self.deadline_s <= MAX_DEADLINE_S:
+      raise ConfigError(f"deadline_s: simulated seconds in [0, {MAX_DEADLINE_S:g}], got "
+                        f"{self.deadline_s}")
+    if self.participation != "all" and self.strategy == "sequential":
+      raise ConfigError(f"participation: {self.participation} is for strategy=averaging; "
+                        f"Sequential's clients take turns on the one server, and no round "
+                        f"deadline is modelled for it")
     if self.participation != "all" and self.deadline_s <= 0:
       raise ConfigError(f"deadline_s: participation={self.participation} needs a deadline in "
                         f"simulated seconds > 0, got {self.deadline_s}")
-    if self.deadline_by_tier and self.participation != "deadline":
-      raise ConfigError(f"deadline_by_tier: shares the kept clients of a deadline among the "
-                        f"tiers; it needs participation=deadline, got {self.participation}")
-    if self.overcommit < 1:
-      raise ConfigError(f"overcommit: clients sampled per cohort place, >= 1, got {self.overcommit}")
+    if not 1 <= self.overcommit <= MAX_OVERCOMMIT:
+      raise ConfigError(f"overcommit: clients sampled per cohort place, in [1, {MAX_OVERCOMMIT:g}], "
+                        f"got {self.overcommit}")
     if not 0 < self.link_topk <= 1:
       raise ConfigError(f"link_topk: a share of the values in (0, 1], got {self.link_topk}")
     if self.link != "none" and self.server_grad_to_client:
@@ -224,8 +246,6 @@ class Config:
     if self.distill_start < 1:
       raise ConfigError(f"distill_start: the first round with distillation, >= 1, got "
                         f"{self.distill_start}")
-    if self.label_mode == "coarse" and self.dataset != "cifar100":
-      raise ConfigError(f"label_mode: coarse labels exist only for cifar100, not {self.dataset}")
     if not 0 <= self.augment_pad < 1:
       raise ConfigError(f"augment_pad: a share of the image side in [0, 1), got {self.augment_pad}")
     if not self.cuts:
@@ -257,8 +277,9 @@ class Config:
     if self.weight_decay < 0:
       raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
     for name in ("server_flops_per_s", "link_bytes_per_s"):
-      if getattr(self, name) <= 0:
-        raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+      if not 1 <= getattr(self, name) <= SPEED_RANGE[name][1]:
+        raise ConfigError(f"{name}: must be in [1, {SPEED_RANGE[name][1]:g}] "
+                          f"({SPEED_RANGE[name][0]}), got {getattr(self, name)}")
     if any(not 0.0 <= t <= 1.0 for t in self.exit_thresholds):
       raise ConfigError("exit_thresholds: each threshold is a normalised entropy in [0, 1]")
     if any(not 0.0 < m < 1.0 for m in self.step_milestones):
@@ -272,19 +293,24 @@ class Config:
       raise ConfigError("exit_loss_weight: 0 leaves the client part untrained unless "
                         "server_grad_to_client=True")
     n_tiers = len(self.cut_tiers or self.budget_tiers)
-    for name, unit in (("client_flops_per_s", "FLOP/s"), ("client_link_bytes_per_s", "bytes/s")):
+    for name in ("client_flops_per_s", "client_link_bytes_per_s"):
       given = getattr(self, name)
+      unit, most = SPEED_RANGE[name]
       if given and len(given) not in (self.fleet_size, n_tiers):
         want = f"{self.fleet_size} clients" + (f" or {n_tiers} tiers" if n_tiers else "")
         raise ConfigError(f"{name}: one entry per client or tier ({want}), got {len(given)}")
-      if any(not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0 for v in given):
-        raise ConfigError(f"{name}: each entry is a number > 0 ({unit})")
+      if given and n_tiers and self.fleet_size == n_tiers:
+        raise ConfigError(f"{name}: {len(given)} entries for {self.fleet_size} clients in "
+                          f"{n_tiers} tiers is ambiguous (per client or per tier?); give the "
+                          f"clients' cuts with cuts=(...) instead of tiers")
+      if any(not isinstance(v, (int, float)) or isinstance(v, bool) or not 1 <= v <= most
+             for v in given):
+        raise ConfigError(f"{name}: each entry is a number in [1, {most:g}] ({unit})")
+    if not _LENIENT.get():
+      self.check_effects()
     if self.strategy == "sequential" and self.mode in ("vmap", "unrolled"):
       raise ConfigError(f"mode: {self.mode} stacks clients, but sequential trains them one at a "
                         f"time with the shared server; use mode=loop, debug or auto")
-    if self.client_aggregation != "none" and self.strategy != "sequential":
-      raise ConfigError("client_aggregation: only for strategy=sequential "
-                        "(averaging always aggregates across layers)")
 
   def _check_fleet(self):
     if self.num_clients < 0:
@@ -329,31 +355,41 @@ class Config:
       raise ConfigError("aggregate_every > 1 with clients_per_round < num_clients is not "
                         "defined (sampled clients would train models that the next "
                         "aggregation may not see); use aggregate_every=1 or every client")
-    if self.tier_local_top and self.strategy != "averaging":
-      raise ConfigError(f"tier_local_top: for strategy=averaging only (a cross-layer average "
-                        f"to keep a unit out of), got strategy={self.strategy}")
-    if self.aggregate_sides != "together" and self.strategy != "averaging":
-      raise ConfigError(f"aggregate_sides: apart is for strategy=averaging only (Sequential has "
-                        f"one server part; client_aggregation averages its client parts), got "
-                        f"strategy={self.strategy}")
-    if self.client_exits != "own" and self.strategy != "averaging":
-      raise ConfigError(f"client_exits: every is for strategy=averaging only (exit heads "
-                        f"averaged over their holders), got strategy={self.strategy}")
-    if self.prox_mu and self.strategy != "averaging":
-      raise ConfigError(f"prox_mu: for strategy=averaging only (the distance to the averaged "
-                        f"model a client began the round with), got strategy={self.strategy}")
-    if self.static_bn and self.strategy != "averaging":
-      raise ConfigError(f"static_bn: for strategy=averaging only (statistics of the averaged "
-                        f"network), got strategy={self.strategy}")
-    if self.exit_weights != "equal" and self.client_exits != "every":
-      raise ConfigError(f"exit_weights: {self.exit_weights} weighs a client's several exits; it "
-                        f"needs client_exits=every (else a client has one exit)")
-    if self.distill == "deepest" and self.client_exits != "every":
-      raise ConfigError("distill: deepest distils a client's shallower exits from its own exit; "
-                        "it needs client_exits=every (else a client has one exit)")
     if self.samples_clients and self.client_aggregation != "none":
       raise ConfigError("client_aggregation=cross_layer with clients_per_round < num_clients is "
                         "not defined; use every client or client_aggregation=none")
+
+  def static_cuts(self) -> tuple | None:
+    """The fleet's distinct cuts where the config names them (``cuts``,
+    ``cut_tiers``); None where budgets decide them."""
+    if self.budget_tiers or self.client_budgets:
+      return None
+    return tuple(sorted({t[0] for t in self.cut_tiers} if self.cut_tiers else set(self.cuts)))
+
+  def check_effects(self, cuts=None) -> None:
+    """One rule for every field that needs another (:data:`EFFECTS`): set
+    away from its default, it must have an effect in this config, else a
+    one-line error naming what it needs. ``cuts``: the fleet's distinct cuts
+    (default: those the config names; budgets decide them when the fleet is
+    built, which checks again)."""
+    idle = self.idle_fields(cuts)
+    if idle:
+      name, needs = idle[0]
+      raise ConfigError(f"{name}: {_jsonable(getattr(self, name))!r} has no effect in this "
+                        f"config: it needs {needs}")
+
+  def idle_fields(self, cuts=None) -> list[tuple[str, str]]:
+    """(field, what it needs) of every field away from its default that has
+    no effect in this config (:data:`EFFECTS`), in the table's order."""
+    cuts = self.static_cuts() if cuts is None else tuple(cuts)
+    defaults, idle = _defaults(), []
+    for name, needs, has_effect in EFFECTS:
+      if getattr(self, name) == defaults[name]:
+        continue
+      effect = has_effect(self, cuts) if has_effect.__code__.co_argcount == 2 else has_effect(self)
+      if effect is False and name not in (n for n, _ in idle):
+        idle.append((name, needs))
+    return idle
 
   def _check_cut(self, name, c):
     try:
@@ -387,9 +423,127 @@ class Config:
     return (self.cohort_size < self.fleet_size or self.availability < 1
             or self.participation != "all")
 
+  def method_changes(self) -> dict[str, list[str]]:
+    """What this config changes of the paper's method, as ``field=value``
+    words per group of :data:`METHOD_FIELDS` (the fields away from their
+    defaults); empty groups left out (the run's header names them)."""
+    defaults = _defaults()
+    out = {}
+    for group, names in METHOD_FIELDS.items():
+      words = [f"{n}={_word(getattr(self, n))}" for n in names if getattr(self, n) != defaults[n]]
+      if words:
+        out[group] = words
+    return out
+
   def to_dict(self) -> dict:
     """Every field as a JSON value (``from_dict`` reads it back)."""
     return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+# The fields that change the method a run trains, by group (a run's header
+# names those away from their defaults: Config.method_changes).
+METHOD_FIELDS = {
+    "training": ("client_state", "aggregate_every", "client_aggregation",
+                 "server_grad_to_client", "exit_loss_weight"),
+    "variants": ("client_exits", "exit_weights", "distill", "distill_weight",
+                 "distill_temperature", "distill_start", "prox_mu", "static_bn", "tier_local_top",
+                 "aggregate_sides"),
+    "participation": ("participation", "deadline_s", "overcommit", "deadline_by_tier",
+                      "availability", "speed_spread"),
+    "link": ("link", "link_topk"),
+}
+
+
+def _word(v) -> str:
+  return ",".join(map(_word, v)) if isinstance(v, tuple) else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _several_cuts(cfg, cuts) -> bool | None:
+  return None if cuts is None else len(cuts) > 1
+
+
+_AVERAGING = "strategy=averaging"
+_SEVERAL = "a fleet of several cuts (with one cut every client holds the same units)"
+_DISTILL = "distill=deepest or distill=server"
+# The rule for companion fields (Config.check_effects): a field set away from
+# its default needs what the row says, else it has no effect. Each row:
+# (field, what it needs, whether the config gives it an effect: cfg -> bool, or
+# (cfg, the fleet's distinct cuts or None) -> bool or None for "not known yet").
+EFFECTS = (
+    ("deadline_s", "participation=deadline or participation=partial",
+     lambda c: c.participation != "all"),
+    ("overcommit", "participation=deadline", lambda c: c.participation == "deadline"),
+    ("deadline_by_tier", "participation=deadline", lambda c: c.participation == "deadline"),
+    ("link_topk", "link=topk", lambda c: c.link == "topk"),
+    ("link_bytes_per_s", "client_link_bytes_per_s=() (it gives every client's bandwidth)",
+     lambda c: not c.client_link_bytes_per_s),
+    ("cuts", "no cut_tiers, budget_tiers or client_budgets (they give the fleet's cuts)",
+     lambda c: not (c.cut_tiers or c.budget_tiers or c.client_budgets)),
+    ("dirichlet_alpha", "partition=dirichlet", lambda c: c.partition == "dirichlet"),
+    ("synthetic_shape", "dataset=synthetic", lambda c: c.dataset == "synthetic"),
+    ("label_mode", "dataset=cifar100 (coarse labels exist only there)",
+     lambda c: c.dataset == "cifar100"),
+    ("augment_pad", "augment=True", lambda c: c.augment),
+    ("momentum", "optimizer=sgd (adam keeps its own moments)", lambda c: c.optimizer == "sgd"),
+    ("nesterov", "optimizer=sgd", lambda c: c.optimizer == "sgd"),
+    ("step_milestones", "schedule=step", lambda c: c.schedule == "step"),
+    ("step_gamma", "schedule=step", lambda c: c.schedule == "step"),
+    ("aggregate_every", "strategy=averaging or client_aggregation=cross_layer (else nothing "
+     "is aggregated)", lambda c: c.strategy == "averaging" or c.client_aggregation != "none"),
+    ("client_aggregation", "strategy=sequential (averaging always aggregates across layers)",
+     lambda c: c.strategy == "sequential"),
+    ("tier_local_top", _AVERAGING, lambda c: c.strategy == "averaging"),
+    ("tier_local_top", _SEVERAL, _several_cuts),
+    ("aggregate_sides", _AVERAGING, lambda c: c.strategy == "averaging"),
+    ("aggregate_sides", _SEVERAL, _several_cuts),
+    ("client_exits", _AVERAGING, lambda c: c.strategy == "averaging"),
+    ("client_exits", _SEVERAL + ": no cut below another to hold an exit at", _several_cuts),
+    ("exit_weights", "client_exits=every (else a client has one exit)",
+     lambda c: c.client_exits == "every"),
+    ("distill", "client_exits=every for deepest (it distils a client's shallower exits from its "
+     "own)", lambda c: c.distill != "deepest" or c.client_exits == "every"),
+    ("distill", "distill_start <= rounds (it never starts)", lambda c: c.distill_start <= c.rounds),
+    ("distill_weight", _DISTILL, lambda c: c.distill != "none"),
+    ("distill_temperature", _DISTILL, lambda c: c.distill != "none"),
+    ("distill_start", _DISTILL, lambda c: c.distill != "none"),
+    ("prox_mu", _AVERAGING, lambda c: c.strategy == "averaging"),
+    ("static_bn", _AVERAGING, lambda c: c.strategy == "averaging"),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _default_values() -> tuple:
+  return tuple((f.name, f.default) for f in dataclasses.fields(Config))
+
+
+def _defaults() -> dict:
+  return dict(_default_values())
+
+
+def did_you_mean(name: str, known) -> str:
+  """``; did you mean X?`` for the closest of ``known``, or nothing."""
+  close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+  return f"; did you mean {close[0]}?" if close else ""
+
+
+def at_point(base: Config, changes: dict) -> tuple[Config, list[str]]:
+  """``base`` with ``changes`` (a sweep's grid point), and the fields of
+  ``base`` that the point leaves without effect, set back to their defaults
+  (they change nothing there; a sweep over ``participation`` with
+  ``deadline_s`` in its base, say). A swept field without effect stays an
+  error. Returns the config and the fields set back."""
+  defaults, reset = _defaults(), {}
+  for _ in range(len(EFFECTS)):
+    token = _LENIENT.set(True)
+    try:
+      loose = dataclasses.replace(base, **changes, **reset)
+    finally:
+      _LENIENT.reset(token)
+    idle = [n for n, _ in loose.idle_fields() if n not in changes and n not in reset]
+    if not idle:
+      break
+    reset.update({n: defaults[n] for n in idle})
+  return dataclasses.replace(base, **changes, **reset), sorted(reset)
 
 
 def run_fields() -> frozenset:
@@ -475,8 +629,13 @@ def from_dict(d: dict) -> Config:
   d = _current_names(d)
   unknown = sorted(set(d) - known)
   if unknown:
-    raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
-  return Config(**{k: _tuples(v) for k, v in {**PREDATED, **d}.items()})
+    raise ConfigError(f"unknown config key(s): {', '.join(unknown)}"
+                      + (did_you_mean(unknown[0], known) if len(unknown) == 1 else ""))
+  token = _LENIENT.set(True)
+  try:
+    return Config(**{k: _tuples(v) for k, v in {**PREDATED, **d}.items()})
+  finally:
+    _LENIENT.reset(token)
 
 
 def _tuples(v):
@@ -493,7 +652,7 @@ def override(cfg: Config, assignments: list[str]) -> Config:
     key, raw = a.split("=", 1)
     key = RENAMED.get(key.strip(), key.strip())
     if key not in types:
-      raise ConfigError(f"unknown config key {key!r} in --set {a!r}")
+      raise ConfigError(f"unknown config key {key!r} in --set {a!r}{did_you_mean(key, types)}")
     typ = types[key]
     if typ is str:
       value = raw
@@ -505,7 +664,7 @@ def override(cfg: Config, assignments: list[str]) -> Config:
       if typ is tuple and isinstance(value, (list, int, float)):
         value = _tuples(value) if isinstance(value, list) else (value,)
     changes[key] = value
-  return dataclasses.replace(cfg, **changes)
+  return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def load(path: str | Path, assignments: list[str] | None = None) -> Config:

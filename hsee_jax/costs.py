@@ -204,24 +204,10 @@ def choose_cuts(net: models.SplitNetwork, image_shape: tuple, budgets, batch_siz
 def simulated_round_seconds(strategy: str, cuts, table: dict, steps, batch_size: int,
                             client_flops_per_s, server_flops_per_s: float,
                             link_bytes_per_s, aggregate: bool = True) -> float:
-  """Simulated wall time of one round (a simple pipeline model).
-
-  Per client i and round: client compute ``c_i = S_i*B*client_flops / F_i``,
-  upload ``u_i = S_i*B*bytes / bandwidth_i`` (the activations as the link
-  sends them, + the gradient or soft labels back when the table says so),
-  server work ``s_i = S_i*B*server_flops / F_server``.
-
-  * Sequential: clients wait their turn for the one server; within a turn the
-    client and server pipeline, so a turn takes ``max(c_i + u_i, s_i)`` and the
-    round is their sum.
-  * Averaging: clients run in parallel and the one server machine does every
-    client's server work: ``max(max_i(c_i + u_i), sum_i s_i)``.
-
-  Plus, with ``aggregate`` (Averaging's cross-layer aggregation, Sequential's
-  with ``client_aggregation``), every client sending and receiving its
-  client part in float32 (``max_i 2 * 4 * params_i / bandwidth_i``).
-  ``steps`` (S_i) and ``link_bytes_per_s`` are one figure for all or one per client.
-  """
+  """Simulated wall time of one round in which every client of ``cuts``
+  takes part (:meth:`Clock.round_seconds`; the rule in docs/usage.md,
+  "The simulated clock"). ``steps`` (S_i), ``client_flops_per_s`` and
+  ``link_bytes_per_s`` are one figure for all or one per client."""
   clock = Clock.of(table, cuts, batch_size, client_flops_per_s, link_bytes_per_s,
                    server_flops_per_s, strategy)
   return clock.round_seconds(np.arange(len(cuts)), steps, aggregate)
@@ -229,10 +215,33 @@ def simulated_round_seconds(strategy: str, cuts, table: dict, steps, batch_size:
 
 @dataclasses.dataclass(frozen=True)
 class Clock:
-  """Each client's simulated seconds and bytes (the model of
-  :func:`simulated_round_seconds`), per client id: a local step on the
-  client (compute, then its messages on its link), the aggregation's
-  transfer of its client part, and its server work per step."""
+  """The simulated clock: each client's seconds and bytes, per client id.
+
+  The rule (docs/usage.md, "The simulated clock"), for client i with S_i
+  local steps of B images:
+
+  * a local step on the client takes ``step_s[i] = B * client_flops / F_i +
+    step_bytes[i] / bandwidth_i`` (its compute, then its messages on its
+    link: the activations as the link sends them, + the gradient or soft
+    labels back when the cost table says so);
+  * the aggregation's transfer (a round that aggregates) takes
+    ``aggregate_s[i] = 2 * 4 * client_params / bandwidth_i`` (its client part
+    up and the average down, float32);
+  * client i is done at ``t_i = S_i * step_s[i] + aggregate_s[i]`` (its
+    own compute and transfers, summed);
+  * the server's work for client i is ``S_i * server_step_s[i]``.
+
+  **Averaging** (clients in parallel, one server machine doing every
+  client's server work): the round ends when the last client is done or
+  the server has done all its work, ``max(max_i t_i, sum_i S_i *
+  server_step_s[i])``. **Sequential** (clients take turns on the one
+  server, client and server pipelined within a turn): ``sum_i max(S_i *
+  step_s[i], S_i * server_step_s[i])``, then the aggregation's transfer
+  (with ``client_aggregation``) ``max_i aggregate_s[i]``, all clients at once.
+  A round nobody takes part in takes 0 s, except under a deadline
+  (:func:`hsee_jax.fleet.participants`), where the server waits until the
+  deadline for what it asked for.
+  """
   step_s: np.ndarray         # [N] a local step: client compute + link
   aggregate_s: np.ndarray    # [N] client part up and down in float32
   server_step_s: np.ndarray  # [N] the server's work per step of that client
@@ -257,14 +266,20 @@ class Clock:
                sequential=strategy == "sequential")
 
   def client_seconds(self, ids, steps, aggregate: bool) -> np.ndarray:
-    """When each client of ``ids`` is done with ``steps`` local steps (one
-    figure or one per client) and, with ``aggregate``, its transfer."""
+    """``t_i``: when each client of ``ids`` is done with ``steps`` local
+    steps (one figure or one per client) and, with ``aggregate``, its transfer."""
     return np.asarray(steps) * self.step_s[ids] + (self.aggregate_s[ids] if aggregate else 0.0)
 
   def steps_within(self, ids, seconds: float, most: int, aggregate: bool) -> np.ndarray:
-    """The local steps (0..``most``) each client of ``ids`` finishes within ``seconds``."""
+    """The local steps (0..``most``) each client of ``ids`` finishes, with
+    its aggregation transfer, within ``seconds``."""
     left = seconds - (self.aggregate_s[ids] if aggregate else 0.0)
     return np.clip(np.floor(left / self.step_s[ids] + 1e-9), 0, most).astype(np.int64)
+
+  def steps_by(self, ids, seconds: float, most: int) -> np.ndarray:
+    """The local steps (0..``most``) each client of ``ids`` has finished
+    ``seconds`` into the round (no aggregation transfer)."""
+    return np.clip(np.floor(seconds / self.step_s[ids] + 1e-9), 0, most).astype(np.int64)
 
   def round_seconds(self, ids, steps, aggregate: bool) -> float:
     """The round of clients ``ids`` with ``steps`` local steps each (0.0 with nobody)."""
@@ -274,13 +289,14 @@ class Clock:
     steps = np.broadcast_to(np.asarray(steps, np.float64), ids.shape)
     work, server = steps * self.step_s[ids], steps * self.server_step_s[ids]
     if self.sequential:
-      t = float(np.sum(np.maximum(work, server)))
-    else:
-      t = float(max(np.max(work), np.sum(server)))
-    return t + (float(np.max(self.aggregate_s[ids])) if aggregate else 0.0)
+      return float(np.sum(np.maximum(work, server))) + (
+          float(np.max(self.aggregate_s[ids])) if aggregate else 0.0)
+    done = work + (self.aggregate_s[ids] if aggregate else 0.0)
+    return float(max(np.max(done), np.sum(server)))
 
   def round_bytes(self, ids, steps, aggregate: bool) -> int:
-    """Bytes on the link in the round of clients ``ids`` (every direction)."""
+    """Bytes on the link in the round of clients ``ids`` (every direction):
+    their steps' messages and, with ``aggregate``, their client parts."""
     ids = np.asarray(ids, np.int64)
     steps = np.broadcast_to(np.asarray(steps, np.float64), ids.shape)
     total = np.sum(steps * self.step_bytes[ids]) + (np.sum(self.aggregate_bytes[ids]) if aggregate else 0)

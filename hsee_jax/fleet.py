@@ -24,7 +24,7 @@ import numpy as np
 from hsee_jax import costs
 from hsee_jax import data as data_lib
 from hsee_jax import models
-from hsee_jax.config import Config
+from hsee_jax.config import Config, ConfigError
 
 
 class FleetError(ValueError):
@@ -119,6 +119,11 @@ def build_fleet(cfg: Config, dataset: data_lib.Dataset,
     cuts = np.asarray(cfg.cuts, np.int64)
   for r in reasons:
     (log or (lambda s: None))(f"[hsee] {r}")
+  if cfg.static_cuts() is None:   # budgets chose the cuts: the rule for companion fields again
+    try:
+      cfg.check_effects(np.unique(cuts).tolist())
+    except ConfigError as e:
+      raise FleetError(f"{e} (the budgets give every client cut {int(cuts[0])})") from None
   try:
     partitions = data_lib.partition(dataset.train_labels, n, cfg.partition,
                                     cfg.dirichlet_alpha, cfg.seed)
@@ -134,13 +139,13 @@ DEFAULT_FLOPS_PER_S = 1e10
 
 
 def _speeds(given: tuple, default: float, tier, n: int, spread: float, rng) -> np.ndarray:
-  """Each client's figure: ``given`` per tier (with tiers) or per client,
-  else ``default``; with ``spread`` > 0 drawn lognormal
+  """Each client's figure: ``given`` per client (N values) or per tier (T
+  values; Config refuses N = T as ambiguous), else ``default``; with ``spread`` > 0 drawn lognormal
   around it (the figure is the median: ``figure * exp(spread * z)``)."""
   figures = np.full(n, float(default))
   if given:
     given = np.asarray(given, np.float64)
-    figures = given if len(given) == n and tier is None else given[tier]
+    figures = given if len(given) == n else given[tier]   # Config refuses N = T
   if spread > 0:
     figures = figures * np.exp(spread * rng.standard_normal(n))
   return figures
@@ -196,22 +201,51 @@ def tier_quotas(cuts: np.ndarray, cohort: int) -> dict[int, int]:
   return {int(c): int(q) for c, q in zip(tiers, quota)}
 
 
-def participants(fleet: Fleet, cfg: Config, rnd: int, clock, local_steps: int):
-  """Who trains in round ``rnd``, by ``cfg.participation``: ``(ids, steps,
-  dropped)``, ids ascending, ``steps`` each one's local steps (None: all
-  ``local_steps``), ``dropped`` the sampled clients that did not make the
-  deadline.
+@dataclasses.dataclass(frozen=True)
+class Turnout:
+  """Who takes part in a round and what the round costs (:func:`participants`).
+
+  ``ids`` the clients that train, ascending; ``steps`` each one's local
+  steps (None: all of them); ``dropped`` the sampled clients that missed
+  the deadline (not done within ``deadline_s``; under ``partial``, no step
+  fits); ``unused`` the sampled clients done within the deadline but not
+  needed (over-commitment: the cohort, or their tier's share, was full
+  before they finished); ``online`` how many clients were online;
+  ``seconds`` and ``bytes`` the round on the simulated clock and the link.
+  """
+  ids: np.ndarray
+  steps: np.ndarray | None
+  dropped: np.ndarray
+  unused: np.ndarray
+  online: int
+  seconds: float
+  bytes: int
+
+
+def participants(fleet: Fleet, cfg: Config, rnd: int, clock, local_steps: int) -> Turnout:
+  """Who trains in round ``rnd``, by ``cfg.participation``, and what the
+  round costs on ``clock`` (:class:`hsee_jax.costs.Clock`; the rule is
+  docs/usage.md's "The simulated clock").
 
   * ``all``: the cohort (:func:`sample_cohort`, from the online clients);
-  * ``deadline``: ``ceil(overcommit * C)`` online clients sampled, of those
-    done within ``deadline_s`` (``clock``: :class:`hsee_jax.costs.Clock`)
-    the first C to finish kept (FedScale's over-commitment); with
-    ``deadline_by_tier`` each cut's share of the C (:func:`tier_quotas`) is
-    the first of that cut to finish;
+    the round is :meth:`Clock.round_seconds` of it.
+  * ``deadline``: ``ceil(overcommit * C)`` online clients sampled; of those
+    done within ``deadline_s``, the first C to finish kept (FedScale's
+    over-commitment); with ``deadline_by_tier`` each cut's share of the C
+    (:func:`tier_quotas`) is the first of that cut to finish. The round
+    ends when the last kept client is done, if that filled the cohort (every
+    tier's share); else the server waited: it lasts until the deadline. On
+    the link: the kept clients' steps and client parts, and the steps every
+    other sampled client finished before the round ended.
   * ``partial``: the cohort, each client doing the local steps that fit in
-    ``deadline_s`` (FedProx's partial work); a client with none is dropped.
+    ``deadline_s`` with its transfer (FedProx's partial work); a client
+    with none is dropped and sends nothing, and the server waits for it
+    until the deadline.
+
+  Nobody online: nothing happens, 0 s.
   """
   ids = online(cfg, rnd, fleet.num_clients)
+  num_online = len(ids)
   want = cfg.cohort_size
   if cfg.participation == "deadline":
     want = min(len(ids), math.ceil(cfg.overcommit * cfg.cohort_size - 1e-9))
@@ -220,23 +254,40 @@ def participants(fleet: Fleet, cfg: Config, rnd: int, clock, local_steps: int):
   elif want < len(ids):
     ids = np.sort(np.random.default_rng([cfg.seed, 13, rnd]).choice(ids, want, replace=False))
   aggregate = cfg.aggregates_after(rnd)
+  none = ids[:0]
   if cfg.participation == "all":
-    return ids, None, ids[:0]
-  if cfg.participation == "deadline":
-    done = clock.client_seconds(ids, local_steps, aggregate)
-    order = np.argsort(done, kind="stable")
-    order = order[done[order] <= cfg.deadline_s]
-    if cfg.deadline_by_tier:
-      cuts = fleet.cuts[ids]
-      kept = np.concatenate([order[cuts[order] == c][:q] for c, q in
-                             tier_quotas(cuts, cfg.cohort_size).items()]).astype(np.int64)
-    else:
-      kept = order[:cfg.cohort_size]
-    mask = np.zeros(len(ids), bool)
-    mask[kept] = True
-    return ids[mask], None, ids[~mask]
-  steps = clock.steps_within(ids, cfg.deadline_s, local_steps, aggregate)
-  return ids[steps > 0], steps[steps > 0], ids[steps == 0]
+    return Turnout(ids, None, none, none, num_online, clock.round_seconds(ids, local_steps, aggregate),
+                   clock.round_bytes(ids, local_steps, aggregate))
+  if cfg.participation == "partial":
+    steps = clock.steps_within(ids, cfg.deadline_s, local_steps, aggregate)
+    kept = steps > 0
+    seconds = clock.round_seconds(ids[kept], steps[kept], aggregate)
+    if not kept.all():
+      seconds = max(seconds, cfg.deadline_s)
+    return Turnout(ids[kept], steps[kept], ids[~kept], none, num_online, seconds,
+                   clock.round_bytes(ids[kept], steps[kept], aggregate))
+  done = clock.client_seconds(ids, local_steps, aggregate)
+  order = np.argsort(done, kind="stable")
+  in_time = order[done[order] <= cfg.deadline_s]
+  if cfg.deadline_by_tier:
+    cuts = fleet.cuts[ids]
+    shares = tier_quotas(cuts, cfg.cohort_size)
+    per_tier = [in_time[cuts[in_time] == c][:q] for c, q in shares.items()]
+    kept = np.concatenate(per_tier + [none]).astype(np.int64)
+    full = all(len(k) == q for k, q in zip(per_tier, shares.values()))
+  else:
+    kept = in_time[:cfg.cohort_size]
+    full = len(kept) == min(cfg.cohort_size, len(ids))
+  is_kept, is_in_time = np.zeros(len(ids), bool), np.zeros(len(ids), bool)
+  is_kept[kept], is_in_time[in_time] = True, True
+  seconds = clock.round_seconds(ids[is_kept], local_steps, aggregate)
+  if not full:   # the server waited for the clients it asked for until the deadline
+    seconds = max(seconds, cfg.deadline_s)
+  others = ids[~is_kept]
+  sent = clock.round_bytes(ids[is_kept], local_steps, aggregate) + clock.round_bytes(
+      others, clock.steps_by(others, seconds, local_steps), False)
+  return Turnout(ids[is_kept], None, ids[~is_in_time], ids[is_in_time & ~is_kept], num_online,
+                 seconds, sent)
 
 
 def step_hparams(cfg: Config, rnd: int, lrs) -> np.ndarray:
@@ -262,8 +313,10 @@ class Cohort:
   exit-loss weight, distillation weight; :func:`step_hparams`), inputs of the compiled step rather than constants in it;
   ``weights`` [C] data sizes; ``keys`` [C, 2] PRNG keys (uint32);
   ``active`` [C, S] (participation=partial, else None) whether each client
-  does each step; ``dropped`` the ids sampled but not kept (a deadline);
-  ``sim_seconds`` and ``bytes_sent``: the round on the simulated clock
+  does each step; ``dropped`` the ids sampled that missed the deadline,
+  ``unused`` those in time but not needed (over-commitment), ``online``
+  how many clients were online (:class:`Turnout`); ``sim_seconds`` and
+  ``bytes_sent``: the round on the simulated clock
   (:class:`hsee_jax.costs.Clock`) and on the link.
   """
   round: int
@@ -276,6 +329,8 @@ class Cohort:
   keys: np.ndarray
   active: np.ndarray | None = None
   dropped: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+  unused: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+  online: int = 0
   sim_seconds: float = 0.0
   bytes_sent: int = 0
 
@@ -295,7 +350,8 @@ def make_cohort(fleet: Fleet, cfg: Config, rnd: int, local_steps: int, schedule,
   images, at which rates, with which keys, and what the round takes on
   ``clock`` (:class:`hsee_jax.costs.Clock`). Data order and keys are pure
   functions of (seed, round, client)."""
-  ids, steps, dropped = participants(fleet, cfg, rnd, clock, local_steps)
+  turnout = participants(fleet, cfg, rnd, clock, local_steps)
+  ids, steps = turnout.ids, turnout.steps
   indices = np.stack([data_lib.client_batches(fleet.partitions[i], local_steps, cfg.batch_size,
                                               cfg.seed, rnd, int(i)) for i in ids]
                      or [np.zeros((local_steps, cfg.batch_size), np.int64)])[:len(ids)]
@@ -304,11 +360,8 @@ def make_cohort(fleet: Fleet, cfg: Config, rnd: int, local_steps: int, schedule,
   hparams = step_hparams(cfg, rnd, lrs)
   keys = np.asarray(_client_keys(base_key, rnd, ids.astype(np.int32)))
   active = None if steps is None else np.arange(local_steps)[None, :] < steps[:, None]
-  done = local_steps if steps is None else steps
-  aggregate = cfg.aggregates_after(rnd)
   return Cohort(round=rnd, ids=ids, cuts=fleet.cuts[ids], slots=fleet.slots[ids],
                 indices=indices, hparams=hparams, weights=fleet.data_sizes[ids], keys=keys,
-                active=active, dropped=dropped,
-                sim_seconds=clock.round_seconds(ids, done, aggregate),
-                bytes_sent=clock.round_bytes(ids, done, aggregate))
+                active=active, dropped=turnout.dropped, unused=turnout.unused,
+                online=turnout.online, sim_seconds=turnout.seconds, bytes_sent=turnout.bytes)
 

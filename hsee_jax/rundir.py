@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import shutil
 import socket
@@ -49,7 +50,48 @@ RUN_GLOBS = (EVAL.format("*"),)
 
 
 class RunError(RuntimeError):
-  """A run that cannot go on; the message is one line naming the problem."""
+  """A run that cannot go on; the message is one line naming the problem.
+  ``exit_code``: what ``hsee`` exits with (2: the input is wrong)."""
+  exit_code = 2
+
+
+class WriteError(RunError):
+  """A write the machine refused (a full disk, an I/O error): not the
+  input's fault, so ``hsee`` exits 1. A run's message names the newest
+  checkpoint that restores (:meth:`hsee_jax.checkpoint.Checkpointer.newest_restorable`)."""
+  exit_code = 1
+
+
+# Fault injection for tests: the write named here (``metrics``, ``tensorboard``,
+# ``summary``; ``<point>:<round>`` for a round's write) fails as a full disk does.
+FAULT_ENOSPC = "HSEE_FAULT_ENOSPC"
+
+
+def injected_fault(point: str, rnd: int | None = None) -> None:
+  """Raise ENOSPC where :data:`FAULT_ENOSPC` names this write (tests only)."""
+  want = os.environ.get(FAULT_ENOSPC)
+  if want and want in (point, f"{point}:{rnd}"):
+    raise OSError(28, f"No space left on device (fault injected by {FAULT_ENOSPC})")
+
+
+def finite_json(obj, **kw) -> str:
+  """``json.dumps`` that refuses NaN and infinity (they are not JSON): a
+  one-line :class:`RunError` naming the first non-finite value's place."""
+  try:
+    return json.dumps(obj, allow_nan=False, **kw)
+  except ValueError:
+    raise RunError(f"refusing to write a non-finite number as JSON (at {_nonfinite_path(obj)})") from None
+
+
+def _nonfinite_path(obj, path="") -> str:
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return path or "top"
+  items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+  for k, v in items:
+    found = _nonfinite_path(v, f"{path}.{k}" if isinstance(k, str) else f"{path}[{k}]")
+    if found:
+      return found
+  return ""
 
 
 def load_config(run: str | Path) -> Config:
@@ -69,6 +111,9 @@ def check_dir(path: Path, what: str) -> None:
   """A one-line error (``what: it is a file`` / ``not writable``) where
   ``path`` cannot serve as a directory to write into; a path that does not
   exist yet passes."""
+  if path.is_symlink() and not path.exists():
+    raise RunError(f"{what}: it is a dangling symbolic link (to {os.readlink(path)}, which "
+                   f"does not exist)")
   if path.exists() and not path.is_dir():
     raise RunError(f"{what}: it is a file")
   if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
@@ -137,12 +182,13 @@ def write_atomic(path: Path, text: str) -> None:
   """``path`` holds either its old or its new text, never a part."""
   tmp = path.with_name(path.name + ".tmp")
   try:
+    injected_fault(path.stem)
     tmp.write_text(text)
     os.replace(tmp, path)
   except OSError as e:
     with contextlib.suppress(OSError):
       tmp.unlink(missing_ok=True)   # a part written on a full disk goes too
-    raise RunError(f"cannot write {path}: {e.strerror or e}") from None
+    raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 # Metric names of run directories written before the names were unified
@@ -280,13 +326,13 @@ class RunDir:
       write_atomic(self.path / name, text)
 
   def write_config(self, cfg) -> None:
-    self._write(CONFIG, json.dumps(cfg.to_dict(), indent=2))
+    self._write(CONFIG, finite_json(cfg.to_dict(), indent=2))
 
   def write_fleet(self, description: dict) -> None:
-    self._write(FLEET, json.dumps(description))
+    self._write(FLEET, finite_json(description))
 
   def write_summary(self, summary: dict) -> None:
-    self._write(SUMMARY, json.dumps(summary, indent=2))
+    self._write(SUMMARY, finite_json(summary, indent=2))
 
   def read_summary(self) -> dict:
     return read_summary(self.path)
@@ -301,7 +347,7 @@ class RunDir:
   def keep_records(self, records: list[dict]) -> Path:
     """``metrics.jsonl`` rewritten to hold ``records`` (one atomic replace);
     its path, for :class:`hsee_jax.writers.MetricsFile` to append to."""
-    self._write(METRICS, "".join(json.dumps(r) + "\n" for r in records))
+    self._write(METRICS, "".join(finite_json(r) + "\n" for r in records))
     return self.metrics_path
 
   def checkpointer(self, keep: int, create: bool = True):

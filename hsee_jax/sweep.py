@@ -135,17 +135,22 @@ def point_names(points: list[dict]) -> list[str]:
   return names
 
 
-def grid_points(base: Config, grid: dict) -> list[tuple[str, dict, Config]]:
+def grid_points(base: Config, grid: dict, log=None) -> list[tuple[str, dict, Config]]:
   """The product of the grid: (point name, swept values, config) per point;
-  point names come from :func:`point_names`."""
+  point names come from :func:`point_names`. A field of ``base`` that a
+  point leaves without effect is set back to its default there
+  (:func:`hsee_jax.config.at_point`), and ``log`` says so."""
   fields = list(grid)
   points = [dict(zip(fields, values)) for values in itertools.product(*(grid[f] for f in fields))]
   out = []
   for pname, point in zip(point_names(points), points):
     try:
-      out.append((pname, point, dataclasses.replace(base, **point)))
+      cfg, reset = config_lib.at_point(base, point)
     except ConfigError as e:
       raise ConfigError(f"grid point {pname}: {e}") from None
+    if reset and log is not None:
+      log(f"[sweep] {pname}: {', '.join(reset)} back to the default (no effect at this point)")
+    out.append((pname, point, cfg))
   return out
 
 
@@ -164,9 +169,9 @@ def plan_points(points: list[tuple[str, dict, Config]], seeds: list[int]) -> lis
   return sorted(runs, key=lambda r: r.batch)
 
 
-def plan(base: Config, grid: dict, seeds: list[int]) -> list[Run]:
+def plan(base: Config, grid: dict, seeds: list[int], log=None) -> list[Run]:
   """Every grid point x seed, ordered batch by batch."""
-  return plan_points(grid_points(base, grid), seeds)
+  return plan_points(grid_points(base, grid, log), seeds)
 
 
 def _done(run_dir: Path, rounds: int) -> bool:
@@ -201,7 +206,7 @@ def run_sweep(base: Config, grid: dict, seeds: list[int], out: str | Path, *,
       ``overwrite``.
   """
   out = Path(out)
-  runs = plan(base, grid, seeds)
+  runs = plan(base, grid, seeds, log)
   with locked(out, log):
     return _run_sweep(base, grid, seeds, out, runs, resume, overwrite, log)
 

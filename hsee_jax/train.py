@@ -73,7 +73,7 @@ class Simulation:
     """One round, the step :func:`run_rounds` repeats: sample the cohort,
     train it; (state, metrics [C, 4] as numpy, cohort)."""
     cohort = self.cohort(rnd, base_key)
-    if not cohort.size:  # nobody made the deadline: the round trains nothing
+    if not cohort.size:  # nobody online, or nobody in time: the round trains nothing
       return state, np.zeros((0, len(METRIC_NAMES)), np.float32), cohort
     state, metrics = self.algorithm.apply(state, cohort)
     return state, np.asarray(metrics), cohort
@@ -135,13 +135,14 @@ class RoundCheckpoints:
     every = self.cfg.checkpoint_every
     return rounds_done == self.cfg.rounds or bool(every and rounds_done % every == 0)
 
-  def last(self) -> str:
-    last = self.ckpt.latest_step()
-    return "none" if last is None else f"after round {last}"
+  def last(self, upto: int | None = None) -> str:
+    """The newest checkpoint that restores (checked: ``Checkpointer.newest_restorable``;
+    ``upto``: of those after rounds <= it), in words."""
+    return _round_words(self.ckpt.newest_restorable(upto))
 
   def _failed(self, rounds_done: int, e: CheckpointError) -> RoundError:
-    return RoundError(f"round {rounds_done}: {e}; the checkpoint before it is intact: "
-                      f"{self.last()}", rounds_done - 1, local=True)
+    return RoundError(f"round {rounds_done}: {e}; {RESTORES}: {self.last()}", rounds_done - 1,
+                      local=True)
 
   def save(self, rounds_done: int, state) -> None:
     """Start writing the state after ``rounds_done`` rounds (in the background)."""
@@ -184,20 +185,30 @@ def _check_finite(sim: Simulation, state, metrics: np.ndarray, rnd: int,
 def _record(rnd: int, metrics: np.ndarray, cohort: fleet_lib.Cohort, seconds: float,
             images: int, fleet: fleet_lib.Fleet) -> dict:
   """A round's record (``metrics.jsonl``): the round on the simulated clock
-  and the link, the clients that missed the deadline per cut of ``fleet``,
-  the fleet's mean train metrics and each client's."""
+  and the link, per cut of ``fleet`` the sampled clients that missed the
+  deadline (``dropped_per_cut``) and those in time but not needed
+  (``unused_per_cut``, over-commitment), the fleet's mean train metrics and
+  each client's."""
+  per_cut = lambda ids: {str(c): int(np.sum(fleet.cuts[ids] == c)) for c in fleet.groups}
   return {"round": rnd, "seconds": seconds, "images_per_s": images / max(seconds, 1e-9),
           "sim_seconds": cohort.sim_seconds, "bytes_sent": cohort.bytes_sent,
-          "dropped_per_cut": {str(c): int(np.sum(fleet.cuts[cohort.dropped] == c))
-                              for c in fleet.groups},
+          "dropped_per_cut": per_cut(cohort.dropped), "unused_per_cut": per_cut(cohort.unused),
           "train": dict(zip(METRIC_NAMES, map(float, metrics.mean(0)))) if len(metrics) else {},
           "train_per_client": [{"client": int(i), "cut": int(c),
                                 **dict(zip(METRIC_NAMES, map(float, m)))}
                                for i, c, m in zip(cohort.ids, cohort.cuts, metrics)]}
 
 
-def _last(checkpoints: RoundCheckpoints | None) -> str:
-  return checkpoints.last() if checkpoints is not None else "none"
+# How a message names the checkpoint a run can go on from.
+RESTORES = "the newest checkpoint that restores"
+
+
+def _round_words(step: int | None) -> str:
+  return "none" if step is None else f"after round {step}"
+
+
+def _last(checkpoints: RoundCheckpoints | None, upto: int | None = None) -> str:
+  return checkpoints.last(upto) if checkpoints is not None else "none"
 
 
 def run_rounds(sim: Simulation, state, start: int, train_key, *,
@@ -240,11 +251,14 @@ def run_rounds(sim: Simulation, state, start: int, train_key, *,
       checkpoints.save(done, state)
     if evaluate is not None and (done % cfg.eval_every == 0 or done == cfg.rounds):
       record["test"] = evaluate(state)
+    recorded = rnd   # rounds metrics.jsonl holds, which a resume goes on from
     for w in writers:
       try:
         w.write_round(record)
       except RunError as e:
-        raise RoundError(f"{e}; newest checkpoint: {_last(checkpoints)}", rnd, local=True) from None
+        raise RoundError(f"{e}; {RESTORES}: {_last(checkpoints, recorded)}", rnd,
+                         local=True) from None
+      recorded = done
     if saving:
       checkpoints.finish(done)
   return state, cfg.rounds, None
@@ -280,7 +294,10 @@ def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False, resume: 
       return _finished_summary(run)
     state, start, train_key, records = begun
     _log_header(sim, dataset, state, log)
-    writers = _open_writers(stack, run, cfg, writers, records, ckpt if resume else None)
+    try:
+      writers = _open_writers(stack, run, cfg, writers, records, ckpt if resume else None)
+    except rundir.WriteError as e:
+      raise rundir.WriteError(f"{e}; {RESTORES}: {_round_words(ckpt.newest_restorable())}") from None
     checkpoints = RoundCheckpoints(ckpt, cfg, train_key)
     with _stopping(run, writers, log):
       state, done, signum = run_rounds(
@@ -292,7 +309,11 @@ def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False, resume: 
       _event(writers, done, f"{signal.Signals(signum).name} after round {done}")
       raise stopping.Stopped(signum, done, run.path)
     summary = _summary(sim, start if resume else None, writers[0], t_start)
-    run.write_summary(summary)   # while the directory is still locked
+    try:
+      run.write_summary(summary)   # while the directory is still locked
+    except rundir.WriteError as e:
+      raise rundir.WriteError(f"{e}; {RESTORES}: {_round_words(ckpt.newest_restorable())} "
+                              f"(hsee train --resume {run.path} writes it)") from None
   for c in (summary["test"] or {}).get("cuts", []):
     log(f"[hsee] {evaluation.format_cut(c)}")
   log(f"[hsee] done in {summary['wall_seconds']:.1f}s; results in {run.path}")
@@ -351,9 +372,10 @@ def _stopping(run: rundir.RunDir, writers: list, log):
     with contextlib.suppress(RunError):
       _event(writers, e.round, str(e))
     log(f"[hsee] {e}")
+    error = rundir.WriteError(str(e)) if e.local else RunError(str(e))
     if e.local and distributed.several_processes():
-      distributed.fail(f"{run.path}: {e}", 2)
-    raise RunError(str(e)) from None
+      distributed.fail(f"{run.path}: {e}", error.exit_code)
+    raise error from None
   except stopping.Abandoned as e:
     e.out = run.path
     raise
@@ -370,12 +392,18 @@ def _finished_summary(run: rundir.RunDir) -> dict:
 def _log_header(sim: Simulation, dataset, state, log) -> None:
   cfg, fleet = sim.cfg, sim.fleet
   tiers = ", ".join(f"{len(ids)} at cut {c}" for c, ids in fleet.groups.items())
-  log(f"[hsee] {cfg.name}: {cfg.strategy}, {fleet.num_clients} clients ({tiers}), "
+  clients = f"{fleet.num_clients} client{'s' if fleet.num_clients != 1 else ''}"
+  log(f"[hsee] {cfg.name}: {cfg.strategy}, {clients} ({tiers}), "
       f"{cfg.cohort_size} per round, {dataset.name} {len(dataset.train_labels)} train / "
       f"{len(dataset.test_labels)} test, width {cfg.width}, {sim.local_steps} local steps x "
       f"batch {cfg.batch_size}, mode {sim.ctx.mode} (chunks of {sim.ctx.chunk}), "
       f"precision {cfg.precision} ({precision_lib.resolve(cfg.precision)}), "
       f"backend {jax.default_backend()}")
+  changes = cfg.method_changes()
+  log(f"[hsee] method: {cfg.strategy}" + ("".join(f"; {group} " + ", ".join(words)
+                                                 for group, words in changes.items())
+                                         if changes else " as the paper trains it (no variant, "
+                                         "everyone every round, the activations as computed)"))
   log(f"[hsee] persistent state: {precision_lib.tree_bytes(state) / 2**20:.1f} MiB; per client "
       + ", ".join(f"{b / 2**10:.1f} KiB at cut {c}"
                   for c, b in sim.algorithm.per_client_bytes.items()))

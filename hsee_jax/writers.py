@@ -33,12 +33,15 @@ and those of :func:`for_config` (process 0 only, made before any work begins):
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from pathlib import Path
 from typing import Callable, Protocol
 
 from hsee_jax.config import Config
-from hsee_jax.rundir import TENSORBOARD, RunError, check_dir
+from hsee_jax.rundir import (TENSORBOARD, RunError, WriteError, check_dir, finite_json,
+                             injected_fault)
 from hsee_jax.strategies import METRIC_NAMES
 
 EVENT_FILES = "events.out.tfevents.*"
@@ -88,11 +91,13 @@ class MetricsFile:
   def _append(self, record: dict) -> None:
     if self.file is None:
       return
+    line = finite_json(record) + "\n"
     try:
-      self.file.write(json.dumps(record) + "\n")
+      injected_fault("metrics", record.get("round", -1) + 1)
+      self.file.write(line)
       self.file.flush()
     except OSError as e:
-      raise RunError(f"cannot write {self.path}: {e.strerror or e}") from None
+      raise WriteError(f"cannot write {self.path}: {e.strerror or e}") from None
 
   def close(self) -> None:
     if self.file is not None:
@@ -100,10 +105,16 @@ class MetricsFile:
 
 
 class TensorBoard:
-  """Per-round scalars and the config, written by ``tensorboardX.SummaryWriter``."""
+  """Per-round scalars and the config in a TensorBoard event file.
+
+  Written synchronously with tensorboardX's own event-file writer and
+  protobufs (``EventsWriter``; ``SummaryWriter`` writes from a thread of its
+  own, where a full disk would go unseen): each round's events are written
+  and flushed to the disk before the next round begins, and a failed write
+  is a one-line :class:`hsee_jax.rundir.WriteError` in the run's thread."""
 
   def __init__(self, logdir: str | Path):
-    self.logdir, self.writer = Path(logdir), None
+    self.logdir, self.events = Path(logdir), None
     self.where = f"tensorboard: cannot write event files into {self.logdir}"
     check_dir(self.logdir, self.where)
 
@@ -111,64 +122,88 @@ class TensorBoard:
     """A new event file holding the config (as indented JSON text: the Text
     tab) and ``records`` (the rounds ``metrics.jsonl`` keeps); the event
     files of earlier runs in the directory go (``records`` replaces them)."""
-    from tensorboardX import SummaryWriter  # present: Config checks it for tensorboard=True
-    try:
+    from tensorboardX import summary   # present: Config checks it for tensorboard=True
+    from tensorboardX.event_file_writer import EventsWriter
+    text = json.dumps(cfg.to_dict(), indent=2)
+    with self._writing():
       self.logdir.mkdir(parents=True, exist_ok=True)
       for old in self.logdir.glob(EVENT_FILES):
         old.unlink()
-      self.writer = SummaryWriter(str(self.logdir))
-    except OSError as e:
-      raise RunError(f"{self.where}: {e.strerror or e}") from None
-    text = json.dumps(cfg.to_dict(), indent=2)
-    self.writer.add_text("config", "\n".join("    " + line for line in text.splitlines()), 0)
-    for record in records:
-      self._add(record)
-    self.writer.flush()
+      self.events = EventsWriter(str(self.logdir / "events"))
+      self._event(0, summary.text("config", "\n".join("    " + line for line in text.splitlines())))
+      for record in records:
+        self._add(record)
+      self.events.flush()
 
   def write_round(self, record: dict) -> None:
     """Scalars of one round's ``metrics.jsonl`` record, flushed to the event file."""
-    self._add(record)
-    self.writer.flush()
+    with self._writing(record["round"] + 1):
+      self._add(record)
+      self.events.flush()
 
   def write_event(self, record: dict) -> None:
     pass  # a stop is in metrics.jsonl; the scalars end at the last round
+
+  @contextlib.contextmanager
+  def _writing(self, rnd: int | None = None):
+    try:
+      injected_fault("tensorboard", rnd)
+      yield
+    except OSError as e:
+      raise WriteError(f"{self.where}: {e.strerror or e}") from None
+
+  def _event(self, step: int, value) -> None:
+    from tensorboardX.proto import event_pb2
+    self.events.write_event(event_pb2.Event(summary=value, step=step, wall_time=time.time()))
+
+  def _scalar(self, tag: str, value, step: int) -> None:
+    from tensorboardX import summary
+    self._event(step, summary.scalar(tag, float(value)))
 
   def _add(self, record: dict) -> None:
     if "train" not in record:  # a stop event
       return
     step = record["round"] + 1
     for k, v in record["train"].items():
-      self.writer.add_scalar(f"train/{k}", v, step)
+      self._scalar(f"train/{k}", v, step)
     for k in ("sim_seconds", "bytes_sent"):  # the simulated clock and the link (costs.Clock)
       if k in record:
-        self.writer.add_scalar(f"clock/{k}", record[k], step)
-    for cut, n in record.get("dropped_per_cut", {}).items():
-      self.writer.add_scalar(f"dropped/cut{cut}", n, step)
+        self._scalar(f"clock/{k}", record[k], step)
+    for what in ("dropped", "unused"):   # missed the deadline; in time but not needed
+      for cut, n in record.get(f"{what}_per_cut", {}).items():
+        self._scalar(f"{what}/cut{cut}", n, step)
     by_cut: dict[int, list[dict]] = {}
     for c in record.get("train_per_client", []):
       by_cut.setdefault(c["cut"], []).append(c)
     for cut, clients in sorted(by_cut.items()):
       for k in METRIC_NAMES:
-        self.writer.add_scalar(f"train/cut{cut}/{k}", sum(c[k] for c in clients) / len(clients),
-                               step)
+        self._scalar(f"train/cut{cut}/{k}", sum(c[k] for c in clients) / len(clients), step)
     test = record.get("test")
     if test:
       for c in test["cuts"]:
         for k in ("exit_acc", "full_acc"):
-          self.writer.add_scalar(f"test/cut{c['cut']}/{k}", c[k]["mean"], step)
+          self._scalar(f"test/cut{c['cut']}/{k}", c[k]["mean"], step)
       for k in ("mean_exit_acc", "mean_full_acc"):
-        self.writer.add_scalar(f"test/{k}", test[k], step)
-    self.writer.add_scalar("speed/images_per_s", record["images_per_s"], step)
+        self._scalar(f"test/{k}", test[k], step)
+    self._scalar("speed/images_per_s", record["images_per_s"], step)
 
   def close(self) -> None:
-    """Flush and close the event file."""
-    if self.writer is not None:
-      self.writer.close()
+    """Flush and close the event file (a failure here was reported by the round's flush)."""
+    if self.events is not None:
+      with contextlib.suppress(OSError):
+        self.events.close()
+      self.events = None
 
 
-def format_metrics(m: dict) -> str:
-  """The train metrics of a record, or that nobody trained (every client past the deadline)."""
-  return "  ".join(f"{k} {m[k]:.3f}" for k in METRIC_NAMES) if m else "no client made the deadline"
+def format_metrics(record: dict) -> str:
+  """The train metrics of a round's record, or why nobody trained: every
+  sampled client missed the deadline, or nobody was online."""
+  m = record["train"]
+  if m:
+    return "  ".join(f"{k} {m[k]:.3f}" for k in METRIC_NAMES)
+  if sum(record.get("dropped_per_cut", {}).values()):
+    return "no client made the deadline"
+  return "nobody online"
 
 
 class Progress:
@@ -181,7 +216,7 @@ class Progress:
     pass  # the run's header lines say what it trains
 
   def write_round(self, record: dict) -> None:
-    line = f"round {record['round'] + 1:>3}/{self.rounds}  train {format_metrics(record['train'])}"
+    line = f"round {record['round'] + 1:>3}/{self.rounds}  train {format_metrics(record)}"
     if "test" in record:
       line += (f" | test mean_exit_acc {record['test']['mean_exit_acc']:.3f} "
                f"mean_full_acc {record['test']['mean_full_acc']:.3f}")

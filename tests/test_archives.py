@@ -149,7 +149,7 @@ def test_cifar100_fine_and_coarse_labels(tmp_path, published):
   np.testing.assert_array_equal(fine.train_labels, truth["train"][1])
   np.testing.assert_array_equal(coarse.train_labels, truth["train"][2])
   np.testing.assert_array_equal(fine.train_images, coarse.train_images)
-  with pytest.raises(ConfigError, match="label_mode: coarse labels exist only for cifar100"):
+  with pytest.raises(ConfigError, match="label_mode: 'coarse' has no effect in this config: it needs dataset=cifar100"):
     Config(dataset="stl10", label_mode="coarse")
 
 

@@ -21,7 +21,7 @@ def test_unknown_values_and_types_are_one_line_errors():
                           ({"augment": 1}, "augment: expected bool"),
                           ({"dirichlet_alpha": 0.0}, "dirichlet_alpha: must be > 0"),
                           ({"cuts": ()}, "cuts: need at least one client"),
-                          ({"client_aggregation": "cross_layer"}, "only for strategy=sequential")]:
+                          ({"client_aggregation": "cross_layer"}, "it needs strategy=sequential")]:
     with pytest.raises(ConfigError, match=pattern) as e:
       Config(**kwargs)
     assert "\n" not in str(e.value)

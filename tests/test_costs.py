@@ -88,7 +88,7 @@ def test_config_budgets_choose_the_cuts(table, tmp_path):
   b = 8
   need = [r["client_train_flops"] * b for r in table]
   cfg = Config(dataset="synthetic", synthetic_shape=(16, 16, 3, 48, 12), width=0.125,
-               batch_size=b, local_steps=1, rounds=1, cuts=(1,),
+               batch_size=b, local_steps=1, rounds=1,
                client_budgets=((need[1] * 1.01, 0), (need[5] * 1.01, 0)))
   logs = []
   summary = train_lib.train(cfg, tmp_path, log=logs.append)

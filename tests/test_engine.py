@@ -76,7 +76,7 @@ def test_sampled_cohorts_compile_once_per_cut_and_chunk_size():
   """Group sizes change every round with sampling; a chunk holds at most 2
   clients here, and each size (1, 2) compiles once per cut, then serves every
   round."""
-  cfg = dataclasses.replace(CFG, num_clients=24, cut_tiers=((2, 0.5), (6, 0.5)),
+  cfg = dataclasses.replace(CFG, cuts=Config.cuts, num_clients=24, cut_tiers=((2, 0.5), (6, 0.5)),
                             clients_per_round=7, client_chunk=2, mode="vmap",
                             local_steps=1, synthetic_shape=(16, 16, 4, 200, 32))
   strategies.clear_program_cache()

@@ -49,13 +49,13 @@ def test_speeds_are_seeded_per_tier_and_lognormal_around_the_tiers_figure():
 
 
 def test_everyone_online_and_all_taking_part_is_todays_cohort():
-  _, sim = train.build(dataclasses.replace(CFG, num_clients=6, clients_per_round=4,
+  _, sim = train.build(dataclasses.replace(CFG, cuts=Config.cuts, num_clients=6, clients_per_round=4,
                                            cut_tiers=((3, 0.5), (7, 0.5)),
                                            client_flops_per_s=()))
   for rnd in range(5):
-    ids, steps, dropped = fleet_lib.participants(sim.fleet, sim.cfg, rnd, sim.clock, 3)
-    np.testing.assert_array_equal(ids, fleet_lib.sample_cohort(sim.cfg.seed, rnd, 6, 4))
-    assert steps is None and not len(dropped)
+    t = fleet_lib.participants(sim.fleet, sim.cfg, rnd, sim.clock, 3)
+    np.testing.assert_array_equal(t.ids, fleet_lib.sample_cohort(sim.cfg.seed, rnd, 6, 4))
+    assert t.steps is None and not len(t.dropped) and not len(t.unused)
 
 
 def test_availability_takes_clients_offline_seeded():
@@ -70,22 +70,24 @@ def test_a_deadline_keeps_exactly_the_first_clients_that_fit():
   _, sim = train.build(dataclasses.replace(CFG, participation="deadline", deadline_s=5.0))
   clock, steps = sim.clock, sim.local_steps
   done = clock.client_seconds(np.arange(6), steps, True)
-  ids, _, dropped = fleet_lib.participants(sim.fleet, sim.cfg, 0, clock, steps)
+  t = fleet_lib.participants(sim.fleet, sim.cfg, 0, clock, steps)
+  ids, dropped = t.ids, t.dropped
   np.testing.assert_array_equal(ids, np.flatnonzero(done <= 5.0))   # the cut-3 clients miss it
   np.testing.assert_array_equal(dropped, np.flatnonzero(done > 5.0))
   assert len(ids) == 4 and set(sim.fleet.cuts[dropped]) == {3}
 
 
 def test_over_commitment_samples_more_and_keeps_the_cohort_size():
-  cfg = dataclasses.replace(CFG, num_clients=40, cut_tiers=((3, 0.25), (5, 0.25), (7, 0.5)),
+  cfg = dataclasses.replace(CFG, cuts=Config.cuts, num_clients=40, cut_tiers=((3, 0.25), (5, 0.25), (7, 0.5)),
                             client_flops_per_s=(1e6, 1e7, 1e8), clients_per_round=10,
                             participation="deadline", deadline_s=1000.0, overcommit=1.3)
   _, sim = train.build(cfg)
   done = sim.clock.client_seconds(np.arange(40), sim.local_steps, True)
   for rnd in range(4):
-    ids, _, dropped = fleet_lib.participants(sim.fleet, cfg, rnd, sim.clock, sim.local_steps)
-    assert len(ids) == 10 and len(dropped) == 3                       # ceil(1.3 * 10) sampled
-    assert done[ids].max() <= done[dropped].min()                     # the first to finish kept
+    t = fleet_lib.participants(sim.fleet, cfg, rnd, sim.clock, sim.local_steps)
+    ids, unused = t.ids, t.unused
+    assert len(ids) == 10 and len(unused) == 3 and not len(t.dropped)  # ceil(1.3 * 10) sampled
+    assert done[ids].max() <= done[unused].min()                      # the first to finish kept
 
 
 def test_tier_quotas_share_the_cohort_by_tier():
@@ -102,7 +104,7 @@ def test_a_deadline_by_tier_keeps_each_tiers_share_the_first_of_each_tier():
   at 5, 20 fast at 7), 13 sampled for a cohort of 10: the plain rule keeps
   the 10 fastest, so the slow tier trains only when too few others were
   sampled; by tier each cut keeps its share, its own fastest."""
-  cfg = dataclasses.replace(CFG, num_clients=40, cut_tiers=((3, 0.25), (5, 0.25), (7, 0.5)),
+  cfg = dataclasses.replace(CFG, cuts=Config.cuts, num_clients=40, cut_tiers=((3, 0.25), (5, 0.25), (7, 0.5)),
                             client_flops_per_s=(1e6, 1e7, 1e8), clients_per_round=10,
                             participation="deadline", deadline_s=1000.0, overcommit=1.3,
                             speed_spread=0.3)
@@ -111,11 +113,12 @@ def test_a_deadline_by_tier_keeps_each_tiers_share_the_first_of_each_tier():
   done = sim.clock.client_seconds(np.arange(40), sim.local_steps, True)
   slow_plain = slow_fair = 0
   for rnd in range(6):
-    ids, _, dropped = fleet_lib.participants(sim.fleet, fair, rnd, sim.clock, sim.local_steps)
-    plain, _, _ = fleet_lib.participants(sim.fleet, cfg, rnd, sim.clock, sim.local_steps)
+    t = fleet_lib.participants(sim.fleet, fair, rnd, sim.clock, sim.local_steps)
+    ids, dropped = t.ids, np.concatenate([t.dropped, t.unused])
+    p = fleet_lib.participants(sim.fleet, cfg, rnd, sim.clock, sim.local_steps)
+    plain = p.ids
     sampled = np.sort(np.concatenate([ids, dropped]))
-    np.testing.assert_array_equal(sampled, np.sort(np.concatenate(
-        [plain, fleet_lib.participants(sim.fleet, cfg, rnd, sim.clock, sim.local_steps)[2]])))
+    np.testing.assert_array_equal(sampled, np.sort(np.concatenate([plain, p.dropped, p.unused])))
     quota = fleet_lib.tier_quotas(sim.fleet.cuts[sampled], 10)
     assert len(ids) == 10
     for c, q in quota.items():
@@ -127,7 +130,7 @@ def test_a_deadline_by_tier_keeps_each_tiers_share_the_first_of_each_tier():
   assert slow_fair > slow_plain
   # a client past the deadline is dropped whatever its tier's share
   tight = dataclasses.replace(fair, deadline_s=float(np.max(done[sim.fleet.cuts == 5])))
-  ids, _, _ = fleet_lib.participants(sim.fleet, tight, 0, sim.clock, sim.local_steps)
+  ids = fleet_lib.participants(sim.fleet, tight, 0, sim.clock, sim.local_steps).ids
   assert not np.any(sim.fleet.cuts[ids] == 3) and np.all(done[ids] <= tight.deadline_s)
 
 
@@ -168,7 +171,8 @@ def test_a_round_nobody_makes_trains_nothing_and_the_run_goes_on(tmp_path):
   train.train(cfg, tmp_path / "run", log=lambda s: None)
   rounds = [r for r in _records(tmp_path / "run") if "round" in r]
   assert len(rounds) == 2 and all(r["train"] == {} and r["train_per_client"] == [] for r in rounds)
-  assert rounds[0]["dropped_per_cut"] == {"3": 2, "5": 2, "7": 2} and rounds[0]["sim_seconds"] == 0.0
+  assert rounds[0]["dropped_per_cut"] == {"3": 2, "5": 2, "7": 2}
+  assert rounds[0]["sim_seconds"] == 1e-6 and rounds[0]["bytes_sent"] == 0   # the server waited
 
 
 def test_the_records_carry_the_simulated_clock_and_drops_per_tier(tmp_path):
@@ -178,9 +182,10 @@ def test_the_records_carry_the_simulated_clock_and_drops_per_tier(tmp_path):
   rounds = [r for r in _records(tmp_path / "run") if "round" in r]
   for r in rounds:
     assert r["dropped_per_cut"] == {"3": 2, "5": 0, "7": 0}
-    kept = np.arange(2, 6)
-    assert r["sim_seconds"] == pytest.approx(sim.clock.round_seconds(kept, 3, True))
-    assert r["bytes_sent"] == sim.clock.round_bytes(kept, 3, True) > 0
+    assert r["unused_per_cut"] == {"3": 0, "5": 0, "7": 0}
+    assert r["sim_seconds"] == 5.0      # 4 of the 6 asked for came in time: the deadline
+    # the cut-3 clients' first step takes 8.2 s: nothing of theirs was sent by then
+    assert r["bytes_sent"] == sim.clock.round_bytes(np.arange(2, 6), 3, True) > 0
   # the run's totals in summary.json
   assert summary["sim_seconds"] == pytest.approx(sum(r["sim_seconds"] for r in rounds))
   assert summary["bytes_sent"] == sum(r["bytes_sent"] for r in rounds)
@@ -251,7 +256,8 @@ def test_a_compressed_link_trains_and_is_crossed_at_each_cut_in_evaluation(tmp_p
     (dict(participation="sometimes"), "participation: unknown value"),
     (dict(availability=0.0), "availability: a probability"),
     (dict(overcommit=0.5), "overcommit:"),
-    (dict(deadline_by_tier=True), "deadline_by_tier: shares the kept clients"),
+    (dict(deadline_by_tier=True), "deadline_by_tier: True has no effect in this config: it needs "
+     "participation=deadline"),
     (dict(link="fp4"), "link: unknown value"),
     (dict(link="int8", server_grad_to_client=True, exit_loss_weight=0.0), "link: compression"),
     (dict(link_topk=0.0), "link_topk:"),

@@ -161,10 +161,10 @@ def test_failed_save_stops_the_run_in_one_line_and_keeps_the_previous_checkpoint
     code, _, err = _run("train", "--config", str(cfg_file), "--out", str(run),
                         env_extra={"HSEE_FAULT_FAIL_SAVE": "2"})
     cause = "No space left on device (fault injected"
-  assert code == 2, err
+  assert code == 1, err    # the machine refused a write: not the input's fault
   assert err.count("\n") == 1, err
   assert err.startswith("hsee: error: round 2: saving the checkpoint after round 2 failed: ")
-  assert cause in err and err.strip().endswith("the checkpoint before it is intact: after round 1")
+  assert cause in err and err.strip().endswith("the newest checkpoint that restores: after round 1")
   with Checkpointer(run / "checkpoints", create=False) as ck:
     assert ck.steps() == [1]
   _state(run, cfg)  # restores
@@ -444,10 +444,10 @@ def test_non_finite_and_out_of_range_numbers_are_refused():
                       (dict(step_gamma=0.0), "step_gamma: the factor"),
                       (dict(step_gamma=-0.5), r"step_gamma: .* must be > 0, got -0.5"),
                       (dict(weight_decay=-1e-4), "weight_decay: must be >= 0"),
-                      (dict(link_bytes_per_s=0), "link_bytes_per_s: must be > 0")]:
+                      (dict(link_bytes_per_s=0), r"link_bytes_per_s: must be in \[1, 1e\+15\]")]:
     with pytest.raises(ConfigError, match=msg):
       Config(**fields)
-  assert Config(step_gamma=2.0).step_gamma == 2.0   # a step up is allowed
+  assert Config(schedule="step", step_gamma=2.0).step_gamma == 2.0   # a step up is allowed
 
 
 def test_work_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch):

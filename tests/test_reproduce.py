@@ -243,3 +243,25 @@ def test_iot_grids():
         more["deadline" + sfx]
   judged = {(c[0], c[2]) for _, _, comps in reproduce.claims_of("iot-more") for c in comps}
   assert {("deadline-by-tier-noniid", cut) for cut in (3, 5, 7, None)} <= judged
+
+
+def test_the_classical_column_and_the_clock_of_runs_recorded_without_it():
+  """The cost table's server→client column (classical split learning) is the
+  gradient's bytes from the cost table, and a run priced from its config
+  aggregates when ``Config.aggregates_after`` says (Sequential with
+  ``client_aggregation`` every 2 rounds: rounds 2 and 4 only)."""
+  import types
+  from hsee_jax import costs, models
+  from hsee_jax.config import Config
+  cfg = Config(width=0.125, strategy="sequential", mode="loop", client_aggregation="cross_layer",
+               aggregate_every=2)
+  net = models.for_config(cfg, 10)
+  runs = {"seq": [{"config": cfg.to_dict(), "summary": {"cuts": [3, 5, 7], "local_steps": 2},
+                   "records": [{"round": r, "train": {}} for r in range(4)]}]}
+  ds = {"runs": runs}
+  reproduce._account(ds, types.SimpleNamespace(num_classes=10, image_shape=(32, 32, 3)), cfg)
+  for row in ds["costs"]:
+    want = costs.cut_costs(net, row["cut"], (32, 32, 3), True)["bytes_server_to_client"]
+    assert row["classical_bytes_server_to_client"] == want > 0
+  t = ds["simulated"]["seq"]
+  assert t[0] == t[2] < t[1] == t[3]

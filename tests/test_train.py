@@ -111,7 +111,7 @@ def test_every_network_trains_with_budgets_checkpoints_and_evaluation(tmp_path, 
   assert [r["cut"] for r in table] == list(net.allowed_cuts())
   # a budget that just fits cut 2's training step, and no budget: the deepest cut
   fits_2 = (table[1]["client_train_flops"] * 8 * 1.01, 0)
-  cfg = dataclasses.replace(SYNTH, model=model, num_clients=2, mode="loop", local_steps=1,
+  cfg = dataclasses.replace(SYNTH, cuts=Config.cuts, model=model, num_clients=2, mode="loop", local_steps=1,
                             rounds=1, budget_tiers=((fits_2, 0.5), ((0, 0), 0.5)))
   run = tmp_path / "run"
   summary = train_lib.train(dataclasses.replace(cfg, strategy=strategy), run, log=lambda s: None)
