@@ -5,8 +5,9 @@ The split update's client objective is an argument (``hsee.build(cfg,
 objective=...)``): ``(exits, final, labels, hp) -> scalar``, with ``exits``
 the client's exit logits (shallowest first, its own cut's last), ``final``
 the server's logits for the same images (held fixed: forward information
-sent back, never a gradient), ``hp`` the step's hyperparameters
-(``hsee.fleet.HPARAMS``). This one keeps the paper's exit loss and adds a
+sent back, never a gradient), ``hp`` the step's hyperparameters by name
+(``hsee.fleet.HPARAMS``). The same function as a ``Variant`` runs through
+every command (``examples/depthfl_sum.py``). This one keeps the paper's exit loss and adds a
 distillation term from the server's soft labels, counted only on the images
 the server classifies correctly (a confidence gate of the kind the
 heterogeneous-FL literature uses against a wrong teacher).
@@ -24,7 +25,7 @@ def gated_server_distillation(weight=0.5, temperature=2.0):
     right = (jnp.argmax(final, -1) == labels).astype(jnp.float32)       # [B]
     gate = right / jnp.maximum(right.sum(), 1.0)                         # mean over the right ones
     kd = jnp.stack([jnp.sum(gate * per_image_kl(e, final, temperature)) for e in exits])
-    return hp[3] * ce + weight * jnp.mean(kd)
+    return hp["exit_loss_weight"] * ce + weight * jnp.mean(kd)
   return objective
 
 

@@ -13,6 +13,10 @@ The pieces a researcher composes (see ``examples/custom_network.py``):
   parts are :class:`PartState` (:func:`init_part`, optimiser :func:`direction`);
   the train set on device is a :class:`TrainSet` (:func:`put_train_set`);
 * cross-layer aggregation: :func:`cross_layer_average`;
+* your own method as a value: :class:`Variant` (hooks: the client
+  objective, a penalty; the step's hyperparameters by name, :data:`HPARAMS`),
+  composed by :func:`chain`, run by every command with ``--variant SPEC``
+  (``examples/depthfl_sum.py``);
 * the fleet as it runs: :class:`Link` (what crosses the link, compressed, and
   its bytes), :class:`Clock` (each client's simulated seconds and bytes);
 * the strategies as values: :func:`averaging`, :func:`sequential`
@@ -45,6 +49,8 @@ _EXPORTS = {
         "preprocessing", "put_train_set", "sequential",
         "split_update")},
     "run_sweep": ("hsee_jax.sweep", "run_sweep"),
+    "HPARAMS": ("hsee_jax.fleet", "HPARAMS"),
+    **{n: ("hsee_jax.variants", n) for n in ("Variant", "chain")},
     "train": ("hsee_jax.train", None),  # the module: train.train(cfg, out_dir) runs a config
     **{n: ("hsee_jax.train", n) for n in ("Simulation", "build", "run_rounds")},
 }

@@ -31,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
   t.add_argument("--out", help="output directory for metrics, summary and checkpoints")
   t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
   t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest checkpoint")
+  for q in (t,):
+    q.add_argument("--variant", dest="variants", action="append", default=[], metavar="SPEC",
+                   help="your own method: FILE.py[:NAME] (NAME defaults to variant) or "
+                        "module:NAME, an hsee_jax.variants.Variant (repeatable; recorded in "
+                        "config.json, so --resume and eval load it again)")
   w = sub.add_parser("sweep", help="train a grid of configs x seeds, one run directory each")
   w.add_argument("--config", help="the base config (a configs/*.py file)")
   w.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
@@ -42,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
   w.add_argument("--overwrite", action="store_true", help="start again over a sweep in --out")
   w.add_argument("--resume", metavar="DIR", help="finish every unfinished run of the sweep in DIR")
   w.add_argument("--stack", help=argparse.SUPPRESS)  # removed; said plainly in _sweep
+  w.add_argument("--variant", dest="variants", action="append", default=[], metavar="SPEC",
+                 help="your own method for every run (as for train; repeatable)")
   for q in (t, w):
     d = q.add_argument_group("several processes (jax.distributed)")
     d.add_argument("--distributed", action="store_true",
@@ -61,7 +68,21 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def _with_variants(cfg: config_lib.Config, specs: list[str]) -> config_lib.Config:
+  """``cfg`` with the ``--variant`` specs added (file paths made absolute)."""
+  if not specs:
+    return cfg
+  from hsee_jax import variants
+  import dataclasses
+  return dataclasses.replace(cfg, variants=cfg.variants + tuple(map(variants.canonical, specs)))
+
+
 def _train_config(args) -> tuple[config_lib.Config, Path]:
+  cfg, out = _train_config_of(args)
+  return _with_variants(cfg, args.variants), out
+
+
+def _train_config_of(args) -> tuple[config_lib.Config, Path]:
   if args.resume:
     out = Path(args.resume)
     if args.out and Path(args.out).resolve() != out.resolve():
@@ -86,7 +107,8 @@ def _sweep(args) -> None:
                                  "slower than one run after another); drop the flag")
   if args.resume:
     given = [o for o, v in (("--config", args.config), ("--grid", args.grid), ("--out", args.out),
-                            ("--seeds", args.seeds), ("--overwrite", args.overwrite)) if v]
+                            ("--seeds", args.seeds), ("--overwrite", args.overwrite),
+                            ("--variant", args.variants)) if v]
     if given:
       raise config_lib.ConfigError(f"sweep --resume DIR takes no {', '.join(given)} (the plan "
                                    f"is in DIR/sweep.json; --set rounds=N extends every run)")
@@ -94,7 +116,7 @@ def _sweep(args) -> None:
     return
   if not args.config or not args.out:
     raise config_lib.ConfigError("sweep needs --config and --out (or --resume DIR)")
-  base = config_lib.load(args.config, args.overrides)
+  base = _with_variants(config_lib.load(args.config, args.overrides), args.variants)
   sweep.run_sweep(base, sweep.parse_grid(args.grid), sweep.parse_seeds(args.seeds or "0"),
                   args.out, overwrite=args.overwrite)
 

@@ -144,6 +144,8 @@ class Config:
   static_bn: bool = False  # [choice] HeteroFL's static batch norm: the evaluated networks' batch
                                 # statistics recomputed over the training data with the averaged
                                 # weights (strategies/static_bn.py); averaging only
+  variants: tuple = program(())  # your own method: variant specs (FILE.py[:NAME] or module:NAME,
+                                # hsee_jax/variants), loaded by every command; `--variant SPEC`
   server_grad_to_client: bool = program(False)  # True = classical split learning baseline
   exit_loss_weight: float = input_field(1.0)  # 0 with server_grad_to_client: the uncut network's
                                         # training (central / classical baselines)
@@ -248,6 +250,9 @@ class Config:
                         f"{self.distill_start}")
     if not 0 <= self.augment_pad < 1:
       raise ConfigError(f"augment_pad: a share of the image side in [0, 1), got {self.augment_pad}")
+    if any(not isinstance(v, str) or not v.strip() for v in self.variants):
+      raise ConfigError(f"variants: each entry is a spec, FILE.py[:NAME] or module:NAME, got "
+                        f"{self.variants!r}")
     if not self.cuts:
       raise ConfigError("cuts: need at least one client (one cut layer per client)")
     for c in self.cuts:
@@ -445,11 +450,11 @@ class Config:
 METHOD_FIELDS = {
     "training": ("client_state", "aggregate_every", "client_aggregation",
                  "server_grad_to_client", "exit_loss_weight"),
-    "variants": ("client_exits", "exit_weights", "distill", "distill_weight",
+    "variants": ("variants", "client_exits", "exit_weights", "distill", "distill_weight",
                  "distill_temperature", "distill_start", "prox_mu", "static_bn", "tier_local_top",
                  "aggregate_sides"),
-    "participation": ("participation", "deadline_s", "overcommit", "deadline_by_tier",
-                      "availability", "speed_spread"),
+    "fleet": ("participation", "deadline_s", "overcommit", "deadline_by_tier", "availability",
+              "speed_spread"),
     "link": ("link", "link_topk"),
 }
 

@@ -133,21 +133,33 @@ def cost_table(net: models.SplitNetwork, image_shape: tuple,
           for c in net.allowed_cuts()]
 
 
-def run_cost_table(cfg, net: models.SplitNetwork, image_shape: tuple, fleet_cuts) -> dict:
-  """Cut -> :func:`cut_costs` row of the fleet's cuts as ``cfg`` trains them:
-  the server's gradient (``server_grad_to_client``), the lower exit heads
-  (``client_exits=every``), the soft labels (``distill=server``), the
-  link's compression (``link``)."""
+def soft_labels_in(cfg, rnd: int | None) -> bool:
+  """Whether round ``rnd`` (0-based; None: the run's last) sends the
+  server's soft labels back (``distill=server`` from ``distill_start``)."""
+  rnd = cfg.rounds - 1 if rnd is None else rnd
+  return cfg.distill == "server" and rnd + 1 >= cfg.distill_start
+
+
+def run_cost_table(cfg, net: models.SplitNetwork, image_shape: tuple, fleet_cuts,
+                   rnd: int | None = None) -> dict:
+  """Cut -> :func:`cut_costs` row of the fleet's cuts as ``cfg`` trains them
+  in round ``rnd`` (None: the last): the server's gradient
+  (``server_grad_to_client``), the lower exit heads (``client_exits=every``),
+  the soft labels (``distill=server``, from ``distill_start``), the link's
+  compression (``link``)."""
   cuts = sorted(set(int(c) for c in fleet_cuts))
   link = None if cfg.link == "none" else link_lib.Link(cfg.link, cfg.link_topk)
   return {c: cut_costs(net, c, tuple(image_shape), cfg.server_grad_to_client,
                        tuple(x for x in cuts if x < c) if cfg.client_exits == "every" else (),
-                       cfg.distill == "server", link) for c in cuts}
+                       soft_labels_in(cfg, rnd), link) for c in cuts}
 
 
-def run_clock(cfg, net: models.SplitNetwork, image_shape: tuple, fleet) -> Clock:
-  """The :class:`Clock` of ``fleet`` (its cuts, FLOP/s and bandwidths) as ``cfg`` trains it."""
-  table = run_cost_table(cfg, net, image_shape, fleet.cuts)
+def run_clock(cfg, net: models.SplitNetwork, image_shape: tuple, fleet,
+              rnd: int | None = None) -> Clock:
+  """The :class:`Clock` of ``fleet`` (its cuts, FLOP/s and bandwidths) as
+  ``cfg`` trains it in round ``rnd`` (None: the last; the rounds differ only
+  by the soft labels before ``distill_start``)."""
+  table = run_cost_table(cfg, net, image_shape, fleet.cuts, rnd)
   link = fleet.link_bytes_per_s if fleet.link_bytes_per_s is not None else cfg.link_bytes_per_s
   return Clock.of(table, fleet.cuts, cfg.batch_size, fleet.flops_per_s, link,
                   cfg.server_flops_per_s, cfg.strategy)

@@ -72,7 +72,8 @@ def parse_grid(specs: list[str]) -> dict[str, list]:
       raise ConfigError(f"--grid {spec!r}: expected field=value,value,...")
     field, raw = (x.strip() for x in spec.split("=", 1))
     if field not in known:
-      raise ConfigError(f"--grid {spec!r}: unknown config field {field!r}")
+      raise ConfigError(f"--grid {spec!r}: unknown config field {field!r}"
+                        f"{config_lib.did_you_mean(field, known)}")
     if field == "seed":
       raise ConfigError("--grid seed=...: give seeds with --seeds")
     if field in grid:

@@ -21,6 +21,7 @@ from hsee_jax import distributed
 from hsee_jax import costs, evaluation, models, optim, preflight, rundir, stopping, strategies
 from hsee_jax import fleet as fleet_lib
 from hsee_jax import precision as precision_lib
+from hsee_jax import variants as variants_lib
 from hsee_jax import writers as writers_lib
 from hsee_jax.checkpoint import CheckpointError, meta_for
 from hsee_jax.config import Config
@@ -54,14 +55,25 @@ class Simulation:
 
   @functools.cached_property
   def clock(self) -> costs.Clock:
-    """Each client's simulated seconds and bytes (:func:`costs.run_clock`)."""
+    """Each client's simulated seconds and bytes (:func:`costs.run_clock`;
+    with ``distill=server``, of the rounds that send soft labels)."""
     return costs.run_clock(self.cfg, self.net, self.ctx.image_shape, self.fleet)
+
+  @functools.cached_property
+  def _clock_without_soft_labels(self) -> costs.Clock:
+    return costs.run_clock(self.cfg, self.net, self.ctx.image_shape, self.fleet, rnd=-1)
+
+  def clock_at(self, rnd: int) -> costs.Clock:
+    """The clock of round ``rnd``: soft labels are sent (and priced) only
+    from ``distill_start`` on."""
+    return self.clock if costs.soft_labels_in(self.cfg, rnd) or self.cfg.distill != "server" \
+        else self._clock_without_soft_labels
 
   def cohort(self, rnd: int, base_key) -> fleet_lib.Cohort:
     """Round ``rnd``'s clients (``cfg.participation``) with their step
     inputs (seeded by ``base_key``) and the round's simulated time."""
     return fleet_lib.make_cohort(self.fleet, self.cfg, rnd, self.local_steps, self.schedule,
-                                 base_key, self.clock)
+                                 base_key, self.clock_at(rnd))
 
   def evaluate(self, state, dataset: data_lib.Dataset) -> dict:
     """Test metrics of ``state`` (:func:`evaluation.evaluate` of the
@@ -89,13 +101,21 @@ def build(cfg: Config, dataset: data_lib.Dataset | None = None,
     dataset: the loaded dataset (default: :func:`data.load_dataset` of ``cfg``).
     log: where the fleet's summary lines go (None: nowhere).
     objective: a client objective of your own in place of the config's
-      (:func:`strategies.exit_objective`; ``examples/exit_objective.py``).
+      (:func:`strategies.exit_objective`; ``examples/exit_objective.py``);
+      the config's ``variants`` (:mod:`hsee_jax.variants`) are loaded and
+      checked first, before any data is loaded.
   Returns:
     ``(dataset, sim)``: the :class:`Simulation`, whose ``init_state(key)``
     and ``run_round(state, rnd, key)`` train the run round by round.
   Raises:
     RunError / ConfigError: one line, for a fleet or config that cannot run.
   """
+  variant = check_variants(cfg)
+  if variant is not None and variant.objective is not None:
+    if objective is not None:
+      raise RunError(f"objective: the variant {variant.name} replaces the client objective "
+                     f"already; give one of the two")
+    objective = variant.objective
   dataset = dataset if dataset is not None else data_lib.load_dataset(cfg)
   try:
     fleet = fleet_lib.build_fleet(cfg, dataset, log)
@@ -106,11 +126,24 @@ def build(cfg: Config, dataset: data_lib.Dataset | None = None,
   tx = optim.make_optimizer(cfg)
   schedule = optim.make_schedule(cfg, cfg.rounds * steps)
   ctx = strategies.Context(cfg, net, tx, fleet, strategies.put_train_set(dataset),
-                           dataset.image_shape, objective=objective)
+                           dataset.image_shape, objective=objective,
+                           penalty=variant.penalty if variant is not None else None)
   algorithm = strategies.STRATEGIES[cfg.strategy](ctx)
   sim = Simulation(ctx, algorithm, steps, schedule)
   preflight.check_fits(sim, dataset)
   return dataset, sim
+
+
+def check_variants(cfg: Config):
+  """The config's variants loaded, traced once against abstract shapes and
+  chained (:func:`hsee_jax.variants.resolve`), None without any: a spec
+  that does not load, a hook with a wrong signature or a loss that is not
+  one number is a one-line error here, before any data is loaded."""
+  if not cfg.variants:
+    return None
+  cuts = cfg.static_cuts()
+  exits = len(cuts) if cuts and cfg.client_exits == "every" else 1
+  return variants_lib.resolve(cfg.variants, exits, cfg.batch_size, 10, fleet_lib.HPARAMS)
 
 
 class RoundError(RunError):
@@ -278,6 +311,7 @@ def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False, resume: 
   reports; the others compute (but every process says when a signal
   reached it). Returns the summary (``summary.json``)."""
   signal_log, log = log, distributed.writer_log(log)
+  check_variants(cfg)   # a variant that cannot run: one line before the directory is touched
   run = rundir.RunDir(out_dir, distributed.is_writer())
   with contextlib.ExitStack() as stack:
     stack.enter_context(run.locked(log))

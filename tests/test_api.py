@@ -69,7 +69,7 @@ def test_exit_objective_example_trains_with_its_own_objective(capsys, monkeypatc
   rng = np.random.default_rng(0)
   exits = [jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)]
   labels = jnp.asarray([0, 1, 2, 0])
-  hp = jnp.float32([0.1, 0.9, 0.0, 1.0, 0.0])
+  hp = dict(zip(hsee_jax.HPARAMS, jnp.float32([0.1, 0.9, 0.0, 1.0, 0.0])))
   wrong = jax.nn.one_hot((labels + 1) % 3, 3) * 5
   plain = float(hsee_jax.cross_entropy(exits[0], labels))
   assert float(objective(exits, wrong, labels, hp)) == pytest.approx(plain, rel=1e-6)

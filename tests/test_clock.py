@@ -353,7 +353,7 @@ def _header(cfg) -> list[str]:
 def test_the_header_names_what_changes_the_method():
   lines = _header(dataclasses.replace(CFG, participation="deadline", deadline_s=50.0,
                                       link="int8", client_exits="every", precision="float32"))
-  assert lines[1] == ("[hsee] method: averaging; variants client_exits=every; participation "
+  assert lines[1] == ("[hsee] method: averaging; variants client_exits=every; fleet "
                       "participation=deadline, deadline_s=50; link link=int8")
   assert "precision float32 (float32)" in lines[0]
   lines = _header(dataclasses.replace(CFG, cuts=(3,), client_flops_per_s=()))
@@ -394,3 +394,12 @@ def test_a_sweep_point_sets_back_the_base_fields_it_leaves_without_effect():
                    "(no effect at this point)"]
   with pytest.raises(ConfigError, match=r"^grid point link_topk=0.2: link_topk: 0.2 has no effect"):
     sweep.plan(CFG, {"link_topk": [0.2]}, [0])
+
+
+def test_soft_labels_are_priced_from_the_round_distillation_starts():
+  cfg = dataclasses.replace(CFG, distill="server", distill_start=2, rounds=3)
+  _, sim = train.build(cfg)
+  key = jax.random.PRNGKey(0)
+  sent = [sim.cohort(r, key).bytes_sent for r in range(3)]
+  soft = 6 * 3 * cfg.batch_size * 4 * 10      # 6 clients x 3 steps x 8 images x 10 float32 logits
+  assert sent[1] - sent[0] == soft and sent[2] == sent[1]

@@ -55,7 +55,8 @@ def test_backends_agree_with_debug(reference, mode, scan_steps):
                          client.params["exit_head"]["Dense_0"]["kernel"][1])
 
 
-@pytest.mark.parametrize("strategy,mode", [("averaging", "loop"), ("averaging", "vmap"),
+@pytest.mark.parametrize("strategy,mode", [("averaging", "loop"),
+                                           pytest.param("averaging", "vmap", marks=pytest.mark.long),
                                            ("sequential", "loop")])
 def test_one_compilation_per_cut_and_none_after_first_round(strategy, mode):
   cfg = dataclasses.replace(CFG, cuts=(2, 7, 7, 2), strategy=strategy, mode=mode, rounds=3)
@@ -72,6 +73,7 @@ def test_one_compilation_per_cut_and_none_after_first_round(strategy, mode):
   assert {c: r.num_traces for c, r in sim.runners.items()} == after_first
 
 
+@pytest.mark.long
 def test_sampled_cohorts_compile_once_per_cut_and_chunk_size():
   """Group sizes change every round with sampling; a chunk holds at most 2
   clients here, and each size (1, 2) compiles once per cut, then serves every

@@ -129,6 +129,7 @@ def _reference_round(sim, state_clients, state_servers, rnd, key):
           {g: out[f"server/{g}"] for g in state_servers}, metrics)
 
 
+@pytest.mark.long
 def test_cohort_of_everyone_matches_the_reference_round():
   """C = N with the streaming, chunked Averaging equals the round written out
   with full per-client copies (the pre-fleet algorithm): same metrics, same
@@ -160,6 +161,7 @@ def test_cohort_of_everyone_matches_the_reference_round():
 FLEET2 = dataclasses.replace(FLEET, cut_tiers=((2, 0.6), (6, 0.4)))
 
 
+@pytest.mark.long
 def test_chunked_equals_unchunked_with_sampling():
   """Chunks of 2 against one chunk per cut (16, whose rests of 5..8 clients
   are padded to 8 with zero-weight clients): the same training; the sums are
@@ -216,6 +218,7 @@ def test_averaging_evaluates_once_per_cut_and_sequential_a_seeded_sample():
   assert [m.clients for m in models] == [m.clients for m in again]
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("strategy", ["averaging", "sequential"])
 def test_fleet_run_resumes_exactly_with_sampling(tmp_path, strategy):
   cfg = dataclasses.replace(FLEET2, strategy=strategy, checkpoint_every=1, eval_clients=2,

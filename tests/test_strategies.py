@@ -393,7 +393,7 @@ def test_proximal_term_pulls_toward_the_round_start():
 def test_distillation_term():
   """distillation_loss is 0 when the student matches its teacher, positive
   otherwise, scales with T^2 and sends no gradient to the teacher; the
-  objective adds it only with a weight (hp[4]) and keeps the paper's loss
+  objective adds it only with a weight (hp["distill_weight"]) and keeps the paper's loss
   when distill is none."""
   from hsee_jax.strategies.update import cross_entropy, distillation_loss, exit_objective
   rng = np.random.default_rng(0)
@@ -403,17 +403,23 @@ def test_distillation_term():
   assert float(distillation_loss(a, b, 1.0)) > 0
   g_teacher = jax.grad(lambda t: distillation_loss(a, t, 2.0))(b)
   assert not np.asarray(g_teacher).any()
-  hp = jnp.float32([0.1, 0.9, 0.0, 0.5, 0.0])
+  hp = _named([0.1, 0.9, 0.0, 0.5, 0.0])
   plain = exit_objective()([a], b, labels, hp)
   assert float(plain) == float(0.5 * cross_entropy(a, labels))
   assert float(exit_objective(distill="server")([a], b, labels, hp)) == float(plain)  # weight 0
-  on = hp.at[4].set(2.0)
+  on = dict(hp, distill_weight=jnp.float32(2.0))
   assert float(exit_objective(distill="server")([a], b, labels, on)) == pytest.approx(
       float(plain) + 2.0 * float(distillation_loss(a, b, 1.0)), rel=1e-6)
   deep = exit_objective(distill="deepest", temperature=3.0)([a, b], None, labels, on)
   assert float(deep) == pytest.approx(
       0.5 * (float(cross_entropy(a, labels)) + float(cross_entropy(b, labels))) / 2
       + 2.0 * float(distillation_loss(a, b, 3.0)), rel=1e-6)
+
+
+def _named(values) -> dict:
+  """A step's hyperparameters by name, as the client objective receives them."""
+  from hsee_jax.fleet import HPARAMS
+  return dict(zip(HPARAMS, jnp.float32(values)))
 
 
 def test_rising_exit_weights():
@@ -425,7 +431,7 @@ def test_rising_exit_weights():
   rng = np.random.default_rng(1)
   a, b, c = (jnp.asarray(rng.normal(size=(6, 5)), jnp.float32) for _ in range(3))
   labels = jnp.arange(6) % 5
-  hp = jnp.float32([0.1, 0.9, 0.0, 0.5, 0.0])
+  hp = _named([0.1, 0.9, 0.0, 0.5, 0.0])
   ce = [float(cross_entropy(x, labels)) for x in (a, b, c)]
   assert float(exit_objective(weights="rising")([a, b, c], None, labels, hp)) == pytest.approx(
       0.5 * (ce[0] + 2 * ce[1] + 3 * ce[2]) / 6, rel=1e-6)

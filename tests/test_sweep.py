@@ -54,6 +54,7 @@ def _strip(rec):
   return {k: v for k, v in rec.items() if k not in ("seconds", "images_per_s")}
 
 
+@pytest.mark.long
 def test_sweep_compiles_once_per_batch_equals_solo_runs_and_resumes_exactly(tmp_path, capsys):
   strategies.clear_program_cache()
   out = tmp_path / "sw"

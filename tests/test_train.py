@@ -14,6 +14,7 @@ SYNTH = Config(dataset="synthetic", synthetic_shape=(16, 16, 4, 96, 40), width=0
                exit_thresholds=(0.0, 0.5, 1.0))
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("strategy", ["averaging", "sequential"])
 def test_training_lowers_loss_on_real_cifar10(cifar10_small, tmp_path, strategy):
   cfg = Config(dataset="cifar10", width=0.125, cuts=(2, 5, 7), strategy=strategy, rounds=5,

@@ -119,6 +119,7 @@ class Context:
   program_key: tuple = ()   # what the compiled programs depend on (cached_program)
   objective: Callable | None = None
   link: link_lib.Link | None = None  # what the server parts receive (Config.link; None: as computed)
+  penalty: Callable | None = None    # a term added to the client objective (a variant's)
 
   def exit_cuts(self, cut: int) -> tuple:
     """The cuts below ``cut`` where a client at ``cut`` also trains an exit
@@ -144,6 +145,8 @@ class Context:
     objective = self.objective or exit_objective(distill=view.distill,
                                                  temperature=view.distill_temperature,
                                                  weights=view.exit_weights)
+    if self.penalty is not None:
+      objective = _plus(objective, self.penalty)
     self.runners = {
         cut: cached_program(self.runner_key(cut),
                             lambda cut=cut: engine.ClientRunner(split_update(
@@ -160,7 +163,8 @@ class Context:
 
   def runner_key(self, cut: int) -> tuple:
     """What the client runner of ``cut`` (and a program built on it) depends on."""
-    return ("runner", self.program_key, cut, self.mode, self.exit_cuts(cut), self.objective)
+    return ("runner", self.program_key, cut, self.mode, self.exit_cuts(cut), self.objective,
+            self.penalty)
 
   def eval_sample(self, cut: int) -> np.ndarray:
     """The clients of ``cut`` evaluated where clients differ: ``eval_clients``
@@ -181,6 +185,13 @@ class Context:
     return cached_program(("per_client_bytes", self.cfg.strategy, self.program_key,
                            self.image_shape, tuple((c, len(ids)) for c, ids in groups.items())),
                           make)
+
+
+def _plus(objective: Callable, penalty: Callable) -> Callable:
+  """The client objective with a term added (a variant's ``penalty``)."""
+  def total(exits, final, labels, hp):
+    return objective(exits, final, labels, hp) + penalty(exits, final, labels, hp)
+  return total
 
 
 def step_inputs(cohort: Cohort, positions) -> tuple:

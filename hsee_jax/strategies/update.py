@@ -29,7 +29,7 @@ import optax
 from hsee_jax import data as data_lib
 from hsee_jax import models, optim
 from hsee_jax.engine import ClientUpdate
-from hsee_jax.fleet import STEP_ACTIVE
+from hsee_jax.fleet import HPARAMS, STEP_ACTIVE
 from hsee_jax.optim import apply_gradients
 
 METRIC_NAMES = ("exit_loss", "full_loss", "exit_acc", "full_acc")
@@ -104,11 +104,12 @@ def exit_objective(loss: Callable = cross_entropy, distill: str = "none",
   (one unless ``client_exits=every``); ``final``: the server part's logits
   for the same images, held fixed (forward information, as soft labels sent
   back; no gradient reaches the server or comes from it); ``hp``: the step's
-  ``fleet.HPARAMS``. The objective is ``hp[3]`` (the exit-loss weight) times
-  the mean of ``loss`` over the exits (PAPER.md's exit loss for one exit;
-  DepthFL's for several; ``weights="rising"``: the k-th of n exits weighs
-  k / (1 + ... + n) instead of 1 / n, the deepest most), plus ``hp[4]`` (the distillation weight, 0 before
-  its start round) times the mean :func:`distillation_loss` of
+  hyperparameters by name (``fleet.HPARAMS``). The objective is
+  ``hp["exit_loss_weight"]`` times the mean of ``loss`` over the exits
+  (PAPER.md's exit loss for one exit; DepthFL's for several;
+  ``weights="rising"``: the k-th of n exits weighs k / (1 + ... + n)
+  instead of 1 / n, the deepest most), plus ``hp["distill_weight"]`` (0
+  before its start round) times the mean :func:`distillation_loss` of
   ``distill="deepest"``: each shallower exit from the client's own exit
   (ScaleFL, DepthFL), or ``distill="server"``: every exit from ``final``.
   """
@@ -117,16 +118,18 @@ def exit_objective(loss: Callable = cross_entropy, distill: str = "none",
 
   def objective(exits, final, labels, hp):
     losses = [loss(e, labels) for e in exits]
+    w = hp["exit_loss_weight"]
     if weights == "rising" and len(exits) > 1:
       n = len(exits)
-      value = hp[3] * sum((k + 1) * v for k, v in enumerate(losses)) / (n * (n + 1) / 2)
+      value = w * sum((k + 1) * v for k, v in enumerate(losses)) / (n * (n + 1) / 2)
     else:
-      value = hp[3] * _mean(losses)
+      value = w * _mean(losses)
     if distill == "deepest" and len(exits) > 1:
-      value = value + hp[4] * _mean([distillation_loss(e, exits[-1], temperature)
-                                     for e in exits[:-1]])
+      value = value + hp["distill_weight"] * _mean([distillation_loss(e, exits[-1], temperature)
+                                                    for e in exits[:-1]])
     elif distill == "server":
-      value = value + hp[4] * _mean([distillation_loss(e, final, temperature) for e in exits])
+      value = value + hp["distill_weight"] * _mean([distillation_loss(e, final, temperature)
+                                                    for e in exits])
     return value
   return objective
 
@@ -174,9 +177,10 @@ def split_update(net: models.SplitNetwork, cut: int, *, loss: Callable = cross_e
     net: the split network; ``cut`` one of its ``allowed_cuts()``.
     loss: ``(logits, labels) -> scalar``, for the exits and the final
       logits (default: :func:`cross_entropy`).
-    objective: the client objective ``(exits, final, labels, hp) -> scalar``
-      (default: :func:`exit_objective` of ``loss``: the exit-loss weight
-      times the exit's loss, PAPER.md's).
+    objective: the client objective ``(exits, final, labels, hp) -> scalar``,
+      ``hp`` the step's hyperparameters by name (default:
+      :func:`exit_objective` of ``loss``: the exit-loss weight times the
+      exit's loss, PAPER.md's).
     exit_cuts: cuts below ``cut`` where the client also has an exit head
       (``client_exits=every``; the client part's params hold them as
       ``models.exit_head_at(c)``).
@@ -228,7 +232,8 @@ def split_update(net: models.SplitNetwork, cut: int, *, loss: Callable = cross_e
       loss_s = loss(logits, labels)
       metrics = jnp.stack([loss(exits[-1], labels), loss_s, _accuracy(exits[-1], labels),
                            _accuracy(logits, labels)])
-      total = objective(exits, jax.lax.stop_gradient(logits), labels, hp) + loss_s
+      named = {h: hp[i] for i, h in enumerate(HPARAMS)}
+      total = objective(exits, jax.lax.stop_gradient(logits), labels, named) + loss_s
       if prox_mu:
         total = total + 0.5 * prox_mu * (_squared_distance(client_params, anchor[0][0])
                                          + _squared_distance(server_params, anchor[0][1]))

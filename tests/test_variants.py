@@ -1,0 +1,149 @@
+"""Your own method as a value (hsee_jax.variants): specs loaded from files
+and modules, hooks traced before any data is loaded, and a variant run
+through every command (train, SIGKILL + --resume, eval, sweep) from the
+run's config.json."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hsee_jax import cli, train, variants
+from hsee_jax.config import Config, ConfigError
+from hsee_jax.variants import Variant, VariantError
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "depthfl_sum.py"
+CONFIG = """from hsee_jax.config import Config
+def get_config():
+  return Config(dataset="synthetic", synthetic_shape=(16, 16, 4, 64, 32), width=0.0625,
+                cuts=(2, 4), batch_size=8, local_steps=1, rounds=3, augment=False, mode="loop",
+                eval_every=3, checkpoint_every=1, eval_batch_size=32, client_exits="every")
+"""
+
+
+def _records(run):
+  return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "images_per_s")}
+          for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def cfg_file(tmp_path):
+  path = tmp_path / "cfg.py"
+  path.write_text(CONFIG)
+  return path
+
+
+def test_specs_load_from_files_and_modules_and_fail_in_one_line(tmp_path):
+  assert variants.load(str(EXAMPLE)).name == "depthfl_sum"
+  assert variants.load(f"{EXAMPLE}:variant").objective is not None
+  (tmp_path / "mine.py").write_text("from hsee_jax import Variant\n"
+                                    "def make():\n  return Variant(name='made')\n"
+                                    "other = Variant(name='other')\nnumber = 3\n")
+  assert variants.load(f"{tmp_path / 'mine.py'}:make").name == "made"     # a factory
+  assert variants.load(f"{tmp_path / 'mine.py'}:other").name == "other"
+  assert variants.canonical(str(EXAMPLE.relative_to(Path.cwd()))
+                            if EXAMPLE.is_relative_to(Path.cwd()) else str(EXAMPLE)) == \
+      f"{EXAMPLE}:variant"
+  assert variants.canonical("some.module:thing") == "some.module:thing"
+  (tmp_path / "broken.py").write_text("def (:\n")
+  for spec, msg in [(str(tmp_path / "none.py"), "no file"),
+                    (f"{tmp_path / 'mine.py'}:nope", "it defines no nope"),
+                    (f"{tmp_path / 'mine.py'}:number", "number is a int, not an hsee_jax"),
+                    (str(tmp_path / "broken.py"), "syntax error at line 1"),
+                    ("hsee_jax.config:Config", "Config is a type, not an hsee_jax"),
+                    ("no_such_module_xyz:thing", "ModuleNotFoundError")]:
+    with pytest.raises(VariantError) as e:
+      variants.load(spec)
+    assert str(e.value).startswith(f"variant {spec}: ") and msg in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_chain_composes_one_objective_and_every_penalty():
+  import jax.numpy as jnp
+  one = lambda exits, final, labels, hp: jnp.float32(1.0)
+  two = lambda exits, final, labels, hp: jnp.float32(2.0)
+  v = variants.chain(Variant("a", objective=one), Variant("b", penalty=two),
+                     Variant("c", penalty=two))
+  assert v.name == "a+b+c" and v.objective is one and float(v.penalty([], None, None, {})) == 4.0
+  with pytest.raises(VariantError, match="variants a and b both replace the client objective"):
+    variants.chain(Variant("a", objective=one), Variant("b", objective=two))
+
+
+@pytest.mark.parametrize("body,msg", [
+    ("lambda exits, labels, hp: 0.0", "objective(exits, final, labels, hp) fails on abstract "
+     "inputs: TypeError"),
+    ("lambda exits, final, labels, hp: optax_free_per_image(exits, labels)",
+     "objective must return one number (a scalar loss), got shape (8,)"),
+    ("lambda exits, final, labels, hp: hp[3]", "fails on abstract inputs: KeyError"),
+])
+def test_a_wrong_hook_is_one_line_before_any_data_is_loaded(tmp_path, body, msg):
+  (tmp_path / "bad.py").write_text(
+      "import jax.numpy as jnp\nfrom hsee_jax import Variant\n"
+      "def optax_free_per_image(exits, labels):\n  return -exits[0][jnp.arange(8), labels]\n"
+      f"variant = Variant(name='bad', objective={body})\n")
+  # cifar100 from a folder that does not exist: loading data would fail otherwise
+  cfg = Config(dataset="cifar100", data_dir=str(tmp_path / "nowhere"), batch_size=8,
+               variants=(str(tmp_path / "bad.py"),))
+  with pytest.raises(VariantError) as e:
+    train.build(cfg)
+  assert msg in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_variant_through_train_eval_sweep_and_a_resume_it_no_longer_loads(
+    tmp_path, cfg_file, capsys):
+  run = tmp_path / "run"
+  assert cli.main(["train", "--config", str(cfg_file), "--variant", "examples/depthfl_sum.py",
+                   "--out", str(run)]) == 0
+  saved = json.loads((run / "config.json").read_text())
+  assert saved["variants"] == [f"{EXAMPLE}:variant"]
+  assert f"variants variants={EXAMPLE}:variant" in capsys.readouterr().out   # the header says so
+  # the variant changes the training: the same run without it differs
+  plain = tmp_path / "plain"
+  assert cli.main(["train", "--config", str(cfg_file), "--out", str(plain)]) == 0
+  assert _records(run)[0]["train"] == _records(plain)[0]["train"]   # the first step: same weights
+  assert _records(run)[1]["train"] != _records(plain)[1]["train"]   # then the sum moved them
+  # eval rebuilds it from config.json
+  capsys.readouterr()
+  assert cli.main(["eval", "--run", str(run)]) == 0
+  assert json.loads((run / "eval_round3.json").read_text())["test"] == \
+      json.loads((run / "summary.json").read_text())["test"]
+  # a sweep of two seeds, each run recording the spec
+  sw = tmp_path / "sweep"
+  assert cli.main(["sweep", "--config", str(cfg_file), "--variant", str(EXAMPLE), "--seeds", "0,1",
+                   "--out", str(sw)]) == 0
+  for seed in (0, 1):
+    assert json.loads((sw / "base" / f"seed{seed}" / "config.json").read_text())["variants"] == \
+        [f"{EXAMPLE}:variant"]
+  assert _records(sw / "base" / "seed0") == _records(run)
+  # the spec of a run whose file is gone: one line naming it
+  mine = tmp_path / "mine.py"
+  shutil.copy(EXAMPLE, mine)
+  other = tmp_path / "other"
+  assert cli.main(["train", "--config", str(cfg_file), "--variant", str(mine), "--set",
+                   "rounds=1", "--out", str(other)]) == 0
+  mine.unlink()
+  capsys.readouterr()
+  assert cli.main(["train", "--resume", str(other), "--set", "rounds=2"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and f"variant {mine}:variant: no file {mine}" in err, err
+
+
+@pytest.mark.long
+def test_a_variant_run_killed_mid_save_resumes_bit_for_bit(tmp_path, cfg_file):
+  straight, run = tmp_path / "straight", tmp_path / "run"
+  assert cli.main(["train", "--config", str(cfg_file), "--variant", str(EXAMPLE),
+                   "--out", str(straight)]) == 0
+  env = {**os.environ, "PYTHONUNBUFFERED": "1", "HSEE_FAULT_KILL_DURING_SAVE": "2"}
+  r = subprocess.run([sys.executable, "-m", "hsee_jax", "train", "--config", str(cfg_file),
+                      "--variant", str(EXAMPLE), "--out", str(run)], cwd=tmp_path, env=env,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == -9, r.stderr
+  env.pop("HSEE_FAULT_KILL_DURING_SAVE")
+  r = subprocess.run([sys.executable, "-m", "hsee_jax", "train", "--resume", str(run)],
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
+  assert _records(run) == _records(straight)
