@@ -15,6 +15,7 @@ import functools
 import importlib.util
 import json
 import math
+import sys
 import typing
 from pathlib import Path
 
@@ -680,16 +681,7 @@ def load(path: str | Path, assignments: list[str] | None = None) -> Config:
     raise ConfigError(f"config file not found: {path}")
   if path.suffix == ".json":
     return override(read_json_config(path), assignments or [])
-  spec = importlib.util.spec_from_file_location(f"hsee_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-  except SyntaxError as e:
-    raise ConfigError(f"config file {path}: syntax error at line {e.lineno}: {e.msg}") from None
-  except ConfigError as e:
-    raise ConfigError(f"config file {path}: {e}") from None
-  except Exception as e:  # noqa: BLE001  (the file is the user's code)
-    raise ConfigError(f"config file {path}: {type(e).__name__}: {e}") from None
+  module = run_user_file(path, f"hsee_config_{path.stem}", f"config file {path}")
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path} defines no get_config()")
   try:
@@ -701,6 +693,30 @@ def load(path: str | Path, assignments: list[str] | None = None) -> Config:
   if not isinstance(cfg, Config):
     raise ConfigError(f"{path}: get_config() must return hsee_jax.config.Config")
   return override(cfg, assignments or [])
+
+
+def run_user_file(path: Path, module_name: str, what: str):
+  """The module a user's Python file defines, executed (its folder importable
+  meanwhile); an error in it is one :class:`ConfigError` line beginning
+  with ``what``."""
+  spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.path.insert(0, str(Path(path).parent))
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"{what}: syntax error at line {e.lineno}: {e.msg}") from None
+  except ConfigError as e:
+    raise ConfigError(f"{what}: {e}") from None
+  except Exception as e:  # noqa: BLE001  (the file is the user's code)
+    raise ConfigError(f"{what}: {type(e).__name__}: {_first(e)}") from None
+  finally:
+    sys.path.remove(str(Path(path).parent))
+  return module
+
+
+def _first(e: BaseException) -> str:
+  return str(e).strip().splitlines()[0] if str(e).strip() else ""
 
 
 def read_json_config(path: Path) -> Config:

@@ -73,9 +73,10 @@ def image_folder(tmp_path):
 # The longest test files first: pytest-xdist (--dist loadfile) hands files to
 # the workers in collection order, so the short ones fill in at the end
 # instead of one worker finishing a long file alone.
-LONGEST_FIRST = ("test_distributed.py", "test_golden.py", "test_train.py", "test_fleet.py",
-                 "test_reliability.py", "test_engine.py", "test_sweep.py", "test_precision.py",
-                 "test_strategies.py", "test_checkpoint.py", "test_reproduce.py",
+LONGEST_FIRST = ("test_distributed.py", "test_golden.py", "test_strategies.py",
+                 "test_reliability.py", "test_engine.py", "test_clock.py", "test_dispatch.py",
+                 "test_iot.py", "test_variants.py", "test_train.py", "test_fleet.py",
+                 "test_sweep.py", "test_precision.py", "test_checkpoint.py", "test_reproduce.py",
                  "test_experiments.py")
 
 

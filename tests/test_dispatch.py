@@ -60,7 +60,7 @@ def _round_calls(monkeypatch, names, mode: str, scan_steps: bool) -> tuple[list,
   return rounds, before
 
 
-@pytest.mark.parametrize("mode", ["vmap", "unrolled"])
+@pytest.mark.parametrize("mode", ["vmap", pytest.param("unrolled", marks=pytest.mark.long)])
 def test_a_round_dispatches_one_call_per_chunk_plus_the_aggregation(executions, monkeypatch, mode):
   rounds, kept = _round_calls(monkeypatch, executions, mode, scan_steps=True)
   for calls in rounds:
@@ -70,6 +70,7 @@ def test_a_round_dispatches_one_call_per_chunk_plus_the_aggregation(executions, 
   assert kept and all(leaf.is_deleted() for leaf in kept)
 
 
+@pytest.mark.long
 def test_with_the_host_loop_over_steps_init_and_final_are_fused(executions, monkeypatch):
   rounds, _ = _round_calls(monkeypatch, executions, "unrolled", scan_steps=False)
   chunk = ["jit(chunk_begin)"] + ["jit(g)"] * STEPS + ["jit(chunk_end)"]

@@ -255,3 +255,26 @@ def test_gpu_check_suggests_auto_mode_entries_from_what_it_measured():
                    ("accelerator", "bfloat16"): ((None, "loop"),)}
   assert set(table) <= set(engine.AUTO_MODE)
   assert gpu_check.suggested_auto(choices[:1], "cpu") == {("cpu", "float32"): ((None, "loop"),)}
+
+
+@pytest.mark.long
+def test_price_grid_gives_what_a_run_records(tmp_path):
+  """A grid priced without training (experiments/price_grid.py) gives the
+  simulated seconds and bytes that training the same config records."""
+  import dataclasses
+  import price_grid
+  import reproduce
+  from hsee_jax import train
+  sets = ["train_subset=200", "test_subset=100", "rounds=2", "eval_every=1", "local_steps=1"]
+  out = tmp_path / "price.json"
+  assert price_grid.main(["--scale", "iot-more", "--runs", "deadline-by-tier", "--seeds", "0",
+                          "--out", str(out)] + [x for s in sets for x in ("--set", s)]) == 0
+  priced = json.loads(out.read_text())["deadline-by-tier"]
+  cfg = dict(reproduce.grid("cifar10", "iot-more", sets))["deadline-by-tier"]
+  train.train(dataclasses.replace(cfg, seed=0), tmp_path / "run", log=lambda s: None)
+  recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert priced["first_seed_sim_seconds_at_eval"] == pytest.approx(
+      [recs[0]["sim_seconds"], recs[0]["sim_seconds"] + recs[1]["sim_seconds"]], rel=1e-12)
+  assert priced["bytes_per_round"] == pytest.approx((recs[0]["bytes_sent"] + recs[1]["bytes_sent"]) / 2)
+  assert priced["unused_per_round"] == pytest.approx(
+      sum(sum(r["unused_per_cut"].values()) for r in recs) / 2)

@@ -94,6 +94,7 @@ def _strip(rec):
   return {k: v for k, v in rec.items() if k not in ("seconds", "images_per_s")}
 
 
+@pytest.mark.long
 def test_every_client_per_round_is_the_default_bit_for_bit():
   out = {}
   for c in (-1, 4):

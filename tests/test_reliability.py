@@ -177,6 +177,7 @@ def _largest_file(folder: Path) -> Path:
   return max((f for f in folder.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
 
 
+@pytest.mark.long
 def test_damaged_checkpoints_are_skipped_by_resume_and_eval(straight, tmp_path):
   """The newest checkpoint has a truncated array file, the one before it a
   truncated metadata file: eval and resume say so and use the newest intact

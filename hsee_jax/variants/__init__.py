@@ -29,16 +29,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.util
 import inspect
 import os
-import sys
 from pathlib import Path
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from hsee_jax import config as config_lib
 from hsee_jax.config import ConfigError
 
 
@@ -104,14 +103,8 @@ def load(spec: str) -> Variant:
         raise VariantError(f"no file {file}")
       key = (str(file), file.stat().st_mtime_ns)
       if key not in _LOADED:
-        module_spec = importlib.util.spec_from_file_location(f"hsee_variant_{file.stem}", file)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.path.insert(0, str(file.parent))
-        try:
-          module_spec.loader.exec_module(module)
-        finally:
-          sys.path.remove(str(file.parent))
-        _LOADED[key] = module
+        _LOADED[key] = config_lib.run_user_file(file, f"hsee_variant_{file.stem}",
+                                                f"variant {spec}")
       module = _LOADED[key]
     else:
       module = importlib.import_module(spec.rpartition(":")[0])
@@ -123,16 +116,16 @@ def load(spec: str) -> Variant:
         value = value()
       except Exception as e:  # noqa: BLE001
         raise VariantError(f"{name}() (a factory of the variant, called with no arguments) "
-                           f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                           f"raised {type(e).__name__}: {config_lib._first(e)}") from None
     if not isinstance(value, Variant):
       raise VariantError(f"{name} is a {type(value).__name__}, not an hsee_jax.variants.Variant")
     return value
   except VariantError as e:
     raise VariantError(f"variant {spec}: {e}") from None
-  except SyntaxError as e:
-    raise VariantError(f"variant {spec}: syntax error at line {e.lineno}: {e.msg}") from None
-  except Exception as e:  # noqa: BLE001  (the file is the user's code)
-    raise VariantError(f"variant {spec}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+  except ConfigError as e:   # the file's own error, already one line naming the spec
+    raise VariantError(str(e)) from None
+  except Exception as e:  # noqa: BLE001  (a module of the user's)
+    raise VariantError(f"variant {spec}: {type(e).__name__}: {config_lib._first(e)}") from None
 
 
 def check(variant: Variant, spec: str, exits: int, batch: int, classes: int,
