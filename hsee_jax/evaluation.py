@@ -165,7 +165,8 @@ def format_cut(c: dict) -> str:
   ev = "shared model" if isinstance(c["evaluated"], str) else f"{c['evaluated']} evaluated"
   spread = lambda d: (f"{d['mean']:.4f}" if d["min"] == d["max"]
                       else f"{d['mean']:.4f} (min {d['min']:.4f}, max {d['max']:.4f})")
-  return (f"cut {c['cut']} ({c['clients']} clients, {ev}): exit_acc {spread(c['exit_acc'])}, "
+  clients = f"{c['clients']} client{'s' if c['clients'] != 1 else ''}"
+  return (f"cut {c['cut']} ({clients}, {ev}): exit_acc {spread(c['exit_acc'])}, "
           f"full_acc {spread(c['full_acc'])}")
 
 

@@ -403,3 +403,13 @@ def test_soft_labels_are_priced_from_the_round_distillation_starts():
   sent = [sim.cohort(r, key).bytes_sent for r in range(3)]
   soft = 6 * 3 * cfg.batch_size * 4 * 10      # 6 clients x 3 steps x 8 images x 10 float32 logits
   assert sent[1] - sent[0] == soft and sent[2] == sent[1]
+
+
+def test_one_client_is_said_as_one():
+  from hsee_jax import evaluation
+  acc = {"mean": 0.5, "min": 0.5, "max": 0.5}
+  line = evaluation.format_cut({"cut": 3, "clients": 1, "evaluated": "shared", "exit_acc": acc,
+                                "full_acc": acc})
+  assert line.startswith("cut 3 (1 client, shared model): ")
+  assert "(2 clients" in evaluation.format_cut({"cut": 3, "clients": 2, "evaluated": 2,
+                                                "exit_acc": acc, "full_acc": acc})
