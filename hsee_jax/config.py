@@ -392,8 +392,7 @@ class Config:
     for name, needs, has_effect in EFFECTS:
       if getattr(self, name) == defaults[name]:
         continue
-      effect = has_effect(self, cuts) if has_effect.__code__.co_argcount == 2 else has_effect(self)
-      if effect is False and name not in (n for n, _ in idle):
+      if has_effect(self, cuts) is False and name not in (n for n, _ in idle):
         idle.append((name, needs))
     return idle
 
@@ -473,47 +472,47 @@ _SEVERAL = "a fleet of several cuts (with one cut every client holds the same un
 _DISTILL = "distill=deepest or distill=server"
 # The rule for companion fields (Config.check_effects): a field set away from
 # its default needs what the row says, else it has no effect. Each row:
-# (field, what it needs, whether the config gives it an effect: cfg -> bool, or
-# (cfg, the fleet's distinct cuts or None) -> bool or None for "not known yet").
+# (field, what it needs, whether the config gives it an effect: (cfg, the
+# fleet's distinct cuts or None) -> bool, or None for "not known yet").
 EFFECTS = (
     ("deadline_s", "participation=deadline or participation=partial",
-     lambda c: c.participation != "all"),
-    ("overcommit", "participation=deadline", lambda c: c.participation == "deadline"),
-    ("deadline_by_tier", "participation=deadline", lambda c: c.participation == "deadline"),
-    ("link_topk", "link=topk", lambda c: c.link == "topk"),
+     lambda c, _: c.participation != "all"),
+    ("overcommit", "participation=deadline", lambda c, _: c.participation == "deadline"),
+    ("deadline_by_tier", "participation=deadline", lambda c, _: c.participation == "deadline"),
+    ("link_topk", "link=topk", lambda c, _: c.link == "topk"),
     ("link_bytes_per_s", "client_link_bytes_per_s=() (it gives every client's bandwidth)",
-     lambda c: not c.client_link_bytes_per_s),
+     lambda c, _: not c.client_link_bytes_per_s),
     ("cuts", "no cut_tiers, budget_tiers or client_budgets (they give the fleet's cuts)",
-     lambda c: not (c.cut_tiers or c.budget_tiers or c.client_budgets)),
-    ("dirichlet_alpha", "partition=dirichlet", lambda c: c.partition == "dirichlet"),
-    ("synthetic_shape", "dataset=synthetic", lambda c: c.dataset == "synthetic"),
+     lambda c, _: not (c.cut_tiers or c.budget_tiers or c.client_budgets)),
+    ("dirichlet_alpha", "partition=dirichlet", lambda c, _: c.partition == "dirichlet"),
+    ("synthetic_shape", "dataset=synthetic", lambda c, _: c.dataset == "synthetic"),
     ("label_mode", "dataset=cifar100 (coarse labels exist only there)",
-     lambda c: c.dataset == "cifar100"),
-    ("augment_pad", "augment=True", lambda c: c.augment),
-    ("momentum", "optimizer=sgd (adam keeps its own moments)", lambda c: c.optimizer == "sgd"),
-    ("nesterov", "optimizer=sgd", lambda c: c.optimizer == "sgd"),
-    ("step_milestones", "schedule=step", lambda c: c.schedule == "step"),
-    ("step_gamma", "schedule=step", lambda c: c.schedule == "step"),
+     lambda c, _: c.dataset == "cifar100"),
+    ("augment_pad", "augment=True", lambda c, _: c.augment),
+    ("momentum", "optimizer=sgd (adam keeps its own moments)", lambda c, _: c.optimizer == "sgd"),
+    ("nesterov", "optimizer=sgd", lambda c, _: c.optimizer == "sgd"),
+    ("step_milestones", "schedule=step", lambda c, _: c.schedule == "step"),
+    ("step_gamma", "schedule=step", lambda c, _: c.schedule == "step"),
     ("aggregate_every", "strategy=averaging or client_aggregation=cross_layer (else nothing "
-     "is aggregated)", lambda c: c.strategy == "averaging" or c.client_aggregation != "none"),
+     "is aggregated)", lambda c, _: c.strategy == "averaging" or c.client_aggregation != "none"),
     ("client_aggregation", "strategy=sequential (averaging always aggregates across layers)",
-     lambda c: c.strategy == "sequential"),
-    ("tier_local_top", _AVERAGING, lambda c: c.strategy == "averaging"),
+     lambda c, _: c.strategy == "sequential"),
+    ("tier_local_top", _AVERAGING, lambda c, _: c.strategy == "averaging"),
     ("tier_local_top", _SEVERAL, _several_cuts),
-    ("aggregate_sides", _AVERAGING, lambda c: c.strategy == "averaging"),
+    ("aggregate_sides", _AVERAGING, lambda c, _: c.strategy == "averaging"),
     ("aggregate_sides", _SEVERAL, _several_cuts),
-    ("client_exits", _AVERAGING, lambda c: c.strategy == "averaging"),
+    ("client_exits", _AVERAGING, lambda c, _: c.strategy == "averaging"),
     ("client_exits", _SEVERAL + ": no cut below another to hold an exit at", _several_cuts),
     ("exit_weights", "client_exits=every (else a client has one exit)",
-     lambda c: c.client_exits == "every"),
+     lambda c, _: c.client_exits == "every"),
     ("distill", "client_exits=every for deepest (it distils a client's shallower exits from its "
-     "own)", lambda c: c.distill != "deepest" or c.client_exits == "every"),
-    ("distill", "distill_start <= rounds (it never starts)", lambda c: c.distill_start <= c.rounds),
-    ("distill_weight", _DISTILL, lambda c: c.distill != "none"),
-    ("distill_temperature", _DISTILL, lambda c: c.distill != "none"),
-    ("distill_start", _DISTILL, lambda c: c.distill != "none"),
-    ("prox_mu", _AVERAGING, lambda c: c.strategy == "averaging"),
-    ("static_bn", _AVERAGING, lambda c: c.strategy == "averaging"),
+     "own)", lambda c, _: c.distill != "deepest" or c.client_exits == "every"),
+    ("distill", "distill_start <= rounds (it never starts)", lambda c, _: c.distill_start <= c.rounds),
+    ("distill_weight", _DISTILL, lambda c, _: c.distill != "none"),
+    ("distill_temperature", _DISTILL, lambda c, _: c.distill != "none"),
+    ("distill_start", _DISTILL, lambda c, _: c.distill != "none"),
+    ("prox_mu", _AVERAGING, lambda c, _: c.strategy == "averaging"),
+    ("static_bn", _AVERAGING, lambda c, _: c.strategy == "averaging"),
 )
 
 

@@ -283,15 +283,10 @@ class Clock:
     return np.asarray(steps) * self.step_s[ids] + (self.aggregate_s[ids] if aggregate else 0.0)
 
   def steps_within(self, ids, seconds: float, most: int, aggregate: bool) -> np.ndarray:
-    """The local steps (0..``most``) each client of ``ids`` finishes, with
-    its aggregation transfer, within ``seconds``."""
+    """The local steps (0..``most``) each client of ``ids`` finishes within
+    ``seconds``, with its aggregation transfer when ``aggregate``."""
     left = seconds - (self.aggregate_s[ids] if aggregate else 0.0)
     return np.clip(np.floor(left / self.step_s[ids] + 1e-9), 0, most).astype(np.int64)
-
-  def steps_by(self, ids, seconds: float, most: int) -> np.ndarray:
-    """The local steps (0..``most``) each client of ``ids`` has finished
-    ``seconds`` into the round (no aggregation transfer)."""
-    return np.clip(np.floor(seconds / self.step_s[ids] + 1e-9), 0, most).astype(np.int64)
 
   def round_seconds(self, ids, steps, aggregate: bool) -> float:
     """The round of clients ``ids`` with ``steps`` local steps each (0.0 with nobody)."""

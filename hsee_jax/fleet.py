@@ -285,7 +285,7 @@ def participants(fleet: Fleet, cfg: Config, rnd: int, clock, local_steps: int) -
     seconds = max(seconds, cfg.deadline_s)
   others = ids[~is_kept]
   sent = clock.round_bytes(ids[is_kept], local_steps, aggregate) + clock.round_bytes(
-      others, clock.steps_by(others, seconds, local_steps), False)
+      others, clock.steps_within(others, seconds, local_steps, False), False)
   return Turnout(ids[is_kept], None, ids[~is_in_time], ids[is_in_time & ~is_kept], num_online,
                  seconds, sent)
 

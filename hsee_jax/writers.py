@@ -124,6 +124,8 @@ class TensorBoard:
     files of earlier runs in the directory go (``records`` replaces them)."""
     from tensorboardX import summary   # present: Config checks it for tensorboard=True
     from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto import event_pb2
+    self._summary, self._event_pb2 = summary, event_pb2
     text = json.dumps(cfg.to_dict(), indent=2)
     with self._writing():
       self.logdir.mkdir(parents=True, exist_ok=True)
@@ -153,12 +155,10 @@ class TensorBoard:
       raise WriteError(f"{self.where}: {e.strerror or e}") from None
 
   def _event(self, step: int, value) -> None:
-    from tensorboardX.proto import event_pb2
-    self.events.write_event(event_pb2.Event(summary=value, step=step, wall_time=time.time()))
+    self.events.write_event(self._event_pb2.Event(summary=value, step=step, wall_time=time.time()))
 
   def _scalar(self, tag: str, value, step: int) -> None:
-    from tensorboardX import summary
-    self._event(step, summary.scalar(tag, float(value)))
+    self._event(step, self._summary.scalar(tag, float(value)))
 
   def _add(self, record: dict) -> None:
     if "train" not in record:  # a stop event

@@ -79,13 +79,13 @@ def canonical(spec: str) -> str:
 
 
 def _split(spec: str) -> tuple[str | None, str]:
-  """(file path or None for a module, attribute name)."""
-  head, sep, name = spec.rpartition(":") if ":" in spec else (spec, "", "")
-  if not sep:
-    head, name = spec, ""
-  if head.endswith(".py") or os.sep in head or not sep:
+  """(file path, or None for a module; the attribute's name)."""
+  head, sep, name = spec.rpartition(":")
+  if not sep:                                   # FILE.py
+    return spec, "variant"
+  if head.endswith(".py") or os.sep in head:    # FILE.py:NAME
     return head, name or "variant"
-  return None, name
+  return None, name                             # module:NAME
 
 
 _LOADED: dict = {}
