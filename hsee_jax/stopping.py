@@ -7,10 +7,14 @@ and during ``hsee eval``, :func:`early_signals` stops the command at once
 cannot pass it on (a garbage-collector callback, a ``__del__``) still stops
 the command at the next :func:`check_early`, and one that a library turned
 into an error of its own (an extension module's initialisation) still ends
-the command as that signal."""
+the command as that signal. A signal that comes while a module is being
+imported is not raised there (an exception inside an extension module's
+initialisation prints its traceback from C, or crashes the interpreter): it
+is delivered again every 50 ms until the import is over."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -28,10 +32,28 @@ class Early(BaseException):
     super().__init__(signal.Signals(signum).name)
 
 
+def _importing(frame) -> bool:
+  while frame is not None:
+    if frame.f_code.co_filename.startswith("<frozen importlib"):
+      return True
+    frame = frame.f_back
+  return False
+
+
+def _again(signum: int) -> None:
+  if signal.getsignal(signum) is _early_handler:   # still before the run's own handlers
+    os.kill(os.getpid(), signum)
+
+
 def _early_handler(signum, frame):
   global _early
   if _early is None:
     _early = signum
+  if _importing(frame):
+    timer = threading.Timer(0.05, _again, (signum,))
+    timer.daemon = True
+    timer.start()
+    return
   raise Early(signum)
 
 

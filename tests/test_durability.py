@@ -127,6 +127,33 @@ def _kill_at(args, seconds, env=None):
   return proc.returncode, out, err
 
 
+def test_a_signal_during_an_import_stops_the_command_once_the_import_is_over(tmp_path):
+  """A SIGTERM that comes while a module is imported is not raised inside
+  the import (inside an extension module's initialisation that printed a
+  traceback from C, or crashed the interpreter): the import finishes and the
+  command stops right after it, as Early. Deterministic: the module sends
+  the signal to its own process halfway through its body."""
+  (tmp_path / "slow_module.py").write_text(
+      "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\n"
+      "time.sleep(0.3)\nFINISHED = True\n")
+  script = (
+      "import sys, time\nsys.path.insert(0, sys.argv[1])\n"
+      "from hsee_jax import stopping\n"
+      "try:\n"
+      "  with stopping.early_signals():\n"
+      "    import slow_module\n"
+      "    print('imported', slow_module.FINISHED, flush=True)\n"
+      "    time.sleep(5)\n"
+      "    print('not stopped')\n"
+      "except stopping.Early as e:\n"
+      "  print('early', e.signum)\n")
+  done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO,
+                        capture_output=True, text=True, timeout=60)
+  assert done.returncode == 0 and done.stderr == "", done.stderr
+  assert done.stdout.split("\n")[:2] == ["imported True", f"early {int(signal.SIGTERM)}"], \
+      done.stdout
+
+
 @pytest.mark.long
 def test_sigterm_at_any_moment_of_train_and_eval_ends_with_143(tmp_path):
   """The issue's cases through real processes: SIGTERM while ``hsee train``
