@@ -127,7 +127,8 @@ def build(cfg: Config, dataset: data_lib.Dataset | None = None,
   schedule = optim.make_schedule(cfg, cfg.rounds * steps)
   ctx = strategies.Context(cfg, net, tx, fleet, strategies.put_train_set(dataset),
                            dataset.image_shape, objective=objective,
-                           penalty=variant.penalty if variant is not None else None)
+                           penalty=variant.penalty if variant is not None else None,
+                           grouping=variant.grouping if variant is not None else None)
   algorithm = strategies.STRATEGIES[cfg.strategy](ctx)
   sim = Simulation(ctx, algorithm, steps, schedule)
   preflight.check_fits(sim, dataset)
@@ -143,7 +144,21 @@ def check_variants(cfg: Config):
     return None
   cuts = cfg.static_cuts()
   exits = len(cuts) if cuts and cfg.client_exits == "every" else 1
-  return variants_lib.resolve(cfg.variants, exits, cfg.batch_size, 10, fleet_lib.HPARAMS)
+  net = models.for_config(cfg, 10)
+  return variants_lib.resolve(cfg.variants, exits, cfg.batch_size, 10, fleet_lib.HPARAMS,
+                              leaf_paths=functools.partial(_leaf_paths, net))
+
+
+def _leaf_paths(net: models.SplitNetwork) -> list[tuple]:
+  """Every leaf path of ``net`` as a variant's ``grouping`` sees it (one per
+  unit, classifier and exit head at any cut; shapes only, nothing computed)."""
+  from flax import traverse_util
+  shape = (32, 32, 3)
+  p, s = jax.eval_shape(lambda k: net.init_span(k, *net.full_span(), shape), jax.random.PRNGKey(0))
+  hp, hs = jax.eval_shape(lambda k: net.init_exit_head(k, 1, shape), jax.random.PRNGKey(0))
+  heads = ({models.EXIT_HEAD: hp}, {models.EXIT_HEAD: hs} if hs else {})
+  return [(kind,) + path for kind, trees in (("params", (p, heads[0])), ("batch_stats", (s, heads[1])))
+          for tree in trees for path in traverse_util.flatten_dict(tree)]
 
 
 class RoundError(RunError):

@@ -2,6 +2,7 @@
 and modules, hooks traced before any data is loaded, and a variant run
 through every command (train, SIGKILL + --resume, eval, sweep) from the
 run's config.json."""
+import dataclasses
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from hsee_jax.variants import Variant, VariantError
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "depthfl_sum.py"
+FEDBN = REPO / "examples" / "fedbn.py"
 CONFIG = """from hsee_jax.config import Config
 def get_config():
   return Config(dataset="synthetic", synthetic_shape=(16, 16, 4, 64, 32), width=0.0625,
@@ -94,17 +96,20 @@ def test_a_wrong_hook_is_one_line_before_any_data_is_loaded(tmp_path, body, msg)
   assert msg in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("example", [EXAMPLE, pytest.param(FEDBN, marks=pytest.mark.long)],
+                         ids=["depthfl_sum", "fedbn"])
 def test_a_variant_through_train_eval_sweep_and_a_resume_it_no_longer_loads(
-    tmp_path, cfg_file, capsys):
+    tmp_path, cfg_file, capsys, example):
   run = tmp_path / "run"
-  assert cli.main(["train", "--config", str(cfg_file), "--variant", "examples/depthfl_sum.py",
-                   "--out", str(run)]) == 0
+  assert cli.main(["train", "--config", str(cfg_file), "--variant",
+                   str(example.relative_to(REPO)), "--out", str(run)]) == 0
   saved = json.loads((run / "config.json").read_text())
-  assert saved["variants"] == [f"{EXAMPLE}:variant"]
-  assert f"variants variants={EXAMPLE}:variant" in capsys.readouterr().out   # the header says so
-  # the run trained with the variant's objective (the client runners were built with it)
+  assert saved["variants"] == [f"{example}:variant"]
+  assert f"variants variants={example}:variant" in capsys.readouterr().out   # the header says so
+  # the run trained with the variant's hooks (the client runners were built with them)
   _, sim = train.build(config_lib.read_json_config(run / "config.json"))
-  assert sim.ctx.objective is variants.load(saved["variants"][0]).objective
+  loaded = variants.load(saved["variants"][0])
+  assert (sim.ctx.objective, sim.ctx.grouping) == (loaded.objective, loaded.grouping)
   # eval rebuilds it from config.json
   capsys.readouterr()
   assert cli.main(["eval", "--run", str(run)]) == 0
@@ -112,11 +117,11 @@ def test_a_variant_through_train_eval_sweep_and_a_resume_it_no_longer_loads(
       json.loads((run / "summary.json").read_text())["test"]
   # a sweep of two seeds, each run recording the spec
   sw = tmp_path / "sweep"
-  assert cli.main(["sweep", "--config", str(cfg_file), "--variant", str(EXAMPLE), "--seeds", "0,1",
+  assert cli.main(["sweep", "--config", str(cfg_file), "--variant", str(example), "--seeds", "0,1",
                    "--out", str(sw)]) == 0
   for seed in (0, 1):
     assert json.loads((sw / "base" / f"seed{seed}" / "config.json").read_text())["variants"] == \
-        [f"{EXAMPLE}:variant"]
+        [f"{example}:variant"]
   assert _records(sw / "base" / "seed0") == _records(run)
   # the spec of a run whose file is gone: one line naming it
   mine = tmp_path / "mine.py"
@@ -132,13 +137,14 @@ def test_a_variant_through_train_eval_sweep_and_a_resume_it_no_longer_loads(
 
 
 @pytest.mark.long
-def test_a_variant_run_killed_mid_save_resumes_bit_for_bit(tmp_path, cfg_file):
+@pytest.mark.parametrize("example", [EXAMPLE, FEDBN], ids=["depthfl_sum", "fedbn"])
+def test_a_variant_run_killed_mid_save_resumes_bit_for_bit(tmp_path, cfg_file, example):
   straight, run = tmp_path / "straight", tmp_path / "run"
-  assert cli.main(["train", "--config", str(cfg_file), "--variant", str(EXAMPLE),
+  assert cli.main(["train", "--config", str(cfg_file), "--variant", str(example),
                    "--out", str(straight)]) == 0
   env = {**os.environ, "PYTHONUNBUFFERED": "1", "HSEE_FAULT_KILL_DURING_SAVE": "2"}
   r = subprocess.run([sys.executable, "-m", "hsee_jax", "train", "--config", str(cfg_file),
-                      "--variant", str(EXAMPLE), "--out", str(run)], cwd=tmp_path, env=env,
+                      "--variant", str(example), "--out", str(run)], cwd=tmp_path, env=env,
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == -9, r.stderr
   env.pop("HSEE_FAULT_KILL_DURING_SAVE")
@@ -146,3 +152,53 @@ def test_a_variant_run_killed_mid_save_resumes_bit_for_bit(tmp_path, cfg_file):
                      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
   assert _records(run) == _records(straight)
+
+
+FEDBN_CFG = Config(dataset="synthetic", synthetic_shape=(16, 16, 4, 96, 32), width=0.0625,
+                   cut_tiers=((2, 0.5), (4, 0.5)), num_clients=6, partition="dirichlet",
+                   dirichlet_alpha=0.3, batch_size=8, local_steps=2, rounds=2, augment=False,
+                   mode="loop", eval_every=2, eval_batch_size=32,
+                   variants=(str(FEDBN),))
+
+
+@pytest.mark.parametrize("aggregate_every", [1, pytest.param(2, marks=pytest.mark.long)])
+def test_fedbn_keeps_batch_norm_per_client_and_averages_the_rest(aggregate_every):
+  """examples/fedbn.py through train.build: after a round that aggregates,
+  the clients of a cut hold the shared model's convolution kernels (the
+  cross-layer average) but each its own batch norm scale, shift and
+  statistics, and each is evaluated with its own (with per-client models
+  between aggregations too, ``aggregate_every=2``)."""
+  import jax
+  import numpy as np
+  from flax import traverse_util
+  leaves = lambda part: traverse_util.flatten_dict({"params": part.params,
+                                                    "batch_stats": part.batch_stats})
+  cfg = dataclasses.replace(FEDBN_CFG, aggregate_every=aggregate_every, rounds=aggregate_every)
+  _, sim = train.build(cfg)
+  state = sim.init_state(jax.random.PRNGKey(0))
+  for rnd in range(cfg.rounds):   # 0-based, as run_rounds calls it
+    state, _, _ = sim.run_round(state, rnd, jax.random.PRNGKey(0))
+  ids = [int(i) for i in sim.ctx.fleet.groups[2]]
+  models = [m for m in sim.algorithm.eval_models(state) if m.cut == 2]
+  assert len(ids) == 3 and [m.clients for m in models] == [(i,) for i in ids]
+  shared = leaves(state.model)
+  first, second = (leaves(m.client.merge(m.server)) for m in models[:2])
+  norm = [k for k in first if k[0] == "batch_stats" or "BatchNorm" in "".join(k[2:])]
+  assert norm and len(norm) < len(first)
+  for k in first:
+    if k[1].startswith("unit_"):   # the shared model holds units and classifier, not heads
+      assert np.array_equal(np.asarray(first[k]), np.asarray(shared[k])) == (k not in norm), k
+    assert np.array_equal(np.asarray(first[k]), np.asarray(second[k])) == (k not in norm), k
+
+
+def test_a_grouping_that_answers_otherwise_is_one_line(tmp_path):
+  (tmp_path / "g.py").write_text("from hsee_jax import Variant\n"
+                                 "variant = Variant(name='g', grouping=lambda path: 'tier')\n")
+  cfg = dataclasses.replace(FEDBN_CFG, variants=(str(tmp_path / "g.py"),))
+  with pytest.raises(VariantError) as e:
+    train.build(cfg)
+  assert str(e.value).startswith(f"variant {tmp_path / 'g.py'}: grouping('params', ")
+  assert "returned 'tier'; it answers one of 'unit', 'client'" in str(e.value)
+  assert "\n" not in str(e.value)
+  with pytest.raises(ConfigError, match="needs strategy=averaging"):
+    train.build(dataclasses.replace(FEDBN_CFG, strategy="sequential"))

@@ -120,6 +120,7 @@ class Context:
   objective: Callable | None = None
   link: link_lib.Link | None = None  # what the server parts receive (Config.link; None: as computed)
   penalty: Callable | None = None    # a term added to the client objective (a variant's)
+  grouping: Callable | None = None   # a variant's leaves kept per client (parts.local_leaves)
 
   def exit_cuts(self, cut: int) -> tuple:
     """The cuts below ``cut`` where a client at ``cut`` also trains an exit
@@ -136,6 +137,9 @@ class Context:
     if self.objective is not None and cfg.exit_weights != "equal":
       raise ConfigError("exit_weights: a client objective of your own replaces the config's; "
                         "set exit_weights=equal and weigh the exits inside it")
+    if self.grouping is not None and cfg.strategy != "averaging":
+      raise ConfigError("variants: a variant that keeps leaves per client (grouping) needs "
+                        "strategy=averaging (Sequential's server part is one shared model)")
     self.mode = engine.resolve_mode(cfg.mode, cfg.strategy, cfg.shard_clients,
                                     precision_lib.resolve(cfg.precision), cfg.batch_size)
     self.chunk = engine.resolve_chunk(cfg.client_chunk)

@@ -4,7 +4,9 @@ parallel, cross-layer aggregation every ``aggregate_every`` rounds.
 Between rounds the state holds one copy of every unit and of the classifier
 (``model``), one exit head per cut (``exit_heads``), and per client only what
 persists (``clients[cut]``, leaves [N_cut, ...]): the optimiser state with
-``client_state=keep``, the whole model when aggregation is not every round.
+``client_state=keep``, the whole model when aggregation is not every round,
+else the leaves a variant keeps per client (its ``grouping`` hook, FedBN's
+batch norm: :func:`parts.local_leaves`), which no aggregation averages.
 The variants add a tier's own top unit (``tier_units``, ``tier_local_top``)
 and the server side's copies of the units both sides hold (``server_units``,
 ``aggregate_sides=apart``); both are empty otherwise. The per-client
@@ -27,7 +29,8 @@ from hsee_jax.strategies import aggregation, static_bn
 from hsee_jax.strategies.algorithm import (Algorithm, Context, EvalModel, cached_program,
                                            step_inputs)
 from hsee_jax.strategies.parts import (bad_rows, cut_variables, finite, group_cut, group_key,
-                                       opt_init, put, stack_copies, take)
+                                       local_leaves, opt_init, put, stack_copies, take,
+                                       with_local)
 from hsee_jax.strategies.update import METRIC_NAMES
 
 
@@ -60,9 +63,10 @@ def client_server_parts(state: AveragingState, cut: int, tx) -> tuple[PartState,
   return full.split(cut)
 
 
-def _chunk_fns(tx, cut: int, keep_opt: bool, keep_models: bool, due: bool):
+def _chunk_fns(tx, cut: int, keep_opt: bool, keep_models: bool, due: bool, grouping=None):
   """(prepare, finish) of a chunk of clients at ``cut``, for
-  :meth:`engine.ClientRunner.chunk_program`. ``read``: (model, exit head,
+  :meth:`engine.ClientRunner.chunk_program` (``grouping``: which leaves a
+  client keeps, :func:`parts.local_leaves`; None: none). ``read``: (model, exit head,
   tier unit, lower exit heads, slots, weights, keys, metric rows); ``owned``
   (donated): (the cut's per-client store, its accumulator, the round's
   metrics [C, 4])."""
@@ -77,6 +81,9 @@ def _chunk_fns(tx, cut: int, keep_opt: bool, keep_models: bool, due: bool):
                        opt_state={})
     else:
       full = stack_copies(full, len(slots))
+      if grouping is not None:
+        full = with_local(full, PartState(take(kept.params, slots),
+                                          take(kept.batch_stats, slots), {}))
     opt = (take(kept.opt_state, slots) if keep_opt
            else stack_copies(opt_init(tx, take(full.params, 0)), len(slots)))
     return (*full.replace(opt_state=opt).split(cut), keys)
@@ -89,8 +96,10 @@ def _chunk_fns(tx, cut: int, keep_opt: bool, keep_models: bool, due: bool):
     _, _, _, _, slots, weights, _, rows = read
     kept, acc, metrics = owned
     full = client.merge(server)
-    kept = PartState(params=put(kept.params, slots, full.params) if keep_models else {},
-                     batch_stats=put(kept.batch_stats, slots, full.batch_stats) if keep_models else {},
+    mine = (full if keep_models else local_leaves(full, grouping) if grouping is not None
+            else PartState({}, {}, {}))
+    kept = PartState(params=put(kept.params, slots, mine.params),
+                     batch_stats=put(kept.batch_stats, slots, mine.batch_stats),
                      opt_state=put(kept.opt_state, slots, full.opt_state) if keep_opt else {})
     return (kept, aggregation.chunk_sums(full, weights, acc) if due else acc,
             metrics.at[rows].set(m, mode="drop"))
@@ -102,16 +111,19 @@ _combine = jax.jit(aggregation.combine_sums)
 _combine_sides = jax.jit(aggregation.combine_sides)
 
 
-@functools.partial(jax.jit, static_argnums=5)
-def _spread(kept, model, heads, tier_units, server_units, exit_cuts):
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def _spread(kept, model, heads, tier_units, server_units, exit_cuts, grouping):
   """After an aggregation with per-client models: every client takes the
-  average (``exit_cuts``: (group key, its lower exit cuts) pairs)."""
+  average (``exit_cuts``: (group key, its lower exit cuts) pairs), but for
+  the leaves it keeps (``grouping``, :func:`parts.local_leaves`)."""
   out, lower = {}, dict(exit_cuts)
   for g, part in kept.items():
     n = jax.tree.leaves(part.params)[0].shape[0]
     avg = stack_copies(cut_variables(model_at(model, server_units, group_cut(g)), heads[g],
                                      tier_units.get(g),
                                      {c: heads[group_key(c)] for c in lower[g]}), n)
+    if grouping is not None:
+      avg = with_local(avg, local_leaves(part, grouping))
     out[g] = PartState(params=avg.params, batch_stats=avg.batch_stats, opt_state=part.opt_state)
   return out
 
@@ -132,6 +144,7 @@ def averaging(ctx: Context) -> Algorithm:
   keep_models = cfg.aggregate_every > 1  # clients' models differ between aggregations
   apart = cfg.aggregate_sides == "apart"
   per_tier = cfg.tier_local_top or apart  # the tiers' networks are not one network
+  grouping = ctx.grouping                 # a variant's leaves kept per client (FedBN), or None
   exit_cuts = tuple((group_key(c), ctx.exit_cuts(c)) for c in sorted(fleet.groups))
 
   def lower_heads(heads: dict, cut: int) -> dict:
@@ -157,8 +170,9 @@ def averaging(ctx: Context) -> Algorithm:
             params={top: p[top]}, batch_stats={top: s[top]} if top in s else {}, opt_state={})
       full = cut_variables(model_at(model, server, cut), heads[group_key(cut)], None,
                            lower_heads(heads, cut))
-      kept = PartState(params=full.params if keep_models else {},
-                       batch_stats=full.batch_stats if keep_models else {},
+      mine = (full if keep_models else local_leaves(full, grouping) if grouping is not None
+              else PartState({}, {}, {}))
+      kept = PartState(params=mine.params, batch_stats=mine.batch_stats,
                        opt_state=opt_init(tx, full.params) if keep_opt else {})
       clients[group_key(cut)] = stack_copies(kept, len(ids))
     return AveragingState(model=model, exit_heads=heads, clients=clients, tier_units=tiers,
@@ -168,8 +182,10 @@ def averaging(ctx: Context) -> Algorithm:
     """The compiled program of a chunk at ``cut`` (engine.ClientRunner.chunk_program)."""
     mesh = ctx.mesh
     return cached_program(
-        ("averaging", ctx.runner_key(cut), due, mesh and tuple(d.id for d in mesh.mesh.devices.flat)),
-        lambda: ctx.runners[cut].chunk_program(*_chunk_fns(tx, cut, keep_opt, keep_models, due),
+        ("averaging", ctx.runner_key(cut), due, grouping,
+         mesh and tuple(d.id for d in mesh.mesh.devices.flat)),
+        lambda: ctx.runners[cut].chunk_program(*_chunk_fns(tx, cut, keep_opt, keep_models, due,
+                                                           grouping),
                                                constrain=mesh and mesh.constrain))
 
   def apply(state: AveragingState, cohort: Cohort):
@@ -201,7 +217,7 @@ def averaging(ctx: Context) -> Algorithm:
     elif due:
       model, heads, tiers = _combine(model, heads, sums, tiers)
     if due and keep_models:
-      kept = _spread(kept, model, heads, tiers, server, exit_cuts)
+      kept = _spread(kept, model, heads, tiers, server, exit_cuts, grouping)
     return AveragingState(model=model, exit_heads=heads, clients=kept, tier_units=tiers,
                           server_units=server), metrics
 
@@ -215,10 +231,13 @@ def averaging(ctx: Context) -> Algorithm:
     model = state.model if per_tier else evaluated(state.model)
     for cut, ids in fleet.groups.items():
       g = group_key(cut)
-      if keep_models:  # clients differ: a seeded sample of them
+      if keep_models or grouping is not None:  # clients differ: a seeded sample of them
+        shared = cut_variables(model_at(state.model, state.server_units, cut), state.exit_heads[g],
+                               state.tier_units.get(g))
         for i in ctx.eval_sample(cut):
-          full = take(state.clients[g], int(fleet.slots[i])).subset(net.client_names(cut) +
-                                                                    net.server_names(cut))
+          mine = take(state.clients[g], int(fleet.slots[i]))
+          full = (mine if keep_models else with_local(shared, mine)).subset(
+              net.client_names(cut) + net.server_names(cut))
           out.append(EvalModel(cut, (int(i),), *evaluated(full).split(cut), False))
         continue
       full = cut_variables(model_at(model, state.server_units, cut), state.exit_heads[g],
@@ -240,7 +259,7 @@ def averaging(ctx: Context) -> Algorithm:
         **{f"server side's {n}": (p, state.server_units.batch_stats.get(n, {}))
            for n, p in state.server_units.params.items()}}))
     bad = [name for name, ok in flags.items() if not ok]
-    if keep_models:
+    if keep_models or grouping is not None:
       bad += bad_rows(fleet, state.clients, "model", ids)
     return bad
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from hsee_jax import models
 from hsee_jax.optim import PartState
@@ -55,6 +56,33 @@ def cut_variables(model: PartState, head: PartState, tier: PartState | None = No
   stats = {**model.batch_stats, **tier_stats,
            **{n: h.batch_stats for n, h in heads.items() if h.batch_stats}}
   return PartState(params=params, batch_stats=stats, opt_state={})
+
+
+GROUPS = ("unit", "client")   # a leaf averaged across the models that hold its unit, or kept
+
+
+def local_leaves(part: PartState, grouping) -> PartState:
+  """The leaves of ``part`` (parameters and batch statistics, with or
+  without a leading client axis) that ``grouping`` keeps per client: it is
+  called with each leaf's path, ``("params" | "batch_stats", unit or head,
+  module, ..., leaf)``, and answers one of :data:`GROUPS`."""
+  def pick(kind, tree):
+    flat = traverse_util.flatten_dict(tree)
+    return traverse_util.unflatten_dict(
+        {k: v for k, v in flat.items() if grouping((kind,) + k) == "client"})
+  return PartState(params=pick("params", part.params),
+                   batch_stats=pick("batch_stats", part.batch_stats), opt_state={})
+
+
+def with_local(part: PartState, local: PartState) -> PartState:
+  """``part`` with the leaves ``local`` holds written over its own (the
+  leaves a client keeps, :func:`local_leaves`); its other leaves as they are."""
+  def over(tree, mine):
+    flat = traverse_util.flatten_dict(tree, keep_empty_nodes=True)
+    flat.update({k: v for k, v in traverse_util.flatten_dict(mine).items() if k in flat})
+    return traverse_util.unflatten_dict(flat)
+  return part.replace(params=over(part.params, local.params),
+                      batch_stats=over(part.batch_stats, local.batch_stats))
 
 
 @jax.jit

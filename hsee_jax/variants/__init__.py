@@ -14,7 +14,15 @@ client objective, every ``penalty`` is added to it. The hooks:
   step's hyperparameters by name (``hp["exit_loss_weight"]``;
   :data:`hsee_jax.fleet.HPARAMS`);
 * ``penalty(exits, final, labels, hp) -> scalar``: a term added to the
-  client objective (the config's or a variant's).
+  client objective (the config's or a variant's);
+* ``grouping(path) -> "unit" | "client"``: how a leaf is aggregated
+  (Averaging): ``path`` is ``("params" | "batch_stats", unit or head,
+  module, ..., leaf)``, e.g. ``("batch_stats", "unit_3", "BatchNorm_0",
+  "mean")``; ``"unit"`` (the paper's) averages it across every model that
+  holds its unit (cross-layer aggregation), ``"client"`` keeps it per client,
+  never averaged: each client trains and is evaluated with its own
+  (``examples/fedbn.py``, FedBN's batch norm). It is called once per leaf
+  name when the program is built, never on arrays.
 
 A variant reaches every command by its *spec*: ``FILE.py`` or
 ``FILE.py:NAME`` (NAME defaults to ``variant``) or ``module:NAME``, given as
@@ -51,11 +59,13 @@ class Variant:
   name: str = "variant"
   objective: Callable | None = None
   penalty: Callable | None = None
+  grouping: Callable | None = None
 
 
 def chain(*variants: Variant) -> Variant:
   """The variants composed: the one objective among them (two are an
-  error), the sum of their penalties."""
+  error), the sum of their penalties; a leaf is kept per client when any
+  variant's ``grouping`` keeps it."""
   objectives = [v for v in variants if v.objective is not None]
   if len(objectives) > 1:
     raise VariantError(f"variants {objectives[0].name} and {objectives[1].name} both replace "
@@ -64,9 +74,14 @@ def chain(*variants: Variant) -> Variant:
 
   def penalty(exits, final, labels, hp):
     return sum(p(exits, final, labels, hp) for p in penalties)
+  groupings = [v.grouping for v in variants if v.grouping is not None]
+
+  def grouping(path):
+    return "client" if any(g(path) == "client" for g in groupings) else "unit"
   return Variant(name="+".join(v.name for v in variants) or "paper",
                  objective=objectives[0].objective if objectives else None,
-                 penalty=(penalties[0] if len(penalties) == 1 else penalty) if penalties else None)
+                 penalty=(penalties[0] if len(penalties) == 1 else penalty) if penalties else None,
+                 grouping=(groupings[0] if len(groupings) == 1 else grouping) if groupings else None)
 
 
 def canonical(spec: str) -> str:
@@ -129,11 +144,24 @@ def load(spec: str) -> Variant:
 
 
 def check(variant: Variant, spec: str, exits: int, batch: int, classes: int,
-          hparams: tuple) -> None:
+          hparams: tuple, leaf_paths: Callable | None = None) -> None:
   """Trace each hook of ``variant`` once against abstract shapes (``exits``
   exit logits [batch, classes], the final logits, labels [batch], the named
-  hyperparameters): a wrong signature or a value that is not one number is
-  a one-line :class:`VariantError` naming ``spec``."""
+  hyperparameters) and ask ``grouping`` about every leaf of ``leaf_paths()``:
+  a wrong signature, a value that is not one number or a grouping that is
+  not one of ``"unit"``, ``"client"`` is a one-line :class:`VariantError`
+  naming ``spec``."""
+  if variant.grouping is not None and leaf_paths is not None:
+    from hsee_jax.strategies.parts import GROUPS
+    for path in leaf_paths():
+      try:
+        group = variant.grouping(path)
+      except Exception as e:  # noqa: BLE001  (the user's function)
+        raise VariantError(f"variant {spec}: grouping{path!r} raised {type(e).__name__}: "
+                           f"{config_lib._first(e)}") from None
+      if group not in GROUPS:
+        raise VariantError(f"variant {spec}: grouping{path!r} returned {group!r}; it answers "
+                           f"one of {', '.join(map(repr, GROUPS))}")
   logits = jax.ShapeDtypeStruct((batch, classes), jnp.float32)
   args = ([logits] * exits, logits, jax.ShapeDtypeStruct((batch,), jnp.int32),
           {h: jax.ShapeDtypeStruct((), jnp.float32) for h in hparams})
@@ -154,7 +182,7 @@ def check(variant: Variant, spec: str, exits: int, batch: int, classes: int,
 
 
 def resolve(specs, exits: int = 1, batch: int = 8, classes: int = 10,
-            hparams: tuple = ()) -> Variant | None:
+            hparams: tuple = (), leaf_paths: Callable | None = None) -> Variant | None:
   """The variants of ``specs`` loaded, checked (:func:`check`) and
   chained; None without any."""
   if not specs:
@@ -162,6 +190,6 @@ def resolve(specs, exits: int = 1, batch: int = 8, classes: int = 10,
   loaded = []
   for spec in specs:
     v = load(spec)
-    check(v, spec, exits, batch, classes, hparams)
+    check(v, spec, exits, batch, classes, hparams, leaf_paths)
     loaded.append(v)
   return chain(*loaded)
