@@ -28,7 +28,9 @@ Each scale has its grid of runs (``SCALES[scale]["grid"]``, a key of ``GRIDS``):
   exit-aware variants (:data:`VARIANTS`; the second grid the proximal term
   and the two sides averaged apart) against plain Averaging, alone and
   homogeneous-weak at the evidence recipe; ``results.md`` gets the goal per
-  variant (:func:`goal`). Both can share an ``--out`` with ``--resume``.
+  variant (:func:`goal`). ``variants-user``: two methods written as user
+  files (``examples/fedbn.py``, ``examples/depthfl_sum.py``) beside plain
+  Averaging and every-exit. All three can share an ``--out`` with ``--resume``.
 * ``iot`` and ``iot-more`` (scales of the same names): participation rules
   and link settings on a 20-client fleet with device speeds; the second
   grid the deadline shared among the tiers, beside everyone and the plain
@@ -67,6 +69,8 @@ from hsee_jax import fleet as fleet_lib  # noqa: E402
 from hsee_jax.config import Config  # noqa: E402
 from hsee_jax.data import DataError, load_dataset  # noqa: E402
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
 HETERO_CUTS = (3, 5, 7)
 # Three device tiers for the heterogeneous clients (weak, middle, strong), the
 # server, and the link; used by the simulated wall clock.
@@ -91,7 +95,7 @@ SCALES = {
     # identical) and the IoT fleet (its evaluations every 8 rounds give
     # accuracy against time) use the same recipe.
     **{grid: dict(EVIDENCE_RECIPE, grid=grid)
-       for grid in ("evidence", "variants", "variants-more", "iot", "iot-more")},
+       for grid in ("evidence", "variants", "variants-more", "variants-user", "iot", "iot-more")},
     # the paper's network and data for as many rounds as fit in 8 minutes of an
     # H200 with compilation (docs/results.md, "The paper's scale on a GPU")
     "gpu": dict(grid="gpu", width=1.0, train_subset=0, test_subset=0, rounds=15, batch_size=128,
@@ -158,8 +162,12 @@ VARIANTS = {
     "prox-0.01": dict(prox_mu=0.01),
     "sides-apart": dict(aggregate_sides="apart"),
     "every-exit-sides-apart": dict(client_exits="every", aggregate_sides="apart"),
+    # methods written as user files (hsee_jax.variants), run as `--variant FILE.py` runs them
+    "fedbn": dict(variants=(f"{EXAMPLES / 'fedbn.py'}:variant",)),
+    "depthfl-sum": dict(client_exits="every", variants=(f"{EXAMPLES / 'depthfl_sum.py'}:variant",)),
 }
 MORE_VARIANTS = ("prox", "prox-0.01", "sides-apart", "every-exit-sides-apart")
+USER_VARIANTS = ("fedbn", "depthfl-sum")   # their own grid, paired with Averaging and every-exit
 
 
 def _variant_runs(names) -> dict:
@@ -173,8 +181,10 @@ def _variant_runs(names) -> dict:
   }
 
 
-VARIANT_RUNS = _variant_runs([v for v in VARIANTS if v not in MORE_VARIANTS])
+VARIANT_RUNS = _variant_runs([v for v in VARIANTS if v not in MORE_VARIANTS + USER_VARIANTS])
 VARIANT_MORE_RUNS = _variant_runs(MORE_VARIANTS)
+VARIANT_USER_RUNS = {name: run for name, run in _variant_runs(("every-exit",) + USER_VARIANTS).items()
+                     if not name.startswith(("alone", "homogeneous-weak"))}
 # The IoT fleet (docs/usage.md, "Device speeds, deadlines and the link"): 20
 # clients in the three tiers (7 / 7 / 6 at cuts 3 / 5 / 7), each client's FLOP/s
 # and bandwidth drawn lognormal (sigma 0.5) around its tier's (TIERS); the
@@ -212,7 +222,7 @@ def _iot_runs(names) -> dict:
 IOT_RUNS = _iot_runs([n for n in IOT if n != "deadline-by-tier"])
 IOT_MORE_RUNS = _iot_runs(IOT_MORE)
 GRIDS = {"baseline": RUNS, "evidence": EVIDENCE_RUNS, "gpu": GPU_RUNS, "variants": VARIANT_RUNS,
-         "variants-more": VARIANT_MORE_RUNS,
+         "variants-more": VARIANT_MORE_RUNS, "variants-user": VARIANT_USER_RUNS,
          "iot": IOT_RUNS, "iot-more": IOT_MORE_RUNS}
 
 
@@ -456,7 +466,8 @@ def _iot_claims() -> list:
 
 
 IOT_CLAIMS = _iot_claims()
-CLAIM_SETS = {"variants": VARIANT_CLAIMS, "variants-more": VARIANT_CLAIMS, "iot": IOT_CLAIMS,
+CLAIM_SETS = {"variants": VARIANT_CLAIMS, "variants-more": VARIANT_CLAIMS,
+              "variants-user": VARIANT_CLAIMS, "iot": IOT_CLAIMS,
               "iot-more": IOT_CLAIMS}
 
 

@@ -181,17 +181,23 @@ def test_variants_grid_and_goal():
   variant is plain Averaging's config with its fields; the goal per run
   follows the verdicts of claims 5-7."""
   ev = dict(reproduce.grid("cifar10", "evidence", []))
-  grids = [dict(reproduce.grid("cifar10", s, [])) for s in ("variants", "variants-more")]
+  grids = [dict(reproduce.grid("cifar10", s, []))
+           for s in ("variants", "variants-more", "variants-user")]
   baselines = ("hsee-averaging", "alone", "homogeneous-weak", "hsee-averaging-noniid",
                "alone-noniid", "homogeneous-weak-noniid")
-  for va in grids:   # each grid: the evidence grid's baselines and its variants
+  for va in grids[:2]:   # each grid: the evidence grid's baselines and its variants
     for name in baselines:
       assert va[name] == ev[name]
-  va = {**grids[0], **grids[1]}
-  for v, fields in reproduce.VARIANTS.items():   # every variant in one grid or the other
+  for name in ("hsee-averaging", "hsee-averaging-noniid"):   # the user files' references
+    assert grids[2][name] == ev[name]
+  va = {**grids[0], **grids[1], **grids[2]}
+  for v, fields in reproduce.VARIANTS.items():   # every variant in one grid or another
     for sfx, base in (("", "hsee-averaging"), ("-noniid", "hsee-averaging-noniid")):
       assert va[v + sfx] == dataclasses.replace(ev[base], **fields)
-  assert len(grids[0]) + len(grids[1]) == 2 * 6 + 2 * len(reproduce.VARIANTS)
+  assert grids[2]["fedbn"].variants == (f"{reproduce.EXAMPLES / 'fedbn.py'}:variant",)
+  assert set(grids[2]) == {n + sfx for n in ("hsee-averaging", "every-exit", "fedbn", "depthfl-sum")
+                           for sfx in ("", "-noniid")}
+  assert len(grids[0]) + len(grids[1]) == 2 * 6 + 2 * (len(reproduce.VARIANTS) - 2)
   assert len(va) == 6 + 2 * len(reproduce.VARIANTS)
   noise = (0.0, 0.004, -0.004)
   seeds = lambda ex, full: [_fake_run({3: ex[0] + e, 5: ex[1] + e, 7: ex[2] - e}, full + e)
