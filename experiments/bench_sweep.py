@@ -7,6 +7,12 @@ For each R in --runs, as child processes of this script, one after another:
             process after the other (each starts, loads and compiles for itself)
   sweep     ``hsee sweep --seeds 0..R-1``: one process; the runs train
             one after another and share their compiled programs
+  workersN  ``hsee sweep --seeds 0..R-1 --workers N`` (``--modes ...,workers2``):
+            N runs at a time as Ray tasks (hsee_jax.ray_sweep; the extra
+            ``.[ray]``), sharing JAX's persistent compilation cache; also
+            the Ray start-up seconds and each run's first round (which
+            compiles, or reads the programs from the shared cache)
+            (``--gpus-per-run F`` is passed on: 4 runs on one GPU at 0.25)
 Per (R, mode): wall seconds including start-up, loading and compilation; images/s
 of training (all images trained / the training rounds' seconds; each run's
 first round, which compiles, left out); the
@@ -70,6 +76,7 @@ def main(argv=None):
   p.add_argument("--runs", default="1,2,4,8", help="numbers of seeds R")
   p.add_argument("--modes", default=",".join(MODES))
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+  p.add_argument("--gpus-per-run", help="passed to the workersN modes")
   args = p.parse_args(argv)
   out = Path(args.out).resolve()
   out.mkdir(parents=True, exist_ok=True)
@@ -87,9 +94,11 @@ def main(argv=None):
                                  out / f"r{n}_{mode}_seed{s}.log") for s in seeds])
         wall, peak = sum(walls), max(rss)
       else:
+        ray = ([] if mode == "sweep" else ["--workers", mode.removeprefix("workers")]
+               + (["--gpus-per-run", args.gpus_per_run] if args.gpus_per_run else []))
         wall, peak = _hsee(["sweep", "--config", args.config, *sets,
                             "--seeds", ",".join(map(str, seeds)), "--out", str(where),
-                            "--overwrite"],
+                            "--overwrite", *ray],
                            out / f"r{n}_{mode}.log")
       dirs = [where / "base" / f"seed{s}" for s in seeds]
       metrics = [[{k: v for k, v in r.items() if k not in VOLATILE} for r in _records(d)]
@@ -98,7 +107,12 @@ def main(argv=None):
       images, seconds = _training(dirs)
       row = {"runs": n, "mode": mode, "wall_s": round(wall, 1), "train_images_per_s":
              round(images / seconds, 1), "peak_rss_mb": round(peak), "metrics_identical":
-             metrics == ref}
+             metrics == ref,
+             "first_round_s": [round(_records(d)[0]["seconds"], 2) for d in dirs]}
+      if mode.startswith("workers"):
+        text = (out / f"r{n}_{mode}.log").read_text()
+        started = [l for l in text.splitlines() if l.startswith("[sweep] Ray ")]
+        row["ray_start_s"] = float(started[0].split(" in ")[1].split(" s")[0]) if started else None
       rows.append(row)
       print(f"[bench_sweep] R={n} {mode:>8}: {wall:7.1f} s, {row['train_images_per_s']:.0f} img/s "
             f"training, peak RSS {peak:.0f} MB, metrics identical: {row['metrics_identical']}",

@@ -44,7 +44,7 @@ _EXPORTS = {
                                            "SplitVGG16BN", "network")},
     **{n: ("hsee_jax.optim", n) for n in ("PartState", "direction", "init_part")},
     **{n: ("hsee_jax.strategies", n) for n in (
-        "METRIC_NAMES", "Algorithm", "Context", "Shared", "TrainSet", "averaging",
+        "METRIC_NAMES", "Algorithm", "Context", "TrainSet", "averaging",
         "cross_entropy", "cross_layer_average", "distillation_loss", "exit_objective",
         "preprocessing", "put_train_set", "sequential",
         "split_update")},

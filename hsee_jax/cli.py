@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -49,6 +50,21 @@ def _parser() -> argparse.ArgumentParser:
   w.add_argument("--stack", help=argparse.SUPPRESS)  # removed; said plainly in _sweep
   w.add_argument("--variant", dest="variants", action="append", default=[], metavar="SPEC",
                  help="your own method for every run (as for train; repeatable)")
+  r = w.add_argument_group("runs as Ray tasks (the extra: pip install -e '.[ray]')")
+  r.add_argument("--workers", type=int, metavar="N",
+                 help="train N runs at a time, each a Ray task with its share of the machine "
+                      "(a Ray started in this process unless --ray-address)")
+  r.add_argument("--ray-address", metavar="ADDR",
+                 help="an existing Ray cluster (or RAY_ADDRESS); the sweep directory must be "
+                      "on a filesystem every node sees")
+  r.add_argument("--stop-early", choices=["asha"],
+                 help="stop the runs Ray Tune's ASHA ranks hopeless at their evaluations "
+                      "(with --workers or --ray-address); the tables mark them")
+  r.add_argument("--metric", help="what ASHA ranks the runs by (default mean_full_acc; "
+                                  "mean_exit_acc, exit_acc_cut<l>, full_acc_cut<l>)")
+  r.add_argument("--gpus-per-run", type=float, metavar="F",
+                 help="GPUs per run (default 1 where there are GPUs; 0.25: four runs per GPU, "
+                      "each preallocating a quarter of its memory)")
   for q in (t, w):
     d = q.add_argument_group("several processes (jax.distributed)")
     d.add_argument("--distributed", action="store_true",
@@ -105,6 +121,25 @@ def _sweep(args) -> None:
   if args.stack is not None:
     raise config_lib.ConfigError("--stack: stacking the runs of a sweep was removed (it measured "
                                  "slower than one run after another); drop the flag")
+  launcher = None
+  if (args.stop_early or args.metric) and not (args.workers or args.ray_address):
+    raise config_lib.ConfigError(f"{'--stop-early' if args.stop_early else '--metric'}: runs on "
+                                 f"Ray; give --workers N or --ray-address ADDR")
+  if args.metric and not args.stop_early:
+    raise config_lib.ConfigError("--metric: is what --stop-early asha ranks runs by; give both")
+  if args.workers is not None or args.ray_address or args.gpus_per_run is not None:
+    from hsee_jax import ray_sweep
+    if args.distributed:
+      raise config_lib.ConfigError("--workers / --ray-address: a sweep on Ray places its runs "
+                                   "itself; drop --distributed")
+    placement = ray_sweep.Placement(args.workers or 1, args.ray_address, args.gpus_per_run)
+    ray_sweep.import_ray()
+    launcher = functools.partial(ray_sweep.train_runs, placement=placement)
+    if args.stop_early:
+      from hsee_jax import tune
+      tune.import_tune()
+      launcher = functools.partial(tune.train_runs, placement=placement,
+                                   metric=args.metric or "mean_full_acc")
   if args.resume:
     given = [o for o, v in (("--config", args.config), ("--grid", args.grid), ("--out", args.out),
                             ("--seeds", args.seeds), ("--overwrite", args.overwrite),
@@ -112,13 +147,13 @@ def _sweep(args) -> None:
     if given:
       raise config_lib.ConfigError(f"sweep --resume DIR takes no {', '.join(given)} (the plan "
                                    f"is in DIR/sweep.json; --set rounds=N extends every run)")
-    sweep.resume_sweep(args.resume, overrides=args.overrides)
+    sweep.resume_sweep(args.resume, overrides=args.overrides, launcher=launcher)
     return
   if not args.config or not args.out:
     raise config_lib.ConfigError("sweep needs --config and --out (or --resume DIR)")
   base = _with_variants(config_lib.load(args.config, args.overrides), args.variants)
   sweep.run_sweep(base, sweep.parse_grid(args.grid), sweep.parse_seeds(args.seeds or "0"),
-                  args.out, overwrite=args.overwrite)
+                  args.out, overwrite=args.overwrite, launcher=launcher)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,7 +220,8 @@ def _main(argv: list[str] | None) -> int:
     return code
   except stopping.Stopped as e:
     if args.command == "sweep":
-      e = stopping.Stopped(e.signum, e.rounds_done, e.out, sweep=args.resume or args.out)
+      e = stopping.Stopped(e.signum, e.rounds_done, e.out, sweep=args.resume or args.out,
+                           note=e.note)
     print(f"hsee: {e}", file=sys.stderr)
     return 128 + e.signum
   except (stopping.Abandoned, KeyboardInterrupt, stopping.Early) as e:

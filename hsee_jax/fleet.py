@@ -50,16 +50,6 @@ class Fleet:
     """Data size of every client: the weight of its models in every average."""
     return np.array([len(p) for p in self.partitions], np.float32)
 
-  @property
-  def size(self) -> int:
-    """Former name of ``num_clients``, kept for one release."""
-    return self.num_clients
-
-  @property
-  def sizes(self) -> np.ndarray:
-    """Former name of ``data_sizes``, kept for one release."""
-    return self.data_sizes
-
   @functools.cached_property
   def groups(self) -> dict[int, np.ndarray]:
     """Distinct cut -> the ids of the clients at that cut, ascending."""

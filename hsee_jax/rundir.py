@@ -37,9 +37,6 @@ from typing import Any, Callable
 from hsee_jax import config as config_lib
 from hsee_jax.config import Config, ConfigError
 
-# former home of these names, kept for one release
-from hsee_jax.stopping import Abandoned, StopSignals, Stopped  # noqa: F401
-
 LOCK_NAME = ".hsee.lock"
 CONFIG, FLEET, METRICS, SUMMARY, CHECKPOINTS, TENSORBOARD = (
     "config.json", "fleet.json", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard")

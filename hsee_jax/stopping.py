@@ -101,12 +101,13 @@ def early_signals():
 class Stopped(Exception):
   """The run stopped on a signal after ``rounds_done`` rounds, all saved."""
 
-  def __init__(self, signum: int, rounds_done: int, out: Path, sweep: str | Path | None = None):
-    self.signum, self.rounds_done, self.out = signum, rounds_done, out
+  def __init__(self, signum: int, rounds_done: int, out: Path, sweep: str | Path | None = None,
+               note: str | None = None):
+    self.signum, self.rounds_done, self.out, self.note = signum, rounds_done, out, note
     how = f"hsee sweep --resume {sweep}" if sweep else f"hsee train --resume {out}"
     when = f"after round {rounds_done}" if rounds_done else "before round 1"
-    super().__init__(f"{signal.Signals(signum).name}: stopped {when}"
-                     f"{f' of {out}' if sweep else ''}; resume with: {how}")
+    what = note or f"stopped {when}{f' of {out}' if sweep else ''}"
+    super().__init__(f"{signal.Signals(signum).name}: {what}; resume with: {how}")
 
 
 class Abandoned(BaseException):

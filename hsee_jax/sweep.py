@@ -51,6 +51,7 @@ from hsee_jax.config import Config, ConfigError
 # its compilations).
 INPUT_FIELDS = frozenset(config_lib.INPUT_FIELDS)
 PLAN = "sweep.json"
+STOPPED_EARLY = "stopped_early.json"   # written by hsee_jax.tune: runs ASHA stopped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +187,7 @@ def _done(run_dir: Path, rounds: int) -> bool:
 
 def run_sweep(base: Config, grid: dict, seeds: list[int], out: str | Path, *,
               resume: bool = False, overwrite: bool = False,
-              log: Callable[[str], None] = print) -> list[dict]:
+              log: Callable[[str], None] = print, launcher: Callable | None = None) -> list[dict]:
   """Train every run of a sweep and write its tables.
 
   Args:
@@ -198,6 +199,9 @@ def run_sweep(base: Config, grid: dict, seeds: list[int], out: str | Path, *,
     resume: finish the unfinished runs of the plan already in ``out``.
     overwrite: start again in an ``out`` that holds a sweep.
     log: progress lines.
+    launcher: what trains the runs, :func:`train_runs`'s signature (None:
+      :func:`train_runs`, one after another in this process;
+      ``hsee_jax.ray_sweep.train_runs``: as Ray tasks).
   Returns:
     One dict per run (the rows of ``sweep.csv``: grid point, seed,
     ``status``, ``mean_exit_acc``, ``mean_full_acc``, per-cut accuracies);
@@ -209,7 +213,8 @@ def run_sweep(base: Config, grid: dict, seeds: list[int], out: str | Path, *,
   out = Path(out)
   runs = plan(base, grid, seeds, log)
   with locked(out, log):
-    return _run_sweep(base, grid, seeds, out, runs, resume, overwrite, log)
+    return _run_sweep(base, grid, seeds, out, runs, resume, overwrite, log,
+                      launcher or train_runs)
 
 
 @contextlib.contextmanager
@@ -227,7 +232,7 @@ def locked(out: Path, log: Callable[[str], None] = print):
 
 
 def _run_sweep(base, grid, seeds, out: Path, runs: list[Run], resume: bool, overwrite: bool,
-               log) -> list[dict]:
+               log, launcher: Callable) -> list[dict]:
   plan_file = out / PLAN
   if plan_file.exists() and not (resume or overwrite):
     raise ConfigError(f"{out} holds a sweep; resume it with: hsee sweep --resume {out} "
@@ -247,7 +252,7 @@ def _run_sweep(base, grid, seeds, out: Path, runs: list[Run], resume: bool, over
   t0 = time.time()
   errors: dict = {}
   try:
-    failed = train_runs(runs, out, resume=resume, log=log, errors=errors)
+    failed = launcher(runs, out, resume=resume, log=log, errors=errors)
   finally:  # a stop signal too: the finished runs' tables are written
     rows = collect(out, runs, errors) if writer else []   # the other processes return no rows
     if writer:
@@ -315,7 +320,7 @@ def train_runs(runs: list[Run], out: Path, *, resume: bool = False, dataset=None
 
 
 def resume_sweep(out: str | Path, log: Callable[[str], None] = print,
-                 overrides: list[str] = ()) -> list[dict]:
+                 overrides: list[str] = (), launcher: Callable | None = None) -> list[dict]:
   """Finish every unfinished run of the sweep in ``out``, exactly (each run
   resumes from its newest checkpoint). ``overrides`` (``--set``) may raise
   ``rounds`` only: every run is extended to that many rounds, as ``hsee
@@ -350,7 +355,7 @@ def resume_sweep(out: str | Path, log: Callable[[str], None] = print,
       raise ConfigError(f"sweep --resume --set rounds={new.rounds}: the sweep's runs have "
                         f"{base.rounds} rounds; give rounds >= {base.rounds}")
     log(f"[sweep] extending every run of {out} from {base.rounds} to {new.rounds} rounds")
-  return run_sweep(new, grid, seeds, out, resume=True, log=log)
+  return run_sweep(new, grid, seeds, out, resume=True, log=log, launcher=launcher)
 
 
 def collect(out: Path, runs: list[Run], errors: dict | None = None) -> list[dict]:
@@ -358,10 +363,17 @@ def collect(out: Path, runs: list[Run], errors: dict | None = None) -> list[dict
   ``failed``, with the error its ``metrics.jsonl`` ends on, else its entry
   in ``errors``, else "did not finish"."""
   errors = errors or {}
+  try:   # the runs Ray Tune's ASHA stopped (hsee_jax.tune), with their last rounds
+    stopped = json.loads((out / STOPPED_EARLY).read_text())
+  except (OSError, ValueError):
+    stopped = {}
   rows = []
   for run in runs:
     row = {"run": run.name, **{f: _cell(v) for f, v in run.point.items()}, "seed": run.seed,
            "batch": run.batch}
+    if run.name in stopped and not _done(out / run.name, run.cfg.rounds):
+      rows.append({**row, "status": "stopped early", "stopped_after_round": stopped[run.name]})
+      continue
     if not _done(out / run.name, run.cfg.rounds):
       try:
         records = rundir.RunDir(out / run.name).read_records(lambda s: None)
@@ -428,6 +440,8 @@ def write_results(out: Path, grid: dict, rows: list[dict]) -> None:
   rundir.write_atomic(out / "sweep.csv", text.getvalue())
   points = summarise(grid, rows)
   failed = [r for r in rows if r.get("status") == "failed"]
+  early = [r for r in rows if r.get("status") == "stopped early"]
+  stopped_text = ", ".join(f"{r['run']} (after round {r['stopped_after_round']})" for r in early)
   fields = list(grid)
   metrics = list(dict.fromkeys(k for p in points for k in p if k not in fields and k != "seeds"))
   md = ["# Sweep results", "",
@@ -435,7 +449,8 @@ def write_results(out: Path, grid: dict, rows: list[dict]) -> None:
         f"of the final test accuracies (exit = the client's exit head, server = the full "
         f"path through the server part; means over the fleet and per cut)."
         + (f" Failed, left out: {', '.join(r['run'] for r in failed)} (errors in sweep.csv)."
-           if failed else ""), "",
+           if failed else "")
+        + (f" Stopped early by ASHA, left out: {stopped_text}." if early else ""), "",
         "| " + " | ".join(fields + ["seeds"] + metrics) + " |",
         "| " + " | ".join("---" for _ in fields + ["seeds"] + metrics) + " |"]
   for p in points:

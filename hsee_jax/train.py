@@ -313,7 +313,8 @@ def run_rounds(sim: Simulation, state, start: int, train_key, *,
 
 
 def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False, resume: bool = False,
-          log: Callable[[str], None] = print, dataset: data_lib.Dataset | None = None) -> dict:
+          log: Callable[[str], None] = print, dataset: data_lib.Dataset | None = None,
+          writers: tuple = ()) -> dict:
   """Train ``cfg`` into ``out_dir``; with ``resume`` continue from its newest
   intact checkpoint (with ``rounds`` raised, extend a finished run).
 
@@ -324,14 +325,17 @@ def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False, resume: 
   values, a failed save) is recorded in ``metrics.jsonl`` and raised as a
   one-line :class:`RunError`. With several processes, process 0 writes and
   reports; the others compute (but every process says when a signal
-  reached it). Returns the summary (``summary.json``)."""
-  signal_log, log = log, distributed.writer_log(log)
+  reached it). ``writers``: more :class:`writers.Writer` s, after the
+  run's own (``hsee_jax.tune`` reports each evaluation to Ray Tune with
+  one). Returns the summary (``summary.json``)."""
+  signal_log, log, extra = log, distributed.writer_log(log), list(writers)
   check_variants(cfg)   # a variant that cannot run: one line before the directory is touched
   run = rundir.RunDir(out_dir, distributed.is_writer())
   with contextlib.ExitStack() as stack:
     stack.enter_context(run.locked(log))
     stop = stack.enter_context(stopping.StopSignals(signal_log))
-    writers = writers_lib.for_config(cfg, run.path, log) if run.writer else []  # they check first
+    writers = (writers_lib.for_config(cfg, run.path, log) + extra if run.writer  # they check first
+               else [])
     run.prepare(cfg, overwrite, resume)
     distributed.barrier("run-directories-ready")
     t_start = time.time()

@@ -33,15 +33,10 @@ from hsee_jax.strategies.update import (METRIC_NAMES, TrainSet, cross_entropy, d
 
 STRATEGIES = {"averaging": averaging, "sequential": sequential}
 
-# Former names, kept for one release (README, "Renamed").
-Shared = TrainSet
-shared_program = cached_program
-clear_shared_programs = clear_program_cache
-
 __all__ = ["METRIC_NAMES", "PROGRAM_CACHE_SIZE", "PROGRAM_FIELDS", "STRATEGIES", "Algorithm",
-           "AveragingState", "Context", "EvalModel", "SequentialState", "Shared", "TrainSet",
+           "AveragingState", "Context", "EvalModel", "SequentialState", "TrainSet",
            "averaging", "cached_program", "chunk_sums", "clear_program_cache",
-           "clear_shared_programs", "client_server_parts", "combine_sides", "combine_sums",
+           "client_server_parts", "combine_sides", "combine_sums",
            "cross_entropy",
            "cross_layer_average", "distillation_loss", "exit_objective", "group_key", "preprocessing", "program_config",
-           "put_train_set", "sequential", "shared_program", "split_update", "step_inputs"]
+           "put_train_set", "sequential", "split_update", "step_inputs"]

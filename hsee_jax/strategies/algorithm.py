@@ -56,11 +56,6 @@ class EvalModel:
   server: PartState
   one_network: bool
 
-  @property
-  def shared(self) -> bool:
-    """Former name of ``one_network``, kept for one release."""
-    return self.one_network
-
 
 # -- compiled programs shared by the runs of one process ---------------------------
 # A round's compiled programs read the network's class count, the cut, the
