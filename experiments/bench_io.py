@@ -12,7 +12,8 @@ def write_tables(out: Path, stem: str, result: dict, rows: list[dict], drop=()) 
   the columns in ``drop``)."""
   (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
   with open(out / f"{stem}.csv", "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k not in drop])
+    cols = list(dict.fromkeys(k for r in rows for k in r if k not in drop))   # every row's
+    w = csv.DictWriter(f, fieldnames=cols, restval="")
     w.writeheader()
     for r in rows:
       w.writerow({k: v for k, v in r.items() if k not in drop})

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -112,7 +113,7 @@ def main(argv=None):
       if mode.startswith("workers"):
         text = (out / f"r{n}_{mode}.log").read_text()
         started = [l for l in text.splitlines() if l.startswith("[sweep] Ray ")]
-        row["ray_start_s"] = float(started[0].split(" in ")[1].split(" s")[0]) if started else None
+        row["ray_start_s"] = float(re.search(r" in ([0-9.]+) s", started[0]).group(1)) if started else None
       rows.append(row)
       print(f"[bench_sweep] R={n} {mode:>8}: {wall:7.1f} s, {row['train_images_per_s']:.0f} img/s "
             f"training, peak RSS {peak:.0f} MB, metrics identical: {row['metrics_identical']}",

@@ -179,9 +179,11 @@ def train_runs(runs: list, out: Path, *, placement: Placement, resume: bool = Fa
   with stopping.StopSignals(log=log) as stop:
     try:
       while queue or pending:
-        for r in [r for r in queue if ready_to_start(r)]:
+        for r in list(queue):
           if len(pending) >= placement.workers or stop.requested is not None:
             break
+          if not ready_to_start(r):   # asked as each run is placed: a leader placed just now counts
+            continue
           queue.remove(r)
           leaders.setdefault(r.batch, r.name)
           log_file = logs / f"{slug(r.name)}.log"

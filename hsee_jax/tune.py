@@ -71,9 +71,9 @@ class _Report:
     if "test" not in record:
       return
     with tempfile.TemporaryDirectory() as d:
-      Path(d, POINTER).write_text(json.dumps({"run_dir": str(self.run_dir),
-                                              "round": record["round"]}))
-      self.tune.report({"round": record["round"], **test_metrics(record["test"])},
+      done = record["round"] + 1   # records count rounds from 0; "round" is the rounds done
+      Path(d, POINTER).write_text(json.dumps({"run_dir": str(self.run_dir), "round": done}))
+      self.tune.report({"round": done, **test_metrics(record["test"])},
                        checkpoint=self.tune.Checkpoint.from_directory(d))
 
   def write_event(self, record: dict) -> None:
@@ -144,6 +144,7 @@ def train_runs(runs: list, out: Path, *, placement: ray_sweep.Placement, metric:
     log(f"[sweep] {len(runs)} runs, {len(runs) - len(todo)} finished before; {len(todo)} as Tune "
         f"trials, {placement.workers} at a time; ASHA on {metric} (rungs from round {grace}, "
         f"reduction factor 2, up to round {rounds})")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")   # Tune's own tables off (verbose=0)
     fn = tune.with_resources(tune.with_parameters(_trial, plans=plans), _resources(options))
     tuner = tune.Tuner(
         fn, param_space={"run": tune.grid_search(list(plans))},
