@@ -314,9 +314,9 @@ def get_config():
 
 @pytest.mark.parametrize("point,newest", [
     ("metrics:2", 1),       # round 2's record fails while its save is under way: 1 is what resumes
-    ("tensorboard:2", 2),   # after round 2's record: its checkpoint resumes
-    ("checkpoint:2", 1),    # round 2's save fails
-    ("summary", 2),         # every round done, the summary not written
+    pytest.param("tensorboard:2", 2, marks=pytest.mark.long),  # after round 2's record: its
+    ("checkpoint:2", 1),    # round 2's save fails                   # checkpoint resumes
+    pytest.param("summary", 2, marks=pytest.mark.long),  # every round done, no summary written
 ])
 def test_a_full_disk_at_any_write_is_one_line_exit_1_naming_the_checkpoint_that_restores(
     tmp_path, capsys, monkeypatch, point, newest):

@@ -175,6 +175,7 @@ def test_a_round_nobody_makes_trains_nothing_and_the_run_goes_on(tmp_path):
   assert rounds[0]["sim_seconds"] == 1e-6 and rounds[0]["bytes_sent"] == 0   # the server waited
 
 
+@pytest.mark.long
 def test_the_records_carry_the_simulated_clock_and_drops_per_tier(tmp_path):
   summary = train.train(dataclasses.replace(CFG, participation="deadline", deadline_s=5.0),
                         tmp_path / "run", log=lambda s: None)

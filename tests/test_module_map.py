@@ -82,6 +82,7 @@ def test_the_check_catches_a_climb_and_a_cycle(tmp_path):
   assert imports(f, known) == {"rundir", "models"}
   rows = floors()
   assert rows["rundir"] > rows["config"] > rows["models"]
-  assert rows["strategies"] > rows["engine"] and rows["cli"] == rows["sweep"]
+  assert rows["strategies"] > rows["engine"] and rows["cli"] > rows["ray_sweep"] > rows["sweep"]
+  assert rows["tune"] == rows["ray_sweep"]
   assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a -> b -> c -> a"]
   assert cycles({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []

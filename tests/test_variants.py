@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from hsee_jax import cli, train, variants
@@ -161,7 +162,36 @@ FEDBN_CFG = Config(dataset="synthetic", synthetic_shape=(16, 16, 4, 96, 32), wid
                    variants=(str(FEDBN),))
 
 
-@pytest.mark.parametrize("aggregate_every", [1, pytest.param(2, marks=pytest.mark.long)])
+def test_local_leaves_pick_by_path_and_write_over_only_those():
+  """parts.local_leaves / with_local, the grouping hook's two halves: the
+  leaves a grouping keeps (by path, params and batch statistics alike),
+  and a part with exactly those leaves written over, every other leaf and
+  the structure as they were (empty subtrees kept)."""
+  import jax.numpy as jnp
+  from hsee_jax.optim import PartState
+  from hsee_jax.strategies.parts import local_leaves, with_local
+  sys.path.insert(0, str(FEDBN.parent))
+  from fedbn import batch_norm_per_client
+  part = PartState(
+      params={"unit_1": {"Conv_0": {"kernel": jnp.ones(3)},
+                         "BatchNorm_0": {"scale": jnp.ones(2), "bias": jnp.zeros(2)}},
+              "exit_head": {"Dense_0": {"kernel": jnp.ones(2)}}},
+      batch_stats={"unit_1": {"BatchNorm_0": {"mean": jnp.zeros(2), "var": jnp.ones(2)}},
+                   "exit_head": {}}, opt_state={})
+  mine = local_leaves(part, batch_norm_per_client)
+  assert mine.params == {"unit_1": {"BatchNorm_0": part.params["unit_1"]["BatchNorm_0"]}}
+  assert mine.batch_stats == {"unit_1": part.batch_stats["unit_1"]}
+  other = jax.tree.map(lambda a: a + 7, mine)
+  over = with_local(part, other)
+  assert float(over.params["unit_1"]["BatchNorm_0"]["bias"][0]) == 7.0
+  assert float(over.batch_stats["unit_1"]["BatchNorm_0"]["var"][0]) == 8.0
+  assert over.params["unit_1"]["Conv_0"]["kernel"] is part.params["unit_1"]["Conv_0"]["kernel"]
+  assert over.params["exit_head"] == part.params["exit_head"] and over.batch_stats["exit_head"] == {}
+  assert local_leaves(part, lambda path: "unit").params == {}
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("aggregate_every", [1, 2])
 def test_fedbn_keeps_batch_norm_per_client_and_averages_the_rest(aggregate_every):
   """examples/fedbn.py through train.build: after a round that aggregates,
   the clients of a cut hold the shared model's convolution kernels (the
