@@ -26,7 +26,9 @@ tuner = tune.Tuner(
     param_space={"hsee": cfg.to_dict(), "lr": tune.loguniform(1e-3, 0.3),
                  "exit_loss_weight": tune.uniform(0.25, 1.0)},
     tune_config=tune.TuneConfig(num_samples=args.samples, metric="mean_full_acc", mode="max",
-                                scheduler=ASHAScheduler(time_attr="round", max_t=cfg.rounds)),
+                                # past the last round: a trial stopped at its last report
+                                # would end before its run writes its summary
+                                scheduler=ASHAScheduler(time_attr="round", max_t=cfg.rounds + 1)),
     run_config=tune.RunConfig(storage_path=str(Path(args.out).resolve())))
 best = tuner.fit().get_best_result()
 print(f"best: lr {best.config['lr']:.4g}, exit_loss_weight {best.config['exit_loss_weight']:.3f}: "

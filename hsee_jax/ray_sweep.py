@@ -99,7 +99,8 @@ def start(out: Path, placement: Placement, log: Callable[[str], None]):
     logging.getLogger("ray").setLevel(logging.ERROR)   # its notes at start; errors still shown
     with warnings.catch_warnings():   # Ray forks and execs its processes: JAX's fork warning
       warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
-      ray.init(address=address, include_dashboard=False, log_to_driver=False,
+      # "local": a Ray of this process's own, even where `ray start` left a cluster running here
+      ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
                logging_level=logging.ERROR, configure_logging=False,
                **({} if address else {"num_cpus": os.cpu_count()}))
     log(f"[sweep] Ray {'at ' + address if address else 'started in this process'} in "
@@ -206,6 +207,9 @@ def train_runs(runs: list, out: Path, *, placement: Placement, resume: bool = Fa
           left = len(queue) + len(pending)
           progress = (f"{done}/{len(todo)} of this sweep's runs, {clock(elapsed)} elapsed"
                       + (f", about {clock(elapsed / done * left)} left" if left else ""))
+          if "stopped" in result:   # its process was signalled by someone else: saved, resumable
+            result = {**result, "error": f"stopped by a signal after round {result['stopped']} "
+                                         f"(resume with: hsee sweep --resume {out})"}
           tries = result.get("attempt", 1) - 1
           again = f" (its worker was lost; run again {tries} time{'s' * (tries > 1)})" if tries else ""
           if "error" in result:

@@ -18,8 +18,8 @@ directory). ``examples/tune_search.py`` runs a search of Tune's own with it.
 with its share of the machine (:func:`hsee_jax.ray_sweep.task_resources`),
 ``--workers`` at a time, ASHA (rungs at the runs' evaluations, reduction
 factor 2) stopping the runs it ranks hopeless on ``--metric``; a stopped run
-keeps its directory (resumable) and the sweep's tables mark it with its
-last round (``DIR/stopped_early.json``).
+keeps its directory, records and completed checkpoints, and the sweep's
+tables mark it with its last round (``DIR/stopped_early.json``).
 """
 from __future__ import annotations
 
@@ -149,7 +149,9 @@ def train_runs(runs: list, out: Path, *, placement: ray_sweep.Placement, metric:
     tuner = tune.Tuner(
         fn, param_space={"run": tune.grid_search(list(plans))},
         tune_config=tune.TuneConfig(
-            scheduler=ASHAScheduler(time_attr="round", metric=metric, mode="max", max_t=rounds,
+            # max_t past the last round: ASHA stopping a trial at its last report would end
+            # it before the run writes its summary
+            scheduler=ASHAScheduler(time_attr="round", metric=metric, mode="max", max_t=rounds + 1,
                                     grace_period=grace, reduction_factor=2),
             max_concurrent_trials=placement.workers),
         run_config=tune.RunConfig(name="tune", storage_path=str((out / "tune").resolve()),
