@@ -82,6 +82,7 @@ def test_simulated_round_sequential_waits_averaging_runs_in_parallel(table):
   assert seq_agg == pytest.approx(seq + 2 * 4 * t[7]["client_params"] / 1e9, rel=1e-6)
 
 
+@pytest.mark.long
 def test_config_budgets_choose_the_cuts(table, tmp_path):
   from hsee_jax import train as train_lib
   from hsee_jax.config import Config
