@@ -144,9 +144,8 @@ def check_variants(cfg: Config):
     return None
   cuts = cfg.static_cuts()
   exits = len(cuts) if cuts and cfg.client_exits == "every" else 1
-  net = models.for_config(cfg, 10)
   return variants_lib.resolve(cfg.variants, exits, cfg.batch_size, 10, fleet_lib.HPARAMS,
-                              leaf_paths=functools.partial(_leaf_paths, net))
+                              leaf_paths=lambda: _leaf_paths(models.for_config(cfg, 10)))
 
 
 def _leaf_paths(net: models.SplitNetwork) -> list[tuple]:

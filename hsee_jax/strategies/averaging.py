@@ -232,8 +232,9 @@ def averaging(ctx: Context) -> Algorithm:
     for cut, ids in fleet.groups.items():
       g = group_key(cut)
       if keep_models or grouping is not None:  # clients differ: a seeded sample of them
-        shared = cut_variables(model_at(state.model, state.server_units, cut), state.exit_heads[g],
-                               state.tier_units.get(g))
+        shared = None if keep_models else cut_variables(
+            model_at(state.model, state.server_units, cut), state.exit_heads[g],
+            state.tier_units.get(g))
         for i in ctx.eval_sample(cut):
           mine = take(state.clients[g], int(fleet.slots[i]))
           full = (mine if keep_models else with_local(shared, mine)).subset(
