@@ -23,8 +23,8 @@ from hsee_jax import fleet as fleet_lib
 from hsee_jax import precision as precision_lib
 from hsee_jax import variants as variants_lib
 from hsee_jax import writers as writers_lib
-from hsee_jax.checkpoint import CheckpointError, meta_for
-from hsee_jax.config import Config
+from hsee_jax.checkpoint import CheckpointError, config_differences, key_from_json, meta_for
+from hsee_jax.config import Config, ConfigError, field_defaults
 from hsee_jax.rundir import RunError, restore_state
 from hsee_jax.strategies import METRIC_NAMES
 
@@ -313,7 +313,7 @@ def run_rounds(sim: Simulation, state, start: int, train_key, *,
 
 def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False, resume: bool = False,
           log: Callable[[str], None] = print, dataset: data_lib.Dataset | None = None,
-          writers: tuple = ()) -> dict:
+          writers: tuple = (), begin_from: tuple | None = None) -> dict:
   """Train ``cfg`` into ``out_dir``; with ``resume`` continue from its newest
   intact checkpoint (with ``rounds`` raised, extend a finished run).
 
@@ -326,7 +326,13 @@ def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False, resume: 
   reports; the others compute (but every process says when a signal
   reached it). ``writers``: more :class:`writers.Writer` s, after the
   run's own (``hsee_jax.tune`` reports each evaluation to Ray Tune with
-  one). Returns the summary (``summary.json``)."""
+  one). ``begin_from=(RUN, ROUND)``: a new run that begins from another
+  run's state after ``ROUND`` (its newest checkpoint at or before it), its
+  records up to there and its training key, with ``cfg``'s fields where they
+  differ (Ray Tune's PBT continues a trial from a better one this way).
+  Returns the summary (``summary.json``)."""
+  if begin_from is not None and resume:
+    raise ConfigError("train: give resume or begin_from, not both")
   signal_log, log, extra = log, distributed.writer_log(log), list(writers)
   check_variants(cfg)   # a variant that cannot run: one line before the directory is touched
   run = rundir.RunDir(out_dir, distributed.is_writer())
@@ -341,7 +347,8 @@ def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False, resume: 
     dataset, sim = build(cfg, dataset, log)
     run.write_fleet(sim.fleet.describe())
     ckpt = stack.enter_context(run.checkpointer(cfg.keep_checkpoints))
-    begun = _begin(run, sim, ckpt, resume, log)
+    begun = (_begin_from(sim, *begin_from, log) if begin_from is not None
+             else _begin(run, sim, ckpt, resume, log))
     if begun is None:
       return _finished_summary(run)
     state, start, train_key, records = begun
@@ -360,7 +367,7 @@ def train(cfg: Config, out_dir: str | Path, *, overwrite: bool = False, resume: 
       checkpoints.save_at_stop(done, state)
       _event(writers, done, f"{signal.Signals(signum).name} after round {done}")
       raise stopping.Stopped(signum, done, run.path)
-    summary = _summary(sim, start if resume else None, writers[0], t_start)
+    summary = _summary(sim, start if resume or begin_from else None, writers[0], t_start)
     try:
       run.write_summary(summary)   # while the directory is still locked
     except rundir.WriteError as e:
@@ -388,6 +395,25 @@ def _begin(run: rundir.RunDir, sim: Simulation, ckpt, resume: bool, log):
   if resumed.state is None:
     return sim.init_state(init_key), 0, train_key, resumed.records
   return resumed.state, resumed.start, resumed.train_key, resumed.records
+
+
+def _begin_from(sim: Simulation, source, rnd: int, log):
+  """(state, first round, training key, records kept) of a run begun from
+  the newest checkpoint of the run at ``source`` at or before round ``rnd``."""
+  src = rundir.RunDir(source, writer=False)
+  with src.checkpointer(sim.cfg.keep_checkpoints, create=False) as ckpt:
+    steps = [s for s in ckpt.steps() if s <= rnd]
+    if not steps:
+      raise RunError(f"begin from {src.path} after round {rnd}: it has no complete checkpoint "
+                     f"at or before that round (it has {ckpt.steps() or 'none'})")
+    state, meta = restore_state(sim.abstract_state(), ckpt, sim.cfg, steps[-1], log,
+                                allowed=tuple(field_defaults()))
+  start = int(meta["round"])
+  diff = config_differences(meta["config"], sim.cfg)
+  log(f"[hsee] begun from {src.path} after round {start}"
+      + (f"; differs in {'; '.join(diff)}" if diff else ""))
+  return (state, start, key_from_json(meta["train_key"]),
+          [r for r in src.read_records(log) if r["round"] < start])
 
 
 def _open_writers(stack, run: rundir.RunDir, cfg: Config, writers: list, records: list,

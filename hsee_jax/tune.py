@@ -5,13 +5,19 @@ hopeless runs ASHA stops early (``hsee sweep ... --stop-early asha``).
 (its own directory, lock, orbax checkpoints and records) and, after each
 evaluation, reports the test metrics (``round``, ``mean_exit_acc``,
 ``mean_full_acc``, ``exit_acc_cut<l>``, ``full_acc_cut<l>``: the sweep's
-names) with a Tune checkpoint that names the run directory. A trial
-restored from one (Tune's pause and resume, a trial moved after a lost
-worker, PBT's exploit) resumes that run from its newest orbax checkpoint.
+names) with a Tune checkpoint that names the run directory and the round. A trial
+restored from its own (Tune's pause and resume, a trial moved after a lost
+worker) resumes its run from the newest orbax checkpoint; a trial given
+another trial's (PBT's exploit) begins its run again from that run's state
+after that round, with its own (perturbed) hyperparameters
+(:func:`hsee_jax.train.train`'s ``begin_from``).
 ``config["hsee"]`` is the run's config as a dict (``Config.to_dict()``);
 top-level entries that are config fields (Tune's search space) override
-it; ``config["run_dir"]`` its directory (default: ``run`` in the trial's
-directory). ``examples/tune_search.py`` runs a search of Tune's own with it.
+it; ``config["run_dir"]`` its directory, or ``config["runs"]``: a
+directory that holds each trial's run under the name of the trial's
+directory (default:
+``run`` in the trial's working directory, which Ray keeps under its own
+temporary files). ``examples/tune_search.py`` runs a search of Tune's own with it.
 
 :func:`train_runs` is the sweep's launcher with ASHA
 (:func:`hsee_jax.sweep.run_sweep`'s ``launcher``): each run a Tune trial
@@ -90,18 +96,25 @@ def trainable(config: dict) -> None:
   base = config_lib.from_dict(config["hsee"])
   names = {f.name for f in dataclasses.fields(Config)}
   cfg = config_lib.override(base, [f"{k}={v!r}" for k, v in config.items() if k in names])
-  run_dir = Path(config.get("run_dir") or Path(tune.get_context().get_trial_dir()) / "run")
-  checkpoint = tune.get_checkpoint()
+  context = tune.get_context()
+  run_dir = Path(config.get("run_dir") or
+                 (Path(config["runs"]) / Path(context.get_trial_dir()).name if config.get("runs")
+                  else Path(context.get_trial_dir()) / "run"))
+  begin_from, checkpoint = None, tune.get_checkpoint()
   if checkpoint is not None:
     with checkpoint.as_directory() as d:
-      run_dir = Path(json.loads(Path(d, POINTER).read_text())["run_dir"])
+      pointer = json.loads(Path(d, POINTER).read_text())
+    if Path(pointer["run_dir"]).resolve() != run_dir.resolve():   # PBT: another trial's run
+      begin_from = (pointer["run_dir"], int(pointer["round"]))
   run = rundir.RunDir(run_dir)
-  resume = bool(run.checkpoint_rounds()) if run.path.exists() else False
+  resume = begin_from is None and run.path.exists() and bool(run.checkpoint_rounds())
   log_file = config.get("log")
   with open(log_file, "a", buffering=1) if log_file else open(os.devnull, "w") as f:
     f.write(f"[tune] trial of {run_dir}: process {os.getpid()}"
-            + (", resuming" if resume else "") + "\n")
-    train_lib.train(cfg, run_dir, overwrite=True, resume=resume,
+            + (", resuming" if resume else "")
+            + (f", begun from {begin_from[0]} after round {begin_from[1]}" if begin_from else "")
+            + "\n")
+    train_lib.train(cfg, run_dir, overwrite=True, resume=resume, begin_from=begin_from,
                     log=(lambda s: f.write(s + "\n")) if log_file else print,
                     writers=(_Report(tune, run_dir),))
 

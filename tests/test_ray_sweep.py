@@ -73,10 +73,10 @@ def _wait_for(predicate, timeout, what):
     time.sleep(0.2)
 
 
-def _sweep(args, **kw):
+def _sweep(args, env=None, **kw):
   return subprocess.Popen([sys.executable, "-m", "hsee_jax", "sweep", *args], cwd=REPO,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, **kw)
+                          env=env or {**os.environ, "PYTHONUNBUFFERED": "1"},
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
 @pytest.mark.long
@@ -178,3 +178,49 @@ def test_stop_early_needs_ray_workers(tmp_path, capsys):
                    "--out", str(tmp_path / "s")])
   assert code == 2 and "--stop-early: runs on Ray; give --workers N" in capsys.readouterr().err
 
+
+
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.long
+def test_a_sweep_runs_on_a_ray_cluster_at_its_address(tmp_path):
+  """A cluster started apart (`ray start --head`, with the token
+  authentication Ray sets up: RAY_AUTH_MODE=token and a token file) and
+  `hsee sweep --ray-address ADDR --workers 2` run from the same
+  environment: the runs are tasks of that cluster, the sweep finishes with
+  the sequential sweep's records, and the cluster is left running for its
+  owner."""
+  import uuid
+  token = tmp_path / "auth_token"
+  token.write_text(uuid.uuid4().hex)
+  env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+  port = _free_port()
+  ray_cli = str(Path(sys.executable).with_name("ray"))
+  head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                           "--include-dashboard=false"], env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.STDOUT, start_new_session=True)
+  try:
+    address = f"127.0.0.1:{port}"
+    _wait_for(lambda: subprocess.run([ray_cli, "status", "--address", address], env=env,
+                                     capture_output=True).returncode == 0, 120, "the Ray head")
+    cfg, out, seq = _config(tmp_path, 2), tmp_path / "ray", tmp_path / "seq"
+    p = _sweep(["--config", str(cfg), "--seeds", "0,1", "--ray-address", address, "--workers",
+                "2", "--out", str(out)], env={**env, "PYTHONUNBUFFERED": "1"})
+    text, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, text
+    assert f"Ray at {address}" in text, text
+    rows = (out / "sweep.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(",done," in r for r in rows[1:]), rows
+    assert subprocess.run([ray_cli, "status", "--address", address], env=env,
+                          capture_output=True).returncode == 0   # still running
+    assert cli.main(["sweep", "--config", str(cfg), "--seeds", "0,1", "--out", str(seq)]) == 0
+    for seed in (0, 1):
+      assert _records(out / "base" / f"seed{seed}") == _records(seq / "base" / f"seed{seed}")
+  finally:
+    os.killpg(head.pid, signal.SIGTERM)
+    head.wait(timeout=120)

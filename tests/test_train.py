@@ -223,3 +223,37 @@ def test_run_rounds_fixes_the_order_of_a_round_and_stops_when_asked():
   _, done, signum = train_lib.run_rounds(sim, state, 1, key, writers=[Writer()],
                                          stop=lambda: next(asked))
   assert (done, signum) == (2, signal.SIGINT) and events == [("write", 1, False)]
+
+
+def _plain(run):
+  return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "images_per_s")}
+          for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.long
+def test_a_run_begun_from_another_runs_round_goes_on_as_it_did(tmp_path):
+  """begin_from=(RUN, ROUND) (PBT's exploit): with the same config the new
+  run's records are the source's bit for bit; with another learning rate
+  the rounds up to ROUND are the source's and the later ones its own; a
+  round before any checkpoint, or a state of another shape, is one line."""
+  cfg = dataclasses.replace(SYNTH, synthetic_shape=(16, 16, 4, 64, 32), width=0.0625,
+                            cuts=(2, 4), rounds=4, checkpoint_every=1, keep_checkpoints=4,
+                            eval_every=4, exit_thresholds=(0.5,), mode="loop")
+  quiet = lambda s: None
+  train_lib.train(cfg, tmp_path / "a", log=quiet)
+  train_lib.train(cfg, tmp_path / "b", begin_from=(tmp_path / "a", 2), log=quiet)
+  assert _plain(tmp_path / "b") == _plain(tmp_path / "a")
+  lines = []
+  summary = train_lib.train(dataclasses.replace(cfg, lr=cfg.lr / 4), tmp_path / "c",
+                            begin_from=(tmp_path / "a", 3), log=lines.append)
+  assert summary["resumed_from_round"] == 3
+  assert any(f"begun from {tmp_path / 'a'} after round 3; differs in lr" in s for s in lines)
+  a, c = _plain(tmp_path / "a"), _plain(tmp_path / "c")
+  assert c[:3] == a[:3] and c[3]["train"] != a[3]["train"]
+  assert json.loads((tmp_path / "c" / "config.json").read_text())["lr"] == cfg.lr / 4
+  with pytest.raises(train_lib.RunError, match="no complete checkpoint at or before that round"):
+    train_lib.train(cfg, tmp_path / "d", begin_from=(tmp_path / "a", 0), log=quiet)
+  with pytest.raises(train_lib.RunError) as e:
+    train_lib.train(dataclasses.replace(cfg, cuts=(2, 3)), tmp_path / "e",
+                    begin_from=(tmp_path / "a", 2), log=quiet)
+  assert "\n" not in str(e.value)
