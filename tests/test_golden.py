@@ -46,6 +46,22 @@ SHRINK = ["train_subset=192", "test_subset=96", "rounds=2", "eval_every=1", "eva
 PER_CONFIG = {"averaging": ["width=0.125"], "sequential": ["width=0.125"],
               "fleet": ["num_clients=12", "clients_per_round=4", "local_steps=2"]}
 CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
+# Every built-in variant, on the smoke config shrunk as above: recorded in
+# tests/golden/variants.json before the variants moved out of the core into
+# hsee_jax/variants/, and compared after (bit for bit on the recording machine).
+VARIANTS_GOLDEN = GOLDEN.with_name("variants.json")
+VARIANTS = {
+    "every_exit": ["client_exits=every"],
+    "rising": ["client_exits=every", "exit_weights=rising"],
+    "distill_deepest": ["client_exits=every", "distill=deepest", "distill_temperature=3.0",
+                        "distill_weight=0.5"],
+    "distill_server": ["distill=server", "distill_start=2"],
+    "static_bn": ["static_bn=True"],
+    "tier_local_top": ["tier_local_top=True"],
+    "fedprox": ["prox_mu=0.01"],
+    "sides_apart": ["aggregate_sides=apart"],
+    "every_exit_prox_sides_apart": ["client_exits=every", "prox_mu=0.01", "aggregate_sides=apart"],
+}
 TIMING = ("seconds", "images_per_s")
 
 # The tiers of the comparison off the recording machine. Measured (a 1-ulp
@@ -138,6 +154,27 @@ def test_the_recorded_metrics_of_every_shipped_config(golden, tmp_path):
     else:
       assert not differences(got[name], golden["configs"][name]), (
           name, differences(got[name], golden["configs"][name]))
+
+
+def test_the_recorded_metrics_of_every_builtin_variant(tmp_path):
+  got = {name: _metrics("smoke", tmp_path / name, extra) for name, extra in VARIANTS.items()}
+  if os.environ.get("HSEE_RECORD_GOLDEN"):
+    VARIANTS_GOLDEN.write_text(json.dumps({"versions": _versions(), "variants": got}, indent=1)
+                               + "\n")
+    pytest.skip(f"recorded {VARIANTS_GOLDEN}")
+  golden = json.loads(VARIANTS_GOLDEN.read_text())
+  assert sorted(golden["variants"]) == sorted(VARIANTS), "a variant was added or removed: record again"
+  exact = golden["versions"] == _versions()
+  for name in VARIANTS:
+    if exact:
+      assert got[name] == golden["variants"][name], name   # bit for bit
+    else:
+      assert not differences(got[name], golden["variants"][name]), (
+          name, differences(got[name], golden["variants"][name]))
+  # each variant changes the paper's method: no two record the same run
+  firsts = [json.dumps(got[n]["records"][0]["train"], sort_keys=True) for n in VARIANTS]
+  assert len(set(firsts)) == len(firsts) or len({json.dumps(got[n], sort_keys=True)
+                                                 for n in VARIANTS}) == len(VARIANTS)
 
 
 def _nudged_init(monkeypatch):
