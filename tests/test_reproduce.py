@@ -11,7 +11,15 @@ import pytest
 from conftest import write_image_zip
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import grids  # noqa: E402
 import reproduce  # noqa: E402
+from grids.common import EXAMPLES, GOAL, PAPER_CLAIMS, variant_claims  # noqa: E402
+from report.plots import bars  # noqa: E402
+from report.verdicts import goal, verdicts  # noqa: E402
+
+# every variant of the three variants grids
+VARIANTS = {**grids.GRIDS["variants"].VARIANTS, **grids.GRIDS["variants-more"].VARIANTS,
+            **grids.GRIDS["variants-user"].VARIANTS}
 
 
 @pytest.mark.long
@@ -36,9 +44,9 @@ def test_evidence_grid_on_tiny_image_folder(tmp_path, monkeypatch):
           "--seeds", "0,1"]
   assert reproduce.main(args) == 0
   rows = list(csv.DictReader(open(out / "results.csv")))
-  assert {r["run"] for r in rows} == set(reproduce.EVIDENCE_RUNS)
+  assert {r["run"] for r in rows} == set(grids.GRIDS["evidence"].RUNS)
   # one row per run and cut
-  assert len(rows) == sum(len(set(f["cuts"])) for f in reproduce.EVIDENCE_RUNS.values())
+  assert len(rows) == sum(len(set(f["cuts"])) for f in grids.GRIDS["evidence"].RUNS.values())
   for r in rows:
     assert r["dataset"] == "imagefolder" and 0.0 <= float(r["exit_accuracy"]) <= 1.0
     assert int(r["rounds"]) == 2 and float(r["simulated_seconds"]) > 0 and r["seeds"] == "2"
@@ -73,9 +81,9 @@ def test_evidence_grid_on_tiny_image_folder(tmp_path, monkeypatch):
   assert verdict["difference"][0] == pytest.approx(np.mean(d))
   assert verdict["difference"][1] == pytest.approx(np.std(d, ddof=1) / 2 ** 0.5)
   assert {v["claim"] for v in claims["verdicts"]} == {1, 2, 3, 4}
-  in_grid = [cmp for c in reproduce.CLAIMS for cmp in c[2]
-             if {cmp[0], cmp[3]} <= set(reproduce.EVIDENCE_RUNS)]   # e.g. no `homogeneous`
-  assert len(claims["verdicts"]) == len(in_grid) < sum(len(c[2]) for c in reproduce.CLAIMS)
+  in_grid = [cmp for c in PAPER_CLAIMS for cmp in c[2]
+             if {cmp[0], cmp[3]} <= set(grids.GRIDS["evidence"].RUNS)]   # e.g. no `homogeneous`
+  assert len(claims["verdicts"]) == len(in_grid) < sum(len(c[2]) for c in PAPER_CLAIMS)
   lines = [l for l in md.splitlines() if l.startswith("| 2 | hsee-averaging-noniid exit_acc at cut 7")]
   assert len(lines) == 1 and lines[0].split("|")[-2].strip() == verdict_of(claims, lines[0])
   assert "### The paper's claims" in md and "### Convergence" in md
@@ -105,9 +113,9 @@ def verdict_of(claims, line):
 def test_grids():
   """What each scale trains: the evidence grid's runs compare like with like."""
   cpu = dict(reproduce.grid("cifar10", "cpu", []))
-  assert set(cpu) == set(reproduce.RUNS) and all(c.rounds == 8 for c in cpu.values())
+  assert set(cpu) == set(grids.GRIDS["baseline"].RUNS) and all(c.rounds == 8 for c in cpu.values())
   ev = dict(reproduce.grid("cifar10", "evidence", []))
-  assert set(ev) == set(reproduce.EVIDENCE_RUNS)
+  assert set(ev) == set(grids.GRIDS["evidence"].RUNS)
   for name, cfg in ev.items():
     # the same recipe everywhere: network, rounds, batch, learning rate, seedless
     assert (cfg.width, cfg.rounds, cfg.batch_size, cfg.lr, cfg.local_steps) == (0.125, 40, 32, 0.05, 0)
@@ -160,7 +168,7 @@ def test_verdicts_follow_the_rule():
       "alone": [_fake_run({3: 0.40 + e, 5: 0.55 + e, 7: 0.70}, 0.60) for e in (0.0, 0.02, 0.0)],
       "central": [_fake_run({1: 0.1}, f) for f in (0.70, 0.71, 0.69)],
   }
-  v = {(r["a"], r["b"]): r for r in reproduce.verdicts(runs)}
+  v = {(r["a"], r["b"]): r for r in verdicts(runs, PAPER_CLAIMS)}
   tier = lambda run, c: f"{run} exit_acc at cut {c}"
   assert v[(tier("hsee-averaging", 3), tier("alone", 3))]["verdict"] == "holds"
   assert v[(tier("hsee-averaging", 5), tier("alone", 5))]["verdict"] == \
@@ -170,9 +178,9 @@ def test_verdicts_follow_the_rule():
   assert v[full]["verdict"] == "holds (within the spread)" and v[full]["kind"] == "not_worse"
   assert v[(tier("hsee-averaging", 5), tier("hsee-averaging", 3))]["verdict"] == "holds"
   assert len(v) == 3 + 1 + 1 + 2   # claim 2 (tiers, full path), claim 1 (central), claim 3 (depth)
-  one_seed = reproduce.verdicts({k: r[:1] for k, r in runs.items()})
+  one_seed = verdicts({k: r[:1] for k, r in runs.items()}, PAPER_CLAIMS)
   assert {r["verdict"] for r in one_seed if r["difference"][0] != 0} == {"one seed: no verdict"}
-  same = reproduce.verdicts({"hsee-sequential": runs["alone"], "alone": runs["alone"]})
+  same = verdicts({"hsee-sequential": runs["alone"], "alone": runs["alone"]}, PAPER_CLAIMS)
   assert {r["verdict"] for r in same} == {"equal in every seed"} and len(same) == 3
 
 
@@ -191,14 +199,14 @@ def test_variants_grid_and_goal():
   for name in ("hsee-averaging", "hsee-averaging-noniid"):   # the user files' references
     assert grids[2][name] == ev[name]
   va = {**grids[0], **grids[1], **grids[2]}
-  for v, fields in reproduce.VARIANTS.items():   # every variant in one grid or another
+  for v, fields in VARIANTS.items():   # every variant in one grid or another
     for sfx, base in (("", "hsee-averaging"), ("-noniid", "hsee-averaging-noniid")):
       assert va[v + sfx] == dataclasses.replace(ev[base], **fields)
-  assert grids[2]["fedbn"].variants == (f"{reproduce.EXAMPLES / 'fedbn.py'}:variant",)
+  assert grids[2]["fedbn"].variants == (f"{EXAMPLES / 'fedbn.py'}:variant",)
   assert set(grids[2]) == {n + sfx for n in ("hsee-averaging", "every-exit", "fedbn", "depthfl-sum")
                            for sfx in ("", "-noniid")}
-  assert len(grids[0]) + len(grids[1]) == 2 * 6 + 2 * (len(reproduce.VARIANTS) - 2)
-  assert len(va) == 6 + 2 * len(reproduce.VARIANTS)
+  assert len(grids[0]) + len(grids[1]) == 2 * 6 + 2 * (len(VARIANTS) - 2)
+  assert len(va) == 6 + 2 * len(VARIANTS)
   noise = (0.0, 0.004, -0.004)
   seeds = lambda ex, full: [_fake_run({3: ex[0] + e, 5: ex[1] + e, 7: ex[2] - e}, full + e)
                             for e in noise]
@@ -207,8 +215,8 @@ def test_variants_grid_and_goal():
           "every-exit": seeds((0.35, 0.38, 0.42), 0.455),      # meets the IID goal
           "combined": seeds((0.36, 0.38, 0.42), 0.40)}         # full path worse
   runs.update({f"{n}-noniid": r for n, r in runs.items()})
-  rows = reproduce.verdicts(runs, reproduce.VARIANT_CLAIMS)
-  goals = {g["run"]: g for g in reproduce.goal(rows)}
+  rows = verdicts(runs, variant_claims(VARIANTS))
+  goals = {g["run"]: g for g in goal(rows, ["hsee-averaging", *VARIANTS], GOAL["claims"])}
   assert goals["every-exit"]["met"] and goals["every-exit-noniid"]["met"]
   assert not goals["combined"]["met"] and goals["combined"]["failing"] == [
       "combined full_acc (fleet mean) vs hsee-averaging full_acc (fleet mean)"]
@@ -225,11 +233,11 @@ def test_grouped_bars_give_every_series_its_own_colour():
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots()
   series = {f"run{j}": [(0.3, 0.01), (0.4, 0.02)] for j in range(11)}
-  reproduce._bars(ax, ["exit", "full"], series)
+  bars(ax, ["exit", "full"], series)
   from matplotlib.container import BarContainer
-  bars = [c for c in ax.containers if isinstance(c, BarContainer)]
-  colours = {tuple(c.patches[0].get_facecolor()) for c in bars}
-  assert len(bars) == 11 and len(colours) == 11
+  drawn = [c for c in ax.containers if isinstance(c, BarContainer)]
+  colours = {tuple(c.patches[0].get_facecolor()) for c in drawn}
+  assert len(drawn) == 11 and len(colours) == 11
   assert ax.get_legend().get_bbox_to_anchor().x0 >= ax.get_window_extent().x1 - 1
   plt.close(fig)
 
@@ -247,7 +255,7 @@ def test_iot_grids():
     fair = more["deadline-by-tier" + sfx]
     assert fair.deadline_by_tier and dataclasses.replace(fair, deadline_by_tier=False) == \
         more["deadline" + sfx]
-  judged = {(c[0], c[2]) for _, _, comps in reproduce.claims_of("iot-more") for c in comps}
+  judged = {(c[0], c[2]) for _, _, comps in grids.of_scale("iot-more").CLAIMS for c in comps}
   assert {("deadline-by-tier-noniid", cut) for cut in (3, 5, 7, None)} <= judged
 
 
@@ -271,3 +279,28 @@ def test_the_classical_column_and_the_clock_of_runs_recorded_without_it():
     assert row["classical_bytes_server_to_client"] == want > 0
   t = ds["simulated"]["seq"]
   assert t[0] == t[2] < t[1] == t[3]
+
+
+def test_a_grid_is_one_file_of_data_that_the_report_code_never_names():
+  """Each grid file gives its name, scales, runs, claims and report
+  sections (each section one the generic code has); the report code names
+  no grid; no file under experiments/ is over 400 lines."""
+  import ast
+  from report import plots, tables
+  experiments = Path(reproduce.__file__).parent
+  files = {p.stem for p in (experiments / "grids").glob("*.py")} - {"__init__", "common"}
+  assert {g.__name__.split(".")[-1] for g in grids.GRIDS.values()} == files
+  for name, g in grids.GRIDS.items():
+    assert g.NAME == name and g.RUNS and g.SCALES and isinstance(g.CLAIMS, list)
+    for section, params in g.REPORT:
+      assert section in tables.SECTIONS or section in plots.PLOTS, (name, section)
+    for _, _, comparisons in g.CLAIMS:
+      for a, _, _, b, _, _, kind in comparisons:
+        assert kind in ("better", "not_worse")
+  assert set(reproduce.SCALES) >= {"cpu", "paper", "evidence", "gpu", "iot", "variants"}
+  for path in (experiments / "report").glob("*.py"):
+    named = {n.value for n in ast.walk(ast.parse(path.read_text()))
+             if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert not named & set(grids.GRIDS), (path.name, named & set(grids.GRIDS))
+  for path in experiments.rglob("*.py"):
+    assert len(path.read_text().splitlines()) <= 400, path
