@@ -45,6 +45,7 @@ from hsee_jax import sweep  # noqa: E402
 from hsee_jax import costs, models, rundir  # noqa: E402
 from hsee_jax import train as train_lib  # noqa: E402
 from hsee_jax import fleet as fleet_lib  # noqa: E402
+from hsee_jax import variants as variants_lib  # noqa: E402
 from hsee_jax.config import Config  # noqa: E402
 from hsee_jax.data import DataError, load_dataset  # noqa: E402
 
@@ -182,7 +183,9 @@ def _simulate(runs: dict, net, image_shape: tuple) -> dict:
     cfg = config_lib.from_dict(r["config"])
     cuts = r["summary"]["cuts"]
     steps = r["summary"]["local_steps"]
-    cut_table = costs.run_cost_table(cfg, net, image_shape, cuts)
+    builtin = variants_lib.builtin(cfg)   # runs recorded before the records priced themselves
+    cut_table = costs.run_cost_table(cfg, net, image_shape, cuts,
+                                     variant=variants_lib.chain(*builtin) if builtin else None)
     per_round = []
     for rec in r["records"]:
       if "round" not in rec or "train" not in rec:

@@ -8,15 +8,19 @@ The pieces a researcher composes (see ``examples/custom_network.py``):
   :class:`SplitMobileNetV2`, and :func:`network` (by name);
 * the split update: :func:`split_update` (FedJAX-style init / step / final,
   loss, client objective and preprocessing as arguments; :func:`cross_entropy`,
-  :func:`exit_objective`, :func:`distillation_loss`, :func:`preprocessing`;
+  :func:`exit_objective`, :func:`preprocessing`;
   ``examples/exit_objective.py``), run over clients by :class:`ClientRunner`;
   parts are :class:`PartState` (:func:`init_part`, optimiser :func:`direction`);
   the train set on device is a :class:`TrainSet` (:func:`put_train_set`);
 * cross-layer aggregation: :func:`cross_layer_average`;
 * your own method as a value: :class:`Variant` (hooks: the client
-  objective, a penalty; the step's hyperparameters by name, :data:`HPARAMS`),
-  composed by :func:`chain`, run by every command with ``--variant SPEC``
-  (``examples/depthfl_sum.py``);
+  objective, penalties on the exits and on the weights, the exits a client
+  holds, how a leaf is averaged, the evaluated networks, hyperparameters of
+  its own beside :data:`HPARAMS`, what the server sends back), composed by
+  :func:`chain`, run by every command with ``--variant SPEC``
+  (``examples/depthfl_sum.py``); the built-in variants are modules of
+  :mod:`hsee_jax.variants` written against the same hooks
+  (:func:`distillation_loss` is :mod:`hsee_jax.variants.distill`'s);
 * the fleet as it runs: :class:`Link` (what crosses the link, compressed, and
   its bytes), :class:`Clock` (each client's simulated seconds and bytes);
 * the strategies as values: :func:`averaging`, :func:`sequential`
@@ -45,12 +49,13 @@ _EXPORTS = {
     **{n: ("hsee_jax.optim", n) for n in ("PartState", "direction", "init_part")},
     **{n: ("hsee_jax.strategies", n) for n in (
         "METRIC_NAMES", "Algorithm", "Context", "TrainSet", "averaging",
-        "cross_entropy", "cross_layer_average", "distillation_loss", "exit_objective",
+        "cross_entropy", "cross_layer_average", "exit_objective",
         "preprocessing", "put_train_set", "sequential",
         "split_update")},
     "run_sweep": ("hsee_jax.sweep", "run_sweep"),
     "HPARAMS": ("hsee_jax.fleet", "HPARAMS"),
     **{n: ("hsee_jax.variants", n) for n in ("Variant", "chain")},
+    "distillation_loss": ("hsee_jax.variants.distill", "distillation_loss"),
     "train": ("hsee_jax.train", None),  # the module: train.train(cfg, out_dir) runs a config
     **{n: ("hsee_jax.train", n) for n in ("Simulation", "build", "run_rounds")},
 }

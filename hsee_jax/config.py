@@ -144,7 +144,7 @@ class Config:
                                 # part, w0 the round's starting weights; averaging only
   static_bn: bool = False  # [choice] HeteroFL's static batch norm: the evaluated networks' batch
                                 # statistics recomputed over the training data with the averaged
-                                # weights (strategies/static_bn.py); averaging only
+                                # weights (variants/static_bn.py); averaging only
   variants: tuple = program(())  # your own method: variant specs (FILE.py[:NAME] or module:NAME,
                                 # hsee_jax/variants), loaded by every command; `--variant SPEC`
   server_grad_to_client: bool = program(False)  # True = classical split learning baseline

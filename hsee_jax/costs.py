@@ -91,15 +91,15 @@ def _part(pieces: list[dict]) -> dict:
 @functools.lru_cache(maxsize=None)
 def cut_costs(net: models.SplitNetwork, cut: int, image_shape: tuple,
               server_grad_to_client: bool = False, exit_cuts: tuple = (),
-              soft_labels: bool = False, link: link_lib.Link | None = None) -> dict:
+              downlink_bytes: int = 0, link: link_lib.Link | None = None) -> dict:
   """Costs of splitting ``net`` at ``cut`` for one training image.
 
   The first unit of each part needs no input gradient (the image; the
   stop-gradient activations), except the server's with ``server_grad_to_client``.
   ``exit_cuts``: the cuts below ``cut`` where the client also trains an exit
-  head (``client_exits=every``): their FLOPs and parameters are the
-  client's; nothing more crosses the link. ``soft_labels``
-  (``distill=server``): the server's logits go back to the client, float32.
+  head (a variant's ``exits``): their FLOPs and parameters are the
+  client's; nothing more crosses the link. ``downlink_bytes``: what else
+  the server sends back per image (a variant's ``downlink``).
   ``link``: how the activations cross to the server (:class:`hsee_jax.link.Link`;
   None: as computed, in the compute dtype).
   """
@@ -121,8 +121,7 @@ def cut_costs(net: models.SplitNetwork, cut: int, image_shape: tuple,
       "server_train_flops": server["flops"],
       "activation_shape": list(h_shape),
       "bytes_client_to_server": sent,
-      "bytes_server_to_client": ((h_bytes if server_grad_to_client else 0) +
-                                 (4 * net.num_classes if soft_labels else 0)),
+      "bytes_server_to_client": (h_bytes if server_grad_to_client else 0) + downlink_bytes,
       "client_peak_activation_bytes": client["activation_bytes"],
   }
 
@@ -133,33 +132,30 @@ def cost_table(net: models.SplitNetwork, image_shape: tuple,
           for c in net.allowed_cuts()]
 
 
-def soft_labels_in(cfg, rnd: int | None) -> bool:
-  """Whether round ``rnd`` (0-based; None: the run's last) sends the
-  server's soft labels back (``distill=server`` from ``distill_start``)."""
-  rnd = cfg.rounds - 1 if rnd is None else rnd
-  return cfg.distill == "server" and rnd + 1 >= cfg.distill_start
-
-
 def run_cost_table(cfg, net: models.SplitNetwork, image_shape: tuple, fleet_cuts,
-                   rnd: int | None = None) -> dict:
+                   rnd: int | None = None, variant=None) -> dict:
   """Cut -> :func:`cut_costs` row of the fleet's cuts as ``cfg`` trains them
   in round ``rnd`` (None: the last): the server's gradient
-  (``server_grad_to_client``), the lower exit heads (``client_exits=every``),
-  the soft labels (``distill=server``, from ``distill_start``), the link's
-  compression (``link``)."""
-  cuts = sorted(set(int(c) for c in fleet_cuts))
+  (``server_grad_to_client``), the link's compression (``link``), and the
+  ``variant``'s (:mod:`hsee_jax.variants`; None: the paper's method): the
+  lower exit heads its clients train (``exits``) and what the server sends
+  back (``downlink``)."""
+  cuts = tuple(sorted(set(int(c) for c in fleet_cuts)))
+  rnd = cfg.rounds - 1 if rnd is None else rnd
   link = None if cfg.link == "none" else link_lib.Link(cfg.link, cfg.link_topk)
-  return {c: cut_costs(net, c, tuple(image_shape), cfg.server_grad_to_client,
-                       tuple(x for x in cuts if x < c) if cfg.client_exits == "every" else (),
-                       soft_labels_in(cfg, rnd), link) for c in cuts}
+  exits = (variant.exits if variant is not None else None) or (lambda c, cs: ())
+  down = (variant.downlink(cfg, net.num_classes, rnd)
+          if variant is not None and variant.downlink is not None else 0)
+  return {c: cut_costs(net, c, tuple(image_shape), cfg.server_grad_to_client, tuple(exits(c, cuts)),
+                       int(down), link) for c in cuts}
 
 
 def run_clock(cfg, net: models.SplitNetwork, image_shape: tuple, fleet,
-              rnd: int | None = None) -> Clock:
+              rnd: int | None = None, variant=None) -> Clock:
   """The :class:`Clock` of ``fleet`` (its cuts, FLOP/s and bandwidths) as
-  ``cfg`` trains it in round ``rnd`` (None: the last; the rounds differ only
-  by the soft labels before ``distill_start``)."""
-  table = run_cost_table(cfg, net, image_shape, fleet.cuts, rnd)
+  ``cfg`` and ``variant`` train it in round ``rnd`` (None: the last;
+  :func:`run_cost_table`)."""
+  table = run_cost_table(cfg, net, image_shape, fleet.cuts, rnd, variant)
   link = fleet.link_bytes_per_s if fleet.link_bytes_per_s is not None else cfg.link_bytes_per_s
   return Clock.of(table, fleet.cuts, cfg.batch_size, fleet.flops_per_s, link,
                   cfg.server_flops_per_s, cfg.strategy)
@@ -168,8 +164,8 @@ def run_clock(cfg, net: models.SplitNetwork, image_shape: tuple, fleet,
 def forward_flops(net: models.SplitNetwork, image_shape: tuple) -> float:
   """FLOPs of one forward pass of the whole network over one image in
   training mode: what recomputing the batch statistics costs per image
-  (``static_bn``: ``strategies.static_bn.IMAGES`` of them per evaluated
-  network)."""
+  (HeteroFL's static batch norm, a variant, recomputes them over 10,000 images per
+  evaluated network)."""
   pieces = _pieces(net, tuple(image_shape))
   return sum(pieces[(models.unit_name(k), False)]["forward_flops"]
              for k in range(1, net.num_units + 1)) + pieces[models.CLASSIFIER]["forward_flops"]

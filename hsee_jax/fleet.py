@@ -161,11 +161,11 @@ def sample_cohort(seed: int, rnd: int, num_clients: int, cohort_size: int) -> np
   return np.sort(rng.choice(num_clients, cohort_size, replace=False))
 
 
-# The per-step hyperparameters a cohort feeds the compiled step (Cohort.hparams).
-HPARAMS = ("lr", "momentum", "weight_decay", "exit_loss_weight", "distill_weight")
-# With participation=partial, a further column per client and step: 1 where the
+# The per-step hyperparameters a cohort feeds the compiled step (Cohort.hparams),
+# then the variants' own (hsee_jax.variants, ``hparams``). With
+# participation=partial, a further column per client and step: 1 where the
 # client does the step, 0 past what fits its deadline (the step changes nothing).
-STEP_ACTIVE = len(HPARAMS)
+HPARAMS = ("lr", "momentum", "weight_decay", "exit_loss_weight")
 
 
 def online(cfg: Config, rnd: int, num_clients: int) -> np.ndarray:
@@ -280,16 +280,13 @@ def participants(fleet: Fleet, cfg: Config, rnd: int, clock, local_steps: int) -
                  seconds, sent)
 
 
-def step_hparams(cfg: Config, rnd: int, lrs) -> np.ndarray:
-  """[S, 5]: every step's :data:`HPARAMS` in round ``rnd`` (0-based), with the
-  scheduled learning rates ``lrs`` [S]; the distillation weight is 0 before
-  ``cfg.distill_start`` and without ``cfg.distill``."""
-  on = cfg.distill != "none" and rnd + 1 >= cfg.distill_start
-  values = {"momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
-            "exit_loss_weight": cfg.exit_loss_weight,
-            "distill_weight": cfg.distill_weight if on else 0.0}
-  return np.stack([np.asarray(lrs, np.float32)] + [np.full(len(lrs), values[h], np.float32)
-                                                   for h in HPARAMS[1:]], axis=-1)
+def step_hparams(cfg: Config, rnd: int, lrs, extra: tuple = ()) -> np.ndarray:
+  """[S, H]: every step's :data:`HPARAMS` in round ``rnd`` (0-based), with the
+  scheduled learning rates ``lrs`` [S], then the variants' own: ``extra``,
+  ``((name, value(cfg, rnd)), ...)``."""
+  values = [cfg.momentum, cfg.weight_decay, cfg.exit_loss_weight] + [f(cfg, rnd) for _, f in extra]
+  return np.stack([np.asarray(lrs, np.float32)] + [np.full(len(lrs), v, np.float32)
+                                                   for v in values], axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,9 +295,9 @@ class Cohort:
 
   ``ids`` [C] client ids, ascending; ``cuts`` [C]; ``slots`` [C] each client's
   row in its cut group's per-client state; ``indices`` [C, S, B] the training
-  images of every local step; ``hparams`` [S, 5] the hyperparameters of every
+  images of every local step; ``hparams`` [S, H] the hyperparameters of every
   step (:data:`HPARAMS`: the scheduled learning rate, momentum, weight decay,
-  exit-loss weight, distillation weight; :func:`step_hparams`), inputs of the compiled step rather than constants in it;
+  exit-loss weight, then the variants' own; :func:`step_hparams`), inputs of the compiled step rather than constants in it;
   ``weights`` [C] data sizes; ``keys`` [C, 2] PRNG keys (uint32);
   ``active`` [C, S] (participation=partial, else None) whether each client
   does each step; ``dropped`` the ids sampled that missed the deadline,
@@ -335,7 +332,7 @@ def _client_keys(base_key, rnd, ids):
 
 
 def make_cohort(fleet: Fleet, cfg: Config, rnd: int, local_steps: int, schedule,
-                base_key, clock) -> Cohort:
+                base_key, clock, extra_hparams: tuple = ()) -> Cohort:
   """Round ``rnd``'s cohort: who trains (:func:`participants`), on which
   images, at which rates, with which keys, and what the round takes on
   ``clock`` (:class:`hsee_jax.costs.Clock`). Data order and keys are pure
@@ -347,7 +344,7 @@ def make_cohort(fleet: Fleet, cfg: Config, rnd: int, local_steps: int, schedule,
                      or [np.zeros((local_steps, cfg.batch_size), np.int64)])[:len(ids)]
   global_steps = rnd * local_steps + np.arange(local_steps)
   lrs = np.asarray([schedule(int(s)) for s in global_steps], np.float32)
-  hparams = step_hparams(cfg, rnd, lrs)
+  hparams = step_hparams(cfg, rnd, lrs, extra_hparams)
   keys = np.asarray(_client_keys(base_key, rnd, ids.astype(np.int32)))
   active = None if steps is None else np.arange(local_steps)[None, :] < steps[:, None]
   return Cohort(round=rnd, ids=ids, cuts=fleet.cuts[ids], slots=fleet.slots[ids],

@@ -41,7 +41,7 @@ def unit_name(k: int) -> str:
 
 def exit_head_at(cut: int) -> str:
   """The subtree name of an exit head a client trains at ``cut`` below its own
-  (``client_exits=every``); its own cut's head is ``EXIT_HEAD``."""
+  (a variant's ``exits``); its own cut's head is ``EXIT_HEAD``."""
   return f"{EXIT_HEAD}_at_{cut}"
 
 

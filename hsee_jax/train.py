@@ -55,25 +55,30 @@ class Simulation:
 
   @functools.cached_property
   def clock(self) -> costs.Clock:
-    """Each client's simulated seconds and bytes (:func:`costs.run_clock`;
-    with ``distill=server``, of the rounds that send soft labels)."""
-    return costs.run_clock(self.cfg, self.net, self.ctx.image_shape, self.fleet)
+    """Each client's simulated seconds and bytes (:func:`costs.run_clock`)
+    in the run's last round."""
+    return self.clock_at(self.cfg.rounds - 1)
 
   @functools.cached_property
-  def _clock_without_soft_labels(self) -> costs.Clock:
-    return costs.run_clock(self.cfg, self.net, self.ctx.image_shape, self.fleet, rnd=-1)
+  def _clocks(self) -> dict:
+    return {}
 
   def clock_at(self, rnd: int) -> costs.Clock:
-    """The clock of round ``rnd``: soft labels are sent (and priced) only
-    from ``distill_start`` on."""
-    return self.clock if costs.soft_labels_in(self.cfg, rnd) or self.cfg.distill != "server" \
-        else self._clock_without_soft_labels
+    """The clock of round ``rnd``: the same every round, but where a
+    variant's ``downlink`` changes with the round (soft labels from a
+    start round on); one clock per distinct downlink."""
+    v = self.ctx.variant
+    down = v.downlink(self.cfg, self.net.num_classes, rnd) if v and v.downlink else 0
+    if down not in self._clocks:
+      self._clocks[down] = costs.run_clock(self.cfg, self.net, self.ctx.image_shape, self.fleet,
+                                           rnd, v)
+    return self._clocks[down]
 
   def cohort(self, rnd: int, base_key) -> fleet_lib.Cohort:
     """Round ``rnd``'s clients (``cfg.participation``) with their step
     inputs (seeded by ``base_key``) and the round's simulated time."""
     return fleet_lib.make_cohort(self.fleet, self.cfg, rnd, self.local_steps, self.schedule,
-                                 base_key, self.clock_at(rnd))
+                                 base_key, self.clock_at(rnd), self.ctx.hparams)
 
   def evaluate(self, state, dataset: data_lib.Dataset) -> dict:
     """Test metrics of ``state`` (:func:`evaluation.evaluate` of the
@@ -126,9 +131,7 @@ def build(cfg: Config, dataset: data_lib.Dataset | None = None,
   tx = optim.make_optimizer(cfg)
   schedule = optim.make_schedule(cfg, cfg.rounds * steps)
   ctx = strategies.Context(cfg, net, tx, fleet, strategies.put_train_set(dataset),
-                           dataset.image_shape, objective=objective,
-                           penalty=variant.penalty if variant is not None else None,
-                           grouping=variant.grouping if variant is not None else None)
+                           dataset.image_shape, objective=objective, variant=variant)
   algorithm = strategies.STRATEGIES[cfg.strategy](ctx)
   sim = Simulation(ctx, algorithm, steps, schedule)
   preflight.check_fits(sim, dataset)
@@ -136,16 +139,14 @@ def build(cfg: Config, dataset: data_lib.Dataset | None = None,
 
 
 def check_variants(cfg: Config):
-  """The config's variants loaded, traced once against abstract shapes and
-  chained (:func:`hsee_jax.variants.resolve`), None without any: a spec
-  that does not load, a hook with a wrong signature or a loss that is not
-  one number is a one-line error here, before any data is loaded."""
-  if not cfg.variants:
-    return None
-  cuts = cfg.static_cuts()
-  exits = len(cuts) if cuts and cfg.client_exits == "every" else 1
-  return variants_lib.resolve(cfg.variants, exits, cfg.batch_size, 10, fleet_lib.HPARAMS,
-                              leaf_paths=lambda: _leaf_paths(models.for_config(cfg, 10)))
+  """The config's variants (:func:`hsee_jax.variants.for_config`: the
+  built-in ones its fields turn on, then its ``variants`` specs loaded and
+  traced once against abstract shapes) chained, None for the paper's
+  method: a spec that does not load, a hook with a wrong signature or a
+  loss that is not one number is a one-line error here, before any data is
+  loaded."""
+  return variants_lib.for_config(cfg, 10,
+                                 leaf_paths=lambda: _leaf_paths(models.for_config(cfg, 10)))
 
 
 def _leaf_paths(net: models.SplitNetwork) -> list[tuple]:

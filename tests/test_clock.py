@@ -26,7 +26,8 @@ CFG = Config(dataset="synthetic", synthetic_shape=(16, 16, 10, 128, 64), width=0
 
 def _by_hand(sim):
   """Each client's step, transfer and bytes from the cost table (docs/usage.md's rule)."""
-  cfg, table = sim.cfg, costs.run_cost_table(sim.cfg, sim.net, sim.ctx.image_shape, sim.fleet.cuts)
+  cfg, table = sim.cfg, costs.run_cost_table(sim.cfg, sim.net, sim.ctx.image_shape, sim.fleet.cuts,
+                                                    variant=sim.ctx.variant)
   rows = [table[int(c)] for c in sim.fleet.cuts]
   step_bytes = np.array([cfg.batch_size * (r["bytes_client_to_server"] + r["bytes_server_to_client"])
                          for r in rows])

@@ -105,16 +105,17 @@ def test_config_budgets_choose_the_cuts(table, tmp_path):
 
 
 def test_run_cost_table_counts_the_variants(table):
-  """client_exits=every adds the lower exit heads' FLOPs and parameters to
-  the client (nothing on the link); distill=server adds the float32 soft
-  labels on the downlink; the server's gradient is counted as before;
+  """A variant's exits (client_exits=every) add the lower exit heads' FLOPs
+  and parameters to the client (nothing on the link); its downlink
+  (distill=server) adds the float32 soft labels; the server's gradient is counted as before;
   forward_flops is the whole network's forward pass (under its training)."""
   from hsee_jax.config import Config
   rows = {r["cut"]: r for r in table}
   plain = costs.run_cost_table(Config(), NET, SHAPE, (7, 3, 5, 3))
   assert sorted(plain) == [3, 5, 7] and plain[5] == rows[5]
-  every = costs.run_cost_table(Config(client_exits="every", distill="server"), NET, SHAPE,
-                               (3, 5, 7))
+  from hsee_jax import variants
+  both = Config(client_exits="every", distill="server")
+  every = costs.run_cost_table(both, NET, SHAPE, (3, 5, 7), variant=variants.for_config(both))
   heads = costs._pieces(NET, SHAPE)
   for c, lower in ((3, ()), (5, (3,)), (7, (3, 5))):
     assert every[c]["client_train_flops"] == pytest.approx(

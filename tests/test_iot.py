@@ -143,7 +143,7 @@ def test_partial_work_does_the_steps_that_fit():
   assert want[0] == 1 and want[5] == 3
   # each client's steps end at its own budget: the hparams' last column
   _, hp = step_inputs(cohort, np.arange(cohort.size))
-  np.testing.assert_array_equal(hp[..., fleet_lib.STEP_ACTIVE], cohort.active)
+  np.testing.assert_array_equal(hp[..., len(fleet_lib.HPARAMS)], cohort.active)
   assert cohort.sim_seconds <= 12.0
 
 

@@ -335,7 +335,7 @@ def test_lower_exit_heads_learn_from_the_clients_own_data():
   client = optim.init_part(tx, {**p, models.exit_head_at(3): hp}, s)
   server = optim.init_part(tx, *net.init_span(key, *net.server_span(5), (16, 16, 3)))
   xs = (np.arange(8, dtype=np.int32).reshape(1, 8),    # one step: the same activations
-        np.float32([[0.05, 0.9, 5e-4, 1.0, 0.0]]))
+        np.float32([[0.05, 0.9, 5e-4, 1.0]]))
   from hsee_jax.engine import ClientRunner
   every = ClientRunner(split_update(net, 5, exit_cuts=(3,), preprocess=lambda k, x, m, sd: (
       x / 255.0 - m) / sd), "loop")
@@ -360,23 +360,25 @@ def test_proximal_term_pulls_toward_the_round_start():
   and below 0."""
   from hsee_jax.engine import ClientRunner
   from hsee_jax.strategies import split_update
-  from hsee_jax.strategies.update import _squared_distance
+  from hsee_jax.variants import fedprox
+  from hsee_jax.variants.fedprox import squared_distance
   net, tx = models.network("resnet18", 4, 0.125), optim.make_optimizer(CFG)
   _, sim = train_lib.build(CFG)
   key = jax.random.PRNGKey(0)
   client = optim.init_part(tx, *net.init_span(key, *net.client_span(3), (16, 16, 3)))
   server = optim.init_part(tx, *net.init_span(key, *net.server_span(3), (16, 16, 3)))
   norm = lambda k, x, m, sd: (x / 255.0 - m) / sd
-  hp = [0.1, 0.0, 0.0, 1.0, 0.0]
+  hp = [0.1, 0.0, 0.0, 1.0]
   after = {}
   for steps in (1, 4):
     xs = (np.arange(8 * steps, dtype=np.int32).reshape(steps, 8) % 96, np.float32([hp] * steps))
     for mu in (0.0, 5.0):
-      runner = ClientRunner(split_update(net, 3, preprocess=norm, prox_mu=mu), "loop")
+      runner = ClientRunner(split_update(net, 3, preprocess=norm, step_penalty=(
+          fedprox.make(mu).step_penalty if mu else None)), "loop")
       (c, s_), m = runner.one(sim.ctx.train_set, (client, server, key), xs)
       assert np.isfinite(np.asarray(m)).all()
-      after[steps, mu] = (float(_squared_distance(c.params, client.params)),
-                          float(_squared_distance(s_.params, server.params)))
+      after[steps, mu] = (float(squared_distance(c.params, client.params)),
+                          float(squared_distance(s_.params, server.params)))
   assert after[1, 0.0] == after[1, 5.0]
   assert 0 < after[4, 5.0][0] < after[4, 0.0][0], after        # the client part
   assert 0 < after[4, 5.0][1] < 0.5 * after[4, 0.0][1], after  # the server part
@@ -395,8 +397,10 @@ def test_distillation_term():
   otherwise, scales with T^2 and sends no gradient to the teacher; the
   objective adds it only with a weight (hp["distill_weight"]) and keeps the paper's loss
   when distill is none."""
-  from hsee_jax.strategies.update import cross_entropy, distillation_loss, exit_objective
+  from hsee_jax.strategies.update import cross_entropy, exit_objective
+  from hsee_jax.variants.distill import distillation_loss, make
   rng = np.random.default_rng(0)
+  with_term = lambda teacher, t=1.0: (lambda *a: exit_objective()(*a) + make(teacher, t).penalty(*a))
   a, b = (jnp.asarray(rng.normal(size=(6, 5)), jnp.float32) for _ in range(2))
   labels = jnp.arange(6) % 5
   assert float(distillation_loss(a, a, 3.0)) == pytest.approx(0.0, abs=1e-6)
@@ -406,20 +410,21 @@ def test_distillation_term():
   hp = _named([0.1, 0.9, 0.0, 0.5, 0.0])
   plain = exit_objective()([a], b, labels, hp)
   assert float(plain) == float(0.5 * cross_entropy(a, labels))
-  assert float(exit_objective(distill="server")([a], b, labels, hp)) == float(plain)  # weight 0
+  assert float(with_term("server")([a], b, labels, hp)) == float(plain)  # weight 0
   on = dict(hp, distill_weight=jnp.float32(2.0))
-  assert float(exit_objective(distill="server")([a], b, labels, on)) == pytest.approx(
+  assert float(with_term("server")([a], b, labels, on)) == pytest.approx(
       float(plain) + 2.0 * float(distillation_loss(a, b, 1.0)), rel=1e-6)
-  deep = exit_objective(distill="deepest", temperature=3.0)([a, b], None, labels, on)
+  deep = with_term("deepest", 3.0)([a, b], None, labels, on)
   assert float(deep) == pytest.approx(
       0.5 * (float(cross_entropy(a, labels)) + float(cross_entropy(b, labels))) / 2
       + 2.0 * float(distillation_loss(a, b, 3.0)), rel=1e-6)
 
 
 def _named(values) -> dict:
-  """A step's hyperparameters by name, as the client objective receives them."""
+  """A step's hyperparameters by name, as the client objective receives them
+  (with the distillation variant's weight last)."""
   from hsee_jax.fleet import HPARAMS
-  return dict(zip(HPARAMS, jnp.float32(values)))
+  return dict(zip(HPARAMS + ("distill_weight",), jnp.float32(values)))
 
 
 def test_rising_exit_weights():
@@ -428,17 +433,15 @@ def test_rising_exit_weights():
   loss either way; in a run it changes a several-exit client's training
   only; refused without client_exits=every or beside an objective of one's own."""
   from hsee_jax.strategies.update import cross_entropy, exit_objective
+  from hsee_jax.variants.rising import objective as rising
   rng = np.random.default_rng(1)
   a, b, c = (jnp.asarray(rng.normal(size=(6, 5)), jnp.float32) for _ in range(3))
   labels = jnp.arange(6) % 5
   hp = _named([0.1, 0.9, 0.0, 0.5, 0.0])
   ce = [float(cross_entropy(x, labels)) for x in (a, b, c)]
-  assert float(exit_objective(weights="rising")([a, b, c], None, labels, hp)) == pytest.approx(
+  assert float(rising([a, b, c], None, labels, hp)) == pytest.approx(
       0.5 * (ce[0] + 2 * ce[1] + 3 * ce[2]) / 6, rel=1e-6)
-  assert float(exit_objective(weights="rising")([a], None, labels, hp)) == float(
-      exit_objective()([a], None, labels, hp))
-  with pytest.raises(ValueError, match="weights: equal or rising"):
-    exit_objective(weights="deep")
+  assert float(rising([a], None, labels, hp)) == float(exit_objective()([a], None, labels, hp))
   metrics = {}
   for w in ("equal", "rising"):
     _, sim = train_lib.build(dataclasses.replace(CFG, client_exits="every", exit_weights=w))
@@ -451,7 +454,7 @@ def test_rising_exit_weights():
     dataclasses.replace(CFG, exit_weights="rising")
   with pytest.raises(ConfigError, match=r"^exit_weights: unknown value"):
     dataclasses.replace(CFG, client_exits="every", exit_weights="deep")
-  with pytest.raises(ConfigError, match=r"^exit_weights: a client objective of your own"):
+  with pytest.raises(train_lib.RunError, match=r"^objective: the variant every-exit\+rising replaces "):
     train_lib.build(dataclasses.replace(CFG, client_exits="every", exit_weights="rising"),
                     objective=exit_objective())
 
@@ -462,10 +465,13 @@ def test_distillation_weight_starts_at_its_round():
   from hsee_jax import fleet
   cfg = dataclasses.replace(CFG, client_exits="every", distill="deepest", distill_weight=0.3,
                             distill_start=3, rounds=4)
-  col = fleet.HPARAMS.index("distill_weight")
-  weights = [fleet.step_hparams(cfg, r, [0.1, 0.1])[:, col] for r in range(4)]
+  from hsee_jax import variants
+  extra = variants.for_config(cfg).hparams
+  assert [name for name, _ in extra] == ["distill_weight"]
+  col = len(fleet.HPARAMS)
+  weights = [fleet.step_hparams(cfg, r, [0.1, 0.1], extra)[:, col] for r in range(4)]
   np.testing.assert_array_equal(np.concatenate(weights), np.float32([0, 0, 0, 0, .3, .3, .3, .3]))
-  assert not fleet.step_hparams(CFG, 3, [0.1])[:, col].any()
+  assert fleet.step_hparams(CFG, 3, [0.1]).shape == (1, len(fleet.HPARAMS))   # no column without it
   with pytest.raises(ConfigError, match=r"^distill_start: "):
     dataclasses.replace(CFG, distill_start=0)
   with pytest.raises(ConfigError, match=r"^distill: unknown value"):
@@ -476,7 +482,7 @@ def test_static_bn_changes_only_what_is_evaluated():
   """static_bn: training is the same (metrics bit for bit); the evaluated
   network's batch statistics are the state's recomputed over the training
   data, its parameters the state's."""
-  from hsee_jax.strategies import static_bn
+  from hsee_jax.variants import static_bn
   runs = {}
   for on in (False, True):
     _, sim = train_lib.build(dataclasses.replace(CFG, static_bn=on))

@@ -2,8 +2,8 @@
 the two strategies, Averaging and Sequential.
 
 * :mod:`.update`: the split update, FedJAX's init / step / final
-  (:func:`split_update`), its client objective (:func:`exit_objective`,
-  :func:`distillation_loss`), loss and preprocessing, the train set on the
+  (:func:`split_update`), its client objective (:func:`exit_objective`),
+  loss and preprocessing, the train set on the
   device (:class:`TrainSet`);
 * :mod:`.aggregation`: cross-layer aggregation (:func:`cross_layer_average`
   and its streaming form, :func:`combine_sides` with the two sides apart);
@@ -12,8 +12,7 @@ the two strategies, Averaging and Sequential.
   (:class:`Context`), the cache of compiled programs;
 * :mod:`.averaging`, :mod:`.sequential`: the two strategies, each a
   function ``Context -> Algorithm`` (as FedJAX builds a federated algorithm);
-* :mod:`.parts`: per-client parts stored per cut, taken and put by slot;
-* :mod:`.static_bn`: batch statistics recomputed for evaluation (``static_bn``).
+* :mod:`.parts`: per-client parts stored per cut, taken and put by slot.
 
 ``apply(state, cohort) -> (state, metrics [C, 4])`` trains one round of a
 cohort's clients (:class:`hsee_jax.fleet.Cohort`) and reads nothing back to
@@ -27,7 +26,7 @@ from hsee_jax.strategies.algorithm import (PROGRAM_CACHE_SIZE, PROGRAM_FIELDS, A
 from hsee_jax.strategies.averaging import AveragingState, averaging, client_server_parts
 from hsee_jax.strategies.parts import group_key
 from hsee_jax.strategies.sequential import SequentialState, sequential
-from hsee_jax.strategies.update import (METRIC_NAMES, TrainSet, cross_entropy, distillation_loss,
+from hsee_jax.strategies.update import (METRIC_NAMES, TrainSet, cross_entropy,
                                         exit_objective, preprocessing, put_train_set,
                                         split_update)
 
@@ -38,5 +37,5 @@ __all__ = ["METRIC_NAMES", "PROGRAM_CACHE_SIZE", "PROGRAM_FIELDS", "STRATEGIES",
            "averaging", "cached_program", "chunk_sums", "clear_program_cache",
            "client_server_parts", "combine_sides", "combine_sums",
            "cross_entropy",
-           "cross_layer_average", "distillation_loss", "exit_objective", "group_key", "preprocessing", "program_config",
+           "cross_layer_average", "exit_objective", "group_key", "preprocessing", "program_config",
            "put_train_set", "sequential", "split_update", "step_inputs"]

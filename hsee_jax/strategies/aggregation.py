@@ -77,7 +77,7 @@ def combine_sums(model: PartState, exit_heads: dict, sums: dict,
   Unit k is averaged over every client: from its client part where k <= cut,
   else its server part; the classifier over all; the exit head at cut c over
   the clients at c and every client that trains one at c below its own cut
-  (``client_exits=every``, DepthFL: ``models.exit_head_at(c)``).
+  (a variant's ``exits``, DepthFL: ``models.exit_head_at(c)``).
   The sums are added in the order :func:`cross_layer_average` adds its parts
   (client parts by cut, then server parts by cut), so both give the same
   floats. A name no client held (zero total, or absent from every cut's

@@ -7,7 +7,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import types
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -18,7 +18,7 @@ from hsee_jax import engine, models
 from hsee_jax import link as link_lib
 from hsee_jax import precision as precision_lib
 from hsee_jax.config import Config, ConfigError
-from hsee_jax.fleet import Cohort, Fleet
+from hsee_jax.fleet import HPARAMS, Cohort, Fleet
 from hsee_jax.optim import PartState
 from hsee_jax.strategies.parts import group_key
 from hsee_jax.strategies.update import TrainSet, exit_objective, preprocessing, split_update
@@ -100,7 +100,9 @@ class Context:
   the train set on the device, the execution (mode, clients per chunk, the
   client mesh) and one client runner per cut. ``objective``: a client
   objective of the user's (:func:`hsee_jax.strategies.exit_objective`'s
-  signature) in place of the config's."""
+  signature) in place of the paper's; ``variant``: the run's variants
+  chained (:class:`hsee_jax.variants.Variant`; None: the paper's method),
+  whose hooks the strategies read and never name."""
   cfg: Config
   net: models.SplitNetwork
   tx: optax.GradientTransformation
@@ -114,38 +116,42 @@ class Context:
   program_key: tuple = ()   # what the compiled programs depend on (cached_program)
   objective: Callable | None = None
   link: link_lib.Link | None = None  # what the server parts receive (Config.link; None: as computed)
-  penalty: Callable | None = None    # a term added to the client objective (a variant's)
-  grouping: Callable | None = None   # a variant's leaves kept per client (parts.local_leaves)
+  variant: Any = None                # the run's variants chained (hsee_jax.variants.Variant)
+
+  def hook(self, name: str):
+    """The variant's hook ``name``, or None."""
+    return getattr(self.variant, name) if self.variant is not None else None
+
+  grouping = property(lambda self: self.hook("grouping"),
+                      doc="Which leaves a client keeps (parts.local_leaves), or None.")
+  evaluated = property(lambda self: self.hook("evaluated"),
+                       doc="The transform of an evaluated network, or None.")
+  hparams = property(lambda self: self.variant.hparams if self.variant is not None else (),
+                     doc="The variants' own per-step hyperparameters, ((name, value), ...).")
 
   def exit_cuts(self, cut: int) -> tuple:
     """The cuts below ``cut`` where a client at ``cut`` also trains an exit
-    head: the fleet's lower cuts with ``client_exits=every``, else none."""
-    if self.cfg.client_exits != "every":
-      return ()
-    return tuple(c for c in sorted(self.fleet.groups) if c < cut)
+    head (the variant's ``exits``), else none."""
+    exits = self.hook("exits")
+    return tuple(exits(cut, tuple(sorted(self.fleet.groups)))) if exits is not None else ()
 
   def __post_init__(self):
     cfg = self.cfg
-    if self.objective is not None and cfg.distill != "none":
-      raise ConfigError("distill: a client objective of your own replaces the config's; "
-                        "set distill=none and distil inside it")
-    if self.objective is not None and cfg.exit_weights != "equal":
-      raise ConfigError("exit_weights: a client objective of your own replaces the config's; "
-                        "set exit_weights=equal and weigh the exits inside it")
-    if self.grouping is not None and cfg.strategy != "averaging":
-      raise ConfigError("variants: a variant that keeps leaves per client (grouping) needs "
-                        "strategy=averaging (Sequential's server part is one shared model)")
+    for hook, what in (("grouping", "keeps leaves per client (grouping)"),
+                       ("evaluated", "transforms the evaluated networks (evaluated)")):
+      if self.hook(hook) is not None and cfg.strategy != "averaging":
+        raise ConfigError(f"variants: {self.variant.name} {what}; that needs "
+                          f"strategy=averaging (Sequential's server part is one shared model)")
     self.mode = engine.resolve_mode(cfg.mode, cfg.strategy, cfg.shard_clients,
                                     precision_lib.resolve(cfg.precision), cfg.batch_size)
     self.chunk = engine.resolve_chunk(cfg.client_chunk)
     self.link = None if cfg.link == "none" else link_lib.Link(cfg.link, cfg.link_topk)
     self.program_key = (self.net.num_classes,) + tuple(getattr(cfg, f) for f in PROGRAM_FIELDS)
     view = program_config(cfg)
-    objective = self.objective or exit_objective(distill=view.distill,
-                                                 temperature=view.distill_temperature,
-                                                 weights=view.exit_weights)
-    if self.penalty is not None:
-      objective = _plus(objective, self.penalty)
+    objective = self.objective or exit_objective()
+    if self.hook("penalty") is not None:
+      objective = _plus(objective, self.hook("penalty"))
+    names = HPARAMS + tuple(h for h, _ in self.hparams)
     self.runners = {
         cut: cached_program(self.runner_key(cut),
                             lambda cut=cut: engine.ClientRunner(split_update(
@@ -153,7 +159,8 @@ class Context:
                                 preprocess=preprocessing(view.augment, view.augment_pad),
                                 optimizer=view.optimizer, nesterov=view.nesterov,
                                 server_grad_to_client=view.server_grad_to_client,
-                                link=self.link, prox_mu=view.prox_mu), self.mode))
+                                link=self.link, step_penalty=self.hook("step_penalty"),
+                                hparams=names), self.mode))
         for cut in self.fleet.groups}
     if cfg.shard_clients:
       if cfg.strategy != "averaging" or self.mode not in ("vmap", "unrolled"):
@@ -163,7 +170,7 @@ class Context:
   def runner_key(self, cut: int) -> tuple:
     """What the client runner of ``cut`` (and a program built on it) depends on."""
     return ("runner", self.program_key, cut, self.mode, self.exit_cuts(cut), self.objective,
-            self.penalty)
+            self.variant)
 
   def eval_sample(self, cut: int) -> np.ndarray:
     """The clients of ``cut`` evaluated where clients differ: ``eval_clients``
@@ -198,7 +205,7 @@ def step_inputs(cohort: Cohort, positions) -> tuple:
   clients at ``positions`` of ``cohort`` (leading client axis), or for one
   client (an int position), as host arrays. With ``cohort.active``
   (participation=partial) each step's hparams end with whether the client
-  does it (``fleet.STEP_ACTIVE``)."""
+  does it (its last column)."""
   one = isinstance(positions, (int, np.integer))
   lead = () if one else (len(positions),)
   hparams = np.broadcast_to(cohort.hparams, lead + cohort.hparams.shape)

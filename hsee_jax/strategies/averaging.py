@@ -25,7 +25,7 @@ import numpy as np
 from hsee_jax import engine, models
 from hsee_jax.fleet import Cohort
 from hsee_jax.optim import PartState
-from hsee_jax.strategies import aggregation, static_bn
+from hsee_jax.strategies import aggregation
 from hsee_jax.strategies.algorithm import (Algorithm, Context, EvalModel, cached_program,
                                            step_inputs)
 from hsee_jax.strategies.parts import (bad_rows, cut_variables, finite, group_cut, group_key,
@@ -148,7 +148,7 @@ def averaging(ctx: Context) -> Algorithm:
   exit_cuts = tuple((group_key(c), ctx.exit_cuts(c)) for c in sorted(fleet.groups))
 
   def lower_heads(heads: dict, cut: int) -> dict:
-    """The exit heads a client at ``cut`` also trains (``client_exits=every``)."""
+    """The exit heads a client at ``cut`` also trains (a variant's ``exits``)."""
     return {c: heads[group_key(c)] for c in ctx.exit_cuts(cut)}
 
   def init(key) -> AveragingState:
@@ -222,11 +222,10 @@ def averaging(ctx: Context) -> Algorithm:
                           server_units=server), metrics
 
   def eval_models(state: AveragingState) -> list[EvalModel]:
-    """Each tier's network at its cut (its own exit head only); with
-    ``static_bn`` its batch statistics recomputed (:mod:`.static_bn`)."""
+    """Each tier's network at its cut (its own exit head only), as the
+    variant's ``evaluated`` hook transforms it (HeteroFL's static batch norm)."""
     def evaluated(network: PartState) -> PartState:
-      return (static_bn.recompute(net, network, ctx.train_set, cfg.seed) if cfg.static_bn
-              else network)
+      return ctx.evaluated(net, network, ctx.train_set, cfg.seed) if ctx.evaluated else network
     out = []
     model = state.model if per_tier else evaluated(state.model)
     for cut, ids in fleet.groups.items():

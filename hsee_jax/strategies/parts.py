@@ -47,7 +47,7 @@ def cut_variables(model: PartState, head: PartState, tier: PartState | None = No
   """The whole network of a client (client part with its exit head, and
   server part) from one copy of every unit and its cut's exit head; the
   units of ``tier`` (its tier's own copies, ``tier_local_top``) replace the
-  shared ones; ``lower_heads`` (``client_exits=every``: cut -> PartState)
+  shared ones; ``lower_heads`` (a variant's ``exits``: cut -> PartState)
   are the exit heads it also trains below its cut (``models.exit_head_at``)."""
   tier_params, tier_stats = (tier.params, tier.batch_stats) if tier is not None else ({}, {})
   heads = {models.EXIT_HEAD: head, **{models.exit_head_at(c): h

@@ -10,11 +10,8 @@ the server, and the ``stop_gradient`` keeps ``loss_s`` out of the client
 unless ``server_grad_to_client`` (classical split learning) is set.
 
 ``w * loss_c`` is the default *client objective* (:func:`exit_objective`);
-the exit-aware variants ([choice], docs/usage.md) change only it: more exits
-(``exit_cuts``, DepthFL) and a distillation term. A user's own objective is
-an argument (``examples/exit_objective.py``). FedProx's proximal term
-(``prox_mu``) is added beside the objective: it reads the parameters, which
-the objective does not see.
+a variant (:mod:`hsee_jax.variants`) changes it, adds exits (``exit_cuts``)
+or adds a term on the weights (``step_penalty``); none is named here.
 """
 from __future__ import annotations
 
@@ -29,7 +26,7 @@ import optax
 from hsee_jax import data as data_lib
 from hsee_jax import models, optim
 from hsee_jax.engine import ClientUpdate
-from hsee_jax.fleet import HPARAMS, STEP_ACTIVE
+from hsee_jax.fleet import HPARAMS
 from hsee_jax.optim import apply_gradients
 
 METRIC_NAMES = ("exit_loss", "full_loss", "exit_acc", "full_acc")
@@ -78,59 +75,23 @@ def preprocessing(augment: bool = True, augment_pad: float = 0.125) -> Callable:
   return preprocess
 
 
-def distillation_loss(student_logits, teacher_logits, temperature):
-  """Hinton's distillation term, ``T^2 * KL(softmax(teacher / T) || softmax(student / T))``
-  averaged over the batch; the teacher is held fixed (no gradient reaches it)."""
-  log_t = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits) / temperature)
-  log_s = jax.nn.log_softmax(student_logits / temperature)
-  return temperature ** 2 * jnp.mean(jnp.sum(jnp.exp(log_t) * (log_t - log_s), -1))
-
-
-def _squared_distance(a, b) -> jax.Array:
-  """``||a - b||^2`` over two trees of the same structure, in float32."""
-  return sum(jnp.sum(jnp.square(x.astype(jnp.float32) - y.astype(jnp.float32)))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
 def _mean(values: list):
   return values[0] if len(values) == 1 else sum(values) / len(values)
 
 
-def exit_objective(loss: Callable = cross_entropy, distill: str = "none",
-                   temperature: float = 1.0, weights: str = "equal") -> Callable:
-  """The client objective of the split update, ``(exits, final, labels, hp) -> scalar``.
+def exit_objective(loss: Callable = cross_entropy) -> Callable:
+  """The paper's client objective, ``(exits, final, labels, hp) -> scalar``:
+  ``hp["exit_loss_weight"]`` times the mean of ``loss`` over the client's
+  exits (PAPER.md's exit loss for one exit; DepthFL's mean for several).
 
-  ``exits``: the client's exit logits, shallowest first, its own cut's last
-  (one unless ``client_exits=every``); ``final``: the server part's logits
-  for the same images, held fixed (forward information, as soft labels sent
-  back; no gradient reaches the server or comes from it); ``hp``: the step's
-  hyperparameters by name (``fleet.HPARAMS``). The objective is
-  ``hp["exit_loss_weight"]`` times the mean of ``loss`` over the exits
-  (PAPER.md's exit loss for one exit; DepthFL's for several;
-  ``weights="rising"``: the k-th of n exits weighs k / (1 + ... + n)
-  instead of 1 / n, the deepest most), plus ``hp["distill_weight"]`` (0
-  before its start round) times the mean :func:`distillation_loss` of
-  ``distill="deepest"``: each shallower exit from the client's own exit
-  (ScaleFL, DepthFL), or ``distill="server"``: every exit from ``final``.
+  ``exits``: the client's exit logits, shallowest first, its own cut's last;
+  ``final``: the server part's logits for the same images, held fixed
+  (forward information; no gradient reaches the server or comes from it);
+  ``hp``: the step's hyperparameters by name (``fleet.HPARAMS`` and the
+  variants' own). A variant's ``objective`` has the same signature.
   """
-  if weights not in ("equal", "rising"):
-    raise ValueError(f"weights: equal or rising, got {weights!r}")
-
   def objective(exits, final, labels, hp):
-    losses = [loss(e, labels) for e in exits]
-    w = hp["exit_loss_weight"]
-    if weights == "rising" and len(exits) > 1:
-      n = len(exits)
-      value = w * sum((k + 1) * v for k, v in enumerate(losses)) / (n * (n + 1) / 2)
-    else:
-      value = w * _mean(losses)
-    if distill == "deepest" and len(exits) > 1:
-      value = value + hp["distill_weight"] * _mean([distillation_loss(e, exits[-1], temperature)
-                                                    for e in exits[:-1]])
-    elif distill == "server":
-      value = value + hp["distill_weight"] * _mean([distillation_loss(e, final, temperature)
-                                                    for e in exits])
-    return value
+    return hp["exit_loss_weight"] * _mean([loss(e, labels) for e in exits])
   return objective
 
 
@@ -163,7 +124,8 @@ def split_update(net: models.SplitNetwork, cut: int, *, loss: Callable = cross_e
                  objective: Callable | None = None, exit_cuts: tuple = (),
                  preprocess: Callable | None = None, optimizer: str = "sgd",
                  nesterov: bool = False, server_grad_to_client: bool = False,
-                 link=None, prox_mu: float = 0.0) -> ClientUpdate:
+                 link=None, step_penalty: Callable | None = None,
+                 hparams: tuple = HPARAMS) -> ClientUpdate:
   """The Hetero-SplitEE client update for a client at ``cut``, as FedJAX's
   init / step / final (:class:`hsee_jax.engine.ClientUpdate`).
 
@@ -182,7 +144,7 @@ def split_update(net: models.SplitNetwork, cut: int, *, loss: Callable = cross_e
       :func:`exit_objective` of ``loss``: the exit-loss weight times the
       exit's loss, PAPER.md's).
     exit_cuts: cuts below ``cut`` where the client also has an exit head
-      (``client_exits=every``; the client part's params hold them as
+      (a variant's ``exits``; the client part's params hold them as
       ``models.exit_head_at(c)``).
     preprocess: ``(key, images, mean, std) -> images`` (default:
       :func:`preprocessing` with augmentation).
@@ -190,17 +152,20 @@ def split_update(net: models.SplitNetwork, cut: int, *, loss: Callable = cross_e
       (:func:`hsee_jax.optim.direction`).
     link: what the server part receives of the activations
       (:class:`hsee_jax.link.Link`; None: the activations as computed).
-    prox_mu: FedProx's proximal weight: each step adds ``prox_mu / 2 *
-      ||w - w0||^2`` over the client part (its exit heads included) and the
-      server part, ``w0`` the parameters the client began the update with
-      (0: no term, and no copy of them in the carry).
+    step_penalty: ``(params, start, hp) -> scalar``, added each step
+      (a variant's): ``params`` the (client part, server part) parameters,
+      ``start`` those the client began the update with (None: no term, and
+      no copy of them in the carry).
+    hparams: the names of the per-step hyperparameters' columns
+      (``fleet.HPARAMS``, then the variants' own), given to the objective
+      and the penalties by name.
 
   The input every client reads is a :class:`TrainSet`; the state is
   ``(client PartState, server PartState, PRNG key)``; the per-step input
-  ``(indices [B], hparams [5])``: indices into the train set and the
-  learning rate, momentum, weight decay, exit-loss weight and distillation
-  weight (``fleet.HPARAMS``); a sixth column, where present, says whether the
-  client does the step (``fleet.STEP_ACTIVE``, participation=partial). The output is ``((client, server), metrics
+  ``(indices [B], hparams [H])``: indices into the train set and the
+  hyperparameters ``hparams`` names (learning rate, momentum, weight decay,
+  exit-loss weight, then the variants'); one more column, where present,
+  says whether the client does the step (participation=partial). The output is ``((client, server), metrics
   [4])``, the metrics (``METRIC_NAMES``; the exit's at ``cut``) averaged
   over the steps.
   """
@@ -213,7 +178,7 @@ def split_update(net: models.SplitNetwork, cut: int, *, loss: Callable = cross_e
   def init(train_set, state):
     client, server, key = state
     carry = client, server, key, jnp.zeros(len(METRIC_NAMES)), jnp.zeros(())
-    return carry + ((client.params, server.params),) if prox_mu else carry
+    return carry + ((client.params, server.params),) if step_penalty is not None else carry
 
   def step(train_set, carry, x):
     (client, server, key, msum, n), anchor = carry[:5], carry[5:]
@@ -232,19 +197,18 @@ def split_update(net: models.SplitNetwork, cut: int, *, loss: Callable = cross_e
       loss_s = loss(logits, labels)
       metrics = jnp.stack([loss(exits[-1], labels), loss_s, _accuracy(exits[-1], labels),
                            _accuracy(logits, labels)])
-      named = {h: hp[i] for i, h in enumerate(HPARAMS)}
+      named = {h: hp[i] for i, h in enumerate(hparams)}
       total = objective(exits, jax.lax.stop_gradient(logits), labels, named) + loss_s
-      if prox_mu:
-        total = total + 0.5 * prox_mu * (_squared_distance(client_params, anchor[0][0])
-                                         + _squared_distance(server_params, anchor[0][1]))
+      if step_penalty is not None:
+        total = total + step_penalty((client_params, server_params), anchor[0], named)
       return total, (metrics, _merge_exit_stats(c_stats, exit_cuts), s_stats)
 
     (_, (metrics, c_stats, s_stats)), (g_client, g_server) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(client.params, server.params)
     new_client = apply_gradients(step_tx, client, g_client, lr, c_stats)
     new_server = apply_gradients(step_tx, server, g_server, lr, s_stats)
-    if hp.shape[-1] > STEP_ACTIVE:  # participation=partial: a step past the client's budget
-      on = hp[STEP_ACTIVE] > 0      # changes nothing (the column exists only then)
+    if hp.shape[-1] > len(hparams):  # participation=partial: a step past the client's budget
+      on = hp[len(hparams)] > 0      # changes nothing (the column exists only then)
       keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(on, a, b), new, old)
       return (keep(new_client, client), keep(new_server, server), key,
               msum + on * metrics, n + on) + anchor

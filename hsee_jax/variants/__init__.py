@@ -7,14 +7,22 @@ hook) is the paper's method. :func:`chain` composes variants (as
 client objective, every ``penalty`` is added to it. The hooks:
 
 * ``objective(exits, final, labels, hp) -> scalar``: the client objective
-  in place of the config's (:func:`hsee_jax.strategies.exit_objective`):
+  in place of the paper's (:func:`hsee_jax.strategies.exit_objective`):
   ``exits`` the client's exit logits (shallowest first, its own cut's
   last), ``final`` the server part's logits for the same images (held
   fixed: forward information, no gradient), ``labels`` [B], ``hp`` the
   step's hyperparameters by name (``hp["exit_loss_weight"]``;
-  :data:`hsee_jax.fleet.HPARAMS`);
+  :data:`hsee_jax.fleet.HPARAMS` and the variants' own, ``hparams``);
 * ``penalty(exits, final, labels, hp) -> scalar``: a term added to the
-  client objective (the config's or a variant's);
+  client objective (the paper's or a variant's);
+* ``step_penalty(params, start, hp) -> scalar``: a term on each local step
+  that reads the weights: ``params`` (client part, server part) parameter
+  trees, ``start`` the same at the start of the client's round (FedProx's
+  proximal term, :mod:`.fedprox`);
+* ``exits(cut, cuts) -> lower cuts``: the cuts below ``cut`` (of the
+  fleet's ``cuts``) where a client at ``cut`` also holds and trains an exit
+  head (DepthFL, :mod:`.every_exit`); each such head is averaged over every
+  client that trains one, and priced on the client;
 * ``grouping(path) -> "unit" | "client"``: how a leaf is aggregated
   (Averaging): ``path`` is ``("params" | "batch_stats", unit or head,
   module, ..., leaf)``, e.g. ``("batch_stats", "unit_3", "BatchNorm_0",
@@ -22,7 +30,22 @@ client objective, every ``penalty`` is added to it. The hooks:
   holds its unit (cross-layer aggregation), ``"client"`` keeps it per client,
   never averaged: each client trains and is evaluated with its own
   (``examples/fedbn.py``, FedBN's batch norm). It is called once per leaf
-  name when the program is built, never on arrays.
+  name when the program is built, never on arrays;
+* ``evaluated(net, network, train_set, seed) -> network``: the network
+  (a :class:`hsee_jax.optim.PartState` of a tier's whole model) as it is
+  evaluated (HeteroFL's static batch norm, :mod:`.static_bn`; Averaging);
+* ``hparams``: ``((name, value(cfg, round)), ...)``, hyperparameters of the
+  variant's own, given to the hooks as ``hp[name]`` each step (round
+  0-based): inputs of the compiled programs, so runs that differ in them
+  share their programs (:mod:`.distill`'s weight, 0 before its start round);
+* ``downlink(cfg, classes, round) -> bytes``: what the server sends back
+  per training image (priced on the link and the simulated clock;
+  :mod:`.distill`'s soft labels).
+
+The built-in variants ([choice]; docs/usage.md, "Exit-aware training and
+aggregation") are modules of this package written only against these hooks,
+each turned on by its config fields (:func:`builtin`): :mod:`.every_exit`,
+:mod:`.rising`, :mod:`.distill`, :mod:`.static_bn`, :mod:`.fedprox`.
 
 A variant reaches every command by its *spec*: ``FILE.py`` or
 ``FILE.py:NAME`` (NAME defaults to ``variant``) or ``module:NAME``, given as
@@ -35,7 +58,6 @@ loaded. ``examples/depthfl_sum.py`` is one.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import inspect
 import os
@@ -47,41 +69,10 @@ import jax.numpy as jnp
 
 from hsee_jax import config as config_lib
 from hsee_jax.config import ConfigError
+from hsee_jax.variants.base import Variant, VariantError, chain
 
-
-class VariantError(ConfigError):
-  """A variant that cannot be loaded or used; one line naming its spec."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-  """A change to the method; each hook None = the paper's (module docstring)."""
-  name: str = "variant"
-  objective: Callable | None = None
-  penalty: Callable | None = None
-  grouping: Callable | None = None
-
-
-def chain(*variants: Variant) -> Variant:
-  """The variants composed: the one objective among them (two are an
-  error), the sum of their penalties; a leaf is kept per client when any
-  variant's ``grouping`` keeps it."""
-  objectives = [v for v in variants if v.objective is not None]
-  if len(objectives) > 1:
-    raise VariantError(f"variants {objectives[0].name} and {objectives[1].name} both replace "
-                       f"the client objective; give one of them, or turn one into a penalty")
-  penalties = [v.penalty for v in variants if v.penalty is not None]
-
-  def penalty(exits, final, labels, hp):
-    return sum(p(exits, final, labels, hp) for p in penalties)
-  groupings = [v.grouping for v in variants if v.grouping is not None]
-
-  def grouping(path):
-    return "client" if any(g(path) == "client" for g in groupings) else "unit"
-  return Variant(name="+".join(v.name for v in variants) or "paper",
-                 objective=objectives[0].objective if objectives else None,
-                 penalty=(penalties[0] if len(penalties) == 1 else penalty) if penalties else None,
-                 grouping=(groupings[0] if len(groupings) == 1 else grouping) if groupings else None)
+__all__ = ["Variant", "VariantError", "builtin", "canonical", "chain", "check", "for_config",
+           "load"]
 
 
 def canonical(spec: str) -> str:
@@ -143,25 +134,34 @@ def load(spec: str) -> Variant:
     raise VariantError(f"variant {spec}: {type(e).__name__}: {config_lib._first(e)}") from None
 
 
-def check(variant: Variant, spec: str, exits: int, batch: int, classes: int,
-          hparams: tuple, leaf_paths: Callable | None = None) -> None:
-  """Trace each hook of ``variant`` once against abstract shapes (``exits``
-  exit logits [batch, classes], the final logits, labels [batch], the named
-  hyperparameters) and ask ``grouping`` about every leaf of ``leaf_paths()``:
-  a wrong signature, a value that is not one number or a grouping that is
-  not one of ``"unit"``, ``"client"`` is a one-line :class:`VariantError`
-  naming ``spec``."""
+def check(variant: Variant, spec: str, cfg, exits: int, classes: int, hparams: tuple,
+          leaf_paths: Callable | None = None) -> None:
+  """Try each hook of ``variant`` once, before any data is loaded: trace the
+  objective and the penalty against abstract shapes (``exits`` exit logits
+  [batch, classes], the final logits, labels [batch], the hyperparameters
+  ``hparams`` by name), ask ``grouping`` about every leaf of
+  ``leaf_paths()``, ``exits`` about each of ``cfg``'s cuts, and the
+  hyperparameters and ``downlink`` for round 0. A wrong signature, a value
+  that is not one number, a grouping that is not one of ``"unit"``,
+  ``"client"`` or exits that are not cuts of the fleet below the client's
+  is a one-line :class:`VariantError` naming ``spec``."""
+  call = lambda hook, fn, *args: _call(spec, hook, fn, *args)
   if variant.grouping is not None and leaf_paths is not None:
     from hsee_jax.strategies.parts import GROUPS
     for path in leaf_paths():
-      try:
-        group = variant.grouping(path)
-      except Exception as e:  # noqa: BLE001  (the user's function)
-        raise VariantError(f"variant {spec}: grouping{path!r} raised {type(e).__name__}: "
-                           f"{config_lib._first(e)}") from None
+      group = call(f"grouping{path!r}", variant.grouping, path)
       if group not in GROUPS:
         raise VariantError(f"variant {spec}: grouping{path!r} returned {group!r}; it answers "
                            f"one of {', '.join(map(repr, GROUPS))}")
+  _check_exits(variant, spec, cfg.static_cuts() or ())
+  numbers = [(f"hparams {name!r}", lambda fn=fn: fn(cfg, 0)) for name, fn in variant.hparams]
+  if variant.downlink is not None:
+    numbers.append(("downlink(cfg, classes, round)", lambda: variant.downlink(cfg, classes, 0)))
+  for hook, fn in numbers:
+    value = call(hook, fn)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+      raise VariantError(f"variant {spec}: {hook} must give a number >= 0, got {value!r}")
+  batch = cfg.batch_size
   logits = jax.ShapeDtypeStruct((batch, classes), jnp.float32)
   args = ([logits] * exits, logits, jax.ShapeDtypeStruct((batch,), jnp.int32),
           {h: jax.ShapeDtypeStruct((), jnp.float32) for h in hparams})
@@ -181,15 +181,47 @@ def check(variant: Variant, spec: str, exits: int, batch: int, classes: int,
                          f"got {'shape ' + str(tuple(shape)) if shape is not None else type(out).__name__}")
 
 
-def resolve(specs, exits: int = 1, batch: int = 8, classes: int = 10,
-            hparams: tuple = (), leaf_paths: Callable | None = None) -> Variant | None:
-  """The variants of ``specs`` loaded, checked (:func:`check`) and
-  chained; None without any."""
-  if not specs:
+def _call(spec: str, hook: str, fn, *args):
+  try:
+    return fn(*args)
+  except Exception as e:  # noqa: BLE001  (the user's function)
+    raise VariantError(f"variant {spec}: {hook} raised {type(e).__name__}: "
+                       f"{config_lib._first(e)}") from None
+
+
+def _check_exits(variant: Variant, spec: str, cuts: tuple) -> None:
+  """``exits`` asked about each of ``cuts``: a tuple of the cuts below each."""
+  for c in cuts if variant.exits is not None else ():
+    lower = _call(spec, f"exits({c}, {cuts})", variant.exits, c, cuts)
+    if not isinstance(lower, tuple) or any(x not in cuts or x >= c for x in lower):
+      raise VariantError(f"variant {spec}: exits({c}, {cuts}) returned {lower!r}; it answers a "
+                         f"tuple of the fleet's cuts below {c}")
+
+
+def builtin(cfg) -> list[Variant]:
+  """The built-in variants ``cfg``'s fields turn on, in a fixed order."""
+  from hsee_jax.variants import distill, every_exit, fedprox, rising, static_bn
+  return [v for v in (m.from_config(cfg) for m in (every_exit, rising, distill, static_bn,
+                                                  fedprox)) if v is not None]
+
+
+def for_config(cfg, classes: int = 10, leaf_paths: Callable | None = None) -> Variant | None:
+  """Every variant of ``cfg`` chained: the built-in ones its fields turn on
+  (:func:`builtin`), then its ``variants`` specs loaded and checked
+  (:func:`check`; the objective traced with as many exits as its deepest
+  client holds); None for the paper's method."""
+  from hsee_jax.fleet import HPARAMS
+  given = builtin(cfg)
+  mine = [(spec, load(spec)) for spec in cfg.variants]
+  every = given + [v for _, v in mine]
+  if not every:
     return None
-  loaded = []
-  for spec in specs:
-    v = load(spec)
-    check(v, spec, exits, batch, classes, hparams, leaf_paths)
-    loaded.append(v)
-  return chain(*loaded)
+  names = HPARAMS + tuple(h for v in every for h, _ in v.hparams)
+  cuts = cfg.static_cuts() or ()
+  for spec, v in mine:
+    _check_exits(v, spec, cuts)
+  exits_of = chain(*every).exits
+  exits = 1 + max((len(exits_of(c, cuts)) for c in cuts), default=0) if exits_of else 1
+  for spec, v in mine:
+    check(v, spec, cfg, exits, classes, names, leaf_paths)
+  return chain(*every)

@@ -1,4 +1,4 @@
-"""HeteroFL's static batch normalisation ([choice], ``static_bn``; Diao et
+"""HeteroFL's static batch normalisation ([choice], ``static_bn=True``; Diao et
 al., ICLR 2021): the batch statistics of an evaluated network are
 recomputed over the training data with its averaged weights, instead of
 being the average of the clients' running statistics.
@@ -9,6 +9,7 @@ feeding the running averages (momentum 0.9: what the averaged statistics
 leave weighs 0.9**40 < 2%). Training is untouched: only what is evaluated
 changes. The cost, :data:`BATCHES` x :data:`BATCH_SIZE` forward passes of
 the network per evaluated network, is :data:`IMAGES` x ``costs.forward_flops``.
+A variant with one hook, ``evaluated`` (Averaging).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from hsee_jax import models
 from hsee_jax.optim import PartState
 from hsee_jax.strategies.algorithm import cached_program
 from hsee_jax.strategies.update import TrainSet
+from hsee_jax.variants.base import Variant
 
 BATCHES = 40
 BATCH_SIZE = 250
@@ -51,3 +53,14 @@ def recompute(net: models.SplitNetwork, network: PartState, train_set: TrainSet,
   stats = run(network.params, network.batch_stats, train_set,
               batch_indices(int(train_set.labels.shape[0]), seed))
   return network.replace(batch_stats=stats)
+
+
+def _evaluated(net, network: PartState, train_set: TrainSet, seed: int) -> PartState:
+  return recompute(net, network, train_set, seed)
+
+
+VARIANT = Variant(name="static-bn", evaluated=_evaluated)
+
+
+def from_config(cfg) -> Variant | None:
+  return VARIANT if cfg.static_bn else None
