@@ -8,17 +8,18 @@ statistics, and the cross-layer aggregation averages everything else.
     hsee sweep --config configs/smoke.py --variant examples/fedbn.py \\
         --seeds 0,1 --out runs/fedbn_sweep
 
-``grouping(path)`` answers for each leaf of the network: ``path`` is
-``("params" | "batch_stats", unit or head, module, ..., leaf)``, e.g.
-``("params", "unit_2", "BatchNorm_1", "scale")``. ``"client"`` keeps the
-leaf per client (never averaged), ``"unit"`` averages it as the paper does.
+``grouping(path, cut)`` answers for each leaf of a client at ``cut``:
+``path`` is ``("params" | "batch_stats", unit or head, module, ..., leaf)``,
+e.g. ``("params", "unit_2", "BatchNorm_1", "scale")``. ``"client"`` keeps
+the leaf per client (never averaged), ``"unit"`` averages it as the paper
+does (``"tier"`` and ``"side"``: within the client's tier or side only).
 Averaging only (Sequential's server part is one model). Evaluation runs a
 seeded sample of each cut's clients (``eval_clients``), since they differ.
 """
 from hsee_jax import Variant
 
 
-def batch_norm_per_client(path):
+def batch_norm_per_client(path, cut):
   kind, *names = path
   is_norm = kind == "batch_stats" or any(n.startswith("BatchNorm") for n in names)
   return "client" if is_norm else "unit"

@@ -146,19 +146,8 @@ def check_variants(cfg: Config):
   loss that is not one number is a one-line error here, before any data is
   loaded."""
   return variants_lib.for_config(cfg, 10,
-                                 leaf_paths=lambda: _leaf_paths(models.for_config(cfg, 10)))
-
-
-def _leaf_paths(net: models.SplitNetwork) -> list[tuple]:
-  """Every leaf path of ``net`` as a variant's ``grouping`` sees it (one per
-  unit, classifier and exit head at any cut; shapes only, nothing computed)."""
-  from flax import traverse_util
-  shape = (32, 32, 3)
-  p, s = jax.eval_shape(lambda k: net.init_span(k, *net.full_span(), shape), jax.random.PRNGKey(0))
-  hp, hs = jax.eval_shape(lambda k: net.init_exit_head(k, 1, shape), jax.random.PRNGKey(0))
-  heads = ({models.EXIT_HEAD: hp}, {models.EXIT_HEAD: hs} if hs else {})
-  return [(kind,) + path for kind, trees in (("params", (p, heads[0])), ("batch_stats", (s, heads[1])))
-          for tree in trees for path in traverse_util.flatten_dict(tree)]
+                                 leaf_paths=lambda: strategies.parts.leaf_paths(models.for_config(cfg, 10),
+                                                                       (32, 32, 3)))
 
 
 class RoundError(RunError):

@@ -178,7 +178,7 @@ def test_local_leaves_pick_by_path_and_write_over_only_those():
               "exit_head": {"Dense_0": {"kernel": jnp.ones(2)}}},
       batch_stats={"unit_1": {"BatchNorm_0": {"mean": jnp.zeros(2), "var": jnp.ones(2)}},
                    "exit_head": {}}, opt_state={})
-  mine = local_leaves(part, batch_norm_per_client)
+  mine = local_leaves(part, batch_norm_per_client, 1)
   assert mine.params == {"unit_1": {"BatchNorm_0": part.params["unit_1"]["BatchNorm_0"]}}
   assert mine.batch_stats == {"unit_1": part.batch_stats["unit_1"]}
   other = jax.tree.map(lambda a: a + 7, mine)
@@ -187,7 +187,7 @@ def test_local_leaves_pick_by_path_and_write_over_only_those():
   assert float(over.batch_stats["unit_1"]["BatchNorm_0"]["var"][0]) == 8.0
   assert over.params["unit_1"]["Conv_0"]["kernel"] is part.params["unit_1"]["Conv_0"]["kernel"]
   assert over.params["exit_head"] == part.params["exit_head"] and over.batch_stats["exit_head"] == {}
-  assert local_leaves(part, lambda path: "unit").params == {}
+  assert local_leaves(part, lambda path, cut: "unit", 1).params == {}
 
 
 @pytest.mark.long
@@ -223,21 +223,28 @@ def test_fedbn_keeps_batch_norm_per_client_and_averages_the_rest(aggregate_every
 
 def test_a_grouping_that_answers_otherwise_is_one_line(tmp_path):
   (tmp_path / "g.py").write_text("from hsee_jax import Variant\n"
-                                 "variant = Variant(name='g', grouping=lambda path: 'tier')\n")
+                                 "variant = Variant(name='g', grouping=lambda path, cut: 'layer')\n")
   cfg = dataclasses.replace(FEDBN_CFG, variants=(str(tmp_path / "g.py"),))
   with pytest.raises(VariantError) as e:
     train.build(cfg)
-  assert str(e.value).startswith(f"variant {tmp_path / 'g.py'}: grouping('params', ")
-  assert "returned 'tier'; it answers one of 'unit', 'client'" in str(e.value)
+  assert str(e.value).startswith(f"variant {tmp_path / 'g.py'}: grouping(('params', ")
+  assert "returned 'layer'; it answers one of 'unit', 'tier', 'side', 'client'" in str(e.value)
   assert "\n" not in str(e.value)
+  (tmp_path / "half.py").write_text(
+      "from hsee_jax import Variant\n"
+      "variant = Variant(name='half', grouping=lambda path, cut: 'tier' if path[0] == 'params' "
+      "else 'unit')\n")
+  with pytest.raises(VariantError, match=r"grouping answers 'tier' and 'unit' for leaves of "
+                                         r"unit_1 at cut 2; a unit goes to a tier or a side whole"):
+    train.build(dataclasses.replace(FEDBN_CFG, variants=(str(tmp_path / "half.py"),)))
   with pytest.raises(ConfigError, match="needs strategy=averaging"):
     train.build(dataclasses.replace(FEDBN_CFG, strategy="sequential"))
 
 
-# The fields of the built-in variants that live under hsee_jax/variants/ (config.py
+# The fields of the built-in variants, which only hsee_jax/variants/ reads (config.py
 # still declares them, beside the rest, until the config is in sections).
 MOVED = ("client_exits", "exit_weights", "distill", "distill_weight", "distill_temperature",
-         "distill_start", "prox_mu", "static_bn")
+         "distill_start", "prox_mu", "static_bn", "tier_local_top", "aggregate_sides")
 
 
 def test_the_core_names_no_moved_variant_or_its_fields():
@@ -273,6 +280,12 @@ def test_the_builtin_variants_are_values_of_the_public_hooks():
   given = variants.builtin(cfg)
   assert [v.name for v in given] == ["every-exit", "rising", "distill-deepest", "static-bn",
                                      "fedprox"]
+  both = variants.builtin(Config(cuts=(3, 5), tier_local_top=True, aggregate_sides="apart"))
+  assert [v.name for v in both] == ["tier-local-top", "sides-apart"]
+  path = ("params", "unit_5", "Conv_0", "kernel")
+  assert [v.grouping(path, 5) for v in both] == ["tier", "side"]
+  assert variants.chain(*both).grouping(path, 5) == "tier"
+  assert variants.chain(*both).grouping(("params", "classifier", "Dense_0", "kernel"), 5) == "unit"
   assert all(isinstance(v, Variant) for v in given)
   assert variants.builtin(dataclasses.replace(cfg, distill_weight=0.2)) == given  # an input
   v = variants.for_config(cfg)

@@ -83,8 +83,8 @@ def combine_sums(model: PartState, exit_heads: dict, sums: dict,
   floats. A name no client held (zero total, or absent from every cut's
   sums) keeps its old value.
 
-  ``tier_units`` (``tier_local_top``, InclusiveFL): group key -> PartState of
-  the units a tier keeps to itself. Such a unit of the tier at cut c is
+  ``tier_units`` (a variant's grouping "tier", InclusiveFL's top unit):
+  group key -> PartState of the units a tier keeps to itself. Such a unit of the tier at cut c is
   averaged over that tier's clients alone, and the shared copy over the
   other holders only. Returns ``(model, exit_heads, tier_units)``.
   """
@@ -150,8 +150,8 @@ def _names(sums: dict, keep) -> dict:
 
 def combine_sides(model: PartState, server_units: PartState, exit_heads: dict, sums: dict,
                   tier_units: dict | None = None) -> tuple[PartState, dict, dict, PartState]:
-  """The cross-layer average with the two sides apart (``aggregate_sides=apart``,
-  after SplitFed's client-side and server-side averaging): a unit that some
+  """The cross-layer average with the two sides apart (a variant's grouping
+  "side", after SplitFed's client-side and server-side averaging): a unit that some
   clients hold in their client part and others in their server part keeps
   two copies, ``model``'s averaged over the client parts that hold it and
   ``server_units``' over the server parts. Two :func:`combine_sums`, each

@@ -5,11 +5,12 @@ Between rounds the state holds one copy of every unit and of the classifier
 (``model``), one exit head per cut (``exit_heads``), and per client only what
 persists (``clients[cut]``, leaves [N_cut, ...]): the optimiser state with
 ``client_state=keep``, the whole model when aggregation is not every round,
-else the leaves a variant keeps per client (its ``grouping`` hook, FedBN's
-batch norm: :func:`parts.local_leaves`), which no aggregation averages.
-The variants add a tier's own top unit (``tier_units``, ``tier_local_top``)
-and the server side's copies of the units both sides hold (``server_units``,
-``aggregate_sides=apart``); both are empty otherwise. The per-client
+else the leaves a variant keeps per client (its ``grouping`` hook answers
+"client", FedBN's batch norm: :func:`parts.local_leaves`), which no
+aggregation averages. A variant's grouping adds a tier's own copies of the
+units it answers "tier" for (``tier_units``) and the server side's copies
+of the units it answers "side" for that both sides hold (``server_units``);
+both are empty otherwise. The per-client
 copies of client and server parts exist only for the clients of the current chunk (``engine.blocks``): each chunk's data-size-weighted
 sums go into one accumulator per cut (:func:`aggregation.chunk_sums`), so
 memory holds a chunk of models and one sum per cut, never the cohort.
@@ -29,8 +30,8 @@ from hsee_jax.strategies import aggregation
 from hsee_jax.strategies.algorithm import (Algorithm, Context, EvalModel, cached_program,
                                            step_inputs)
 from hsee_jax.strategies.parts import (bad_rows, cut_variables, finite, group_cut, group_key,
-                                       local_leaves, opt_init, put, stack_copies, take,
-                                       with_local)
+                                       leaf_paths, local_leaves, names_in, opt_init, put,
+                                       stack_copies, take, with_local)
 from hsee_jax.strategies.update import METRIC_NAMES
 
 
@@ -39,16 +40,16 @@ class AveragingState:
   model: PartState       # one copy of every unit and the classifier (no optimiser state)
   exit_heads: dict       # group_key(cut) -> PartState of that cut's exit head
   clients: dict          # group_key(cut) -> per-client PartState, leaves [N_cut, ...]
-  tier_units: dict = flax.struct.field(default_factory=dict)  # tier_local_top: group_key(cut)
-                         # -> PartState of unit ``cut``, that tier's own copy (else empty)
+  tier_units: dict = flax.struct.field(default_factory=dict)  # group_key(cut) -> PartState
+                         # of the units that tier keeps its own copies of (grouping "tier")
   server_units: PartState = flax.struct.field(default_factory=lambda: PartState({}, {}, {}))
-                         # aggregate_sides=apart: the server side's copies of the units held
-                         # in client parts and in server parts (else empty)
+                         # the server side's copies of the units held in client parts and in
+                         # server parts (grouping "side"; else empty)
 
 
 def model_at(model: PartState, server_units: PartState, cut: int) -> PartState:
   """The shared model as a client at ``cut`` takes it: the server side's
-  copy of each unit above the cut where there is one (``aggregate_sides=apart``)."""
+  copy of each unit above the cut where there is one (grouping "side")."""
   above = [n for n in server_units.params if models.unit_index(n) > cut]
   return model.merge(server_units.subset(above)) if above else model
 
@@ -96,7 +97,7 @@ def _chunk_fns(tx, cut: int, keep_opt: bool, keep_models: bool, due: bool, group
     _, _, _, _, slots, weights, _, rows = read
     kept, acc, metrics = owned
     full = client.merge(server)
-    mine = (full if keep_models else local_leaves(full, grouping) if grouping is not None
+    mine = (full if keep_models else local_leaves(full, grouping, cut) if grouping is not None
             else PartState({}, {}, {}))
     kept = PartState(params=put(kept.params, slots, mine.params),
                      batch_stats=put(kept.batch_stats, slots, mine.batch_stats),
@@ -123,7 +124,7 @@ def _spread(kept, model, heads, tier_units, server_units, exit_cuts, grouping):
                                      tier_units.get(g),
                                      {c: heads[group_key(c)] for c in lower[g]}), n)
     if grouping is not None:
-      avg = with_local(avg, local_leaves(part, grouping))
+      avg = with_local(avg, local_leaves(part, grouping, group_cut(g)))
     out[g] = PartState(params=avg.params, batch_stats=avg.batch_stats, opt_state=part.opt_state)
   return out
 
@@ -142,10 +143,18 @@ def averaging(ctx: Context) -> Algorithm:
   cfg, net, tx, fleet = ctx.cfg, ctx.net, ctx.tx, ctx.fleet
   keep_opt = cfg.client_state == "keep"
   keep_models = cfg.aggregate_every > 1  # clients' models differ between aggregations
-  apart = cfg.aggregate_sides == "apart"
-  per_tier = cfg.tier_local_top or apart  # the tiers' networks are not one network
-  grouping = ctx.grouping                 # a variant's leaves kept per client (FedBN), or None
-  exit_cuts = tuple((group_key(c), ctx.exit_cuts(c)) for c in sorted(fleet.groups))
+  cuts = sorted(fleet.groups)
+  # a variant's grouping, read once per leaf name and cut: the units each tier keeps its own
+  # copy of, those averaged per side, and whether clients keep leaves of their own (FedBN)
+  paths = leaf_paths(net, ctx.image_shape) if ctx.grouping is not None else []
+  tier_names = {c: names_in(paths, ctx.grouping, c, "tier") for c in cuts}
+  side_names = set().union(*(names_in(paths, ctx.grouping, c, "side") for c in cuts))
+  both = [models.unit_name(k) for k in range(cuts[0] + 1, cuts[-1] + 1)
+          if models.unit_name(k) in side_names]   # units held on both sides, a copy each
+  grouping = (ctx.grouping if any(names_in(paths, ctx.grouping, c, "client") for c in cuts)
+              else None)                          # leaves kept per client, or None
+  per_tier = any(tier_names.values()) or bool(both)  # the tiers' networks are not one network
+  exit_cuts = tuple((group_key(c), ctx.exit_cuts(c)) for c in cuts)
 
   def lower_heads(heads: dict, cut: int) -> dict:
     """The exit heads a client at ``cut`` also trains (a variant's ``exits``)."""
@@ -156,21 +165,19 @@ def averaging(ctx: Context) -> Algorithm:
     init depends on (key, k) only; an exit head's on (key, cut))."""
     p, s = net.init_span(key, *net.full_span(), ctx.image_shape)
     model = PartState(params=p, batch_stats=s, opt_state={})
-    cuts = sorted(fleet.groups)
-    both = ([models.unit_name(k) for k in range(cuts[0] + 1, cuts[-1] + 1)] if apart else [])
     server = PartState(params={n: p[n] for n in both},  # the server side's copies, same init
                        batch_stats={n: s[n] for n in both if n in s}, opt_state={})
     heads, clients, tiers = {}, {}, {}
     for cut, ids in fleet.groups.items():
       hp, hs = net.init_exit_head(key, cut, ctx.image_shape)
       heads[group_key(cut)] = PartState(params=hp, batch_stats=hs, opt_state={})
-      if cfg.tier_local_top:  # the tier's own copy of its top unit, from the same init
-        top = models.unit_name(cut)
+      if tier_names[cut]:  # the tier's own copies, from the same init
         tiers[group_key(cut)] = PartState(
-            params={top: p[top]}, batch_stats={top: s[top]} if top in s else {}, opt_state={})
+            params={n: p[n] for n in sorted(tier_names[cut])},
+            batch_stats={n: s[n] for n in sorted(tier_names[cut]) if n in s}, opt_state={})
       full = cut_variables(model_at(model, server, cut), heads[group_key(cut)], None,
                            lower_heads(heads, cut))
-      mine = (full if keep_models else local_leaves(full, grouping) if grouping is not None
+      mine = (full if keep_models else local_leaves(full, grouping, cut) if grouping is not None
               else PartState({}, {}, {}))
       kept = PartState(params=mine.params, batch_stats=mine.batch_stats,
                        opt_state=opt_init(tx, full.params) if keep_opt else {})
@@ -212,7 +219,7 @@ def averaging(ctx: Context) -> Algorithm:
         kept[g], sums[cut], metrics = program(ctx.train_set, read, (kept[g], sums.get(cut), metrics), xs)
     model, heads, tiers, server = (state.model, state.exit_heads, state.tier_units,
                                    state.server_units)
-    if due and apart:
+    if due and both:
       model, heads, tiers, server = _combine_sides(model, server, heads, sums, tiers)
     elif due:
       model, heads, tiers = _combine(model, heads, sums, tiers)

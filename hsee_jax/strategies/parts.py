@@ -46,8 +46,8 @@ def cut_variables(model: PartState, head: PartState, tier: PartState | None = No
                   lower_heads: dict | None = None) -> PartState:
   """The whole network of a client (client part with its exit head, and
   server part) from one copy of every unit and its cut's exit head; the
-  units of ``tier`` (its tier's own copies, ``tier_local_top``) replace the
-  shared ones; ``lower_heads`` (a variant's ``exits``: cut -> PartState)
+  units of ``tier`` (its tier's own copies: a variant's grouping "tier")
+  replace the shared ones; ``lower_heads`` (a variant's ``exits``: cut -> PartState)
   are the exit heads it also trains below its cut (``models.exit_head_at``)."""
   tier_params, tier_stats = (tier.params, tier.batch_stats) if tier is not None else ({}, {})
   heads = {models.EXIT_HEAD: head, **{models.exit_head_at(c): h
@@ -58,20 +58,41 @@ def cut_variables(model: PartState, head: PartState, tier: PartState | None = No
   return PartState(params=params, batch_stats=stats, opt_state={})
 
 
-GROUPS = ("unit", "client")   # a leaf averaged across the models that hold its unit, or kept
+# How a leaf is averaged (a variant's ``grouping(path, cut)``): across every
+# model that holds its unit (the paper's cross-layer aggregation), within the
+# holder's tier only, within the holder's side only (client parts apart from
+# server parts), or not at all (kept per client).
+GROUPS = ("unit", "tier", "side", "client")
 
 
-def local_leaves(part: PartState, grouping) -> PartState:
+def local_leaves(part: PartState, grouping, cut: int) -> PartState:
   """The leaves of ``part`` (parameters and batch statistics, with or
-  without a leading client axis) that ``grouping`` keeps per client: it is
-  called with each leaf's path, ``("params" | "batch_stats", unit or head,
-  module, ..., leaf)``, and answers one of :data:`GROUPS`."""
+  without a leading client axis) that ``grouping`` keeps per client at
+  ``cut``: it is called with each leaf's path, ``("params" | "batch_stats",
+  unit or head, module, ..., leaf)``, and the cut, and answers one of :data:`GROUPS`."""
   def pick(kind, tree):
     flat = traverse_util.flatten_dict(tree)
     return traverse_util.unflatten_dict(
-        {k: v for k, v in flat.items() if grouping((kind,) + k) == "client"})
+        {k: v for k, v in flat.items() if grouping((kind,) + k, cut) == "client"})
   return PartState(params=pick("params", part.params),
                    batch_stats=pick("batch_stats", part.batch_stats), opt_state={})
+
+
+def leaf_paths(net: models.SplitNetwork, image_shape: tuple) -> list[tuple]:
+  """Every leaf path of ``net`` as ``grouping`` sees it (every unit, the
+  classifier and an exit head; shapes only, nothing computed)."""
+  key = jax.random.PRNGKey(0)
+  p, s = jax.eval_shape(lambda k: net.init_span(k, *net.full_span(), image_shape), key)
+  hp, hs = jax.eval_shape(lambda k: net.init_exit_head(k, 1, image_shape), key)
+  heads = ({models.EXIT_HEAD: hp}, {models.EXIT_HEAD: hs} if hs else {})
+  return [(kind,) + path for kind, trees in (("params", (p, heads[0])), ("batch_stats", (s, heads[1])))
+          for tree in trees for path in traverse_util.flatten_dict(tree)]
+
+
+def names_in(paths, grouping, cut: int, group: str) -> set:
+  """The subtree names (units, heads, the classifier) of ``paths`` whose
+  leaves ``grouping`` puts in ``group`` at ``cut``."""
+  return {p[1] for p in paths if grouping(p, cut) == group}
 
 
 def with_local(part: PartState, local: PartState) -> PartState:

@@ -23,14 +23,18 @@ client objective, every ``penalty`` is added to it. The hooks:
   fleet's ``cuts``) where a client at ``cut`` also holds and trains an exit
   head (DepthFL, :mod:`.every_exit`); each such head is averaged over every
   client that trains one, and priced on the client;
-* ``grouping(path) -> "unit" | "client"``: how a leaf is aggregated
-  (Averaging): ``path`` is ``("params" | "batch_stats", unit or head,
-  module, ..., leaf)``, e.g. ``("batch_stats", "unit_3", "BatchNorm_0",
-  "mean")``; ``"unit"`` (the paper's) averages it across every model that
-  holds its unit (cross-layer aggregation), ``"client"`` keeps it per client,
-  never averaged: each client trains and is evaluated with its own
-  (``examples/fedbn.py``, FedBN's batch norm). It is called once per leaf
-  name when the program is built, never on arrays;
+* ``grouping(path, cut) -> "unit" | "tier" | "side" | "client"``: how a
+  leaf of a client at ``cut`` is aggregated (Averaging): ``path`` is
+  ``("params" | "batch_stats", unit or head, module, ..., leaf)``, e.g.
+  ``("batch_stats", "unit_3", "BatchNorm_0", "mean")``; ``"unit"`` (the
+  paper's) averages it across every model that holds its unit (cross-layer
+  aggregation), ``"tier"`` across the clients at the same cut only (a
+  tier's own copy: :mod:`.tier_local_top`), ``"side"`` across the holders
+  on the same side only, client parts apart from server parts
+  (:mod:`.sides_apart`), ``"client"`` keeps it per client, never averaged:
+  each client trains and is evaluated with its own (``examples/fedbn.py``,
+  FedBN's batch norm). A unit goes to a tier or a side whole. It is called
+  once per leaf name and cut when the program is built, never on arrays;
 * ``evaluated(net, network, train_set, seed) -> network``: the network
   (a :class:`hsee_jax.optim.PartState` of a tier's whole model) as it is
   evaluated (HeteroFL's static batch norm, :mod:`.static_bn`; Averaging);
@@ -45,7 +49,8 @@ client objective, every ``penalty`` is added to it. The hooks:
 The built-in variants ([choice]; docs/usage.md, "Exit-aware training and
 aggregation") are modules of this package written only against these hooks,
 each turned on by its config fields (:func:`builtin`): :mod:`.every_exit`,
-:mod:`.rising`, :mod:`.distill`, :mod:`.static_bn`, :mod:`.fedprox`.
+:mod:`.rising`, :mod:`.distill`, :mod:`.static_bn`, :mod:`.fedprox`,
+:mod:`.tier_local_top`, :mod:`.sides_apart`.
 
 A variant reaches every command by its *spec*: ``FILE.py`` or
 ``FILE.py:NAME`` (NAME defaults to ``variant``) or ``module:NAME``, given as
@@ -148,11 +153,18 @@ def check(variant: Variant, spec: str, cfg, exits: int, classes: int, hparams: t
   call = lambda hook, fn, *args: _call(spec, hook, fn, *args)
   if variant.grouping is not None and leaf_paths is not None:
     from hsee_jax.strategies.parts import GROUPS
-    for path in leaf_paths():
-      group = call(f"grouping{path!r}", variant.grouping, path)
-      if group not in GROUPS:
-        raise VariantError(f"variant {spec}: grouping{path!r} returned {group!r}; it answers "
-                           f"one of {', '.join(map(repr, GROUPS))}")
+    for cut in cfg.static_cuts() or (1,):
+      unit_answer = {}
+      for path in leaf_paths():
+        group = call(f"grouping({path!r}, {cut})", variant.grouping, path, cut)
+        if group not in GROUPS:
+          raise VariantError(f"variant {spec}: grouping({path!r}, {cut}) returned {group!r}; it "
+                             f"answers one of {', '.join(map(repr, GROUPS))}")
+        other = unit_answer.setdefault(path[1], group)
+        if other != group and {group, other} & {"tier", "side"}:
+          raise VariantError(f"variant {spec}: grouping answers {other!r} and {group!r} for "
+                             f"leaves of {path[1]} at cut {cut}; a unit goes to a tier or a side "
+                             f"whole")
   _check_exits(variant, spec, cfg.static_cuts() or ())
   numbers = [(f"hparams {name!r}", lambda fn=fn: fn(cfg, 0)) for name, fn in variant.hparams]
   if variant.downlink is not None:
@@ -200,9 +212,11 @@ def _check_exits(variant: Variant, spec: str, cuts: tuple) -> None:
 
 def builtin(cfg) -> list[Variant]:
   """The built-in variants ``cfg``'s fields turn on, in a fixed order."""
-  from hsee_jax.variants import distill, every_exit, fedprox, rising, static_bn
+  from hsee_jax.variants import (distill, every_exit, fedprox, rising, sides_apart, static_bn,
+                                 tier_local_top)
   return [v for v in (m.from_config(cfg) for m in (every_exit, rising, distill, static_bn,
-                                                  fedprox)) if v is not None]
+                                                  fedprox, tier_local_top, sides_apart))
+          if v is not None]
 
 
 def for_config(cfg, classes: int = 10, leaf_paths: Callable | None = None) -> Variant | None:

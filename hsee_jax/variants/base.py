@@ -39,8 +39,9 @@ def chain(*variants: Variant) -> Variant:
   """The variants composed: the one objective among them (two are an
   error), the sum of their penalties, step penalties and downlink bytes,
   the union of the exits they hold, their evaluation transforms in turn,
-  their hyperparameters together (a name twice is an error); a leaf is kept
-  per client when any variant's ``grouping`` keeps it."""
+  their hyperparameters together (a name twice is an error); a leaf goes to
+  the narrowest group any variant's ``grouping`` gives it (client, then
+  tier, then side, then unit)."""
   objectives = [v for v in variants if v.objective is not None]
   if len(objectives) > 1:
     raise VariantError(f"variants {objectives[0].name} and {objectives[1].name} both replace "
@@ -53,8 +54,9 @@ def chain(*variants: Variant) -> Variant:
   hooks = lambda name: [getattr(v, name) for v in variants if getattr(v, name) is not None]
   groupings, exits, evaluated = hooks("grouping"), hooks("exits"), hooks("evaluated")
 
-  def grouping(path):
-    return "client" if any(g(path) == "client" for g in groupings) else "unit"
+  def grouping(path, cut):
+    answers = {g(path, cut) for g in groupings}
+    return next((a for a in ("client", "tier", "side") if a in answers), "unit")
 
   def every_exit(cut, cuts):
     return tuple(sorted(set().union(*(set(e(cut, cuts)) for e in exits))))
