@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="your own method: FILE.py[:NAME] (NAME defaults to variant) or "
                         "module:NAME, an hsee_jax.variants.Variant (repeatable; recorded in "
                         "config.json, so --resume and eval load it again)")
+    q.add_argument("--strategy", metavar="SPEC",
+                   help="a strategy of your own: FILE.py[:NAME] (NAME defaults to strategy) or "
+                        "module:NAME, a function Context -> Algorithm (recorded in config.json)")
   w = sub.add_parser("sweep", help="train a grid of configs x seeds, one run directory each")
   w.add_argument("--config", help="the base config (a configs/*.py file)")
   w.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
@@ -50,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
   w.add_argument("--stack", help=argparse.SUPPRESS)  # removed; said plainly in _sweep
   w.add_argument("--variant", dest="variants", action="append", default=[], metavar="SPEC",
                  help="your own method for every run (as for train; repeatable)")
+  w.add_argument("--strategy", metavar="SPEC", help="a strategy of your own for every run "
+                                                    "(as for train)")
   r = w.add_argument_group("runs as Ray tasks (the extra: pip install -e '.[ray]')")
   r.add_argument("--workers", type=int, metavar="N",
                  help="train N runs at a time, each a Ray task with its share of the machine "
@@ -84,18 +89,22 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def _with_variants(cfg: config_lib.Config, specs: list[str]) -> config_lib.Config:
-  """``cfg`` with the ``--variant`` specs added (file paths made absolute)."""
-  if not specs:
+def _with_variants(cfg: config_lib.Config, specs: list[str],
+                   strategy: str | None = None) -> config_lib.Config:
+  """``cfg`` with the ``--variant`` specs added and the ``--strategy`` spec
+  set (file paths made absolute)."""
+  if not specs and not strategy:
     return cfg
   from hsee_jax import variants
   import dataclasses
-  return dataclasses.replace(cfg, variants=cfg.variants + tuple(map(variants.canonical, specs)))
+  return dataclasses.replace(
+      cfg, variants=cfg.variants + tuple(map(variants.canonical, specs)),
+      strategy=variants.canonical(strategy, "strategy") if strategy else cfg.strategy)
 
 
 def _train_config(args) -> tuple[config_lib.Config, Path]:
   cfg, out = _train_config_of(args)
-  return _with_variants(cfg, args.variants), out
+  return _with_variants(cfg, args.variants, args.strategy), out
 
 
 def _train_config_of(args) -> tuple[config_lib.Config, Path]:
@@ -143,7 +152,7 @@ def _sweep(args) -> None:
   if args.resume:
     given = [o for o, v in (("--config", args.config), ("--grid", args.grid), ("--out", args.out),
                             ("--seeds", args.seeds), ("--overwrite", args.overwrite),
-                            ("--variant", args.variants)) if v]
+                            ("--variant", args.variants), ("--strategy", args.strategy)) if v]
     if given:
       raise config_lib.ConfigError(f"sweep --resume DIR takes no {', '.join(given)} (the plan "
                                    f"is in DIR/sweep.json; --set rounds=N extends every run)")
@@ -151,7 +160,8 @@ def _sweep(args) -> None:
     return
   if not args.config or not args.out:
     raise config_lib.ConfigError("sweep needs --config and --out (or --resume DIR)")
-  base = _with_variants(config_lib.load(args.config, args.overrides), args.variants)
+  base = _with_variants(config_lib.load(args.config, args.overrides), args.variants,
+                        args.strategy)
   sweep.run_sweep(base, sweep.parse_grid(args.grid), sweep.parse_seeds(args.seeds or "0"),
                   args.out, overwrite=args.overwrite, launcher=launcher)
 

@@ -104,7 +104,8 @@ class Config:
                                 # (reset = the federated-learning convention)
   client_chunk: int = run_only(0, "shape")  # clients per compiled call (vmap/unrolled); 0 = auto per backend
   # training
-  strategy: str = "averaging"  # averaging | sequential
+  strategy: str = "averaging"  # averaging | sequential | your own: FILE.py[:NAME] or module:NAME
+                               # (a function Context -> Algorithm; `--strategy SPEC`)
   rounds: int = input_field(10)
   local_steps: int = 0  # 0 -> about one pass over an average partition
   batch_size: int = 32  # per client and step
@@ -199,7 +200,10 @@ class Config:
     from hsee_jax import models  # flax: loaded once a config is made, not for `hsee --help`
     from hsee_jax import precision as precision_lib
     _one_of("model", self.model, tuple(models.NETWORKS))
-    _one_of("strategy", self.strategy, STRATEGIES)
+    if self.strategy not in STRATEGIES and not _is_spec(self.strategy):
+      raise ConfigError(f"strategy: unknown value {self.strategy!r}; expected one of "
+                        f"{', '.join(STRATEGIES)}, or your own: FILE.py[:NAME] or module:NAME "
+                        f"(a function Context -> Algorithm)")
     _one_of("mode", self.mode, MODES)
     _one_of("partition", self.partition, ("iid", "dirichlet"))
     _one_of("exit_head_kind", self.exit_head_kind, ("linear", "conv"))
@@ -417,9 +421,10 @@ class Config:
 
   def aggregates_after(self, rnd: int) -> bool:
     """Whether round ``rnd`` (0-based) ends with a cross-layer aggregation
-    (Averaging's; Sequential's of the client parts with ``client_aggregation``)."""
+    (Averaging's, and a strategy of one's own is priced as Averaging;
+    Sequential's of the client parts with ``client_aggregation``)."""
     due = (rnd + 1) % self.aggregate_every == 0
-    return due and (self.strategy == "averaging" or self.client_aggregation != "none")
+    return due and (self.strategy != "sequential" or self.client_aggregation != "none")
 
   @property
   def samples_clients(self) -> bool:
@@ -494,7 +499,7 @@ EFFECTS = (
     ("step_milestones", "schedule=step", lambda c, _: c.schedule == "step"),
     ("step_gamma", "schedule=step", lambda c, _: c.schedule == "step"),
     ("aggregate_every", "strategy=averaging or client_aggregation=cross_layer (else nothing "
-     "is aggregated)", lambda c, _: c.strategy == "averaging" or c.client_aggregation != "none"),
+     "is aggregated)", lambda c, _: c.strategy != "sequential" or c.client_aggregation != "none"),
     ("client_aggregation", "strategy=sequential (averaging always aggregates across layers)",
      lambda c, _: c.strategy == "sequential"),
     ("tier_local_top", _AVERAGING, lambda c, _: c.strategy == "averaging"),
@@ -607,6 +612,11 @@ def _check_budget(name, b):
 
 def _field_types():
   return typing.get_type_hints(Config)
+
+
+def _is_spec(text: str) -> bool:
+  """A strategy of one's own: ``FILE.py[:NAME]`` or ``module:NAME``."""
+  return ":" in text or text.endswith(".py")
 
 
 def _one_of(name, value, allowed):

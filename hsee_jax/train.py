@@ -116,6 +116,7 @@ def build(cfg: Config, dataset: data_lib.Dataset | None = None,
     RunError / ConfigError: one line, for a fleet or config that cannot run.
   """
   variant = check_variants(cfg)
+  _strategy(cfg)   # a strategy of one's own that does not load: one line, before any data
   if variant is not None and variant.objective is not None:
     if objective is not None:
       raise RunError(f"objective: the variant {variant.name} replaces the client objective "
@@ -132,10 +133,20 @@ def build(cfg: Config, dataset: data_lib.Dataset | None = None,
   schedule = optim.make_schedule(cfg, cfg.rounds * steps)
   ctx = strategies.Context(cfg, net, tx, fleet, strategies.put_train_set(dataset),
                            dataset.image_shape, objective=objective, variant=variant)
-  algorithm = strategies.STRATEGIES[cfg.strategy](ctx)
+  algorithm = _strategy(cfg)(ctx)
+  if not isinstance(algorithm, strategies.Algorithm):
+    raise RunError(f"strategy {cfg.strategy}: returned a {type(algorithm).__name__}, not an "
+                   f"hsee_jax.Algorithm (init, apply, eval_models, nonfinite_parts, "
+                   f"per_client_bytes)")
   sim = Simulation(ctx, algorithm, steps, schedule)
   preflight.check_fits(sim, dataset)
   return dataset, sim
+
+
+def _strategy(cfg: Config) -> Callable:
+  """The strategy a config names: Averaging, Sequential, or one of one's
+  own (:func:`hsee_jax.variants.load_strategy`)."""
+  return strategies.STRATEGIES.get(cfg.strategy) or variants_lib.load_strategy(cfg.strategy)
 
 
 def check_variants(cfg: Config):

@@ -349,3 +349,61 @@ def test_a_variant_of_ones_own_with_every_hook_trains_and_is_priced(tmp_path):
   assert metrics.shape == (2, 4) and bool(jax.numpy.isfinite(metrics).all())
   assert "exit_head_at_2" in str(jax.tree_util.tree_structure(state.clients)) or \
       any("2" in k for k in state.exit_heads)
+
+
+STRATEGY = REPO / "examples" / "fedavgm.py"
+
+
+def test_a_strategy_of_ones_own_through_train_resume_and_eval(tmp_path, capsys):
+  """examples/fedavgm.py (Averaging with server momentum, state of its own)
+  by `--strategy`: config.json records the spec, the first round's training
+  is Averaging's and later rounds differ from it; `--resume` extends the run
+  and `hsee eval` rebuilds it; a strategy that does not load or returns
+  something else is one line before any data is loaded."""
+  cfg = tmp_path / "cfg.py"
+  cfg.write_text(CONFIG.replace(', client_exits="every"', "").replace("rounds=3", "rounds=2")
+                 .replace("local_steps=1", "local_steps=2"))
+  run, plain = tmp_path / "run", tmp_path / "plain"
+  assert cli.main(["train", "--config", str(cfg), "--strategy", str(STRATEGY.relative_to(REPO)),
+                   "--out", str(run)]) == 0
+  assert f"{STRATEGY}:strategy" in capsys.readouterr().out   # the header names it
+  assert json.loads((run / "config.json").read_text())["strategy"] == f"{STRATEGY}:strategy"
+  assert cli.main(["train", "--config", str(cfg), "--out", str(plain)]) == 0
+  mine, theirs = _records(run), _records(plain)
+  assert mine[0]["train"] == theirs[0]["train"] and mine[1]["train"] != theirs[1]["train"]
+  assert cli.main(["train", "--resume", str(run), "--set", "rounds=3"]) == 0
+  assert [r["round"] for r in _records(run) if "train" in r] == [0, 1, 2]
+  capsys.readouterr()
+  assert cli.main(["eval", "--run", str(run)]) == 0
+  assert json.loads((run / "eval_round3.json").read_text())["test"] == \
+      json.loads((run / "summary.json").read_text())["test"]
+  (tmp_path / "bad.py").write_text("def strategy(ctx):\n  return 3\n")
+  (tmp_path / "none.py").write_text("x = 1\n")
+  # cifar100 from a folder that does not exist: loading data would fail otherwise
+  nowhere = ["--set", "dataset=cifar100", "--set", f"data_dir={tmp_path / 'nowhere'}",
+             "--set", "synthetic_shape=(32, 32, 10, 512, 256)"]
+  for spec, msg in ((tmp_path / "none.py", "it defines no strategy"),
+                    ("averagin", "strategy: unknown value 'averagin'; expected one of averaging, "
+                                 "sequential, or your own")):
+    code = cli.main(["train", "--config", str(cfg), "--set", f"strategy={spec}", *nowhere,
+                     "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and msg in err and err.count("\n") == 1, err
+  code = cli.main(["train", "--config", str(cfg), "--strategy", str(tmp_path / "bad.py"),
+                   "--out", str(tmp_path / "y")])
+  err = capsys.readouterr().err
+  assert code == 2 and "returned a int, not an hsee_jax.Algorithm" in err, err
+
+
+@pytest.mark.long
+def test_a_strategy_of_ones_own_through_a_sweep_and_its_resume(tmp_path):
+  cfg = tmp_path / "cfg.py"
+  cfg.write_text(CONFIG.replace(', client_exits="every"', "").replace("rounds=3", "rounds=2"))
+  out = tmp_path / "sweep"
+  assert cli.main(["sweep", "--config", str(cfg), "--strategy", str(STRATEGY), "--seeds", "0,1",
+                   "--out", str(out)]) == 0
+  for seed in (0, 1):
+    assert json.loads((out / "base" / f"seed{seed}" / "config.json").read_text())["strategy"] \
+        == f"{STRATEGY}:strategy"
+  assert cli.main(["sweep", "--resume", str(out), "--set", "rounds=3"]) == 0
+  assert json.loads((out / "base" / "seed1" / "summary.json").read_text())["rounds"] == 3

@@ -14,6 +14,10 @@ the two strategies, Averaging and Sequential.
   function ``Context -> Algorithm`` (as FedJAX builds a federated algorithm);
 * :mod:`.parts`: per-client parts stored per cut, taken and put by slot.
 
+:data:`STRATEGIES` holds the two; a strategy of one's own is the same kind
+of function, named by a spec in the config's ``strategy`` field
+(:func:`hsee_jax.variants.load_strategy`, ``examples/fedavgm.py``).
+
 ``apply(state, cohort) -> (state, metrics [C, 4])`` trains one round of a
 cohort's clients (:class:`hsee_jax.fleet.Cohort`) and reads nothing back to
 the host; :func:`hsee_jax.train.run_rounds` is the loop over rounds.

@@ -77,51 +77,56 @@ from hsee_jax.config import ConfigError
 from hsee_jax.variants.base import Variant, VariantError, chain
 
 __all__ = ["Variant", "VariantError", "builtin", "canonical", "chain", "check", "for_config",
-           "load"]
+           "load", "load_strategy"]
 
 
-def canonical(spec: str) -> str:
+def canonical(spec: str, default: str = "variant") -> str:
   """``spec`` as recorded in a config: a file path made absolute (so a run
-  resumes from any directory), ``:variant`` spelled out."""
-  path, name = _split(spec)
+  resumes from any directory), ``:NAME`` spelled out (``default``)."""
+  path, name = _split(spec, default)
   if path is None:
     return spec
   return f"{Path(path).expanduser().resolve()}:{name}"
 
 
-def _split(spec: str) -> tuple[str | None, str]:
+def _split(spec: str, default: str = "variant") -> tuple[str | None, str]:
   """(file path, or None for a module; the attribute's name)."""
   head, sep, name = spec.rpartition(":")
   if not sep:                                   # FILE.py
-    return spec, "variant"
+    return spec, default
   if head.endswith(".py") or os.sep in head:    # FILE.py:NAME
-    return head, name or "variant"
+    return head, name or default
   return None, name                             # module:NAME
 
 
 _LOADED: dict = {}
 
 
+def _attribute(spec: str, default: str, what: str):
+  """The attribute a spec names, its file executed once per process and
+  change (the same functions then serve every run of a sweep, and its
+  compiled programs too); a :class:`VariantError` without the spec."""
+  path, name = _split(spec, default)
+  if path is not None:
+    file = Path(path).expanduser().resolve()
+    if not file.is_file():
+      raise VariantError(f"no file {file}")
+    key = (str(file), file.stat().st_mtime_ns)
+    if key not in _LOADED:
+      _LOADED[key] = config_lib.run_user_file(file, f"hsee_{what}_{file.stem}", f"{what} {spec}")
+    module = _LOADED[key]
+  else:
+    module = importlib.import_module(spec.rpartition(":")[0])
+  if not hasattr(module, name):
+    raise VariantError(f"it defines no {name}")
+  return name, getattr(module, name)
+
+
 def load(spec: str) -> Variant:
   """The :class:`Variant` a spec names (``FILE.py[:NAME]`` or
-  ``module:NAME``); a file is executed once per process and change (the same
-  hooks then serve every run of a sweep, and its compiled programs too)."""
-  path, name = _split(spec)
+  ``module:NAME``; a function there is called with no arguments to make one)."""
   try:
-    if path is not None:
-      file = Path(path).expanduser().resolve()
-      if not file.is_file():
-        raise VariantError(f"no file {file}")
-      key = (str(file), file.stat().st_mtime_ns)
-      if key not in _LOADED:
-        _LOADED[key] = config_lib.run_user_file(file, f"hsee_variant_{file.stem}",
-                                                f"variant {spec}")
-      module = _LOADED[key]
-    else:
-      module = importlib.import_module(spec.rpartition(":")[0])
-    if not hasattr(module, name):
-      raise VariantError(f"it defines no {name}")
-    value = getattr(module, name)
+    name, value = _attribute(spec, "variant", "variant")
     if inspect.isfunction(value):   # a factory of a Variant, with no arguments
       try:
         value = value()
@@ -137,6 +142,30 @@ def load(spec: str) -> Variant:
     raise VariantError(str(e)) from None
   except Exception as e:  # noqa: BLE001  (a module of the user's)
     raise VariantError(f"variant {spec}: {type(e).__name__}: {config_lib._first(e)}") from None
+
+
+def load_strategy(spec: str) -> Callable:
+  """A strategy of one's own that a spec names (``FILE.py[:NAME]``, NAME
+  defaulting to ``strategy``, or ``module:NAME``): a function ``Context ->
+  Algorithm``, as :func:`hsee_jax.strategies.averaging` is."""
+  try:
+    name, value = _attribute(spec, "strategy", "strategy")
+    if not callable(value):
+      raise VariantError(f"{name} is a {type(value).__name__}, not a function Context -> Algorithm")
+    try:
+      inspect.signature(value).bind(None)
+    except TypeError:
+      raise VariantError(f"{name} must take one argument, the run's Context "
+                         f"(Context -> Algorithm)") from None
+    except ValueError:   # no signature to read (a builtin): called as it is
+      pass
+    return value
+  except VariantError as e:
+    raise VariantError(f"strategy {spec}: {e}") from None
+  except ConfigError as e:
+    raise VariantError(str(e)) from None
+  except Exception as e:  # noqa: BLE001  (a module of the user's)
+    raise VariantError(f"strategy {spec}: {type(e).__name__}: {config_lib._first(e)}") from None
 
 
 def check(variant: Variant, spec: str, cfg, exits: int, classes: int, hparams: tuple,
