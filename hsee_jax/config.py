@@ -1,9 +1,13 @@
-"""Run configuration: one frozen dataclass of plain data, validated as a whole.
+"""Run configuration: one frozen dataclass of plain data, in sections.
 
-Configs in ``configs/*.py`` define ``get_config() -> Config``; the CLI applies
-``--set key=value`` overrides with :func:`override`, which parses each value
-against the field's type. Every field is checked in ``__post_init__`` before
-any work starts, and every error is one line that names the field.
+:class:`Config` is composed of :data:`SECTIONS` (data, network, fleet,
+optimiser, strategy, variants, speeds and link, evaluation, run), each a
+dataclass of its fields with the check of what they may be; a config is
+flat (``cfg.lr``) and every field is checked, section by section, before
+any work starts; every error is one line that names the field. Configs in
+``configs/*.py`` define ``get_config() -> Config``; the CLI applies ``--set
+key=value`` overrides with :func:`override`, which parses each value
+against the field's type.
 """
 from __future__ import annotations
 
@@ -67,11 +71,23 @@ def run_only(default, role: str = "input"):
   return dataclasses.field(default=default, metadata={"role": role, "changes_results": False})
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-  """Every knob of a run. ``[choice]`` fields are PAPER.md's project choices."""
-  name: str = run_only("default", "input")
-  # data
+# The config in sections: each a frozen dataclass of its fields with a
+# ``check(cfg)`` of what they may be (given the whole config: a field may
+# depend on another section's), composed into one flat :class:`Config`
+# (``cfg.lr``, ``--set lr=0.1``), the sections in the order below.
+SECTIONS: list = []
+
+
+def section(cls):
+  """A section of :class:`Config`: its fields and its ``check``."""
+  cls = dataclasses.dataclass(frozen=True)(cls)
+  SECTIONS.append(cls)
+  return cls
+
+
+@section
+class Data:
+  """Where the images come from, how much of them, how they are split and augmented."""
   dataset: str = "cifar10"
   data_dir: str = input_field("")  # "" -> $HSEE_DATA_DIR, then <repo>/../shared/data
   train_subset: int = input_field(0)  # 0 = whole train set; else a seeded random subset
@@ -82,30 +98,100 @@ class Config:
   augment: bool = program(True)  # random crop of the padded image + horizontal flip, on device
   augment_pad: float = program(0.125)  # crop padding as a share of the image side (4 px at 32, 12 at 96)
   label_mode: str = "fine"  # cifar100: fine (100 classes) | coarse (20 superclasses)
-  # model
+
+  @staticmethod
+  def check(cfg) -> None:
+    _one_of("dataset", cfg.dataset, DATASETS)
+    _one_of("partition", cfg.partition, ("iid", "dirichlet"))
+    _one_of("label_mode", cfg.label_mode, ("fine", "coarse"))
+    if not 0 <= cfg.augment_pad < 1:
+      raise ConfigError(f"augment_pad: a share of the image side in [0, 1), got {cfg.augment_pad}")
+    if cfg.dirichlet_alpha <= 0:
+      raise ConfigError(f"dirichlet_alpha: must be > 0, got {cfg.dirichlet_alpha}")
+    for name in ("train_subset", "test_subset"):
+      if getattr(cfg, name) < 0:
+        raise ConfigError(f"{name}: must be >= 0, got {getattr(cfg, name)}")
+    if len(cfg.synthetic_shape) != 5 or any(
+        not isinstance(v, int) or v < 1 for v in cfg.synthetic_shape):
+      raise ConfigError("synthetic_shape: (height, width, classes, n_train, n_test), positive ints")
+
+
+@section
+class Network:
+  """The split network: which, how wide, its exit heads, its compute dtype."""
   model: str = program("resnet18")  # resnet18 (the paper's) | vgg16_bn | mobilenet_v2 (models.NETWORKS)
   width: float = program(1.0)  # channel multiplier; 1.0 = the published network
   exit_head_kind: str = program("linear")  # linear | conv  ([choice] pool+linear, or conv-BN-ReLU first)
   precision: str = program("auto")  # float32 | bfloat16 | auto (bfloat16 on GPU/TPU, float32 on CPU);
                                 # compute dtype, parameters stay float32 (hsee_jax/precision.py)
-  # the fleet: which clients exist and where each one cuts (resnet18: l in 1..8,
-  # PAPER.md; each model's allowed cuts: models.NETWORKS[model].allowed_cuts()).
-  # One of: `cuts`, one cut layer per client (the default); `cut_tiers`, device
-  # tiers ((cut, share of the fleet), ...) over `num_clients` clients, assigned
-  # by a seeded draw; `budget_tiers`, tiers of ((flops_per_step, memory_bytes),
-  # share) whose cut is the deepest that fits; `client_budgets` (below), one
-  # budget per client. `cuts` is ignored when tiers or budgets are given.
+
+  @staticmethod
+  def check(cfg) -> None:
+    from hsee_jax import models  # flax: loaded once a config is made, not for `hsee --help`
+    from hsee_jax import precision as precision_lib
+    _one_of("model", cfg.model, tuple(models.NETWORKS))
+    _one_of("exit_head_kind", cfg.exit_head_kind, ("linear", "conv"))
+    _one_of("precision", cfg.precision, precision_lib.PRECISIONS)
+    if not 0 < cfg.width <= 4:
+      raise ConfigError(f"width: must be in (0, 4], got {cfg.width}")
+
+
+@section
+class Fleet:
+  """Which clients exist, where each one cuts, who takes part in a round.
+
+  The cuts (resnet18: l in 1..8, PAPER.md; each model's allowed cuts:
+  ``models.NETWORKS[model].allowed_cuts()``), one of: ``cuts``, one cut
+  layer per client (the default); ``cut_tiers``, device tiers ((cut, share
+  of the fleet), ...) over ``num_clients`` clients, assigned by a seeded
+  draw; ``budget_tiers``, tiers of ((flops_per_step, memory_bytes), share)
+  whose cut is the deepest that fits; ``client_budgets``, one budget per
+  client (experiments/reproduce.py, costs.choose_cuts; 0 = no limit). The
+  participation defaults are the method as the paper runs it: every client
+  every round (fleet.py; docs/usage.md, "Device speeds, deadlines and the link").
+  """
   cuts: tuple = (3, 5, 7)
   num_clients: int = 0  # 0 -> len(cuts) (or len(client_budgets)); needed with tiers
   cut_tiers: tuple = ()
   budget_tiers: tuple = ()
+  client_budgets: tuple = ()
   clients_per_round: int = -1  # the cohort C sampled each round; -1 = every client
-  client_state: str = program("keep")  # keep | reset: client optimiser state across rounds
-                                # (reset = the federated-learning convention)
-  client_chunk: int = run_only(0, "shape")  # clients per compiled call (vmap/unrolled); 0 = auto per backend
-  # training
-  strategy: str = "averaging"  # averaging | sequential | your own: FILE.py[:NAME] or module:NAME
-                               # (a function Context -> Algorithm; `--strategy SPEC`)
+  availability: float = 1.0  # probability that a client is online in a round (seeded)
+  participation: str = "all"  # all | deadline (FedScale's over-commitment) | partial (FedProx)
+  deadline_s: float = 0.0  # simulated seconds a client has per round (deadline, partial)
+  overcommit: float = 1.3  # deadline: clients sampled per cohort place; the first to finish kept
+  deadline_by_tier: bool = False  # deadline: each tier (cut) keeps its share of the cohort, the
+                             # first of that tier to finish, so the slowest tier is not the one
+                             # dropped (a round lasts until its kept clients of every tier finish)
+
+  @staticmethod
+  def check(cfg) -> None:
+    _one_of("participation", cfg.participation, PARTICIPATION)
+    if not 0 < cfg.availability <= 1:
+      raise ConfigError(f"availability: a probability in (0, 1], got {cfg.availability}")
+    if not 0 <= cfg.deadline_s <= MAX_DEADLINE_S:
+      raise ConfigError(f"deadline_s: simulated seconds in [0, {MAX_DEADLINE_S:g}], got "
+                        f"{cfg.deadline_s}")
+    if cfg.participation != "all" and cfg.strategy == "sequential":
+      raise ConfigError(f"participation: {cfg.participation} is for strategy=averaging; "
+                        f"Sequential's clients take turns on the one server, and no round "
+                        f"deadline is modelled for it")
+    if cfg.participation != "all" and cfg.deadline_s <= 0:
+      raise ConfigError(f"deadline_s: participation={cfg.participation} needs a deadline in "
+                        f"simulated seconds > 0, got {cfg.deadline_s}")
+    if not 1 <= cfg.overcommit <= MAX_OVERCOMMIT:
+      raise ConfigError(f"overcommit: clients sampled per cohort place, in [1, {MAX_OVERCOMMIT:g}], "
+                        f"got {cfg.overcommit}")
+    if not cfg.cuts:
+      raise ConfigError("cuts: need at least one client (one cut layer per client)")
+    for c in cfg.cuts:
+      cfg._check_cut("cuts", c)
+    cfg._check_fleet()
+
+
+@section
+class Optimiser:
+  """Rounds, local steps and the optimiser of every part."""
   rounds: int = input_field(10)
   local_steps: int = 0  # 0 -> about one pass over an average partition
   batch_size: int = 32  # per client and step
@@ -117,78 +203,207 @@ class Config:
   schedule: str = input_field("cosine")  # cosine | step | constant
   step_milestones: tuple = input_field((0.5, 0.75))  # fractions of training, for schedule=step
   step_gamma: float = input_field(0.1)
+
+  @staticmethod
+  def check(cfg) -> None:
+    _one_of("optimizer", cfg.optimizer, ("sgd", "adam"))
+    _one_of("schedule", cfg.schedule, ("cosine", "step", "constant"))
+    for name in ("rounds", "batch_size"):
+      if getattr(cfg, name) < 1:
+        raise ConfigError(f"{name}: must be >= 1, got {getattr(cfg, name)}")
+    if cfg.local_steps < 0:
+      raise ConfigError(f"local_steps: must be >= 0, got {cfg.local_steps}")
+    if cfg.lr <= 0:
+      raise ConfigError(f"lr: must be > 0, got {cfg.lr}")
+    if not 0 <= cfg.momentum < 1:
+      raise ConfigError(f"momentum: must be in [0, 1), got {cfg.momentum}")
+    if cfg.step_gamma <= 0:
+      raise ConfigError(f"step_gamma: the factor the learning rate is multiplied by at each "
+                        f"milestone, must be > 0, got {cfg.step_gamma}")
+    if cfg.weight_decay < 0:
+      raise ConfigError(f"weight_decay: must be >= 0, got {cfg.weight_decay}")
+    if any(not 0.0 < m < 1.0 for m in cfg.step_milestones):
+      raise ConfigError("step_milestones: fractions of training in (0, 1)")
+
+
+@section
+class Strategy:
+  """How the parts train and meet: Averaging, Sequential or one's own."""
+  strategy: str = "averaging"  # averaging | sequential | your own: FILE.py[:NAME] or module:NAME
+                               # (a function Context -> Algorithm; `--strategy SPEC`)
   aggregate_every: int = program(1)  # rounds between cross-layer aggregations
-  tier_local_top: bool = program(False)  # [choice] InclusiveFL (KDD 2022): each tier's deepest
-                                # client unit (unit l at cut l) averaged within its tier only;
-                                # averaging only (strategies/aggregation.py)
-  aggregate_sides: str = program("together")  # together | apart: [choice] "apart" (after
-                                # SplitFed's client-side and server-side averaging): a unit held
-                                # in client parts and in server parts keeps two copies, each
-                                # averaged over its side's holders only; averaging only
-  client_exits: str = program("own")  # own | every: [choice] DepthFL (ICLR 2023) "every": a client
-                                # also trains an exit head at each of the fleet's cuts below its
-                                # own (client loss: the mean over its exits); each exit head is
-                                # averaged over every client that trains one; averaging only
-  exit_weights: str = program("equal")  # equal | rising: how a client's exits weigh in its loss
-                                # (client_exits=every): DepthFL's mean, or [choice] the k-th of n
-                                # exits (shallowest first) weighing k / (1 + ... + n)
-  distill: str = program("none")  # none | deepest | server: [choice] self-distillation of the
-                                # client's exits (KL at distill_temperature, Hinton's T^2 scaling):
-                                # from its own (deepest) exit (ScaleFL / DepthFL; needs
-                                # client_exits=every), or from the server's logits sent back
-                                # as soft labels (forward information, counted on the downlink)
-  distill_weight: float = input_field(1.0)  # weight of the distillation term
-  distill_temperature: float = program(1.0)  # DepthFL's 1; ScaleFL's 3
-  distill_start: int = input_field(1)  # distillation from this round on (1 = the first)
-  prox_mu: float = program(0.0)  # [choice] FedProx (Li et al., MLSys 2020): each local step adds
-                                # prox_mu / 2 * ||w - w0||^2 over the client part and its server
-                                # part, w0 the round's starting weights; averaging only
-  static_bn: bool = False  # [choice] HeteroFL's static batch norm: the evaluated networks' batch
-                                # statistics recomputed over the training data with the averaged
-                                # weights (variants/static_bn.py); averaging only
-  variants: tuple = program(())  # your own method: variant specs (FILE.py[:NAME] or module:NAME,
-                                # hsee_jax/variants), loaded by every command; `--variant SPEC`
+  client_state: str = program("keep")  # keep | reset: client optimiser state across rounds
+                                # (reset = the federated-learning convention)
+  client_aggregation: str = "none"  # sequential only: none | cross_layer
   server_grad_to_client: bool = program(False)  # True = classical split learning baseline
   exit_loss_weight: float = input_field(1.0)  # 0 with server_grad_to_client: the uncut network's
                                         # training (central / classical baselines)
-  client_aggregation: str = "none"  # sequential only: none | cross_layer
-  mode: str = run_only("auto", "shape")  # auto | loop | vmap | unrolled | debug
-  shard_clients: bool = run_only(False, "shape")  # lay the client axis over jax.devices() (averaging; vmap/unrolled)
-  # evaluation
+
+  @staticmethod
+  def check(cfg) -> None:
+    if cfg.strategy not in STRATEGIES and not _is_spec(cfg.strategy):
+      raise ConfigError(f"strategy: unknown value {cfg.strategy!r}; expected one of "
+                        f"{', '.join(STRATEGIES)}, or your own: FILE.py[:NAME] or module:NAME "
+                        f"(a function Context -> Algorithm)")
+    _one_of("client_aggregation", cfg.client_aggregation, ("none", "cross_layer"))
+    _one_of("client_state", cfg.client_state, ("keep", "reset"))
+    if cfg.aggregate_every < 1:
+      raise ConfigError(f"aggregate_every: must be >= 1, got {cfg.aggregate_every}")
+    if cfg.exit_loss_weight < 0:
+      raise ConfigError(f"exit_loss_weight: must be >= 0, got {cfg.exit_loss_weight}")
+    if cfg.exit_loss_weight == 0 and not cfg.server_grad_to_client:
+      raise ConfigError("exit_loss_weight: 0 leaves the client part untrained unless "
+                        "server_grad_to_client=True")
+
+
+@section
+class Variants:
+  """Changes to the method ([choice]): the built-in variants' fields (each
+  read by its module under hsee_jax/variants/) and variants of one's own."""
+  variants: tuple = program(())  # your own method: variant specs (FILE.py[:NAME] or module:NAME,
+                                # hsee_jax/variants), loaded by every command; `--variant SPEC`
+  client_exits: str = program("own")  # own | every: DepthFL (ICLR 2023) "every": a client also
+                                # trains an exit head at each of the fleet's cuts below its own
+                                # (client loss: the mean over its exits); averaging only
+  exit_weights: str = program("equal")  # equal | rising: how a client's exits weigh in its loss
+                                # (client_exits=every): DepthFL's mean, or the k-th of n exits
+                                # (shallowest first) weighing k / (1 + ... + n)
+  distill: str = program("none")  # none | deepest | server: self-distillation of the client's
+                                # exits (KL at distill_temperature, Hinton's T^2 scaling): from its
+                                # own (deepest) exit (ScaleFL / DepthFL; needs client_exits=every),
+                                # or from the server's logits sent back as soft labels
+  distill_weight: float = input_field(1.0)  # weight of the distillation term
+  distill_temperature: float = program(1.0)  # DepthFL's 1; ScaleFL's 3
+  distill_start: int = input_field(1)  # distillation from this round on (1 = the first)
+  prox_mu: float = program(0.0)  # FedProx (Li et al., MLSys 2020): each local step adds
+                                # prox_mu / 2 * ||w - w0||^2, w0 the round's starting weights
+  static_bn: bool = False  # HeteroFL's static batch norm: the evaluated networks' batch
+                                # statistics recomputed over the training data; averaging only
+  tier_local_top: bool = program(False)  # InclusiveFL (KDD 2022): each tier's deepest client
+                                # unit averaged within its tier only; averaging only
+  aggregate_sides: str = program("together")  # together | apart (after SplitFed): a unit held
+                                # in client parts and in server parts keeps two copies, each
+                                # averaged over its side's holders only; averaging only
+
+  @staticmethod
+  def check(cfg) -> None:
+    _one_of("aggregate_sides", cfg.aggregate_sides, ("together", "apart"))
+    _one_of("client_exits", cfg.client_exits, ("own", "every"))
+    _one_of("distill", cfg.distill, ("none", "deepest", "server"))
+    _one_of("exit_weights", cfg.exit_weights, ("equal", "rising"))
+    if not (cfg.prox_mu >= 0):
+      raise ConfigError(f"prox_mu: must be >= 0, got {cfg.prox_mu}")
+    if cfg.distill_weight < 0:
+      raise ConfigError(f"distill_weight: must be >= 0, got {cfg.distill_weight}")
+    if cfg.distill_temperature <= 0:
+      raise ConfigError(f"distill_temperature: must be > 0, got {cfg.distill_temperature}")
+    if cfg.distill_start < 1:
+      raise ConfigError(f"distill_start: the first round with distillation, >= 1, got "
+                        f"{cfg.distill_start}")
+    if any(not isinstance(v, str) or not v.strip() for v in cfg.variants):
+      raise ConfigError(f"variants: each entry is a spec, FILE.py[:NAME] or module:NAME, got "
+                        f"{cfg.variants!r}")
+
+
+@section
+class SpeedsAndLink:
+  """The devices' speeds and the link (costs.py, the simulated clock): each
+  client's speeds drawn around its tier's, and what the link carries."""
+  client_flops_per_s: tuple = input_field(())  # one per client, or one per tier; () = 1e10 each
+  server_flops_per_s: float = input_field(1e13)
+  link_bytes_per_s: float = input_field(1.25e6)  # 10 Mbit/s
+  client_link_bytes_per_s: tuple = ()  # one per client, or one per tier; () = link_bytes_per_s each
+  speed_spread: float = 0.0  # lognormal sigma of each client's FLOP/s and bandwidth around the
+                             # given figure (its median); 0 = the figure itself
+  link: str = program("none")  # what the server part receives: none (the activations as
+                               # computed) | bfloat16 | int8 | int8_channel | topk
+  link_topk: float = program(0.1)  # topk: the share of each image's activation values sent
+
+  @staticmethod
+  def check(cfg) -> None:
+    _one_of("link", cfg.link, LINKS)
+    if not 0 <= cfg.speed_spread <= MAX_SPEED_SPREAD:
+      raise ConfigError(f"speed_spread: a lognormal sigma in [0, {MAX_SPEED_SPREAD:g}] (beyond it "
+                        f"speeds reach 0 and infinity), got {cfg.speed_spread}")
+    if not 0 < cfg.link_topk <= 1:
+      raise ConfigError(f"link_topk: a share of the values in (0, 1], got {cfg.link_topk}")
+    if cfg.link != "none" and cfg.server_grad_to_client:
+      raise ConfigError("link: compression models what the client sends; with "
+                        "server_grad_to_client the gradient comes back uncompressed: use link=none")
+    for name in ("server_flops_per_s", "link_bytes_per_s"):
+      if not 1 <= getattr(cfg, name) <= SPEED_RANGE[name][1]:
+        raise ConfigError(f"{name}: must be in [1, {SPEED_RANGE[name][1]:g}] "
+                          f"({SPEED_RANGE[name][0]}), got {getattr(cfg, name)}")
+    n_tiers = len(cfg.cut_tiers or cfg.budget_tiers)
+    for name in ("client_flops_per_s", "client_link_bytes_per_s"):
+      given = getattr(cfg, name)
+      unit, most = SPEED_RANGE[name]
+      if given and len(given) not in (cfg.fleet_size, n_tiers):
+        want = f"{cfg.fleet_size} clients" + (f" or {n_tiers} tiers" if n_tiers else "")
+        raise ConfigError(f"{name}: one entry per client or tier ({want}), got {len(given)}")
+      if given and n_tiers and cfg.fleet_size == n_tiers:
+        raise ConfigError(f"{name}: {len(given)} entries for {cfg.fleet_size} clients in "
+                          f"{n_tiers} tiers is ambiguous (per client or per tier?); give the "
+                          f"clients' cuts with cuts=(...) instead of tiers")
+      if any(not isinstance(v, (int, float)) or isinstance(v, bool) or not 1 <= v <= most
+             for v in given):
+        raise ConfigError(f"{name}: each entry is a number in [1, {most:g}] ({unit})")
+
+
+@section
+class Evaluation:
+  """What is evaluated, how often, with which early-exit thresholds."""
   eval_every: int = run_only(1, "input")
   eval_batch_size: int = run_only(500, "input")
   eval_clients: int = run_only(0, "input")  # where clients differ: clients evaluated per cut (seeded); 0 = all
   exit_thresholds: tuple = run_only((0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0), "input")
-  # device budgets -> cuts (experiments/reproduce.py, costs.choose_cuts): one
-  # (client FLOPs per training step, client memory bytes) pair per client, 0 = no
-  # limit; when given, each client's cut is the deepest that fits (cuts is ignored)
-  client_budgets: tuple = ()
-  # simulated wall clock (costs.simulated_round_seconds)
-  client_flops_per_s: tuple = input_field(())  # one per client, or one per tier; () = 1e10 each
-  server_flops_per_s: float = input_field(1e13)
-  link_bytes_per_s: float = input_field(1.25e6)  # 10 Mbit/s
-  # the IoT fleet as it runs (fleet.py, costs.py; docs/usage.md, "Device speeds,
-  # deadlines and the link"): each client's speeds drawn around its tier's, who
-  # takes part in a round, what the link carries. The defaults are the method as
-  # the paper runs it: every client every round, the activations as computed.
-  client_link_bytes_per_s: tuple = ()  # one per client, or one per tier; () = link_bytes_per_s each
-  speed_spread: float = 0.0  # lognormal sigma of each client's FLOP/s and bandwidth around the
-                             # given figure (its median); 0 = the figure itself
-  availability: float = 1.0  # probability that a client is online in a round (seeded)
-  participation: str = "all"  # all | deadline (FedScale's over-commitment) | partial (FedProx)
-  deadline_s: float = 0.0  # simulated seconds a client has per round (deadline, partial)
-  overcommit: float = 1.3  # deadline: clients sampled per cohort place; the first to finish kept
-  deadline_by_tier: bool = False  # deadline: each tier (cut) keeps its share of the cohort, the
-                             # first of that tier to finish, so the slowest tier is not the one
-                             # dropped (a round lasts until its kept clients of every tier finish)
-  link: str = program("none")  # what the server part receives: none (the activations as
-                               # computed) | bfloat16 | int8 | int8_channel | topk
-  link_topk: float = program(0.1)  # topk: the share of each image's activation values sent
-  # runs
+
+  @staticmethod
+  def check(cfg) -> None:
+    for name in ("eval_every", "eval_batch_size"):
+      if getattr(cfg, name) < 1:
+        raise ConfigError(f"{name}: must be >= 1, got {getattr(cfg, name)}")
+    if cfg.eval_clients < 0:
+      raise ConfigError(f"eval_clients: must be >= 0, got {cfg.eval_clients}")
+    if any(not 0.0 <= t <= 1.0 for t in cfg.exit_thresholds):
+      raise ConfigError("exit_thresholds: each threshold is a normalised entropy in [0, 1]")
+
+
+@section
+class Run:
+  """The run as the machine does it: its name and seed, how the work is laid
+  out (none of which changes results but the seed), checkpoints and writers."""
+  name: str = run_only("default", "input")
   seed: int = input_field(0)
+  mode: str = run_only("auto", "shape")  # auto | loop | vmap | unrolled | debug
+  shard_clients: bool = run_only(False, "shape")  # lay the client axis over jax.devices() (averaging; vmap/unrolled)
+  client_chunk: int = run_only(0, "shape")  # clients per compiled call (vmap/unrolled); 0 = auto per backend
   checkpoint_every: int = run_only(5, "input")  # rounds; 0 = only at the end
   keep_checkpoints: int = run_only(3, "input")
   tensorboard: bool = run_only(False, "input")  # also write metrics to <run>/tensorboard (writers.py)
+
+  @staticmethod
+  def check(cfg) -> None:
+    _one_of("mode", cfg.mode, MODES)
+    if cfg.tensorboard and importlib.util.find_spec("tensorboardX") is None:
+      raise ConfigError("tensorboard: True needs tensorboardX: pip install -e '.[tensorboard]'")
+    if cfg.keep_checkpoints < 1:
+      raise ConfigError(f"keep_checkpoints: must be >= 1, got {cfg.keep_checkpoints}")
+    for name in ("checkpoint_every", "client_chunk"):
+      if getattr(cfg, name) < 0:
+        raise ConfigError(f"{name}: must be >= 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.seed < 2**31:
+      raise ConfigError(f"seed: must be an int in 0..{2**31 - 1}, got {cfg.seed}")
+    if cfg.strategy == "sequential" and cfg.mode in ("vmap", "unrolled"):
+      raise ConfigError(f"mode: {cfg.mode} stacks clients, but sequential trains them one at a "
+                        f"time with the shared server; use mode=loop, debug or auto")
+
+
+class _Config:
+  """Every knob of a run, in :data:`SECTIONS` (data, network, fleet,
+  optimiser, strategy, variants, speeds and link, evaluation, run), each
+  section checking its own fields; ``[choice]`` fields are PAPER.md's
+  project choices."""
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
@@ -196,131 +411,10 @@ class Config:
       bad = _nonfinite(getattr(self, f.name))
       if bad is not None:
         raise ConfigError(f"{f.name}: every number must be finite, got {bad}")
-    _one_of("dataset", self.dataset, DATASETS)
-    from hsee_jax import models  # flax: loaded once a config is made, not for `hsee --help`
-    from hsee_jax import precision as precision_lib
-    _one_of("model", self.model, tuple(models.NETWORKS))
-    if self.strategy not in STRATEGIES and not _is_spec(self.strategy):
-      raise ConfigError(f"strategy: unknown value {self.strategy!r}; expected one of "
-                        f"{', '.join(STRATEGIES)}, or your own: FILE.py[:NAME] or module:NAME "
-                        f"(a function Context -> Algorithm)")
-    _one_of("mode", self.mode, MODES)
-    _one_of("partition", self.partition, ("iid", "dirichlet"))
-    _one_of("exit_head_kind", self.exit_head_kind, ("linear", "conv"))
-    _one_of("precision", self.precision, precision_lib.PRECISIONS)
-    if self.tensorboard and importlib.util.find_spec("tensorboardX") is None:
-      raise ConfigError("tensorboard: True needs tensorboardX: pip install -e '.[tensorboard]'")
-    _one_of("optimizer", self.optimizer, ("sgd", "adam"))
-    _one_of("schedule", self.schedule, ("cosine", "step", "constant"))
-    _one_of("client_aggregation", self.client_aggregation, ("none", "cross_layer"))
-    _one_of("client_state", self.client_state, ("keep", "reset"))
-    _one_of("label_mode", self.label_mode, ("fine", "coarse"))
-    _one_of("aggregate_sides", self.aggregate_sides, ("together", "apart"))
-    _one_of("client_exits", self.client_exits, ("own", "every"))
-    _one_of("distill", self.distill, ("none", "deepest", "server"))
-    _one_of("exit_weights", self.exit_weights, ("equal", "rising"))
-    _one_of("participation", self.participation, PARTICIPATION)
-    _one_of("link", self.link, LINKS)
-    if not 0 <= self.speed_spread <= MAX_SPEED_SPREAD:
-      raise ConfigError(f"speed_spread: a lognormal sigma in [0, {MAX_SPEED_SPREAD:g}] (beyond it "
-                        f"speeds reach 0 and infinity), got {self.speed_spread}")
-    if not 0 < self.availability <= 1:
-      raise ConfigError(f"availability: a probability in (0, 1], got {self.availability}")
-    if not 0 <= self.deadline_s <= MAX_DEADLINE_S:
-      raise ConfigError(f"deadline_s: simulated seconds in [0, {MAX_DEADLINE_S:g}], got "
-                        f"{self.deadline_s}")
-    if self.participation != "all" and self.strategy == "sequential":
-      raise ConfigError(f"participation: {self.participation} is for strategy=averaging; "
-                        f"Sequential's clients take turns on the one server, and no round "
-                        f"deadline is modelled for it")
-    if self.participation != "all" and self.deadline_s <= 0:
-      raise ConfigError(f"deadline_s: participation={self.participation} needs a deadline in "
-                        f"simulated seconds > 0, got {self.deadline_s}")
-    if not 1 <= self.overcommit <= MAX_OVERCOMMIT:
-      raise ConfigError(f"overcommit: clients sampled per cohort place, in [1, {MAX_OVERCOMMIT:g}], "
-                        f"got {self.overcommit}")
-    if not 0 < self.link_topk <= 1:
-      raise ConfigError(f"link_topk: a share of the values in (0, 1], got {self.link_topk}")
-    if self.link != "none" and self.server_grad_to_client:
-      raise ConfigError("link: compression models what the client sends; with "
-                        "server_grad_to_client the gradient comes back uncompressed: use link=none")
-    if not (self.prox_mu >= 0):
-      raise ConfigError(f"prox_mu: must be >= 0, got {self.prox_mu}")
-    if self.distill_weight < 0:
-      raise ConfigError(f"distill_weight: must be >= 0, got {self.distill_weight}")
-    if self.distill_temperature <= 0:
-      raise ConfigError(f"distill_temperature: must be > 0, got {self.distill_temperature}")
-    if self.distill_start < 1:
-      raise ConfigError(f"distill_start: the first round with distillation, >= 1, got "
-                        f"{self.distill_start}")
-    if not 0 <= self.augment_pad < 1:
-      raise ConfigError(f"augment_pad: a share of the image side in [0, 1), got {self.augment_pad}")
-    if any(not isinstance(v, str) or not v.strip() for v in self.variants):
-      raise ConfigError(f"variants: each entry is a spec, FILE.py[:NAME] or module:NAME, got "
-                        f"{self.variants!r}")
-    if not self.cuts:
-      raise ConfigError("cuts: need at least one client (one cut layer per client)")
-    for c in self.cuts:
-      self._check_cut("cuts", c)
-    self._check_fleet()
-    if self.dirichlet_alpha <= 0:
-      raise ConfigError(f"dirichlet_alpha: must be > 0, got {self.dirichlet_alpha}")
-    if not 0 < self.width <= 4:
-      raise ConfigError(f"width: must be in (0, 4], got {self.width}")
-    for name in ("rounds", "batch_size", "aggregate_every", "eval_every",
-                 "eval_batch_size", "keep_checkpoints"):
-      if getattr(self, name) < 1:
-        raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-    for name in ("local_steps", "train_subset", "test_subset", "checkpoint_every",
-                 "client_chunk", "eval_clients"):
-      if getattr(self, name) < 0:
-        raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
-    if not 0 <= self.seed < 2**31:
-      raise ConfigError(f"seed: must be an int in 0..{2**31 - 1}, got {self.seed}")
-    if self.lr <= 0:
-      raise ConfigError(f"lr: must be > 0, got {self.lr}")
-    if not 0 <= self.momentum < 1:
-      raise ConfigError(f"momentum: must be in [0, 1), got {self.momentum}")
-    if self.step_gamma <= 0:
-      raise ConfigError(f"step_gamma: the factor the learning rate is multiplied by at each "
-                        f"milestone, must be > 0, got {self.step_gamma}")
-    if self.weight_decay < 0:
-      raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
-    for name in ("server_flops_per_s", "link_bytes_per_s"):
-      if not 1 <= getattr(self, name) <= SPEED_RANGE[name][1]:
-        raise ConfigError(f"{name}: must be in [1, {SPEED_RANGE[name][1]:g}] "
-                          f"({SPEED_RANGE[name][0]}), got {getattr(self, name)}")
-    if any(not 0.0 <= t <= 1.0 for t in self.exit_thresholds):
-      raise ConfigError("exit_thresholds: each threshold is a normalised entropy in [0, 1]")
-    if any(not 0.0 < m < 1.0 for m in self.step_milestones):
-      raise ConfigError("step_milestones: fractions of training in (0, 1)")
-    if len(self.synthetic_shape) != 5 or any(
-        not isinstance(v, int) or v < 1 for v in self.synthetic_shape):
-      raise ConfigError("synthetic_shape: (height, width, classes, n_train, n_test), positive ints")
-    if self.exit_loss_weight < 0:
-      raise ConfigError(f"exit_loss_weight: must be >= 0, got {self.exit_loss_weight}")
-    if self.exit_loss_weight == 0 and not self.server_grad_to_client:
-      raise ConfigError("exit_loss_weight: 0 leaves the client part untrained unless "
-                        "server_grad_to_client=True")
-    n_tiers = len(self.cut_tiers or self.budget_tiers)
-    for name in ("client_flops_per_s", "client_link_bytes_per_s"):
-      given = getattr(self, name)
-      unit, most = SPEED_RANGE[name]
-      if given and len(given) not in (self.fleet_size, n_tiers):
-        want = f"{self.fleet_size} clients" + (f" or {n_tiers} tiers" if n_tiers else "")
-        raise ConfigError(f"{name}: one entry per client or tier ({want}), got {len(given)}")
-      if given and n_tiers and self.fleet_size == n_tiers:
-        raise ConfigError(f"{name}: {len(given)} entries for {self.fleet_size} clients in "
-                          f"{n_tiers} tiers is ambiguous (per client or per tier?); give the "
-                          f"clients' cuts with cuts=(...) instead of tiers")
-      if any(not isinstance(v, (int, float)) or isinstance(v, bool) or not 1 <= v <= most
-             for v in given):
-        raise ConfigError(f"{name}: each entry is a number in [1, {most:g}] ({unit})")
+    for sec in SECTIONS:
+      sec.check(self)
     if not _LENIENT.get():
       self.check_effects()
-    if self.strategy == "sequential" and self.mode in ("vmap", "unrolled"):
-      raise ConfigError(f"mode: {self.mode} stacks clients, but sequential trains them one at a "
-                        f"time with the shared server; use mode=loop, debug or auto")
 
   def _check_fleet(self):
     if self.num_clients < 0:
@@ -448,6 +542,28 @@ class Config:
   def to_dict(self) -> dict:
     """Every field as a JSON value (``from_dict`` reads it back)."""
     return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _compose():
+  """:class:`Config`: one frozen dataclass of every section's fields, in order."""
+  specs = []
+  for sec in SECTIONS:
+    hints = typing.get_type_hints(sec)
+    for f in dataclasses.fields(sec):
+      specs.append((f.name, hints[f.name], dataclasses.field(default=f.default,
+                                                             metadata=f.metadata)))
+  cls = dataclasses.make_dataclass("Config", specs, bases=(_Config,), frozen=True,
+                                   namespace={"__doc__": _Config.__doc__})
+  cls.__module__, cls.__qualname__ = __name__, "Config"
+  return cls
+
+
+Config = _compose()
+
+
+def section_of(name: str):
+  """The section that declares field ``name``."""
+  return next(sec for sec in SECTIONS if name in {f.name for f in dataclasses.fields(sec)})
 
 
 # The fields that change the method a run trains, by group (a run's header

@@ -79,3 +79,31 @@ def test_each_field_has_one_compilation_role():
   roles = {n: config_lib.field_role(n) for n in names}
   assert roles["precision"] == roles["width"] == "program" and roles["lr"] == "input"
   assert roles["cuts"] == roles["batch_size"] == roles["mode"] == "shape"
+
+
+def test_the_config_is_in_sections_each_checking_its_own_fields():
+  """Config is the sections' fields, each field in one section, in section
+  order; each section's check refuses a bad value of its own fields in one
+  line naming the field; a saved config loads whatever its key order."""
+  import dataclasses
+  from hsee_jax import config as config_lib
+  names = [f.name for sec in config_lib.SECTIONS for f in dataclasses.fields(sec)]
+  assert names == [f.name for f in dataclasses.fields(Config)] and len(set(names)) == len(names)
+  assert [s.__name__ for s in config_lib.SECTIONS] == [
+      "Data", "Network", "Fleet", "Optimiser", "Strategy", "Variants", "SpeedsAndLink",
+      "Evaluation", "Run"]
+  bad = {"dataset": "mnist", "width": 9.0, "clients_per_round": 0, "lr": 0.0, "strategy": "x",
+         "prox_mu": -1.0, "link_topk": 2.0, "eval_every": 0, "seed": -1}
+  for name, value in bad.items():
+    sec = config_lib.section_of(name)
+    with pytest.raises(ConfigError, match=f"^{name}: "):
+      sec.check(_loose(name, value))
+  saved = dict(reversed(list(Config(lr=0.1).to_dict().items())))
+  assert config_lib.from_dict(saved) == Config(lr=0.1)
+
+
+def _loose(name, value):
+  """A config holding a bad value without its check (to hand to one section's check)."""
+  cfg = Config()
+  object.__setattr__(cfg, name, value)
+  return cfg
