@@ -4,9 +4,11 @@ workers of 1 CPU each (long), the same metrics as the sequential sweep, a
 worker killed mid-run and retried, the driver stopped by SIGTERM and resumed."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -201,9 +203,12 @@ def test_a_sweep_runs_on_a_ray_cluster_at_its_address(tmp_path):
   env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
   port = _free_port()
   ray_cli = str(Path(sys.executable).with_name("ray"))
+  # its own temporary folder: no other test's Ray finds (and joins) this cluster
+  temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")
   head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-                           "--include-dashboard=false"], env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.STDOUT, start_new_session=True)
+                           "--include-dashboard=false", f"--temp-dir={temp}"], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                          start_new_session=True)
   try:
     address = f"127.0.0.1:{port}"
     _wait_for(lambda: subprocess.run([ray_cli, "status", "--address", address], env=env,
@@ -224,3 +229,4 @@ def test_a_sweep_runs_on_a_ray_cluster_at_its_address(tmp_path):
   finally:
     os.killpg(head.pid, signal.SIGTERM)
     head.wait(timeout=120)
+    shutil.rmtree(temp, ignore_errors=True)

@@ -24,7 +24,7 @@ from ray.tune.schedulers import PopulationBasedTraining
 from hsee_jax import load_config
 from hsee_jax.tune import trainable
 cfg, out = load_config(sys.argv[1], []), Path(sys.argv[2])
-ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 pbt = PopulationBasedTraining(time_attr="round", perturbation_interval=1, synch=True,
                               quantile_fraction=0.5, resample_probability=0.0,
                               hyperparam_mutations={"lr": [0.05, 0.1, 0.2]})
@@ -39,7 +39,8 @@ print("RESULTS", json.dumps([{"trial": Path(r.path).name, "lr": r.config["lr"],
 
 
 def _env(tmp_path):
-  return {**os.environ, "RAY_AIR_NEW_OUTPUT": "0", "PYTHONUNBUFFERED": "1",
+  # RAY_ADDRESS=local: a Ray of the test's own, even where another test's cluster runs here
+  return {**os.environ, "RAY_ADDRESS": "local", "RAY_AIR_NEW_OUTPUT": "0", "PYTHONUNBUFFERED": "1",
           # a trial restarted by PBT reads its programs from disk instead of compiling again
           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"),
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
