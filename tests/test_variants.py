@@ -354,6 +354,30 @@ def test_a_variant_of_ones_own_with_every_hook_trains_and_is_priced(tmp_path):
 STRATEGY = REPO / "examples" / "fedavgm.py"
 
 
+def test_a_strategy_of_ones_own_is_built_from_its_spec_or_refused_in_one_line(tmp_path):
+  """The default run's check of a strategy of one's own (the long test runs
+  it through every command): examples/fedavgm.py by its spec builds an
+  Algorithm whose state carries its momentum beside Averaging's; a spec that
+  does not load, or a function that returns no Algorithm, is one line."""
+  from hsee_jax import Algorithm
+  cfg = Config(dataset="synthetic", synthetic_shape=(16, 16, 4, 64, 32), width=0.0625,
+               cuts=(2, 4), batch_size=8, mode="loop", strategy=f"{STRATEGY}:strategy")
+  _, sim = train.build(cfg)
+  assert isinstance(sim.algorithm, Algorithm)
+  state, momentum = sim.abstract_state()
+  assert jax.tree.structure(momentum) == jax.tree.structure(state.model.params)
+  (tmp_path / "bad.py").write_text("def strategy(ctx):\n  return 3\n")
+  (tmp_path / "none.py").write_text("x = 1\n")
+  (tmp_path / "two.py").write_text("def strategy(ctx, other):\n  return ctx\n")
+  for spec, msg in (("bad.py", "returned a int, not an hsee_jax.Algorithm"),
+                    ("none.py", "it defines no strategy"),
+                    ("two.py", "strategy must take one argument, the run's Context")):
+    with pytest.raises((VariantError, train.RunError)) as e:
+      train.build(dataclasses.replace(cfg, strategy=str(tmp_path / spec)))
+    assert msg in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.long
 def test_a_strategy_of_ones_own_through_train_resume_and_eval(tmp_path, capsys):
   """examples/fedavgm.py (Averaging with server momentum, state of its own)
   by `--strategy`: config.json records the spec, the first round's training
