@@ -62,7 +62,7 @@ def test_pbt_begins_a_trial_again_from_a_better_trials_state(tmp_path):
   (tmp_path / "pbt.py").write_text(PBT)
   p = subprocess.run([sys.executable, str(tmp_path / "pbt.py"), str(tmp_path / "cfg.py"),
                       str(tmp_path / "out")], cwd=REPO, env=_env(tmp_path), capture_output=True,
-                     text=True, timeout=900)
+                     text=True, timeout=1800)
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
   results = json.loads(p.stdout.split("RESULTS ", 1)[1].splitlines()[0])
   assert len(results) == 2 and not any(r["error"] for r in results), results
@@ -88,7 +88,7 @@ def test_the_tune_search_example_finds_its_best_run(tmp_path):
   (tmp_path / "cfg.py").write_text(CONFIG.replace("rounds=4", "rounds=2"))
   p = subprocess.run([sys.executable, "examples/tune_search.py", "--config",
                       str(tmp_path / "cfg.py"), "--samples", "2", "--out", str(tmp_path / "tune")],
-                     cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+                     cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=1800)
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
   best = [l for l in p.stdout.splitlines() if l.startswith("best: ")]
   assert best and "its run: " in best[0], p.stdout[-2000:]
